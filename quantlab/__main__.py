@@ -1,0 +1,2 @@
+from quantlab.cli import main
+main()

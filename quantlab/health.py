@@ -1,0 +1,92 @@
+"""The Monitor's judgement, as pure functions: is a worker online, has a lease surely expired,
+is an instance healthy. The clock is always an argument.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .memory import Memory
+from .observed import Instance, ObservedState
+from .spec import MonitorSettings, StrategySpec
+
+Liveness = Literal["online", "unreachable", "offline"]
+
+
+@dataclass(frozen=True)
+class WorkerLiveness:
+    status: Liveness
+    down_for_s: float | None = None     # since the last answered probe, when not online
+    error: str | None = None            # what the failed probe said
+
+    def describe(self, worker_id: str) -> str:
+        if self.status == "online":
+            return f"{worker_id} online"
+        since = "never answered" if self.down_for_s is None else f"for {format_duration(self.down_for_s)}"
+        return f"{worker_id} {self.status} ({since})"
+
+
+def worker_liveness(worker_id: str, observed: ObservedState, memory: Memory, monitor: MonitorSettings,
+                    now_ms: int) -> WorkerLiveness:
+    """Online when its host answered; unreachable while silent for less than workerOfflineAfterSeconds;
+    offline after that, or when it never answered at all."""
+    state = observed.worker(worker_id)
+    if state is not None and state.reachable:
+        return WorkerLiveness("online")
+    error = state.error if state is not None else None
+    seen = memory.last_seen.get(worker_id)
+    if seen is None:
+        return WorkerLiveness("offline", None, error)
+    down = max(0.0, (now_ms - seen) / 1000)
+    status: Liveness = "unreachable" if down < monitor.worker_offline_after_s else "offline"
+    return WorkerLiveness(status, down, error)
+
+
+def failover_margin_s(monitor: MonitorSettings) -> float:
+    """Slack on top of the lease for the fenced copy's supervisor to notice and for clock-rate drift."""
+    return 1.0 + 0.05 * monitor.lease_ttl_s
+
+
+def lease_surely_expired_at(worker_id: str, memory: Memory, monitor: MonitorSettings,
+                            spec: StrategySpec) -> int | None:
+    """ms after which no copy on `worker_id` can still run: the latest lease grant, plus the TTL,
+    plus the strategy's stop grace, plus a margin. None when fencing is off or nothing was granted."""
+    if not monitor.fencing:
+        return None
+    granted = memory.leases.get(worker_id)
+    if granted is None:
+        return None
+    extra_s = monitor.lease_ttl_s + spec.scheduling.stop_timeout_s + failover_margin_s(monitor)
+    return granted + int(extra_s * 1000)
+
+
+def instance_healthy(instance: Instance, spec: StrategySpec) -> tuple[bool, str | None]:
+    """(healthy, why not). A paused instance is healthy without fresh heartbeats."""
+    if not instance.alive:
+        return False, instance.reason or instance.status
+    if instance.status in ("starting", "restarting", "stopping"):
+        return False, instance.status
+    if instance.error_count > spec.scheduling.max_errors:
+        return False, f"errorCount {instance.error_count} > maxErrors {spec.scheduling.max_errors}"
+    if instance.status == "paused":
+        return True, None
+    age = instance.heartbeat_age_ms
+    if age is None:
+        return False, "no heartbeat yet"
+    if age > 3 * spec.heartbeat_ms:
+        return False, f"heartbeat {format_duration(age / 1000)} old"
+    return True, None
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s".replace(".0s", "s")
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

@@ -1,0 +1,104 @@
+"""What the controller remembers between runs: the content of the state file, as plain data.
+
+The planner reads it and never changes it; the executor records outcomes into a copy. Reading and
+writing the file (atomically, locked, 0600) is `store.py`'s job.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+
+class MemoryFormatError(ValueError):
+    """The state file's content is not a state this version understands."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a strategy is meant to run, and which copy (epoch) is the current one there."""
+
+    strategy: str
+    worker: str
+    epoch: int
+    spec_hash: str
+    paused: bool = False
+    placed_at: int = 0                       # ms
+    launched: dict[str, Any] | None = None   # launch fields it was started with, to explain restarts
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"worker": self.worker, "epoch": self.epoch, "specHash": self.spec_hash,
+                               "paused": self.paused, "placedAt": self.placed_at}
+        if self.launched is not None:
+            out["launched"] = self.launched
+        return out
+
+    @classmethod
+    def from_json(cls, strategy: str, raw: dict[str, Any]) -> "Placement":
+        return cls(strategy=strategy, worker=str(raw["worker"]), epoch=int(raw["epoch"]),
+                   spec_hash=str(raw["specHash"]), paused=bool(raw.get("paused", False)),
+                   placed_at=int(raw.get("placedAt", 0)), launched=raw.get("launched"))
+
+
+@dataclass
+class Memory:
+    """The state file's content. `serial` and `lineage` are managed by the store."""
+
+    lineage: str | None = None
+    serial: int = 0
+    placements: dict[str, Placement] = field(default_factory=dict)
+    leases: dict[str, int] = field(default_factory=dict)       # worker -> ms of the latest lease grant
+    restarts: dict[str, int] = field(default_factory=dict)     # strategy -> restarts (mirrored from hosts)
+    last_seen: dict[str, int] = field(default_factory=dict)    # worker -> ms of the last answered probe
+    rr_cursor: str | None = None                               # worker chosen last by round-robin
+    next_epoch: int = 1
+    last_renewal: int | None = None                            # ms of the last lease renewal by any run
+
+    def copy(self) -> "Memory":
+        return copy.deepcopy(self)
+
+    def content_json(self) -> dict[str, Any]:
+        """Everything but the serial: two states with equal content are the same state."""
+        return {
+            "version": FORMAT_VERSION,
+            "lineage": self.lineage,
+            "nextEpoch": self.next_epoch,
+            "roundRobinCursor": self.rr_cursor,
+            "lastRenewal": self.last_renewal,
+            "placements": {sid: p.to_json() for sid, p in sorted(self.placements.items())},
+            "leases": dict(sorted(self.leases.items())),
+            "restarts": dict(sorted(self.restarts.items())),
+            "lastSeen": dict(sorted(self.last_seen.items())),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.content_json()
+        out["serial"] = self.serial
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "Memory":
+        if not isinstance(raw, dict):
+            raise MemoryFormatError("expected a JSON object")
+        version = raw.get("version")
+        if version != FORMAT_VERSION:
+            raise MemoryFormatError(f"unknown state format version {version!r} (this quantlab reads {FORMAT_VERSION})")
+        try:
+            return cls(
+                lineage=raw["lineage"],
+                serial=int(raw["serial"]),
+                placements={sid: Placement.from_json(sid, p) for sid, p in raw.get("placements", {}).items()},
+                leases={k: int(v) for k, v in raw.get("leases", {}).items()},
+                restarts={k: int(v) for k, v in raw.get("restarts", {}).items()},
+                last_seen={k: int(v) for k, v in raw.get("lastSeen", {}).items()},
+                rr_cursor=raw.get("roundRobinCursor"),
+                next_epoch=int(raw.get("nextEpoch", 1)),
+                last_renewal=raw.get("lastRenewal"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MemoryFormatError(f"malformed state: {exc!r}") from exc
+
+    def placements_on(self, worker: str) -> list[Placement]:
+        return [p for p in self.placements.values() if p.worker == worker]

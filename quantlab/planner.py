@@ -1,0 +1,458 @@
+"""The StrategyPool diffed against reality: (desired fleet, observed state, memory, now) -> Plan.
+
+A pure function. It decides; it does not act. Every action carries its reason, and every desired
+strategy ends up exactly one of: placed (running or about to), queued (no worker fits) or waiting
+(its worker is not online and it cannot be moved yet).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import health
+from .health import WorkerLiveness, format_duration
+from .memory import Memory
+from .observed import Instance, ObservedState
+from .plan import Action, Adopt, Blocked, Note, Plan, Queued, Waiting
+from .scheduling import (
+    Decision,
+    FailoverPolicy,
+    LoadBasedPolicy,
+    RegionAffinityPolicy,
+    RoundRobinPolicy,
+    Scheduler,
+    SchedulePolicy,
+    WorkerPool,
+    WorkerView,
+    fleet_policy,
+)
+from .scheduling import filters
+from .spec import Fleet, StrategySpec, WorkerSpec
+
+# A worker is placed on last once its instances have restarted this often in total.
+FAILING_RESTARTS = 3
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    rebalance: bool = False
+    max_moves: int = 1
+    targets: frozenset[str] = frozenset()
+    allow_mass_stop: bool = False
+
+
+@dataclass
+class _Current:
+    """Where a strategy runs now, as far as the controller can tell."""
+
+    worker: str
+    epoch: int
+    spec_hash: str | None
+    paused: bool
+    instance: Instance | None       # the observed instance of this placement, when its worker answered
+    adopted: bool = False
+    launched: dict | None = None
+
+
+@dataclass
+class _ToPlace:
+    spec: StrategySpec
+    cause: str                      # new | worker-offline | worker-removed | requirements | drain | rebalance
+    reason: str                     # why it needs a (new) worker
+    current: _Current | None = None
+
+
+@dataclass
+class _Work:
+    actions: list[Action] = field(default_factory=list)
+    queued: list[Queued] = field(default_factory=list)
+    waiting: list[Waiting] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+    adopt: list[Adopt] = field(default_factory=list)
+    placed_order: list[str] = field(default_factory=list)   # workers chosen, in order (round-robin)
+
+
+def plan(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: int,
+         options: PlanOptions = PlanOptions()) -> Plan:
+    return _Planner(fleet, observed, memory, now_ms, options).run()
+
+
+class _Planner:
+    def __init__(self, fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: int, options: PlanOptions):
+        self.fleet, self.observed, self.memory, self.now, self.options = fleet, observed, memory, now_ms, options
+        self.monitor = fleet.settings.monitor
+        self.liveness: dict[str, WorkerLiveness] = {
+            wid: health.worker_liveness(wid, observed, memory, self.monitor, now_ms) for wid in fleet.workers
+        }
+        self.work = _Work()
+        self.current: dict[str, _Current] = {}
+        self.stale: list[tuple[str, Instance]] = []          # (worker, instance) copies to stop
+        self.next_epoch = self._first_free_epoch()
+
+    # --- where things are ----------------------------------------------------------------------
+
+    def _first_free_epoch(self) -> int:
+        epochs = [p.epoch for p in self.memory.placements.values()]
+        for state in self.observed.workers.values():
+            epochs.extend(i.epoch for i in state.instances.values())
+        return max([self.memory.next_epoch] + [e + 1 for e in epochs])
+
+    def _take_epoch(self) -> int:
+        epoch = self.next_epoch
+        self.next_epoch += 1
+        return epoch
+
+    def _reachable(self, worker_id: str) -> bool:
+        state = self.observed.worker(worker_id)
+        return worker_id in self.fleet.workers and state is not None and state.reachable
+
+    def locate(self) -> None:
+        """Current placement per strategy (memory, or the newest live copy it does not know),
+        and every other live copy, which is stale and will be stopped."""
+        alive: dict[str, list[tuple[str, Instance]]] = {}
+        for wid, state in sorted(self.observed.workers.items()):
+            if not self._reachable(wid):
+                continue
+            for inst in state.instances.values():
+                if inst.alive:
+                    alive.setdefault(inst.strategy, []).append((wid, inst))
+        for sid in sorted(set(self.memory.placements) | set(alive)):
+            copies = alive.get(sid, [])
+            newest = max(copies, key=lambda c: (c[1].epoch, c[0]), default=None)
+            placed = self.memory.placements.get(sid)
+            if placed is not None and (newest is None or newest[1].epoch <= placed.epoch):
+                inst = None
+                if self._reachable(placed.worker):
+                    inst = self.observed.workers[placed.worker].instances.get(sid)
+                    if inst is not None and inst.epoch != placed.epoch:
+                        inst = None     # an older copy sits in the folder: the start will replace it
+                cur = _Current(placed.worker, placed.epoch, placed.spec_hash, placed.paused, inst,
+                               launched=placed.launched)
+            else:
+                assert newest is not None
+                wid, inst = newest
+                cur = _Current(wid, inst.epoch, inst.spec_hash, inst.paused, inst, adopted=True)
+                self.work.adopt.append(Adopt(sid, wid, inst.epoch, inst.spec_hash))
+            self.current[sid] = cur
+            for wid, inst in copies:
+                if wid != cur.worker:
+                    self.stale.append((wid, inst))
+
+    # --- per strategy --------------------------------------------------------------------------
+
+    def run(self) -> Plan:
+        self.locate()
+        to_place: list[_ToPlace] = []
+        staying: dict[str, list[str]] = {}     # worker -> strategies that stay there
+        for sid, spec in self.fleet.strategies.items():
+            cur = self.current.get(sid)
+            if spec.desired_state == "stopped":
+                if cur is not None:
+                    self.stop_or_wait(sid, cur, "desired-stopped", "desiredState: stopped")
+                continue
+            if cur is None:
+                note = "; starts paused" if spec.desired_state == "paused" else ""
+                to_place.append(_ToPlace(spec, "new", "new" + note))
+                continue
+            need = self.judge(spec, cur)
+            if need is not None:
+                to_place.append(need)
+            if need is None or need.cause in ("requirements",):
+                staying.setdefault(cur.worker, []).append(sid)
+        for sid, cur in self.current.items():
+            if sid not in self.fleet.strategies:
+                self.stop_or_wait(sid, cur, "removed", "removed from fleet")
+
+        pool = self.build_pool(staying)
+        scheduler = Scheduler(pool)
+        policy = fleet_policy(self.fleet.settings.policy, self.memory.rr_cursor)
+        order = {"worker-offline": 0, "worker-removed": 0, "requirements": 1, "new": 2}
+        for item in sorted(to_place, key=lambda t: (order[t.cause], t.spec.id)):
+            self.place(item, scheduler, policy, pool, staying)
+        self.drain(scheduler, pool, staying)
+        if self.options.rebalance:
+            self.rebalance(scheduler, pool, staying)
+        for wid, inst in self.stale:
+            self.work.actions.append(Action("stop", inst.strategy, f"stale copy (epoch {inst.epoch}); "
+                                            f"the current one is on {self.current[inst.strategy].worker}",
+                                            "stale-copy", worker=wid, epoch=inst.epoch))
+        return self.finish(policy)
+
+    def judge(self, spec: StrategySpec, cur: _Current) -> _ToPlace | None:
+        """What a placed strategy needs: an action where it is (added here), a new worker
+        (returned), or nothing yet (waiting, added here)."""
+        sid, wid = spec.id, cur.worker
+        worker = self.fleet.workers.get(wid)
+        if worker is None:
+            return self.lost(spec, cur, "worker-removed", f"{wid} removed from fleet")
+        live = self.liveness[wid]
+        if live.status == "unreachable":
+            self.wait_unreachable(spec, cur, live)
+            return None
+        if live.status == "offline":
+            return self.lost(spec, cur, "worker-offline", f"{wid} offline {self._down(live)}")
+        misfit = self.misfit(spec, worker)
+        inst = cur.instance
+        if inst is None or not inst.alive:
+            if inst is not None and inst.status == "error" and inst.spec_hash == spec.spec_hash:
+                self.work.notes.append(Note(sid, wid, f"in error after {inst.restarts} restarts: "
+                                            f"{inst.reason or inst.last_error or 'unhealthy'}; "
+                                            "change the strategy or its params to start it again"))
+                return None
+            why = f"not running on {wid} ({inst.reason or inst.status})" if inst else f"not running on {wid}"
+            if misfit:
+                return _ToPlace(spec, "requirements", f"{why}, which no longer fits: {misfit}", cur)
+            epoch = self._take_epoch()
+            self.work.actions.append(Action("start", sid, why, "not-running", worker=wid, epoch=epoch,
+                                            spec_hash=spec.spec_hash, paused=spec.desired_state == "paused"))
+            return None
+        if misfit:
+            return _ToPlace(spec, "requirements", f"{wid} no longer fits: {misfit}", cur)
+        want_paused = spec.desired_state == "paused"
+        if inst.spec_hash != spec.spec_hash:
+            self.work.actions.append(Action("restart", sid, self.changes(spec, cur), "spec-changed", worker=wid,
+                                            epoch=cur.epoch, spec_hash=spec.spec_hash, paused=want_paused))
+        elif want_paused and not inst.paused:
+            self.work.actions.append(Action("pause", sid, "desiredState: paused", "desired-paused",
+                                            worker=wid, epoch=cur.epoch))
+        elif not want_paused and inst.paused:
+            self.work.actions.append(Action("resume", sid, "desiredState: running", "desired-running",
+                                            worker=wid, epoch=cur.epoch))
+        return None
+
+    def misfit(self, spec: StrategySpec, worker: WorkerSpec) -> str | None:
+        """Why a worker no longer satisfies a strategy's requirements (not counting load or cordon)."""
+        state = self.observed.worker(worker.id)
+        view = WorkerView(worker, "online", credentials=state.credentials if state else frozenset())
+        for check in (filters.api, filters.region, filters.proxy, filters.credentials):
+            rejected = check(spec, view)
+            if rejected is not None:
+                detail = f" ({rejected.detail})" if rejected.detail else ""
+                return filters.describe_group(rejected.code, spec) + detail
+        return None
+
+    def lost(self, spec: StrategySpec, cur: _Current, cause: str, what: str) -> _ToPlace | None:
+        """A strategy whose worker is gone: wait while a copy may still run there, then fail over."""
+        left = self.seconds_until_movable(spec, cur)
+        if not self.monitor.fencing:
+            self.work.waiting.append(Waiting(spec.id, cur.worker, f"{what}; fencing is off (leaseTtlSeconds: 0), "
+                                             "so it is never started elsewhere automatically", None))
+            return None
+        if not self.monitor.auto_recover:
+            self.work.waiting.append(Waiting(spec.id, cur.worker, f"{what}; monitor.autoRecover is off", None))
+            return None
+        if left > 0:
+            self.work.waiting.append(Waiting(spec.id, cur.worker, f"{what}; lease may live "
+                                             f"{format_duration(left)} more — not moved yet", left))
+            return None
+        return _ToPlace(spec, cause, f"{what}, lease expired {format_duration(-left)} ago", cur)
+
+    def seconds_until_movable(self, spec: StrategySpec, cur: _Current) -> float:
+        """Seconds until no copy of `spec` can still run on its current worker (negative: since)."""
+        granted = max(self.memory.leases.get(cur.worker, 0), self.memory.last_seen.get(cur.worker, 0),
+                      self.memory.placements[spec.id].placed_at if spec.id in self.memory.placements else 0)
+        extra = self.monitor.lease_ttl_s + spec.scheduling.stop_timeout_s + health.failover_margin_s(self.monitor)
+        return (granted + extra * 1000 - self.now) / 1000
+
+    def wait_unreachable(self, spec: StrategySpec, cur: _Current, live: WorkerLiveness) -> None:
+        down = live.down_for_s or 0.0
+        offline_in = self.monitor.worker_offline_after_s - down
+        left = None
+        if self.monitor.fencing and self.monitor.auto_recover:
+            left = max(offline_in, self.seconds_until_movable(spec, cur))
+        self.work.waiting.append(Waiting(spec.id, cur.worker, f"{cur.worker} unreachable for {format_duration(down)}; "
+                                         f"offline after {format_duration(self.monitor.worker_offline_after_s)}", left))
+
+    def stop_or_wait(self, sid: str, cur: _Current, cause: str, why: str) -> None:
+        if self._reachable(cur.worker):
+            self.work.actions.append(Action("stop", sid, why, cause, worker=cur.worker, epoch=cur.epoch))
+        else:
+            self.work.waiting.append(Waiting(sid, cur.worker, f"{why}; {cur.worker} is not answering: it is "
+                                             "stopped when seen again (its lease runs out meanwhile)",
+                                             None))
+
+    def changes(self, spec: StrategySpec, cur: _Current) -> str:
+        """Words for what changed since the running copy was started."""
+        old = cur.launched
+        new = spec.launch_fields()
+        if not old:
+            return f"spec changed ({cur.spec_hash} → {spec.spec_hash})"
+        parts = []
+        if old.get("file") != new["file"]:
+            parts.append(f"{spec.strategy_file} changed")
+        for key, label in (("params", "params changed"), ("scheduling", "scheduling changed")):
+            before, after = old.get(key) or {}, new[key]
+            diffs = [f"{k} {before.get(k, '∅')} → {after.get(k, '∅')}"
+                     for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+            if diffs:
+                more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+                parts.append(f"{label}: {', '.join(diffs[:3])}{more}")
+        if old.get("heartbeatMs") != new["heartbeatMs"]:
+            parts.append(f"heartbeatMs {old.get('heartbeatMs')} → {new['heartbeatMs']}")
+        return "; ".join(parts) or "spec changed"
+
+    @staticmethod
+    def _down(live: WorkerLiveness) -> str:
+        return "(never answered)" if live.down_for_s is None else format_duration(live.down_for_s)
+
+    # --- placement -----------------------------------------------------------------------------
+
+    def build_pool(self, staying: dict[str, list[str]]) -> WorkerPool:
+        views = []
+        for wid, spec in self.fleet.workers.items():
+            state = self.observed.worker(wid)
+            failing = False
+            cpu, mem, creds = 0.0, None, frozenset()
+            if state is not None and state.reachable:
+                cpu, mem, creds = state.cpu or 0.0, state.mem_free_mb, state.credentials
+                restarts = sum(i.restarts for i in state.instances.values())
+                failing = restarts >= FAILING_RESTARTS or any(i.status == "error" for i in state.instances.values())
+            views.append(WorkerView(spec, self.liveness[wid].status, used=len(staying.get(wid, [])), cpu=cpu,
+                                    mem_free_mb=mem, credentials=creds, failing=failing))
+        return WorkerPool(views)
+
+    def place(self, item: _ToPlace, scheduler: Scheduler, policy: SchedulePolicy, pool: WorkerPool,
+              staying: dict[str, list[str]]) -> None:
+        spec, cur = item.spec, item.current
+        use = policy if cur is None else FailoverPolicy(policy, cur.worker)
+        decision = scheduler.place(spec, use)
+        if not decision.placed:
+            if item.cause == "requirements" and cur is not None and cur.instance is not None and cur.instance.alive:
+                self.work.notes.append(Note(spec.id, cur.worker, f"{item.reason}; left running there because "
+                                            f"{decision.reason}"))
+                return
+            prefix = "" if item.cause == "new" else item.reason + "; "
+            self.work.queued.append(Queued(spec.id, prefix + decision.reason,
+                                           tuple((r.worker, r.code + (f" {r.detail}" if r.detail else ""))
+                                                 for r in decision.rejections)))
+            return
+        assert decision.worker is not None
+        self.work.placed_order.append(decision.worker)
+        epoch = self._take_epoch()
+        paused = spec.desired_state == "paused"
+        if cur is None:
+            self.work.actions.append(Action("start", spec.id, f"{item.reason}; {self.where(spec)}{decision.reason}",
+                                            "new", worker=decision.worker, epoch=epoch,
+                                            spec_hash=spec.spec_hash, paused=paused))
+            return
+        if item.cause == "requirements" and cur.worker in staying and spec.id in staying[cur.worker]:
+            staying[cur.worker].remove(spec.id)
+            if cur.worker in pool:
+                pool.release(cur.worker)
+        self.work.actions.append(Action("move", spec.id, f"{item.reason}; to {decision.reason}", item.cause,
+                                        source=cur.worker, target=decision.worker, epoch=epoch,
+                                        spec_hash=spec.spec_hash, paused=paused))
+
+    @staticmethod
+    def where(spec: StrategySpec) -> str:
+        req = spec.requirements
+        parts = [p for p in (f"region {req.region}" if req.region else "",
+                             f"proxy {req.proxy}" if req.proxy else "") if p]
+        return (", ".join(parts) + "; ") if parts else ""
+
+    def _movable(self, sid: str, wid: str) -> bool:
+        """Running healthy where it is, with no other action in this plan."""
+        cur = self.current.get(sid)
+        busy = {a.strategy for a in self.work.actions}
+        return (cur is not None and cur.worker == wid and cur.instance is not None and cur.instance.alive
+                and sid not in busy)
+
+    def drain(self, scheduler: Scheduler, pool: WorkerPool, staying: dict[str, list[str]]) -> None:
+        """A draining worker gives up one strategy per plan, so a drain never empties a worker at once."""
+        policy = fleet_policy(self.fleet.settings.policy, None)
+        for wid, worker in self.fleet.workers.items():
+            if not worker.drain or self.liveness[wid].status != "online":
+                continue
+            left = [sid for sid in sorted(staying.get(wid, [])) if self._movable(sid, wid)]
+            if not left:
+                continue
+            sid = left[0]
+            spec = self.fleet.strategies[sid]
+            decision = scheduler.place(spec, FailoverPolicy(policy, wid))
+            if not decision.placed:
+                self.work.notes.append(Note(sid, wid, f"{wid} is draining but {decision.reason}"))
+                continue
+            staying[wid].remove(sid)
+            pool.release(wid)
+            self.work.actions.append(Action("move", sid, f"{wid} is draining ({len(left)} left); to {decision.reason}",
+                                            "drain", source=wid, target=decision.worker, epoch=self._take_epoch(),
+                                            spec_hash=spec.spec_hash, paused=spec.desired_state == "paused"))
+
+    def rebalance(self, scheduler: Scheduler, pool: WorkerPool, staying: dict[str, list[str]]) -> None:
+        """Up to max_moves moves from the most to the least loaded feasible worker, each only when it
+        narrows the gap by at least one strategy (load difference >= 2), so moves never ping-pong."""
+        for _ in range(max(0, self.options.max_moves)):
+            best: tuple | None = None
+            for src in sorted(pool.views.values(), key=lambda w: (-w.used, w.id)):
+                if src.liveness != "online":
+                    continue
+                for sid in sorted(staying.get(src.id, [])):
+                    if not self._movable(sid, src.id):
+                        continue
+                    spec = self.fleet.strategies[sid]
+                    use = FailoverPolicy(RegionAffinityPolicy(LoadBasedPolicy()), src.id)
+                    decision = scheduler.place(spec, use, commit=False)
+                    if not decision.placed:
+                        continue
+                    target = pool.views[decision.worker]
+                    gap = src.used - target.used
+                    if gap >= 2 and (best is None or (gap, ) > (best[0], )):
+                        best = (gap, src.id, sid, target.id, decision)
+                if best is not None:
+                    break        # the most loaded worker that can shed a strategy
+            if best is None:
+                return
+            gap, src_id, sid, target_id, decision = best
+            spec = self.fleet.strategies[sid]
+            staying[src_id].remove(sid)
+            staying.setdefault(target_id, []).append(sid)
+            pool.release(src_id)
+            pool.take(target_id)
+            self.work.actions.append(Action(
+                "move", sid, f"rebalance: {src_id} runs {gap} more than {target_id}", "rebalance",
+                source=src_id, target=target_id, epoch=self._take_epoch(), spec_hash=spec.spec_hash,
+                paused=spec.desired_state == "paused"))
+
+    # --- the result ----------------------------------------------------------------------------
+
+    def finish(self, policy: SchedulePolicy) -> Plan:
+        work = self.work
+        actions = sorted(work.actions, key=lambda a: (a.strategy, a.action, a.workers))
+        queued, waiting, notes, adopt = work.queued, work.waiting, work.notes, work.adopt
+        cursor = self.memory.rr_cursor
+        if isinstance(getattr(policy, "inner", None), RoundRobinPolicy):
+            cursor = policy.inner.cursor  # type: ignore[attr-defined]
+        targets = self.options.targets
+        if targets:
+            def keep(strategy: str, *workers: str | None) -> bool:
+                return strategy in targets or any(w in targets for w in workers if w)
+            actions = [a for a in actions if keep(a.strategy, *a.workers)]
+            queued = [q for q in queued if keep(q.strategy)]
+            waiting = [w for w in waiting if keep(w.strategy, w.worker)]
+            notes = [n for n in notes if keep(n.strategy, n.worker)]
+            adopt = [a for a in adopt if keep(a.strategy, a.worker)]
+            placed = [a.target or a.worker for a in actions if a.action in ("start", "move")]
+            cursor = placed[-1] if placed and isinstance(getattr(policy, "inner", None), RoundRobinPolicy) \
+                else self.memory.rr_cursor
+        actions, blocked = self.guard(actions)
+        return Plan(
+            actions=tuple(actions), queued=tuple(sorted(queued, key=lambda q: q.strategy)),
+            waiting=tuple(sorted(waiting, key=lambda w: w.strategy)), blocked=tuple(blocked),
+            notes=tuple(sorted(notes, key=lambda n: n.strategy)), adopt=tuple(adopt),
+            fleet_hash=self.fleet.fleet_hash, lineage=self.memory.lineage, state_serial=self.memory.serial,
+            rr_cursor=cursor, next_epoch=self.next_epoch, policy=policy.name,
+        )
+
+    def guard(self, actions: list[Action]) -> tuple[list[Action], list[Blocked]]:
+        """Mass-stop guard: refuse stopping more than half of the running strategies at once."""
+        stops = [a for a in actions if a.action == "stop" and a.cause in ("removed", "desired-stopped")]
+        running = sum(1 for cur in self.current.values()
+                      if cur.instance is None or cur.instance.alive)
+        if self.options.allow_mass_stop or running <= 1 or 2 * len(stops) <= running:
+            return actions, []
+        held = set(map(id, stops))
+        reason = (f"would stop {len(stops)} of {running} running strategies; check the fleet directory, "
+                  "then pass --allow-mass-stop")
+        return [a for a in actions if id(a) not in held], [Blocked("mass-stop", reason, tuple(stops))]
+
+
+__all__ = ["PlanOptions", "plan", "Decision"]

@@ -1,0 +1,119 @@
+"""Feasibility filters: each answers "may this strategy run on this worker?" with a reason when not.
+
+Static filters depend only on a worker's class (see pool.py), dynamic ones on its load during the
+plan. Every rejection is kept, so a queued strategy can say exactly why no worker fits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..spec import StrategySpec
+from .pool import WorkerView
+
+
+@dataclass(frozen=True)
+class Rejection:
+    worker: str
+    code: str        # offline | unreachable | cordoned | draining | api | region | proxy | credentials
+                     # | full | memory | excluded
+    detail: str = ""  # per-worker specifics, e.g. "4/4" or "US"
+
+
+Check = Callable[[StrategySpec, WorkerView], "Rejection | None"]
+
+
+def online(s: StrategySpec, w: WorkerView) -> Rejection | None:
+    return None if w.liveness == "online" else Rejection(w.id, w.liveness)
+
+
+def schedulable(s: StrategySpec, w: WorkerView) -> Rejection | None:
+    if w.spec.drain:
+        return Rejection(w.id, "draining")
+    if w.spec.cordoned:
+        return Rejection(w.id, "cordoned")
+    return None
+
+
+def api(s: StrategySpec, w: WorkerView) -> Rejection | None:
+    return None if s.requirements.api in w.spec.supported_apis else Rejection(w.id, "api")
+
+
+def region(s: StrategySpec, w: WorkerView) -> Rejection | None:
+    want = s.requirements.region
+    if want is None or w.spec.region == want:
+        return None
+    return Rejection(w.id, "region", w.spec.region or "none")
+
+
+def proxy(s: StrategySpec, w: WorkerView) -> Rejection | None:
+    want = s.requirements.proxy
+    if want is None or w.spec.proxy == want:
+        return None
+    return Rejection(w.id, "proxy", w.spec.proxy or "none")
+
+
+def credentials(s: StrategySpec, w: WorkerView) -> Rejection | None:
+    req = s.requirements
+    if not req.credentials or req.account in w.credentials:
+        return None
+    return Rejection(w.id, "credentials")
+
+
+def capacity(s: StrategySpec, w: WorkerView) -> Rejection | None:
+    return None if w.has_room else Rejection(w.id, "full", f"{w.used}/{w.capacity}")
+
+
+def memory(s: StrategySpec, w: WorkerView) -> Rejection | None:
+    need = s.requirements.min_memory
+    if not need or (w.mem_free_mb is not None and w.mem_free_mb >= need):
+        return None
+    have = "unknown" if w.mem_free_mb is None else f"{w.mem_free_mb} MB"
+    return Rejection(w.id, "memory", have)
+
+
+# Order matters only for which reason a worker reports first.
+BASE_STATIC: tuple[Check, ...] = (online, schedulable, api, credentials)
+AFFINITY_STATIC: tuple[Check, ...] = (region, proxy)
+DYNAMIC: tuple[Check, ...] = (capacity, memory)
+
+
+def first_rejection(checks: tuple[Check, ...], s: StrategySpec, w: WorkerView) -> Rejection | None:
+    for check in checks:
+        rejected = check(s, w)
+        if rejected is not None:
+            return rejected
+    return None
+
+
+def describe_group(code: str, s: StrategySpec) -> str:
+    """Words for a group of workers rejected for the same reason."""
+    req = s.requirements
+    return {
+        "offline": "offline",
+        "unreachable": "unreachable",
+        "cordoned": "cordoned",
+        "draining": "draining",
+        "api": f"no api {req.api}",
+        "region": f"not in region {req.region}",
+        "proxy": f"not behind proxy {req.proxy}",
+        "credentials": f"no secrets/{req.account}.env",
+        "full": "full",
+        "memory": f"under {req.min_memory} MB free",
+        "excluded": "the worker it leaves",
+    }.get(code, code)
+
+
+def summarize(rejections: list[Rejection], s: StrategySpec, limit: int = 4) -> str:
+    """'no api futu: worker-007; full: worker-008 (4/4)' — grouped, short, deterministic."""
+    if not rejections:
+        return "no workers in the fleet"
+    groups: dict[str, list[Rejection]] = {}
+    for r in sorted(rejections, key=lambda r: r.worker):
+        groups.setdefault(r.code, []).append(r)
+    parts = []
+    for code, members in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        names = [f"{r.worker} ({r.detail})" if r.detail else r.worker for r in members[:limit]]
+        more = f" and {len(members) - limit} more" if len(members) > limit else ""
+        parts.append(f"{describe_group(code, s)}: {', '.join(names)}{more}")
+    return "; ".join(parts)

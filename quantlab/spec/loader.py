@@ -1,0 +1,530 @@
+"""Read a fleet directory into a validated `Fleet`, or report every problem at once.
+
+Fast path: libyaml parses each file and the schemas validate the plain documents. Line marks are
+needed only to point at a problem, so a file is composed into marked nodes only when it has one.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Iterator
+
+import yaml
+
+from .models import (
+    Fleet,
+    FleetSettings,
+    Location,
+    MonitorSettings,
+    NotifySettings,
+    Requirements,
+    SchedulingSpec,
+    SshSettings,
+    StrategySpec,
+    WorkerSpec,
+    canonical_json,
+)
+from .schemas import api_version, apply_defaults, schema_at, schemas_by_kind, validator_for
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One thing wrong with the fleet, at FILE:LINE (line 0: the file or folder as a whole)."""
+
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}" if self.line else f"{self.file}: {self.message}"
+
+
+class FleetInvalid(Exception):
+    def __init__(self, problems: list[Problem]):
+        self.problems = sorted(set(problems))
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# --- YAML ----------------------------------------------------------------------------------------
+
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _FleetLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """SafeLoader that refuses duplicate keys and keeps dates as plain strings (JSON has no dates)."""
+
+
+def _construct_mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None,
+                f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_FleetLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+_FleetLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+
+_DOC_START = re.compile(r"^---(\s|$)")
+_TOP_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:")
+
+
+def _line_of(node: yaml.Node | None, path: list[Any]) -> int:
+    """1-based line of the key at `path` in a composed document, or of its nearest parent."""
+    if node is None:
+        return 1
+    line = node.start_mark.line + 1
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == part:
+                    node, line = value_node, key_node.start_mark.line + 1
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+# --- Messages ------------------------------------------------------------------------------------
+
+def _dotted(path: list[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
+             dict: "mapping", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _schema_message(error: Any, schema: dict[str, Any]) -> tuple[list[Any], str]:
+    """(path of the offending key, message) for one jsonschema error, worded for people."""
+    path = list(error.absolute_path)
+    where = _dotted(path) or "document"
+    value = error.instance
+    description = schema_at(schema, path).get("description")
+    hint = f" ({description})" if description else ""
+    v = error.validator
+    if v == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        key = sorted(k for k in value if k not in allowed)[0]
+        return path + [key], (
+            f"unknown field {_dotted(path + [key])!r}{_did_you_mean(key, allowed)}; "
+            f"allowed here: {', '.join(allowed)}"
+        )
+    if v == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        return path, f"missing required field {_dotted(path + [missing])!r}"
+    if v == "const":
+        return path, f"{where} must be {error.validator_value!r}, got {value!r}"
+    if v == "enum":
+        options = [str(o) for o in error.validator_value]
+        return path, f"{where}: {value!r} is not one of {', '.join(options)}{_did_you_mean(str(value), options)}"
+    if v == "type":
+        expected = error.validator_value
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        note = ""
+        if isinstance(value, bool) and "string" in str(expected):
+            note = " (YAML reads yes/no/on/off/NO as booleans: quote the value)"
+        return path, f"{where}: expected {expected}, got {_type_name(value)} {value!r}{note}"
+    if v == "pattern":
+        return path, f"{where}: {value!r} does not match {error.validator_value}{hint}"
+    if v in ("minimum", "exclusiveMinimum"):
+        word = "at least" if v == "minimum" else "more than"
+        return path, f"{where}: {value!r} is too small (must be {word} {error.validator_value})"
+    if v in ("maximum", "exclusiveMaximum"):
+        word = "at most" if v == "maximum" else "less than"
+        return path, f"{where}: {value!r} is too large (must be {word} {error.validator_value})"
+    return path, f"{where}: {error.message}{hint}"
+
+
+def _check_document(data: Any) -> list[tuple[list[Any], str]]:
+    """Schema problems of one parsed document as (path, message); empty when valid."""
+    if data is None:
+        return [([], "empty document: remove the extra '---' or fill it in")]
+    if not isinstance(data, dict):
+        return [([], f"document is a {_type_name(data)}; expected a mapping with apiVersion and kind")]
+    kinds = schemas_by_kind()
+    version = api_version()
+    if data.get("apiVersion") != version:
+        got = data.get("apiVersion")
+        what = "missing apiVersion" if got is None else f"unknown apiVersion {got!r}"
+        return [(["apiVersion"] if got is not None else [], f"{what}; expected {version}")]
+    kind = data.get("kind")
+    if kind not in kinds:
+        if kind is None:
+            return [([], f"missing kind; expected one of {', '.join(kinds)}")]
+        return [(["kind"], f"unknown kind {kind!r}{_did_you_mean(str(kind), list(kinds))}; "
+                           f"expected one of {', '.join(kinds)}")]
+    label = f"{kind} {data['id']}: " if isinstance(data.get("id"), str) else f"{kind}: "
+    errors = sorted(validator_for(kind).iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
+    return [(path, label + message) for path, message in (_schema_message(e, kinds[kind]) for e in errors)]
+
+
+# --- Files ---------------------------------------------------------------------------------------
+
+def _yaml_paths(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        names = sorted(filenames) + [d for d in dirnames if d.endswith(YAML_SUFFIXES)]
+        for name in sorted(names):
+            if name.endswith(YAML_SUFFIXES) and not name.startswith("."):
+                yield here / name
+
+
+@dataclass
+class _File:
+    """One YAML file: its text, and its documents' line marks composed only when asked."""
+
+    shown: str
+    text: str
+    doc_count: int
+    _nodes: list[yaml.Node | None] | None = None
+    _key_lines: list[dict[str, int]] | None = None
+
+    def nodes(self) -> list[yaml.Node | None]:
+        if self._nodes is None:
+            try:
+                self._nodes = list(yaml.compose_all(self.text, Loader=_FleetLoader))
+            except yaml.YAMLError:
+                self._nodes = []
+        return self._nodes
+
+    def line(self, index: int, path: list[Any]) -> int:
+        # Top-level keys are found by a cheap text scan; anything deeper composes the file.
+        if len(path) == 1 and isinstance(path[0], str):
+            found = self.top_key_lines(index).get(path[0])
+            if found:
+                return found
+        nodes = self.nodes()
+        if index < len(nodes):
+            return _line_of(nodes[index], path)
+        return self.doc_start(index)
+
+    def top_key_lines(self, index: int) -> dict[str, int]:
+        if self._key_lines is None:
+            self._key_lines = self._scan()
+        return self._key_lines[index] if index < len(self._key_lines) else {}
+
+    def doc_start(self, index: int) -> int:
+        # "" holds the line where the document starts (its '---' or its first key).
+        return self.top_key_lines(index).get("", 1)
+
+    def _scan(self) -> list[dict[str, int]]:
+        docs: list[dict[str, int]] = []
+        current: dict[str, int] | None = None
+        for number, content in enumerate(self.text.splitlines(), start=1):
+            if _DOC_START.match(content):
+                current = {"": number}
+                docs.append(current)
+                continue
+            match = _TOP_KEY.match(content)
+            if match:
+                if current is None:
+                    current = {"": number}
+                    docs.append(current)
+                current.setdefault(match.group(1), number)
+        # Separators the scan cannot line up with the parsed documents: no cheap answer.
+        return docs if len(docs) == self.doc_count else []
+
+
+@dataclass
+class _Doc:
+    kind: str
+    data: dict[str, Any]
+    file: _File
+    index: int
+
+    def loc(self, *path: Any) -> Location:
+        return Location(self.file.shown, self.file.line(self.index, list(path)))
+
+
+@dataclass
+class _Reader:
+    root: Path
+    problems: list[Problem] = field(default_factory=list)
+    docs: list[_Doc] = field(default_factory=list)
+    digests: dict[str, str] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.real_root = self.root.resolve()
+
+    def problem(self, where: Location | tuple[str, int], message: str) -> None:
+        file, line = (where.file, where.line) if isinstance(where, Location) else where
+        self.problems.append(Problem(file, line, message))
+
+    def read_all(self) -> None:
+        for path in _yaml_paths(self.root):
+            self.read_file(path)
+
+    def read_file(self, path: Path) -> None:
+        shown = str(path)
+        rel = path.relative_to(self.root).as_posix()
+        self.files.append(rel)
+        if path.is_symlink() and not path.resolve().is_relative_to(self.real_root):
+            self.problem((shown, 0), "symlink points outside the fleet directory; copy the file in instead")
+            return
+        try:
+            raw = path.read_bytes()
+        except IsADirectoryError:
+            self.problem((shown, 0), "is a directory, not a YAML file; rename it")
+            return
+        except FileNotFoundError:
+            self.problem((shown, 0), "cannot read: broken symlink; fix or remove it")
+            return
+        except OSError as exc:
+            self.problem((shown, 0), f"cannot read: {exc.strerror}; check its permissions")
+            return
+        self.digests[rel] = hashlib.sha256(raw).hexdigest()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            self.problem((shown, line), f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8")
+            return
+        try:
+            documents = list(yaml.load_all(text, Loader=_FleetLoader))
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            what = "; ".join(str(x) for x in (exc.context, exc.problem) if x)
+            self.problem((shown, mark.line + 1 if mark else 0), f"YAML syntax error: {what}")
+            return
+        except yaml.YAMLError as exc:
+            self.problem((shown, 0), f"YAML error: {exc}")
+            return
+        if not documents:
+            self.problem((shown, 1), "empty file: add a document (apiVersion, kind, ...) or remove the file")
+            return
+        file = _File(shown, text, len(documents))
+        for index, data in enumerate(documents):
+            problems = _check_document(data)
+            for path, message in problems:
+                self.problem((shown, file.line(index, path) if path else file.doc_start(index)), message)
+            if not problems:
+                kind = data["kind"]
+                self.docs.append(_Doc(kind, apply_defaults(data, schemas_by_kind()[kind]), file, index))
+
+
+# --- Cross-references and models -----------------------------------------------------------------
+
+class _Builder:
+    def __init__(self, reader: _Reader):
+        self.r = reader
+        self.file_sha: dict[Path, str | None] = {}
+
+    def strategy_file(self, doc: _Doc) -> tuple[Path, str] | None:
+        written = doc.data["strategyFile"]
+        where = doc.loc("strategyFile")
+        label = f"Strategy {doc.data['id']}: strategyFile {written!r}"
+        if os.path.isabs(written):
+            self.r.problem(where, f"{label} must be relative to the fleet directory")
+            return None
+        path = self.r.root / written
+        real = path.resolve()
+        if not real.is_relative_to(self.r.real_root):
+            self.r.problem(where, f"{label} resolves outside the fleet directory ({real}); keep strategy files inside it")
+            return None
+        if not real.exists():
+            broken = " (broken symlink)" if path.is_symlink() else ""
+            self.r.problem(where, f"{label} not found{broken}; expected {path}")
+            return None
+        if not real.is_file():
+            self.r.problem(where, f"{label} is not a regular file")
+            return None
+        if real not in self.file_sha:
+            try:
+                self.file_sha[real] = hashlib.sha256(real.read_bytes()).hexdigest()
+            except OSError as exc:
+                self.r.problem(where, f"{label} cannot be read: {exc.strerror}")
+                self.file_sha[real] = None
+        sha = self.file_sha[real]
+        if sha is None:
+            return None
+        self.r.digests[real.relative_to(self.r.real_root).as_posix()] = sha
+        return real, sha
+
+    def strategy(self, doc: _Doc) -> StrategySpec | None:
+        d = doc.data
+        found = self.strategy_file(doc)
+        if found is None:
+            return None
+        path, sha = found
+        req, sch = d["requirements"], d["scheduling"]
+        return StrategySpec(
+            id=d["id"],
+            name=d.get("name", d["id"]),
+            strategy_file=d["strategyFile"],
+            strategy_path=path,
+            file_sha256=sha,
+            params_json=canonical_json(d["params"]),
+            desired_state=d["desiredState"],
+            heartbeat_ms=d["heartbeatMs"],
+            requirements=Requirements(
+                api=req["api"], account=req.get("account"), region=req.get("region"),
+                proxy=req.get("proxy"), min_memory=req.get("minMemory"), credentials=req["credentials"],
+            ),
+            scheduling=SchedulingSpec(
+                auto_restart=sch["autoRestart"], max_restarts=sch["maxRestarts"],
+                restart_delay_ms=sch["restartDelay"], max_errors=sch["maxErrors"],
+                stop_timeout_s=float(sch["stopTimeoutSeconds"]),
+                init_timeout_s=float(sch["initTimeoutSeconds"]), share_account=sch["shareAccount"],
+            ),
+            source=doc.loc("id"),
+        )
+
+    @staticmethod
+    def worker(doc: _Doc) -> WorkerSpec:
+        d = doc.data
+        caps, meta = d["capabilities"], d["metadata"]
+        return WorkerSpec(
+            id=d["id"], host=d["host"], port=d.get("port"), user=d.get("user"),
+            max_strategies=caps["maxStrategies"], supported_apis=frozenset(caps["supportedApis"]),
+            region=meta.get("region"), proxy=meta.get("proxy"), workdir=d.get("workdir"),
+            runner=tuple(d["runner"]), cordoned=d["cordoned"], drain=d["drain"], source=doc.loc("id"),
+        )
+
+    @staticmethod
+    def settings(doc: _Doc | None) -> FleetSettings:
+        if doc is None:
+            return FleetSettings()
+        d = doc.data
+        mon, notify, ssh = d["monitor"], d["notify"], d["ssh"]
+        command = notify["command"]
+        return FleetSettings(
+            policy=d["policy"],
+            reconcile_interval_s=float(d["reconcile"]["intervalSeconds"]),
+            monitor=MonitorSettings(
+                worker_offline_after_s=float(mon["workerOfflineAfterSeconds"]),
+                lease_ttl_s=float(mon["leaseTtlSeconds"]), auto_recover=mon["autoRecover"],
+            ),
+            notify=NotifySettings(
+                webhook=notify["webhook"],
+                command=(command,) if isinstance(command, str) else (tuple(command) if command else None),
+            ),
+            ssh=SshSettings(
+                parallelism=ssh["parallelism"], connect_timeout_s=float(ssh["connectTimeoutSeconds"]),
+                command_timeout_s=float(ssh["commandTimeoutSeconds"]), config=ssh["config"],
+                known_hosts=ssh["knownHosts"],
+            ),
+            source=doc.loc("kind"),
+        )
+
+    def unique(self, docs: list[_Doc], kind: str) -> list[_Doc]:
+        first: dict[str, _Doc] = {}
+        out = []
+        for doc in docs:
+            ident = doc.data["id"]
+            if ident in first:
+                other = first[ident].loc("id")
+                self.r.problem(doc.loc("id"), f"duplicate {kind} id {ident!r}: also defined at {other}; ids must be unique")
+                continue
+            first[ident] = doc
+            out.append(doc)
+        return out
+
+    def shared_accounts(self, strategies: list[tuple[_Doc, StrategySpec]]) -> None:
+        """Two strategies must not trade one account+symbol unless both say shareAccount."""
+        seen: dict[tuple[str, str], tuple[_Doc, StrategySpec]] = {}
+        for doc, spec in strategies:
+            symbol = spec.params.get("symbol")
+            account = spec.requirements.account
+            if account is None or not isinstance(symbol, str):
+                continue
+            key = (account, symbol)
+            if key in seen:
+                other_doc, other = seen[key]
+                if not (spec.scheduling.share_account and other.scheduling.share_account):
+                    self.r.problem(
+                        doc.loc("requirements", "account"),
+                        f"Strategy {spec.id}: account {account} already trades {symbol} in strategy {other.id} "
+                        f"({other_doc.loc('requirements', 'account')}); set scheduling.shareAccount: true on both "
+                        "if they may share it",
+                    )
+                continue
+            seen[key] = (doc, spec)
+
+    def workdirs(self, workers: list[tuple[_Doc, WorkerSpec]]) -> None:
+        seen: dict[tuple[str, int | None, str | None, str], tuple[_Doc, WorkerSpec]] = {}
+        for doc, w in workers:
+            if w.workdir is None:
+                continue
+            key = (w.host, w.port, w.user, w.workdir.rstrip("/"))
+            if key in seen:
+                self.r.problem(doc.loc("workdir"), f"Worker {w.id}: workdir {w.workdir} on host {w.host} is "
+                               f"also used by worker {seen[key][1].id}; give each worker its own workdir")
+                continue
+            seen[key] = (doc, w)
+
+
+def load_fleet(root: str | Path) -> Fleet:
+    """Load and validate the fleet directory at `root`; raises FleetInvalid with every problem."""
+    root = Path(root)
+    if not root.is_dir():
+        what = "is not a directory" if root.exists() else "not found"
+        raise FleetInvalid([Problem(str(root), 0, f"fleet directory {what}; pass --fleet DIR or set QUANTLAB_FLEET")])
+    reader = _Reader(root)
+    reader.read_all()
+    builder = _Builder(reader)
+
+    by_kind: dict[str, list[_Doc]] = {"Strategy": [], "Worker": [], "Fleet": []}
+    for doc in reader.docs:
+        by_kind[doc.kind].append(doc)
+
+    fleet_docs = by_kind["Fleet"]
+    for extra in fleet_docs[1:]:
+        reader.problem(extra.loc("kind"), f"more than one Fleet document: the first is at {fleet_docs[0].loc('kind')}")
+    settings = builder.settings(fleet_docs[0] if fleet_docs else None)
+
+    workers = [(d, builder.worker(d)) for d in builder.unique(by_kind["Worker"], "Worker")]
+    builder.workdirs(workers)
+    strategies = []
+    for doc in builder.unique(by_kind["Strategy"], "Strategy"):
+        spec = builder.strategy(doc)
+        if spec is not None:
+            strategies.append((doc, spec))
+    builder.shared_accounts(strategies)
+
+    if not reader.files and not reader.problems:
+        reader.problem((str(root), 0), "no *.yaml or *.yml files found; run `quantlab init` to start one")
+    if reader.problems:
+        raise FleetInvalid(reader.problems)
+
+    digest = hashlib.sha256()
+    for rel in sorted(reader.digests):
+        digest.update(f"{rel}\0{reader.digests[rel]}\n".encode())
+    return Fleet(
+        root=root,
+        settings=settings,
+        strategies=MappingProxyType({s.id: s for _, s in sorted(strategies, key=lambda p: p[1].id)}),
+        workers=MappingProxyType({w.id: w for _, w in sorted(workers, key=lambda p: p[1].id)}),
+        fleet_hash="sha256:" + digest.hexdigest(),
+        files=tuple(reader.files),
+    )

@@ -1,0 +1,174 @@
+"""Typed, immutable views of a validated fleet directory.
+
+Defaults are applied from the JSON Schemas before these are built, so every field here holds a real
+value. Params are kept as canonical JSON and handed out as fresh copies, so nothing downstream can
+mutate a loaded spec.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+DesiredState = Literal["running", "paused", "stopped"]
+PolicyName = Literal["round-robin", "load-based"]
+
+LOCAL_HOST = "local"
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where something was written: a file (relative to the fleet dir) and a 1-based line."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Requirements:
+    api: str
+    account: str | None = None
+    region: str | None = None
+    proxy: str | None = None
+    min_memory: int | None = None
+    credentials: bool = False
+
+
+@dataclass(frozen=True)
+class SchedulingSpec:
+    auto_restart: bool = True
+    max_restarts: int = 5
+    restart_delay_ms: int = 10000
+    max_errors: int = 10
+    stop_timeout_s: float = 30.0
+    init_timeout_s: float = 60.0
+    share_account: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "autoRestart": self.auto_restart,
+            "maxRestarts": self.max_restarts,
+            "restartDelay": self.restart_delay_ms,
+            "maxErrors": self.max_errors,
+            "stopTimeoutSeconds": self.stop_timeout_s,
+            "initTimeoutSeconds": self.init_timeout_s,
+        }
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    id: str
+    name: str
+    strategy_file: str          # as written, relative to the fleet dir
+    strategy_path: Path         # resolved, inside the fleet dir
+    file_sha256: str
+    params_json: str            # canonical JSON of params
+    desired_state: DesiredState
+    heartbeat_ms: int
+    requirements: Requirements
+    scheduling: SchedulingSpec
+    source: Location
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return json.loads(self.params_json)
+
+    @property
+    def file_ext(self) -> str:
+        return Path(self.strategy_file).suffix
+
+    def launch_fields(self) -> dict[str, Any]:
+        """What a running copy was started with; a change to any of it means `restart`."""
+        return {
+            "file": self.file_sha256,
+            "params": json.loads(self.params_json),
+            "heartbeatMs": self.heartbeat_ms,
+            "scheduling": self.scheduling.as_json(),
+        }
+
+    @property
+    def spec_hash(self) -> str:
+        digest = hashlib.sha256(canonical_json(self.launch_fields()).encode()).hexdigest()
+        return "sha256:" + digest[:32]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    id: str
+    host: str
+    max_strategies: int
+    supported_apis: frozenset[str]
+    source: Location
+    port: int | None = None
+    user: str | None = None
+    region: str | None = None
+    proxy: str | None = None
+    workdir: str | None = None
+    runner: tuple[str, ...] = ("node", "{runner}")
+    cordoned: bool = False
+    drain: bool = False
+
+    @property
+    def is_local(self) -> bool:
+        return self.host == LOCAL_HOST
+
+    @property
+    def schedulable(self) -> bool:
+        return not (self.cordoned or self.drain)
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    worker_offline_after_s: float = 90.0
+    lease_ttl_s: float = 180.0
+    auto_recover: bool = True
+
+    @property
+    def fencing(self) -> bool:
+        return self.lease_ttl_s > 0
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    webhook: str | None = None
+    command: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    parallelism: int = 32
+    connect_timeout_s: float = 10.0
+    command_timeout_s: float = 30.0
+    config: str = "~/.ssh/config"
+    known_hosts: str = "~/.ssh/known_hosts"
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    policy: PolicyName = "load-based"
+    reconcile_interval_s: float = 30.0
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
+    ssh: SshSettings = field(default_factory=SshSettings)
+    source: Location | None = None
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """A whole validated fleet directory: the desired state."""
+
+    root: Path
+    settings: FleetSettings
+    strategies: Mapping[str, StrategySpec]   # by id, in id order
+    workers: Mapping[str, WorkerSpec]        # by id, in id order
+    fleet_hash: str                       # sha256 over every fleet file and strategy file
+    files: tuple[str, ...]                # the YAML files read, relative to root

@@ -1,0 +1,222 @@
+"""The local state file (the controller's memory), its lock, the events log and plan files.
+
+The state file is written atomically (temp file in the same folder, fsync, rename, fsync the
+folder) with mode 0600, so a controller killed at any moment leaves either the old or the new
+version. A file this version cannot read is refused and never overwritten.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from .memory import Memory, MemoryFormatError
+from .plan import Plan
+
+
+class StateError(Exception):
+    """The state file (or its lock) cannot be used; the message says why and what to do."""
+
+
+class LockHeld(StateError):
+    pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` so that readers see the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class StateStore:
+    """Reads and writes the state file. Writes require the lock (see `lock`)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock_fd: int | None = None
+        self._saved: dict[str, Any] | None = None   # content as last read or written
+        self._serial = 0
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def load(self) -> Memory:
+        """The memory in the file; an empty one when there is no file yet."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._saved, self._serial = None, 0
+            return Memory()
+        if st.st_mode & 0o002:
+            raise StateError(f"{self.path}: state file is world-writable; refusing to trust it. "
+                             f"Check who changed it, then run: chmod 600 {self.path}")
+        try:
+            raw = json.loads(self.path.read_bytes())
+            memory = Memory.from_json(raw)
+        except json.JSONDecodeError as exc:
+            raise StateError(f"{self.path}:{exc.lineno}: state file is not valid JSON ({exc.msg}); it was left "
+                             "untouched. Restore it from a backup, or move it away to start afresh "
+                             "(running strategies are adopted on the next apply)") from exc
+        except (MemoryFormatError, UnicodeDecodeError) as exc:
+            raise StateError(f"{self.path}: {exc}; it was left untouched. Use the quantlab version that "
+                             "wrote it, or move it away to start afresh") from exc
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot read the state file: {exc.strerror}") from exc
+        self._saved, self._serial = memory.content_json(), memory.serial
+        return memory
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def save(self, memory: Memory) -> Memory:
+        """Write `memory` if its content changed; returns it with the serial (and lineage) it now has."""
+        if self._lock_fd is None:
+            raise StateError(f"{self.path}: internal error: saving without holding the lock")
+        if memory.lineage is None:
+            memory = replace(memory, lineage=str(uuid.uuid4()))
+        content = memory.content_json()
+        if content == self._saved:
+            return replace(memory, serial=self._serial)
+        memory = replace(memory, serial=self._serial + 1)
+        data = json.dumps(memory.to_json(), indent=1, sort_keys=True).encode() + b"\n"
+        atomic_write(self.path, data)
+        self._saved, self._serial = content, memory.serial
+        return memory
+
+    # --- locking -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = 0.0, command: str | None = None) -> Iterator[None]:
+        """Hold the state lock (flock on a sibling file). Fails at once, naming the holder, unless
+        `timeout` says how long to wait."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LockHeld(self._held_message(timeout)) from None
+                    time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+            holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "command": command or " ".join(["quantlab"] + sys.argv[1:]),
+                      "startedAt": int(time.time() * 1000)}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            self._lock_fd = fd
+            yield
+        finally:
+            self._lock_fd = None
+            os.close(fd)        # closing releases the flock
+
+    def holder(self) -> dict[str, Any] | None:
+        # The holder writes its details right after taking the lock; give it a moment to finish.
+        for _ in range(20):
+            try:
+                text = self.lock_path.read_text()
+                if text:
+                    return json.loads(text)
+            except (OSError, json.JSONDecodeError):
+                pass
+            time.sleep(0.01)
+        return None
+
+    def _held_message(self, waited: float) -> str:
+        info = self.holder()
+        waited_words = f" after waiting {waited:g}s" if waited else ""
+        if info is None:
+            who = "another process"
+        else:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("startedAt", 0) / 1000))
+            who = f"pid {info.get('pid')} on {info.get('host')} ({info.get('command')}), since {since}"
+        return (f"{self.path}: state is locked by {who}{waited_words}; wait for it to finish or pass "
+                "--lock-timeout SECONDS")
+
+
+# --- events --------------------------------------------------------------------------------------
+
+class EventLog:
+    """History as JSON Lines beside the state file, rotated by size so it cannot fill the disk."""
+
+    def __init__(self, path: str | Path, max_bytes: int = 5 * 1024 * 1024, keep: int = 3):
+        self.path = Path(path)
+        self.max_bytes, self.keep = max_bytes, keep
+
+    def append(self, event: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        line = (json.dumps(event, sort_keys=True, ensure_ascii=False) + "\n").encode()
+        try:
+            if self.path.stat().st_size + len(line) > self.max_bytes:
+                self._rotate()
+        except FileNotFoundError:
+            pass
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def _rotate(self) -> None:
+        for n in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+    def read(self) -> Iterator[dict[str, Any]]:
+        """Every recorded event, oldest first; lines that do not parse are skipped."""
+        files = [self.path.with_name(f"{self.path.name}.{n}") for n in range(self.keep, 0, -1)] + [self.path]
+        for file in files:
+            try:
+                with open(file, "rb") as handle:
+                    for raw in handle:
+                        try:
+                            yield json.loads(raw)
+                        except json.JSONDecodeError:
+                            continue
+            except FileNotFoundError:
+                continue
+
+
+# --- plan files ----------------------------------------------------------------------------------
+
+def write_plan(path: str | Path, plan: Plan) -> None:
+    atomic_write(Path(path), json.dumps(plan.to_json(), indent=1).encode() + b"\n", mode=0o600)
+
+
+def read_plan(path: str | Path) -> Plan:
+    try:
+        return Plan.from_json(json.loads(Path(path).read_bytes()))
+    except FileNotFoundError:
+        raise StateError(f"{path}: plan file not found") from None
+    except (json.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"{path}: not a quantlab plan file ({exc}); create one with `quantlab plan --out FILE`") from exc

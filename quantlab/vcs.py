@@ -1,0 +1,34 @@
+"""Which git commit the fleet directory is at, so plans and events can say what they were made from."""
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Revision:
+    commit: str | None        # short sha, None when the fleet dir is not in a git repository
+    dirty: bool = False
+
+    def describe(self) -> str:
+        if self.commit is None:
+            return "not in git"
+        return f"{self.commit} ({'dirty' if self.dirty else 'clean'})"
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def fleet_revision(root: str | Path) -> Revision:
+    root = Path(root)
+    commit = _git(root, "rev-parse", "--short=12", "HEAD")
+    if commit is None:
+        return Revision(None)
+    status = _git(root, "status", "--porcelain", "--", ".")
+    return Revision(commit.strip(), bool(status and status.strip()))

@@ -1,0 +1,532 @@
+"""Integration tests for the reference JavaScript runner (quantlab/host/runner.mjs).
+
+Every test starts the real runner with `node` in a tmp_path and watches the heartbeat file the way
+the supervisor does. No mocks; waits poll with a deadline instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RUNNER = REPO / "quantlab" / "host" / "runner.mjs"
+EXAMPLES = REPO / "fleet" / "strategies"
+HEARTBEAT_MS = 50
+TIMEOUT = 5.0  # generous upper bound for any single wait; a passing wait returns far sooner
+
+
+def _node_or_reason() -> tuple[str | None, str]:
+    node = shutil.which("node")
+    if node is None:
+        return None, "node is not on PATH (the reference runner needs Node.js 18+)"
+    out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    major = int(out.lstrip("v").split(".")[0] or 0)
+    if major < 18:
+        return None, f"node {out} is too old (the reference runner needs Node.js 18+)"
+    return node, ""
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    path, reason = _node_or_reason()
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
+        pytest.skip(reason)
+    return path
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = TIMEOUT, what: str = "condition"):
+    """Poll every 20 ms until predicate() is truthy; return its value or fail with `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Runner:
+    """One runner process plus the files the supervisor would give it."""
+
+    def __init__(self, node: str, base: Path, strategy: Path, params: dict | None = None, **env: str):
+        self.base = base
+        self.state_dir = base / "state"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.heartbeat_file = base / "heartbeat.json"
+        self.stdout_file = base / "stdout.log"
+        self.stderr_file = base / "stderr.log"
+        self.env = {
+            "PATH": os.environ.get("PATH", ""),
+            "QUANTLAB_STRATEGY_ID": "test-strategy",
+            "QUANTLAB_STRATEGY_FILE": str(strategy),
+            "QUANTLAB_PARAMS": json.dumps(params if params is not None else {}),
+            "QUANTLAB_HEARTBEAT_MS": str(HEARTBEAT_MS),
+            "QUANTLAB_STATE_DIR": str(self.state_dir),
+            "QUANTLAB_HEARTBEAT_FILE": str(self.heartbeat_file),
+            "QUANTLAB_WORKER_ID": "worker-001",
+            "QUANTLAB_REGION": "JP",
+            "QUANTLAB_EPOCH": "7",
+            "QUANTLAB_PROXY": "",
+            **env,
+        }
+        self.node = node
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, keep_heartbeat: bool = False) -> "Runner":
+        # Like the supervisor, forget the previous run's heartbeat so a wait cannot see an old file.
+        if not keep_heartbeat:
+            self.heartbeat_file.unlink(missing_ok=True)
+        with open(self.stdout_file, "ab") as out, open(self.stderr_file, "ab") as err:
+            self.proc = subprocess.Popen(
+                [self.node, str(RUNNER)], env=self.env, stdout=out, stderr=err,
+                stdin=subprocess.DEVNULL, cwd=self.base,
+            )
+        return self
+
+    def heartbeat(self) -> dict | None:
+        try:
+            return json.loads(self.heartbeat_file.read_text())
+        except FileNotFoundError:
+            return None
+
+    def state(self) -> dict:
+        return json.loads((self.state_dir / "state.json").read_text())
+
+    def wait_beats(self, n: int, timeout: float = TIMEOUT) -> dict:
+        def reached():
+            self.assert_alive()
+            hb = self.heartbeat()
+            return hb if hb and hb["beats"] >= n else None
+        return wait_for(reached, timeout, f"beats >= {n}")
+
+    def wait_refreshes(self, count: int) -> dict:
+        """Wait until the heartbeat file has been rewritten `count` more times; return the last."""
+        hb = wait_for(self.heartbeat, what="a heartbeat file")
+        for _ in range(count):
+            t = hb["t"]
+            hb = wait_for(lambda: (h := self.heartbeat()) and h["t"] > t and h, what="a fresh heartbeat")
+        return hb
+
+    def assert_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"runner exited with {self.proc.returncode}; stderr:\n{self.stderr()}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = TIMEOUT) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> int:
+        self.signal(signal.SIGTERM)
+        return self.wait_exit()
+
+    def stdout(self) -> str:
+        return self.stdout_file.read_text()
+
+    def stderr(self) -> str:
+        return self.stderr_file.read_text()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=TIMEOUT)
+
+
+@pytest.fixture
+def runners(node, tmp_path):
+    """Factory: runners(strategy_path, params=..., **env) -> started Runner; all killed at teardown."""
+    started: list[Runner] = []
+
+    def make(strategy: Path, params: dict | None = None, *, base: Path | None = None,
+             keep_heartbeat: bool = False, **env: str) -> Runner:
+        r = Runner(node, base or tmp_path / f"run{len(started)}", strategy, params, **env)
+        started.append(r)
+        return r.start(keep_heartbeat)
+
+    yield make
+    for r in started:
+        r.kill()
+
+
+def store(directory: Path, source: str, ext: str) -> Path:
+    """Store a strategy the way the agent does: content-addressed as <dir>/<sha256>.<ext>."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = source.encode()
+    path = directory / f"{hashlib.sha256(data).hexdigest()}{ext}"
+    path.write_bytes(data)
+    return path
+
+
+ESM_COUNTER = """
+export function st_init(ctx) { ctx.state.inits = (ctx.state.inits || 0) + 1; ctx.state.count ??= 0; }
+export async function st_heartbeat(ctx) { await null; ctx.state.count += 1; ctx.log('beat', ctx.state.count); }
+export function st_exit(ctx) { ctx.state.exited = true; }
+"""
+
+CJS_COUNTER = """
+'use strict';
+const fs = require('node:fs');
+function st_init(ctx) { ctx.state.count = ctx.state.count || 0; }
+function st_heartbeat(ctx) { ctx.state.count += 1; }
+function st_exit(ctx) { ctx.state.exited = true; }
+module.exports = { st_init, st_heartbeat, st_exit };
+"""
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source, ext", [(ESM_COUNTER, ".js"), (CJS_COUNTER, ".js"), (ESM_COUNTER, ".mjs"),
+                                         (CJS_COUNTER, ".cjs")],
+                         ids=["esm-js", "cjs-js", "mjs", "cjs"])
+def test_strategy_kinds_reach_two_beats(runners, tmp_path, source, ext):
+    r = runners(store(tmp_path / "files", source, ext))
+    hb = r.wait_beats(2)
+    assert hb["errorCount"] == 0 and hb["lastError"] is None and hb["paused"] is False
+    assert r.stop() == 0
+    assert r.state()["count"] >= 2
+
+
+def test_esm_js_under_commonjs_package_json_loads_through_mjs_copy(runners, tmp_path):
+    # An explicit "type": "commonjs" makes every Node version refuse `export` in a .js file.
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "package.json").write_text('{"type": "commonjs"}')
+    strategy = store(files, ESM_COUNTER, ".js")
+    r = runners(strategy)
+    r.wait_beats(2)
+    assert strategy.with_suffix(".mjs").read_text() == ESM_COUNTER
+
+
+def test_cjs_js_under_module_package_json_loads_through_cjs_copy(runners, tmp_path):
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "package.json").write_text('{"type": "module"}')
+    strategy = store(files, CJS_COUNTER, ".js")
+    r = runners(strategy)
+    r.wait_beats(2)
+    assert strategy.with_suffix(".cjs").exists()
+
+
+@pytest.mark.parametrize("missing", ["st_init", "st_heartbeat", "st_exit"])
+def test_missing_export_is_a_start_error(runners, tmp_path, missing):
+    source = "".join(f"export function {name}(ctx) {{}}\n"
+                     for name in ("st_init", "st_heartbeat", "st_exit") if name != missing)
+    strategy = store(tmp_path / "files", source, ".mjs")
+    r = runners(strategy)
+    assert r.wait_exit() == 78
+    assert f"quantlab-runner: {strategy} does not export {missing}" in r.stderr()
+    assert r.heartbeat() is None
+
+
+def test_st_init_throw_exits_1_without_heartbeat(runners, tmp_path):
+    source = ("export function st_init() { throw new Error('no api key'); }\n"
+              "export function st_heartbeat() {}\nexport function st_exit() {}\n")
+    r = runners(store(tmp_path / "files", source, ".mjs"))
+    assert r.wait_exit() == 1
+    assert "no api key" in r.stderr()
+    assert r.heartbeat() is None
+
+
+def test_invalid_params_json_is_a_config_error(runners, tmp_path):
+    r = runners(store(tmp_path / "files", ESM_COUNTER, ".mjs"), QUANTLAB_PARAMS="{not json")
+    assert r.wait_exit() == 78
+    assert "QUANTLAB_PARAMS" in r.stderr()
+
+
+# --- ctx --------------------------------------------------------------------------------------------
+
+CTX_RECORDER = """
+export function st_init(ctx) { ctx.state.atInit = { id: ctx.id, params: ctx.params, epoch: ctx.epoch,
+  workerId: ctx.workerId, region: ctx.region, proxy: ctx.proxy, leaseExpiresAt: ctx.leaseExpiresAt }; }
+export function st_heartbeat(ctx) { ctx.state.lease = ctx.leaseExpiresAt; ctx.log('lease', ctx.leaseExpiresAt, 'two\\nlines'); }
+export function st_exit(ctx) {}
+"""
+
+
+def test_ctx_fields_reach_the_strategy(runners, tmp_path):
+    lease = tmp_path / "lease.json"
+    lease.write_text(json.dumps({"expiresAt": 1_700_000_000_000}))
+    params = {"symbol": "BTCUSDT", "account": "wjcgm@bbt-sub1", "grid": [1, 2.5], "nested": {"a": None}}
+    r = runners(store(tmp_path / "files", CTX_RECORDER, ".mjs"), params,
+                QUANTLAB_STRATEGY_ID="grid-btc-sub1", QUANTLAB_EPOCH="42", QUANTLAB_WORKER_ID="worker-003",
+                QUANTLAB_PROXY="http://127.0.0.1:8890", QUANTLAB_LEASE_FILE=str(lease))
+    r.wait_beats(1)
+    assert r.state()["atInit"] == {
+        "id": "grid-btc-sub1", "params": params, "epoch": 42, "workerId": "worker-003", "region": "JP",
+        "proxy": "http://127.0.0.1:8890", "leaseExpiresAt": 1_700_000_000_000,
+    }
+    # The supervisor renews the lease: the strategy sees the new deadline on a later beat.
+    lease.write_text(json.dumps({"expiresAt": 1_700_000_180_000}))
+    wait_for(lambda: r.state().get("lease") == 1_700_000_180_000, what="the renewed lease in ctx")
+    lease.write_text(json.dumps({"expiresAt": None}))
+    wait_for(lambda: "lease" in r.state() and r.state()["lease"] is None, what="a null lease in ctx")
+    # ctx.log: one line per call, ISO timestamp first.
+    line = r.stdout().splitlines()[0]
+    stamp, rest = line.split(" ", 1)
+    assert stamp.endswith("Z") and "T" in stamp and rest.startswith("lease ")
+    assert line.endswith(" two\\nlines")  # a newline in the text stays on one line, escaped
+
+
+def test_empty_proxy_and_missing_lease_file_are_null(runners, tmp_path):
+    r = runners(store(tmp_path / "files", CTX_RECORDER, ".mjs"),
+                QUANTLAB_LEASE_FILE=str(tmp_path / "absent.json"))
+    r.wait_beats(1)
+    seen = r.state()["atInit"]
+    assert seen["proxy"] is None and seen["leaseExpiresAt"] is None and seen["epoch"] == 7
+
+
+PARAM_ECHO = """
+import fs from 'node:fs';
+export function st_init(ctx) { fs.writeFileSync(ctx.params.out, JSON.stringify(ctx.params)); }
+export function st_heartbeat() {}
+export function st_exit() {}
+"""
+
+
+def test_params_arrive_verbatim_and_nothing_executes(runners, tmp_path):
+    marker = tmp_path / "pwned"
+    out = tmp_path / "params-seen.json"
+    params = {
+        "out": str(out),
+        "subshell": f"$(touch {marker})",
+        "backticks": f"`touch {marker}`",
+        "quotes": "it's \"quoted\" \\ back\\slash",
+        "newlines": f"line1\nline2\r\n; touch {marker}",
+        "js": f"${{require('fs').writeFileSync('{marker}', 'x')}}",
+        "unicode": "ümlaut ✓ 東京",
+    }
+    r = runners(store(tmp_path / "files", PARAM_ECHO, ".mjs"), params)
+    r.wait_beats(1)
+    assert json.loads(out.read_text()) == params
+    assert not marker.exists()
+
+
+# --- heartbeat errors ---------------------------------------------------------------------------------
+
+FLAKY = """
+export function st_init(ctx) { ctx.state.calls = 0; }
+export function st_heartbeat(ctx) {
+  ctx.state.calls += 1;
+  if (ctx.state.calls % 2 === 0) throw new Error('exchange said no #' + ctx.state.calls + ' ' + 'x'.repeat(600));
+}
+export function st_exit() {}
+"""
+
+
+def test_heartbeat_throw_counts_errors_and_loop_goes_on(runners, tmp_path):
+    r = runners(store(tmp_path / "files", FLAKY, ".mjs"))
+    hb = wait_for(lambda: (h := r.heartbeat()) and h["errorCount"] >= 2 and h["beats"] >= 2 and h,
+                  what="two beats and two errors")
+    assert hb["lastError"].startswith("exchange said no #")
+    assert len(hb["lastError"]) == 500
+    assert "exchange said no #2" in r.stderr()
+    # Beats continue to be written after the errors.
+    later = r.wait_refreshes(2)
+    assert later["beats"] + later["errorCount"] > hb["beats"] + hb["errorCount"]
+    assert r.state()["calls"] >= 4  # state is saved after failed beats too
+
+
+def test_async_rejection_counts_as_an_error(runners, tmp_path):
+    source = ("export function st_init() {}\n"
+              "export async function st_heartbeat() { await null; throw 'plain string'; }\n"
+              "export function st_exit() {}\n")
+    r = runners(store(tmp_path / "files", source, ".mjs"))
+    hb = wait_for(lambda: (h := r.heartbeat()) and h["errorCount"] >= 2 and h, what="two errors")
+    assert hb["beats"] == 0 and hb["lastError"] == "plain string"
+
+
+# --- signals and state ----------------------------------------------------------------------------
+
+EXIT_MARKER = """
+import fs from 'node:fs';
+export function st_init(ctx) { ctx.state.count ??= 0; }
+export function st_heartbeat(ctx) { ctx.state.count += 1; }
+export async function st_exit(ctx) {
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  fs.writeFileSync(ctx.params.marker, JSON.stringify({ count: ctx.state.count }));
+  ctx.state.exitedCleanly = true;
+}
+"""
+
+
+def test_sigterm_runs_st_exit_and_exits_0(runners, tmp_path):
+    marker = tmp_path / "exited.json"
+    r = runners(store(tmp_path / "files", EXIT_MARKER, ".mjs"), {"marker": str(marker)})
+    r.wait_beats(2)
+    assert r.stop() == 0
+    assert json.loads(marker.read_text())["count"] >= 2
+    assert r.state()["exitedCleanly"] is True
+
+
+def test_sigterm_during_st_init_still_runs_st_exit(runners, tmp_path):
+    source = """
+import fs from 'node:fs';
+export async function st_init(ctx) {
+  fs.writeFileSync(ctx.params.started, '');
+  await new Promise((resolve) => setTimeout(resolve, 300));
+}
+export function st_heartbeat(ctx) { ctx.state.beat = true; }
+export function st_exit(ctx) { fs.writeFileSync(ctx.params.marker, 'bye'); }
+"""
+    started, marker = tmp_path / "started", tmp_path / "exited"
+    r = runners(store(tmp_path / "files", source, ".mjs"), {"started": str(started), "marker": str(marker)})
+    wait_for(started.exists, what="st_init to start")
+    assert r.stop() == 0
+    assert marker.read_text() == "bye"
+    assert "beat" not in r.state()
+
+
+def test_st_exit_throw_is_reported_and_exit_is_still_0(runners, tmp_path):
+    source = ("export function st_init() {}\nexport function st_heartbeat() {}\n"
+              "export function st_exit() { throw new Error('cancel-all failed'); }\n")
+    r = runners(store(tmp_path / "files", source, ".mjs"))
+    r.wait_beats(1)
+    assert r.stop() == 0
+    assert "cancel-all failed" in r.stderr()
+
+
+def test_state_persists_across_runs(runners, tmp_path):
+    strategy = store(tmp_path / "files", ESM_COUNTER, ".mjs")
+    first = runners(strategy, base=tmp_path / "instance")
+    first.wait_beats(2)
+    assert first.stop() == 0
+    count = first.state()["count"]
+    assert count >= 2
+
+    second = runners(strategy, base=tmp_path / "instance")
+    second.wait_beats(1)
+    state = second.state()
+    assert state["inits"] == 2 and state["count"] > count
+
+
+def test_corrupt_state_starts_empty_and_is_kept_aside(runners, tmp_path):
+    (tmp_path / "instance" / "state").mkdir(parents=True)
+    (tmp_path / "instance" / "state" / "state.json").write_text("{truncated")
+    r = runners(store(tmp_path / "files", ESM_COUNTER, ".mjs"), base=tmp_path / "instance")
+    r.wait_beats(1)
+    assert r.state()["inits"] == 1
+    assert [p.read_text() for p in r.state_dir.glob("state.json.corrupt-*")] == ["{truncated"]
+
+
+CALL_COUNTER = """
+import fs from 'node:fs';
+let calls = 0;
+export function st_init(ctx) { fs.writeFileSync(ctx.params.inits, String((Number(fs.existsSync(ctx.params.inits) && fs.readFileSync(ctx.params.inits, 'utf8')) || 0) + 1)); }
+export function st_heartbeat(ctx) { calls += 1; fs.writeFileSync(ctx.params.calls, String(calls)); }
+export function st_exit() {}
+"""
+
+
+def _calls(path: Path) -> int:
+    return int(path.read_text()) if path.exists() else 0
+
+
+def test_sigusr1_pauses_and_sigusr2_resumes(runners, tmp_path):
+    calls, inits = tmp_path / "calls", tmp_path / "inits"
+    r = runners(store(tmp_path / "files", CALL_COUNTER, ".mjs"), {"calls": str(calls), "inits": str(inits)})
+    r.wait_beats(2)
+
+    r.signal(signal.SIGUSR1)
+    wait_for(lambda: (h := r.heartbeat()) and h["paused"] is True, what="paused: true")
+    # A beat already running when the signal came may still finish; after that, nothing.
+    settled = r.wait_refreshes(2)
+    frozen_calls = _calls(calls)
+    later = r.wait_refreshes(3)  # the file stays fresh while paused ...
+    assert later["paused"] is True
+    assert later["beats"] == settled["beats"]  # ... but st_heartbeat is not called
+    assert _calls(calls) == frozen_calls
+    r.assert_alive()
+
+    r.signal(signal.SIGUSR2)
+    hb = r.wait_beats(settled["beats"] + 2)
+    assert hb["paused"] is False
+    assert inits.read_text() == "1"  # resuming does not run st_init again
+
+
+def test_start_paused(runners, tmp_path):
+    calls, inits = tmp_path / "calls", tmp_path / "inits"
+    r = runners(store(tmp_path / "files", CALL_COUNTER, ".mjs"), {"calls": str(calls), "inits": str(inits)},
+                QUANTLAB_PAUSED="1")
+    first = wait_for(r.heartbeat, what="the heartbeat after st_init")
+    assert first["paused"] is True and first["beats"] == 0
+    assert inits.read_text() == "1"
+    later = r.wait_refreshes(3)
+    assert later["paused"] is True and later["beats"] == 0 and not calls.exists()
+
+    r.signal(signal.SIGUSR2)
+    assert r.wait_beats(2)["paused"] is False
+    assert inits.read_text() == "1"
+    assert r.stop() == 0
+
+
+def test_stale_heartbeat_file_is_removed_at_start(runners, tmp_path):
+    base = tmp_path / "instance"
+    base.mkdir()
+    (base / "heartbeat.json").write_text(json.dumps({"t": 1, "beats": 99, "errorCount": 0, "lastError": None,
+                                                     "paused": False}))
+    source = """
+import fs from 'node:fs';
+export async function st_init(ctx) { fs.writeFileSync(ctx.params.started, ''); await new Promise((resolve) => setTimeout(resolve, 60000)); }
+export function st_heartbeat() {}
+export function st_exit() {}
+"""
+    started = tmp_path / "started"
+    r = runners(store(tmp_path / "files", source, ".mjs"), {"started": str(started)}, base=base,
+                keep_heartbeat=True)
+    wait_for(started.exists, what="st_init to start")
+    assert r.heartbeat() is None  # init has not finished: no heartbeat file, not the old one
+
+
+# --- the example strategies -------------------------------------------------------------------------
+
+EXAMPLE_PARAMS = {
+    "grid-martingale.js": {"symbol": "BTCUSDT", "account": "paper@sub1", "gridCount": 8, "gridSpacing": 0.004,
+                           "baseQty": 0.001},
+    "martingale.js": {"symbol": "SOLUSDT", "account": "paper@sub2", "baseQty": 0.5, "multiplier": 2, "maxSteps": 4},
+    "trend.mjs": {"symbol": "ETHUSDT", "account": "paper@sub3", "fast": 2, "slow": 3},
+}
+
+
+def test_every_example_strategy_is_covered():
+    on_disk = {p.name for p in EXAMPLES.iterdir() if p.suffix in {".js", ".mjs", ".cjs", ".ts"}}
+    assert on_disk == set(EXAMPLE_PARAMS)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLE_PARAMS))
+def test_example_strategy_runs(runners, tmp_path, name):
+    # Stored content-addressed, as the agent ships it (<sha256>.js with no package.json around it).
+    strategy = store(tmp_path / "files", (EXAMPLES / name).read_text(), Path(name).suffix)
+    first = runners(strategy, EXAMPLE_PARAMS[name], base=tmp_path / "instance")
+    hb = first.wait_beats(2)
+    assert hb["errorCount"] == 0, first.stderr()
+    assert first.stop() == 0
+    assert first.stderr() == ""
+    lines = first.stdout().splitlines()
+    assert len(lines) >= 4  # init, two beats, exit
+    assert "stopping" in lines[-1]
+    saved = first.state()
+    assert saved
+
+    # A restart continues the simulation from the checkpoint instead of starting over.
+    second = runners(strategy, EXAMPLE_PARAMS[name], base=tmp_path / "instance")
+    second.wait_beats(1)
+    assert second.heartbeat()["errorCount"] == 0
+    assert second.state()["ticks"] > saved["ticks"]
+    assert f"tick {saved['ticks']}," in second.stdout()  # st_init saw the restored state

@@ -1,0 +1,107 @@
+"""Fixtures for tests that talk to real OpenSSH sshd daemons on loopback.
+
+Import style: ``tests/`` and its subfolders have no ``__init__.py`` (pytest's
+default "prepend" import mode puts each test file's own folder on sys.path).
+To import the shared helper as ``tests.sshd_hosts`` no matter how pytest was
+launched (``python -m pytest`` adds the cwd to sys.path, the ``pytest`` script
+does not), this conftest puts the repository root on sys.path once;
+``tests`` then resolves as a namespace package.  Test modules and benchmark
+scripts use ``from tests.sshd_hosts import ...`` (a script run from elsewhere
+does the same sys.path insert first).
+
+Skip rule: when sshd cannot be used here every test in this folder is skipped
+with a loud reason (and a banner in the terminal summary), unless ``CI=true``
+or ``QUANTLAB_REQUIRE_SSHD=1``, in which case they fail.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from tests.sshd_hosts import SshdCluster, sshd_available, sshd_required_by_env  # noqa: E402
+
+_THIS_DIR = Path(__file__).resolve().parent
+_skip_reasons: set[str] = set()
+
+
+def require_sshd() -> None:
+    """Skip (or, under CI=true / QUANTLAB_REQUIRE_SSHD=1, fail) the current test
+    when a real sshd cannot be started here."""
+    ok, reason = sshd_available()
+    if ok:
+        return
+    if sshd_required_by_env():
+        pytest.fail(
+            f"real sshd is required (CI=true or QUANTLAB_REQUIRE_SSHD=1) but unavailable: {reason}",
+            pytrace=False,
+        )
+    _skip_reasons.add(reason)
+    pytest.skip(f"!!! SSH TEST NOT RUN: real sshd unavailable: {reason} (set QUANTLAB_REQUIRE_SSHD=1 to fail instead)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _THIS_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.ssh)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _skip_reasons:
+        terminalreporter.write_sep("!", "SSH TESTS SKIPPED: real sshd unavailable", red=True, bold=True)
+        for reason in sorted(_skip_reasons):
+            terminalreporter.write_line(f"  {reason}", red=True)
+        terminalreporter.write_line("  (CI=true or QUANTLAB_REQUIRE_SSHD=1 turn these skips into failures)", red=True)
+
+
+@pytest.fixture(autouse=True)
+def _sshd_gate():
+    require_sshd()
+
+
+def _cluster_factory(tmp_path_factory):
+    clusters: list[SshdCluster] = []
+
+    def start(n: int = 3, **kwargs) -> SshdCluster:
+        """Start ``n`` hosts in a fresh tmp dir; kwargs go to ``SshdCluster``."""
+        require_sshd()
+        cluster = SshdCluster(tmp_path_factory.mktemp("sshd"), **kwargs)
+        clusters.append(cluster)
+        cluster.start(n)
+        return cluster
+
+    def teardown() -> None:
+        errors = []
+        for cluster in reversed(clusters):
+            try:
+                cluster.stop_all()
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    return start, teardown
+
+
+@pytest.fixture
+def sshd_cluster(tmp_path_factory):
+    """Factory: ``cluster = sshd_cluster(n=3, **SshdCluster kwargs)``.  Every
+    cluster it started is stopped (by pid) at the end of the test."""
+    start, teardown = _cluster_factory(tmp_path_factory)
+    yield start
+    teardown()
+
+
+@pytest.fixture(scope="module")
+def sshd_cluster_module(tmp_path_factory):
+    """Module-scoped variant of ``sshd_cluster`` (shared hosts; tests must not
+    leave them stopped or frozen)."""
+    start, teardown = _cluster_factory(tmp_path_factory)
+    yield start
+    teardown()
