@@ -64,6 +64,7 @@ class StateStore:
         self._lock_fd: int | None = None
         self._saved: dict[str, Any] | None = None   # content as last read or written
         self._serial = 0
+        self._saved_bytes: bytes | None = None      # the file's bytes as last read or written (None: no file)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -72,24 +73,24 @@ class StateStore:
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            self._saved, self._serial = None, 0
+            self._saved, self._serial, self._saved_bytes = None, 0, None
             return Memory()
         if st.st_mode & 0o002:
             raise StateError(f"{self.path}: state file is world-writable; refusing to trust it. "
                              f"Check who changed it, then run: chmod 600 {self.path}")
         try:
-            raw = json.loads(self.path.read_bytes())
-            memory = Memory.from_json(raw)
+            data = self.path.read_bytes()
+            memory = Memory.from_json(json.loads(data))
         except json.JSONDecodeError as exc:
             raise StateError(f"{self.path}:{exc.lineno}: state file is not valid JSON ({exc.msg}); it was left "
                              "untouched. Restore it from a backup, or move it away to start afresh "
                              "(running strategies are adopted on the next apply)") from exc
-        except (MemoryFormatError, UnicodeDecodeError) as exc:
+        except (MemoryFormatError, UnicodeDecodeError, OverflowError, RecursionError) as exc:
             raise StateError(f"{self.path}: {exc}; it was left untouched. Use the quantlab version that "
                              "wrote it, or move it away to start afresh") from exc
         except OSError as exc:
             raise StateError(f"{self.path}: cannot read the state file: {exc.strerror}") from exc
-        self._saved, self._serial = memory.content_json(), memory.serial
+        self._saved, self._serial, self._saved_bytes = memory.content_json(), memory.serial, data
         return memory
 
     # --- writing -------------------------------------------------------------------------------
@@ -99,15 +100,39 @@ class StateStore:
         if self._lock_fd is None:
             raise StateError(f"{self.path}: internal error: saving without holding the lock")
         if memory.lineage is None:
-            memory = replace(memory, lineage=str(uuid.uuid4()))
+            # Set once, on the first save; a later save of a memory without one keeps the file's.
+            lineage = self._saved.get("lineage") if self._saved else None
+            memory = replace(memory, lineage=lineage or str(uuid.uuid4()))
         content = memory.content_json()
         if content == self._saved:
             return replace(memory, serial=self._serial)
+        self._check_unchanged_on_disk()
         memory = replace(memory, serial=self._serial + 1)
         data = json.dumps(memory.to_json(), indent=1, sort_keys=True).encode() + b"\n"
         atomic_write(self.path, data)
-        self._saved, self._serial = content, memory.serial
+        self._saved, self._serial, self._saved_bytes = content, memory.serial, data
+        self._remove_stale_temp_files()
         return memory
+
+    def _remove_stale_temp_files(self) -> None:
+        # Left by writers killed mid-save; we hold the lock, so no other writer owns one now.
+        for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+    def _check_unchanged_on_disk(self) -> None:
+        """Never overwrite a file this store did not read (an unreadable one, or one another process
+        wrote since): that would lose its content or reuse its serial for different content."""
+        try:
+            on_disk: bytes | None = self.path.read_bytes()
+        except FileNotFoundError:
+            on_disk = None
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot read the state file: {exc.strerror}") from exc
+        if on_disk != self._saved_bytes:
+            raise StateError(f"{self.path}: the state file is not the one this run read (it was changed by "
+                             "another process, or could not be read); it was left untouched. Run the command "
+                             "again")
 
     # --- locking -------------------------------------------------------------------------------
 
@@ -118,6 +143,7 @@ class StateStore:
         self.lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + timeout
+        acquired = False
         try:
             while True:
                 try:
@@ -132,10 +158,11 @@ class StateStore:
                       "startedAt": int(time.time() * 1000)}
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(holder).encode(), 0)
-            self._lock_fd = fd
+            self._lock_fd, acquired = fd, True
             yield
         finally:
-            self._lock_fd = None
+            if acquired:            # a failed (e.g. nested) attempt must not drop a lock held outside it
+                self._lock_fd = None
             os.close(fd)        # closing releases the flock
 
     def holder(self) -> dict[str, Any] | None:
@@ -175,7 +202,8 @@ class EventLog:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         line = (json.dumps(event, sort_keys=True, ensure_ascii=False) + "\n").encode()
         try:
-            if self.path.stat().st_size + len(line) > self.max_bytes:
+            size = self.path.stat().st_size
+            if size and size + len(line) > self.max_bytes:     # never rotate an empty file
                 self._rotate()
         except FileNotFoundError:
             pass
@@ -200,9 +228,11 @@ class EventLog:
                 with open(file, "rb") as handle:
                     for raw in handle:
                         try:
-                            yield json.loads(raw)
-                        except json.JSONDecodeError:
+                            event = json.loads(raw)
+                        except ValueError:          # bad JSON, or bytes that are not UTF-8
                             continue
+                        if isinstance(event, dict):
+                            yield event
             except FileNotFoundError:
                 continue
 
@@ -218,5 +248,7 @@ def read_plan(path: str | Path) -> Plan:
         return Plan.from_json(json.loads(Path(path).read_bytes()))
     except FileNotFoundError:
         raise StateError(f"{path}: plan file not found") from None
-    except (json.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
+    except OSError as exc:
+        raise StateError(f"{path}: cannot read the plan file: {exc.strerror}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
         raise StateError(f"{path}: not a quantlab plan file ({exc}); create one with `quantlab plan --out FILE`") from exc

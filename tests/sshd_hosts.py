@@ -473,10 +473,11 @@ class SshdHost:
         under them) of the current listener, plus any left by
         ``stop(kill_sessions=False)``."""
         pids = []
-        if self.pid is not None:
-            ref = _ProcRef.of(self.pid)
-            if ref is not None:
-                pids = [p for p in _descendants(self.pid) if _ProcRef.of(p) and _ProcRef.of(p).alive()]
+        if self.pid is not None and _ProcRef.of(self.pid) is not None:
+            for pid in _descendants(self.pid):
+                ref = _ProcRef.of(pid)
+                if ref is not None and ref.alive():
+                    pids.append(pid)
         pids += [r.pid for r in self._detached if r.alive() and r.pid not in pids]
         return pids
 
@@ -524,6 +525,8 @@ class SshdHost:
         if self.running:
             raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
         sshd = self._cluster.sshd if self._cluster else find_sshd()
+        if self._cluster is not None:
+            _LIVE_CLUSTERS.add(self._cluster)  # atexit safety net
         self._launch(sshd)
         state = "starting"
         deadline = time.monotonic() + timeout
@@ -567,9 +570,13 @@ class SshdHost:
         return list(seen.values())
 
     def freeze(self) -> None:
-        """SIGSTOP the listener and all its per-connection processes: new
+        """SIGSTOP the listener and all its per-connection processes (sshd
+        children and the user's commands still attached to a session): new
         connections get a TCP connect (kernel backlog) but never a banner, and
-        open connections stop answering."""
+        open connections stop answering.  The kernel still ACKs, so TCP
+        keepalives do not notice.  Processes that detached from their session
+        (setsid/double fork, reparented to init) keep running: this simulates
+        a hung sshd / hung connections, not a whole frozen machine."""
         if not self.running:
             raise RuntimeError(f"{self.name} is not running")
         self._stop_tree()
@@ -959,7 +966,9 @@ class SshdCluster:
 
     def stop_all(self, timeout: float = 10.0) -> None:
         """Kill every listener and its sessions (by pid), wait for them to be
-        gone, remove the out-of-tree shared dir.  Safe to call twice."""
+        gone, remove the out-of-tree shared dir (authorized_keys, workdir
+        roots) if one was made.  Final: the cluster cannot start again.  Safe
+        to call twice."""
         errors = []
         for h in self.hosts:
             try:

@@ -73,8 +73,9 @@ def memory(s: StrategySpec, w: WorkerView) -> Rejection | None:
 
 
 # Order matters only for which reason a worker reports first.
-BASE_STATIC: tuple[Check, ...] = (online, schedulable, api, credentials)
+BASE_STATIC: tuple[Check, ...] = (online, schedulable, api)
 AFFINITY_STATIC: tuple[Check, ...] = (region, proxy)
+LATE_STATIC: tuple[Check, ...] = (credentials,)
 DYNAMIC: tuple[Check, ...] = (capacity, memory)
 
 

@@ -7,11 +7,9 @@ it leaves).
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 from ..spec import StrategySpec
 from . import filters
-from .pool import WorkerClass, WorkerView
+from .pool import Candidates, WorkerView
 
 
 class SchedulePolicy:
@@ -19,8 +17,8 @@ class SchedulePolicy:
     static_checks: tuple[filters.Check, ...] = ()   # hard constraints this policy adds, per class
     excluded: frozenset[str] = frozenset()           # workers this policy never picks
 
-    def pick(self, classes: Iterable[WorkerClass]) -> WorkerView | None:
-        """The best free worker of `classes` (fast path: class heaps and sorted ids)."""
+    def pick(self, candidates: Candidates) -> WorkerView | None:
+        """The best free worker among `candidates` (fast path: their heap and sorted ids)."""
         raise NotImplementedError
 
     def rank_key(self, worker: WorkerView) -> tuple:
@@ -39,13 +37,8 @@ class LoadBasedPolicy(SchedulePolicy):
 
     name = "load-based"
 
-    def pick(self, classes: Iterable[WorkerClass]) -> WorkerView | None:
-        best = None
-        for cls in classes:
-            worker = cls.least_loaded(self.excluded)
-            if worker is not None and (best is None or worker.load_key() < best.load_key()):
-                best = worker
-        return best
+    def pick(self, candidates: Candidates) -> WorkerView | None:
+        return candidates.least_loaded(self.excluded)
 
     def rank_key(self, worker: WorkerView) -> tuple:
         return worker.load_key()
@@ -62,13 +55,10 @@ class RoundRobinPolicy(SchedulePolicy):
     def __init__(self, cursor: str | None = None):
         self.cursor = cursor
 
-    def pick(self, classes: Iterable[WorkerClass]) -> WorkerView | None:
-        classes = list(classes)
-        for cursor in (self.cursor, None):          # after the cursor, then wrap around
-            found = [w for c in classes if (w := c.first_free_after(cursor, self.excluded)) is not None]
-            if found:
-                return min(found, key=lambda w: w.id)
-        return None
+    def pick(self, candidates: Candidates) -> WorkerView | None:
+        # After the cursor, then wrap around.
+        return (candidates.first_free_after(self.cursor, self.excluded)
+                or candidates.first_free_after(None, self.excluded))
 
     def rank_key(self, worker: WorkerView) -> tuple:
         wrapped = self.cursor is not None and worker.id <= self.cursor
@@ -88,8 +78,8 @@ class _Wrapper(SchedulePolicy):
         self.static_checks = inner.static_checks
         self.excluded = inner.excluded
 
-    def pick(self, classes: Iterable[WorkerClass]) -> WorkerView | None:
-        return self.inner.pick(classes)
+    def pick(self, candidates: Candidates) -> WorkerView | None:
+        return self.inner.pick(candidates)
 
     def rank_key(self, worker: WorkerView) -> tuple:
         return self.inner.rank_key(worker)

@@ -1,8 +1,9 @@
-"""WorkerPool: the workers a plan may place on, grouped into classes for speed.
+"""WorkerPool: the workers a plan may place on, grouped for speed.
 
 Workers whose constraint-relevant attributes are equal form a class (Nomad's "computed node class"),
-so a strategy's static filters run once per class instead of once per worker. Inside a class, free
-workers are kept in a heap by load and in a sorted id list for round-robin.
+so a strategy's static filters run once per class instead of once per worker. The free workers of
+the classes that fit a kind of strategy form a candidate set, kept in a heap by load and in a
+sorted id list for round-robin, and updated as the plan places.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..spec import WorkerSpec
 
 @dataclass
 class WorkerView:
-    """A worker as the scheduler sees it during one plan. `used` grows as the plan places."""
+    """A worker as the scheduler sees it during one plan. `used` changes only through the pool."""
 
     spec: WorkerSpec
     liveness: str                       # online | unreachable | offline
@@ -25,23 +26,28 @@ class WorkerView:
     mem_free_mb: int | None = None
     credentials: frozenset[str] = frozenset()
     failing: bool = False               # strategies keep failing here: placed on last
+    load: tuple = field(init=False, repr=False, compare=False)
 
-    @property
-    def id(self) -> str:
-        return self.spec.id
+    def __post_init__(self) -> None:
+        self.id = self.spec.id
+        self.capacity = self.spec.max_strategies
+        self._refresh()
 
-    @property
-    def capacity(self) -> int:
-        return self.spec.max_strategies
+    def _refresh(self) -> None:
+        # Lower is better: fewest strategies relative to capacity, then host cpu, then free memory.
+        share = self.used / self.capacity if self.capacity else float("inf")
+        self.load = (share, round(self.cpu, 3), -(self.mem_free_mb or 0), self.id)
+
+    def count(self, delta: int) -> None:
+        self.used += delta
+        self._refresh()
 
     @property
     def has_room(self) -> bool:
         return self.used < self.capacity
 
     def load_key(self) -> tuple:
-        """Lower is better: fewest strategies relative to capacity, then host cpu, then free memory."""
-        share = self.used / self.capacity if self.capacity else float("inf")
-        return (share, round(self.cpu, 3), -(self.mem_free_mb or 0), self.id)
+        return self.load
 
     def class_key(self) -> tuple:
         s = self.spec
@@ -55,16 +61,6 @@ class WorkerClass:
 
     key: tuple
     members: list[WorkerView]
-    _heap: list[tuple[tuple, str]] = field(default_factory=list)
-    _free_ids: list[str] = field(default_factory=list)
-    _by_id: dict[str, WorkerView] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.members.sort(key=lambda w: w.id)
-        self._by_id = {w.id: w for w in self.members}
-        self._free_ids = [w.id for w in self.members if w.has_room]
-        self._heap = [(w.load_key(), w.id) for w in self.members if w.has_room]
-        heapq.heapify(self._heap)
 
     @property
     def sample(self) -> WorkerView:
@@ -74,57 +70,62 @@ class WorkerClass:
     def failing(self) -> bool:
         return self.sample.failing
 
+
+class Candidates:
+    """The free workers among a set of classes: by load (a heap) and by id (a sorted list)."""
+
+    def __init__(self, members: Iterable[WorkerView]):
+        self.by_id = {w.id: w for w in members}
+        self.free_ids = sorted(wid for wid, w in self.by_id.items() if w.has_room)
+        self.heap = [w.load for w in self.by_id.values() if w.has_room]
+        heapq.heapify(self.heap)
+
+    def __contains__(self, worker_id: str) -> bool:
+        return worker_id in self.by_id
+
     def free_count(self) -> int:
-        return len(self._free_ids)
+        return len(self.free_ids)
 
     def free_members(self) -> Iterator[WorkerView]:
-        return (self._by_id[i] for i in self._free_ids)
+        return (self.by_id[wid] for wid in self.free_ids)
 
     def least_loaded(self, skip: frozenset[str] = frozenset()) -> WorkerView | None:
-        """The free member with the lowest load key, ignoring stale heap entries and `skip`."""
-        held: list[tuple[tuple, str]] = []
+        """The free worker with the lowest load, dropping heap entries that are out of date."""
+        held = []
         found = None
-        while self._heap:
-            key, wid = self._heap[0]
-            worker = self._by_id[wid]
-            if not worker.has_room or key != worker.load_key():
-                heapq.heappop(self._heap)      # stale: the worker was re-pushed with a newer key
+        while self.heap:
+            key = self.heap[0]
+            worker = self.by_id[key[-1]]
+            if not worker.has_room or key != worker.load:
+                heapq.heappop(self.heap)          # stale: the worker was re-pushed with its new load
                 continue
-            if wid in skip:
-                held.append(heapq.heappop(self._heap))
+            if worker.id in skip:
+                held.append(heapq.heappop(self.heap))
                 continue
             found = worker
             break
-        for entry in held:
-            heapq.heappush(self._heap, entry)
+        for key in held:
+            heapq.heappush(self.heap, key)
         return found
 
     def first_free_after(self, cursor: str | None, skip: frozenset[str] = frozenset()) -> WorkerView | None:
-        """The first free member whose id sorts after `cursor` (no wrap-around)."""
-        start = bisect.bisect_right(self._free_ids, cursor) if cursor is not None else 0
-        for wid in self._free_ids[start:]:
+        """The first free worker whose id sorts after `cursor` (no wrap-around)."""
+        start = bisect.bisect_right(self.free_ids, cursor) if cursor is not None else 0
+        for wid in self.free_ids[start:]:
             if wid not in skip:
-                return self._by_id[wid]
+                return self.by_id[wid]
         return None
 
-    def take(self, worker: WorkerView) -> None:
-        """Count one more strategy on `worker` (a placement made by this plan)."""
-        worker.used += 1
+    def changed(self, worker: WorkerView) -> None:
+        """Keep the heap and the id list current after `worker.used` changed."""
+        index = bisect.bisect_left(self.free_ids, worker.id)
+        listed = index < len(self.free_ids) and self.free_ids[index] == worker.id
         if worker.has_room:
-            heapq.heappush(self._heap, (worker.load_key(), worker.id))
-        else:
-            index = bisect.bisect_left(self._free_ids, worker.id)
-            if index < len(self._free_ids) and self._free_ids[index] == worker.id:
-                del self._free_ids[index]
-
-
-    def release(self, worker: WorkerView) -> None:
-        """Count one strategy fewer on `worker` (it moves away in this plan)."""
-        had_room = worker.has_room
-        worker.used -= 1
-        heapq.heappush(self._heap, (worker.load_key(), worker.id))
-        if not had_room and worker.has_room:
-            bisect.insort(self._free_ids, worker.id)
+            heapq.heappush(self.heap, worker.load)
+            if not listed:
+                self.free_ids.insert(index, worker.id)
+        elif listed:
+            del self.free_ids[index]
 
 
 class WorkerPool:
@@ -135,9 +136,10 @@ class WorkerPool:
         groups: dict[tuple, list[WorkerView]] = {}
         for view in self.views.values():
             groups.setdefault(view.class_key(), []).append(view)
-        self.classes = [WorkerClass(key, members) for key, members in groups.items()]
-        self._class_of = {w.id: c for c in self.classes for w in c.members}
-        self.classes.sort(key=lambda c: c.sample.id)
+        self.classes = sorted((WorkerClass(key, members) for key, members in groups.items()),
+                              key=lambda c: c.sample.id)
+        self._candidates: dict[tuple[int, ...], Candidates] = {}
+        self._sets_of: dict[str, list[Candidates]] = {wid: [] for wid in self.views}
 
     def __contains__(self, worker_id: str) -> bool:
         return worker_id in self.views
@@ -145,11 +147,27 @@ class WorkerPool:
     def get(self, worker_id: str) -> WorkerView | None:
         return self.views.get(worker_id)
 
-    def class_of(self, worker_id: str) -> WorkerClass:
-        return self._class_of[worker_id]
+    def candidates(self, classes: list[WorkerClass]) -> Candidates:
+        """The candidate set over `classes`, built once and then kept current."""
+        key = tuple(id(c) for c in classes)
+        found = self._candidates.get(key)
+        if found is None:
+            found = Candidates(w for c in classes for w in c.members)
+            self._candidates[key] = found
+            for wid in found.by_id:
+                self._sets_of[wid].append(found)
+        return found
 
     def take(self, worker_id: str) -> None:
-        self._class_of[worker_id].take(self.views[worker_id])
+        """Count one more strategy on the worker (placed by this plan)."""
+        self._count(worker_id, +1)
 
     def release(self, worker_id: str) -> None:
-        self._class_of[worker_id].release(self.views[worker_id])
+        """Count one strategy fewer on the worker (it moves away in this plan)."""
+        self._count(worker_id, -1)
+
+    def _count(self, worker_id: str, delta: int) -> None:
+        view = self.views[worker_id]
+        view.count(delta)
+        for cands in self._sets_of[worker_id]:
+            cands.changed(view)

@@ -7,7 +7,7 @@ from ..spec import StrategySpec
 from . import filters
 from .filters import Rejection
 from .policies import SchedulePolicy
-from .pool import WorkerClass, WorkerPool, WorkerView
+from .pool import Candidates, WorkerClass, WorkerPool, WorkerView
 
 
 @dataclass(frozen=True)
@@ -27,34 +27,44 @@ class Decision:
 class Scheduler:
     def __init__(self, pool: WorkerPool):
         self.pool = pool
-        self._static_cache: dict[tuple, list[WorkerClass]] = {}
+        self._static_cache: dict[tuple, list[Candidates]] = {}
+
+    @staticmethod
+    def static_checks(policy: SchedulePolicy) -> tuple[filters.Check, ...]:
+        return filters.BASE_STATIC + policy.static_checks + filters.LATE_STATIC
 
     def feasible_classes(self, s: StrategySpec, policy: SchedulePolicy) -> list[WorkerClass]:
-        checks = filters.BASE_STATIC + policy.static_checks
+        checks = self.static_checks(policy)
+        return [c for c in self.pool.classes if filters.first_rejection(checks, s, c.sample) is None]
+
+    def tiers(self, s: StrategySpec, policy: SchedulePolicy) -> list[Candidates]:
+        """Candidate sets that pass the static filters, healthy workers first, then failing ones.
+        Strategies with the same requirements share them, so this runs once per kind of strategy."""
         req = s.requirements
-        key = (req.api, req.region, req.proxy, req.account if req.credentials else None, checks)
+        key = (req.api, req.region, req.proxy, req.account if req.credentials else None,
+               self.static_checks(policy))
         found = self._static_cache.get(key)
         if found is None:
-            found = [c for c in self.pool.classes if filters.first_rejection(checks, s, c.sample) is None]
+            classes = self.feasible_classes(s, policy)
+            split = ([c for c in classes if not c.failing], [c for c in classes if c.failing])
+            found = [self.pool.candidates(tier) for tier in split if tier]
             self._static_cache[key] = found
         return found
 
     def place(self, s: StrategySpec, policy: SchedulePolicy, commit: bool = True) -> Decision:
         """Choose a worker for `s`; with commit, count it there so later placements see the load."""
-        classes = self.feasible_classes(s, policy)
-        # Workers where strategies keep failing are a last resort.
-        tiers = [[c for c in classes if not c.failing], [c for c in classes if c.failing]]
         chosen: WorkerView | None = None
         feasible = 0
-        for tier in tiers:
+        for candidates in self.tiers(s, policy):
             if s.requirements.min_memory:
-                candidates = [w for c in tier for w in c.free_members()
-                              if w.id not in policy.excluded and filters.memory(s, w) is None]
-                chosen = min(candidates, key=policy.rank_key) if candidates else None
-                feasible = len(candidates)
+                fits = [w for w in candidates.free_members()
+                        if w.id not in policy.excluded and filters.memory(s, w) is None]
+                chosen = min(fits, key=policy.rank_key) if fits else None
+                feasible = len(fits)
             else:
-                chosen = policy.pick(tier)
-                feasible = sum(c.free_count() for c in tier) - self._excluded_free(policy, tier)
+                chosen = policy.pick(candidates)
+                feasible = candidates.free_count() - sum(
+                    1 for wid in policy.excluded if wid in candidates and candidates.by_id[wid].has_room)
             if chosen is not None:
                 break
         if chosen is None:
@@ -66,17 +76,9 @@ class Scheduler:
             policy.placed(chosen)
         return Decision(chosen.id, reason, feasible)
 
-    def _excluded_free(self, policy: SchedulePolicy, tier: list[WorkerClass]) -> int:
-        count = 0
-        for wid in policy.excluded:
-            worker = self.pool.get(wid)
-            if worker is not None and worker.has_room and any(self.pool.class_of(wid) is c for c in tier):
-                count += 1
-        return count
-
     def rejections(self, s: StrategySpec, policy: SchedulePolicy) -> list[Rejection]:
         """One reason per worker: the first filter that refuses it."""
-        checks = filters.BASE_STATIC + policy.static_checks
+        checks = self.static_checks(policy)
         out: list[Rejection] = []
         for cls in self.pool.classes:
             static = filters.first_rejection(checks, s, cls.sample)

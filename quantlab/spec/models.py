@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -95,7 +96,7 @@ class StrategySpec:
             "scheduling": self.scheduling.as_json(),
         }
 
-    @property
+    @cached_property
     def spec_hash(self) -> str:
         digest = hashlib.sha256(canonical_json(self.launch_fields()).encode()).hexdigest()
         return "sha256:" + digest[:32]

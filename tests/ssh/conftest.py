@@ -25,7 +25,33 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from tests.sshd_hosts import SshdCluster, sshd_available, sshd_required_by_env  # noqa: E402
+
+def _import_sshd_hosts():
+    # ``tests`` is a namespace package; a *regular* package named ``tests``
+    # installed in site-packages by some sloppy dependency would shadow it.
+    # Then load our file by path and register it under the same name, so
+    # ``from tests.sshd_hosts import ...`` in test modules still finds it.
+    import importlib
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "sshd_hosts.py"
+    try:
+        mod = importlib.import_module("tests.sshd_hosts")
+        if Path(mod.__file__).resolve() == path:
+            return mod
+    except ImportError:
+        pass
+    spec = importlib.util.spec_from_file_location("tests.sshd_hosts", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["tests.sshd_hosts"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_sshd_hosts = _import_sshd_hosts()
+SshdCluster = _sshd_hosts.SshdCluster
+sshd_available = _sshd_hosts.sshd_available
+sshd_required_by_env = _sshd_hosts.sshd_required_by_env
 
 _THIS_DIR = Path(__file__).resolve().parent
 _skip_reasons: set[str] = set()

@@ -3,6 +3,7 @@ paramiko and host-key checking ON (generated known_hosts + RejectPolicy)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import pwd
 import shutil
@@ -69,7 +70,7 @@ def test_known_hosts_lookup_plain_and_hashed(sshd_cluster):
     assert all(line.startswith("|1|") for line in cluster.known_hosts_path.read_text().splitlines())
     keys = paramiko.HostKeys(str(cluster.known_hosts_path))
     h1, h2 = cluster.hosts
-    server_key = paramiko.PKey.from_type_string("ssh-ed25519", __import__("base64").b64decode(h1.host_public_key.split()[1]))
+    server_key = paramiko.PKey.from_type_string("ssh-ed25519", base64.b64decode(h1.host_public_key.split()[1]))
     assert keys.lookup(f"[127.0.0.1]:{h1.port}") is not None
     assert keys.check(f"[127.0.0.1]:{h1.port}", server_key)
     assert not keys.check(f"[127.0.0.1]:{h2.port}", server_key)
