@@ -54,7 +54,11 @@ class Memory:
     last_seen: dict[str, int] = field(default_factory=dict)    # worker -> ms of the last answered probe
     rr_cursor: str | None = None                               # worker chosen last by round-robin
     next_epoch: int = 1
-    last_renewal: int | None = None                            # ms of the last lease renewal by any run
+    loop_renewal: int | None = None                            # ms of the reconcile loop's last lease renewal
+    host_events: dict[str, int] = field(default_factory=dict)  # worker -> ms of the newest host event recorded
+    # worker -> how to reach it (host, port, user, workdir, program), so leases keep being renewed even
+    # while the fleet directory fails to validate
+    addresses: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def copy(self) -> "Memory":
         return copy.deepcopy(self)
@@ -66,11 +70,13 @@ class Memory:
             "lineage": self.lineage,
             "nextEpoch": self.next_epoch,
             "roundRobinCursor": self.rr_cursor,
-            "lastRenewal": self.last_renewal,
+            "loopRenewal": self.loop_renewal,
             "placements": {sid: p.to_json() for sid, p in sorted(self.placements.items())},
             "leases": dict(sorted(self.leases.items())),
             "restarts": dict(sorted(self.restarts.items())),
             "lastSeen": dict(sorted(self.last_seen.items())),
+            "hostEvents": dict(sorted(self.host_events.items())),
+            "addresses": dict(sorted(self.addresses.items())),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -95,7 +101,9 @@ class Memory:
                 last_seen={k: int(v) for k, v in raw.get("lastSeen", {}).items()},
                 rr_cursor=raw.get("roundRobinCursor"),
                 next_epoch=int(raw.get("nextEpoch", 1)),
-                last_renewal=raw.get("lastRenewal"),
+                loop_renewal=raw.get("loopRenewal"),
+                host_events={k: int(v) for k, v in raw.get("hostEvents", {}).items()},
+                addresses={k: dict(v) for k, v in raw.get("addresses", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc

@@ -6,7 +6,9 @@ needed only to point at a problem, so a file is composed into marked nodes only 
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -58,13 +60,23 @@ _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _FleetLoader(_BaseLoader):  # type: ignore[misc, valid-type]
-    """SafeLoader that refuses duplicate keys and keeps dates as plain strings (JSON has no dates)."""
+    """SafeLoader that refuses duplicate keys and keeps dates as plain strings (JSON has no dates).
+
+    It also refuses what JSON cannot hold: non-string keys, NaN/Infinity, binary and set values.
+    """
 
 
 def _construct_mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor` is resolved by construct_mapping; explicit keys override it
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            # JSON (and so the schemas) knows only string keys; `on:`/`no:` are booleans in YAML.
+            what = (f"key {key_node.value!r} reads as {_type_name(key)} {key!r}, not a string: quote it"
+                    if isinstance(key_node, yaml.ScalarNode) else "a list or mapping cannot be a key")
+            raise yaml.constructor.ConstructorError(None, None, what, key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None,
@@ -77,6 +89,25 @@ def _construct_mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) 
 
 _FleetLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 _FleetLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+
+
+def _refuse(loader: Any, node: yaml.Node) -> None:
+    raise yaml.constructor.ConstructorError(
+        None, None, f"{node.tag.rsplit(':', 1)[-1]} values are not JSON data; write a string or a list",
+        node.start_mark)
+
+
+def _construct_float(loader: Any, node: yaml.ScalarNode) -> float:
+    value = yaml.SafeLoader.construct_yaml_float(loader, node)
+    if not math.isfinite(value):  # JSON has no NaN or Infinity, and NaN passes every bound
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{node.value!r} is not a JSON number; write a number or quote it", node.start_mark)
+    return value
+
+
+_FleetLoader.add_constructor("tag:yaml.org,2002:binary", _refuse)
+_FleetLoader.add_constructor("tag:yaml.org,2002:set", _refuse)
+_FleetLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 _DOC_START = re.compile(r"^---(\s|$)")
 _TOP_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:")
@@ -131,13 +162,6 @@ def _schema_message(error: Any, schema: dict[str, Any]) -> tuple[list[Any], str]
     description = schema_at(schema, path).get("description")
     hint = f" ({description})" if description else ""
     v = error.validator
-    if v == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        key = sorted(k for k in value if k not in allowed)[0]
-        return path + [key], (
-            f"unknown field {_dotted(path + [key])!r}{_did_you_mean(key, allowed)}; "
-            f"allowed here: {', '.join(allowed)}"
-        )
     if v == "required":
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         return path, f"missing required field {_dotted(path + [missing])!r}"
@@ -164,6 +188,20 @@ def _schema_message(error: Any, schema: dict[str, Any]) -> tuple[list[Any], str]
     return path, f"{where}: {error.message}{hint}"
 
 
+def _schema_messages(error: Any, schema: dict[str, Any]) -> Iterator[tuple[list[Any], str]]:
+    """Like _schema_message, but one message for each unknown field (jsonschema groups them)."""
+    if error.validator != "additionalProperties":
+        yield _schema_message(error, schema)
+        return
+    path = list(error.absolute_path)
+    allowed = sorted(error.schema.get("properties", {}))
+    for key in sorted(k for k in error.instance if k not in allowed):
+        yield path + [key], (
+            f"unknown field {_dotted(path + [key])!r}{_did_you_mean(key, allowed)}; "
+            f"allowed here: {', '.join(allowed)}"
+        )
+
+
 def _check_document(data: Any) -> list[tuple[list[Any], str]]:
     """Schema problems of one parsed document as (path, message); empty when valid."""
     if data is None:
@@ -177,14 +215,14 @@ def _check_document(data: Any) -> list[tuple[list[Any], str]]:
         what = "missing apiVersion" if got is None else f"unknown apiVersion {got!r}"
         return [(["apiVersion"] if got is not None else [], f"{what}; expected {version}")]
     kind = data.get("kind")
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:
         if kind is None:
             return [([], f"missing kind; expected one of {', '.join(kinds)}")]
         return [(["kind"], f"unknown kind {kind!r}{_did_you_mean(str(kind), list(kinds))}; "
                            f"expected one of {', '.join(kinds)}")]
     label = f"{kind} {data['id']}: " if isinstance(data.get("id"), str) else f"{kind}: "
     errors = sorted(validator_for(kind).iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
-    return [(path, label + message) for path, message in (_schema_message(e, kinds[kind]) for e in errors)]
+    return [(path, label + message) for e in errors for path, message in _schema_messages(e, kinds[kind])]
 
 
 # --- Files ---------------------------------------------------------------------------------------
@@ -197,6 +235,14 @@ def _yaml_paths(root: Path) -> Iterator[Path]:
         for name in sorted(names):
             if name.endswith(YAML_SUFFIXES) and not name.startswith("."):
                 yield here / name
+
+
+def _resolve(path: Path) -> Path:
+    """Path.resolve(), but a symlink loop gives the path itself (reading it then fails cleanly)."""
+    try:
+        return path.resolve()
+    except RuntimeError:  # "Symlink loop from ..."
+        return Path(os.path.abspath(path))
 
 
 @dataclass
@@ -235,7 +281,12 @@ class _File:
 
     def doc_start(self, index: int) -> int:
         # "" holds the line where the document starts (its '---' or its first key).
-        return self.top_key_lines(index).get("", 1)
+        found = self.top_key_lines(index).get("")
+        if found:
+            return found
+        nodes = self.nodes()
+        node = nodes[index] if index < len(nodes) else None
+        return node.start_mark.line + 1 if node is not None else 1
 
     def _scan(self) -> list[dict[str, int]]:
         docs: list[dict[str, int]] = []
@@ -289,7 +340,7 @@ class _Reader:
         shown = str(path)
         rel = path.relative_to(self.root).as_posix()
         self.files.append(rel)
-        if path.is_symlink() and not path.resolve().is_relative_to(self.real_root):
+        if path.is_symlink() and not _resolve(path).is_relative_to(self.real_root):
             self.problem((shown, 0), "symlink points outside the fleet directory; copy the file in instead")
             return
         try:
@@ -301,6 +352,9 @@ class _Reader:
             self.problem((shown, 0), "cannot read: broken symlink; fix or remove it")
             return
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                self.problem((shown, 0), "cannot read: symlink loop; fix or remove it")
+                return
             self.problem((shown, 0), f"cannot read: {exc.strerror}; check its permissions")
             return
         self.digests[rel] = hashlib.sha256(raw).hexdigest()
@@ -315,7 +369,16 @@ class _Reader:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             what = "; ".join(str(x) for x in (exc.context, exc.problem) if x)
+            lines = text.splitlines()
+            if mark and mark.line < len(lines) and lines[mark.line][mark.column:mark.column + 1] == "\t":
+                # libyaml does not name the character it cannot read
+                what += " (a tab character: YAML indents with spaces only)"
             self.problem((shown, mark.line + 1 if mark else 0), f"YAML syntax error: {what}")
+            return
+        except yaml.reader.ReaderError as exc:  # a control character; libyaml counts bytes
+            line = raw[: exc.position].count(b"\n") + 1
+            code = ord(exc.character) if isinstance(exc.character, str) else exc.character
+            self.problem((shown, line), f"YAML error: unacceptable character #x{code:04x}: {exc.reason}")
             return
         except yaml.YAMLError as exc:
             self.problem((shown, 0), f"YAML error: {exc}")
@@ -348,7 +411,7 @@ class _Builder:
             self.r.problem(where, f"{label} must be relative to the fleet directory")
             return None
         path = self.r.root / written
-        real = path.resolve()
+        real = _resolve(path)
         if not real.is_relative_to(self.r.real_root):
             self.r.problem(where, f"{label} resolves outside the fleet directory ({real}); keep strategy files inside it")
             return None

@@ -37,7 +37,7 @@ def version(n: int, lineage: str | None = None, serial: int = 0) -> Memory:
     return Memory(lineage=lineage, serial=serial, placements=placements,
                   leases={"worker-000": 1_700_000_000_000 + n}, restarts={"counter": n},
                   last_seen={f"worker-{i:03d}": n + i for i in range(n % 4)},
-                  rr_cursor=f"worker-{n % 5:03d}", next_epoch=n * 10 + 8, last_renewal=n * 1000)
+                  rr_cursor=f"worker-{n % 5:03d}", next_epoch=n * 10 + 8, loop_renewal=n * 1000)
 
 
 def say(fd: int, text: str) -> None:

@@ -6,6 +6,8 @@ them, it waits for their lines with deadlines.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import json
 import os
@@ -70,7 +72,9 @@ def full_memory() -> Memory:
         last_seen={"worker-003": 1_700_000_001_000, "worker-002": 1_700_000_000_900},
         rr_cursor="worker-003",
         next_epoch=8,
-        last_renewal=1_700_000_000_777,
+        loop_renewal=1_700_000_000_777,
+        host_events={"worker-003": 1_700_000_000_600},
+        addresses={"worker-003": {"host": "jp-box-1", "port": 22, "user": "quant", "workdir": ".quantlab/w"}},
     )
 
 
@@ -202,10 +206,7 @@ def test_saving_unchanged_content_neither_bumps_the_serial_nor_rewrites_the_file
     with other.lock():
         loaded = other.load()
         assert other.save(loaded).serial == 1
-        assert other.save(Memory(lineage=loaded.lineage, serial=0, placements=dict(loaded.placements),
-                                 leases=dict(loaded.leases), restarts=dict(loaded.restarts),
-                                 last_seen=dict(loaded.last_seen), rr_cursor=loaded.rr_cursor,
-                                 next_epoch=loaded.next_epoch, last_renewal=loaded.last_renewal)).serial == 1
+        assert other.save(dataclasses.replace(loaded.copy(), serial=0)).serial == 1
     after = path.stat()
     assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
     assert path.read_bytes() == data

@@ -1,0 +1,106 @@
+"""Gather: one probe per host, all hosts in parallel, into the ObservedState the planner reads.
+
+A host that does not answer makes its workers unreachable, with the error kept; it never stalls the
+others (each probe is bounded by the command timeout, connections by the connect timeout).
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .hosts import AgentError, HostKey, Hosts
+from .memory import Memory
+from .observed import Instance, ObservedState, WorkerState
+from .spec import Fleet, WorkerSpec
+from .transport.base import TransportError
+
+
+@dataclass
+class Gathered:
+    observed: ObservedState
+    answered_at: dict[str, int] = field(default_factory=dict)    # worker -> ms when its host answered
+    renewed: dict[str, list[str]] = field(default_factory=dict)  # worker -> strategies whose lease was renewed
+    host_events: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def renewals(fleet: Fleet, memory: Memory) -> dict[str, dict[str, int]]:
+    """Leases to renew: current placements of strategies the fleet still wants, by worker."""
+    out: dict[str, dict[str, int]] = {}
+    for sid, p in memory.placements.items():
+        spec = fleet.strategies.get(sid)
+        if spec is not None and spec.desired_state != "stopped":
+            out.setdefault(p.worker, {})[sid] = p.epoch
+    return out
+
+
+def _worker_state(worker: WorkerSpec, raw: dict[str, Any], host: dict[str, Any]) -> WorkerState:
+    runtime = raw.get("runtime") or {}
+    error = None
+    if runtime.get("path") is None:
+        error = (f"{runtime.get('program', worker.runner[0])} not found on the host's PATH: install it "
+                 "(Node.js 18+ for the reference runner) or set the worker's runner")
+    cpus = int(host.get("cpus") or 1)
+    load = host.get("loadavg") or [0.0]
+    instances = {}
+    for sid, inst in (raw.get("instances") or {}).items():
+        try:
+            instances[sid] = Instance.from_json(inst)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return WorkerState(
+        worker=worker.id, reachable=True, error=error, cpus=cpus, cpu=float(load[0]) / cpus,
+        mem_free_mb=host.get("memFreeMb"), credentials=frozenset(raw.get("credentials") or ()),
+        instances=instances, host_time=host.get("time"),
+        versions={"python": host.get("python"), runtime.get("program", "runner"): runtime.get("version")},
+    )
+
+
+def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Callable[[], int], *, renew: bool,
+           workers: list[WorkerSpec] | None = None) -> Gathered:
+    """Probe every host once (in parallel) and, when `renew`, extend the current placements' leases."""
+    started = time.monotonic()
+    wanted = renewals(fleet, memory) if renew and fleet.settings.monitor.fencing else {}
+    ttl = fleet.settings.monitor.lease_ttl_s
+    groups = hosts.groups(workers)
+    result = Gathered(ObservedState({}, clock()))
+    states: dict[str, WorkerState] = {}
+
+    def probe(key: HostKey, members: list[WorkerSpec]) -> None:
+        request = {
+            "workers": [{"id": w.id, "workdir": hosts.workdir(w), "program": w.runner[0]} for w in members],
+            "renew": {w.id: wanted[w.id] for w in members if w.id in wanted},
+            "eventsSince": {w.id: memory.host_events.get(w.id, memory.last_seen.get(w.id, 0)) for w in members},
+        }
+        args = ("--renew", f"{ttl:g}") if wanted else ()
+        try:
+            answer = hosts.agent(key, members).call("probe", request, fleet.settings.ssh.command_timeout_s, args)
+        except (TransportError, AgentError) as exc:
+            for w in members:
+                states[w.id] = WorkerState(w.id, False, error=str(exc))
+            return
+        at = clock()
+        host = answer.get("host") or {}
+        for w in members:
+            raw = (answer.get("workers") or {}).get(w.id) or {}
+            states[w.id] = _worker_state(w, raw, host)
+            result.answered_at[w.id] = at
+            if raw.get("renewed"):
+                result.renewed[w.id] = list(raw["renewed"])
+            for sid, inst in (raw.get("instances") or {}).items():
+                for event in inst.get("events") or ():
+                    result.host_events.append({**event, "worker": w.id, "strategy": sid})
+
+    parallel = max(1, min(fleet.settings.ssh.parallelism, len(groups)))
+    if parallel == 1:
+        for key, members in groups.items():
+            probe(key, members)
+    else:
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="probe") as pool:
+            list(pool.map(lambda item: probe(*item), groups.items()))
+    result.observed = ObservedState(dict(sorted(states.items())), clock())
+    result.host_events.sort(key=lambda e: (e.get("t", 0), e["worker"], e["strategy"]))
+    result.seconds = time.monotonic() - started
+    return result

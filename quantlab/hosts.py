@@ -1,0 +1,186 @@
+"""Hosts: one transport per host, shared by the workers on it, and the agent spoken through it.
+
+The agent and the reference runner are shipped by content hash. Calls are optimistic: the agent is
+run where it should be, and uploaded only when the host answers that the file is not there, so a
+warm probe costs exactly one round trip.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+from .spec import Fleet, StrategySpec, WorkerSpec
+from .transport.base import Completed, Transport, TransportError
+
+EXIT_MISSING = 3            # the agent's answer when files a request names are absent
+
+
+def _shipped(name: str) -> tuple[bytes, str]:
+    data = resources.files("quantlab.host").joinpath(name).read_bytes()
+    return data, hashlib.sha256(data).hexdigest()[:16]
+
+
+AGENT_SOURCE, AGENT_HASH = _shipped("agent.py")
+RUNNER_SOURCE, RUNNER_HASH = _shipped("runner.mjs")
+AGENT_PATH = f"agent/agent-{AGENT_HASH}.py"
+RUNNER_PATH = f"agent/runner-{RUNNER_HASH}.mjs"
+
+
+class AgentError(Exception):
+    """The host answered, but the agent could not do what was asked; the message says what to do."""
+
+    def __init__(self, host: str, message: str):
+        self.host = host
+        super().__init__(f"{host}: {message}")
+
+
+@dataclass(frozen=True)
+class HostKey:
+    """What makes two workers share a connection: the same host, port and login."""
+
+    host: str
+    port: int | None = None
+    user: str | None = None
+
+    def __str__(self) -> str:
+        who = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"{who}{self.host}{port}"
+
+
+def host_key(worker: WorkerSpec) -> HostKey:
+    return HostKey(worker.host, worker.port, worker.user)
+
+
+class Agent:
+    """The agent on one host, reached through its transport."""
+
+    def __init__(self, transport: Transport, home_workdir: str, python: str, label: str):
+        self.transport = transport
+        self.home = home_workdir          # the workdir whose agent/ copy runs the calls for this host
+        self.python = python
+        self.label = label
+        self._shipped = False
+
+    def _argv(self, command: str, args: tuple[str, ...]) -> list[str]:
+        return [self.python, f"{self.home}/{AGENT_PATH}", command, *args]
+
+    def run(self, command: str, request: dict[str, Any], timeout: float, args: tuple[str, ...] = ()) -> Completed:
+        payload = json.dumps(request).encode()
+        done = self.transport.run(self._argv(command, args), payload, timeout)
+        if self._agent_missing(done):
+            self.ship()
+            done = self.transport.run(self._argv(command, args), payload, timeout)
+        if done.returncode in (126, 127) or (done.returncode != 0 and b"python3: not found" in done.stderr):
+            raise AgentError(self.label, f"cannot run {self.python} on the host (exit {done.returncode}); "
+                                         "install Python 3.8+ there")
+        return done
+
+    def _agent_missing(self, done: Completed) -> bool:
+        return done.returncode == 2 and b"can't open file" in done.stderr and AGENT_PATH.encode() in done.stderr
+
+    def ship(self) -> None:
+        self.transport.put_file(AGENT_SOURCE, f"{self.home}/{AGENT_PATH}", 0o755)
+        self._shipped = True
+
+    def call(self, command: str, request: dict[str, Any], timeout: float, args: tuple[str, ...] = ()) -> dict[str, Any]:
+        done = self.run(command, request, timeout, args)
+        if done.returncode not in (0, EXIT_MISSING):
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
+            raise AgentError(self.label, f"agent {command} failed (exit {done.returncode}): {' | '.join(tail)}")
+        try:
+            answer = json.loads(done.stdout)
+        except ValueError:
+            raise AgentError(self.label, f"agent {command} answered something that is not JSON: "
+                                         f"{done.stdout[:200]!r}") from None
+        if not isinstance(answer, dict):
+            raise AgentError(self.label, f"agent {command} answered {type(answer).__name__}, not an object")
+        return answer
+
+    def stream(self, command: str, request: dict[str, Any]) -> Iterator[bytes]:
+        return self.transport.stream(self._argv(command, ()), json.dumps(request).encode())
+
+
+class Hosts:
+    """Transports and agents for every host of a fleet, opened lazily and kept for reuse."""
+
+    def __init__(self, fleet: Fleet, transport_factory: Any = None):
+        self.fleet = fleet
+        self._factory = transport_factory or default_transport_factory(fleet)
+        self._transports: dict[HostKey, Transport] = {}
+        self._lock = threading.Lock()
+
+    def update(self, fleet: Fleet) -> None:
+        """Point at a newer fleet (the loop reloads it); connections are kept."""
+        self.fleet = fleet
+
+    def workdir(self, worker: WorkerSpec) -> str:
+        if worker.is_local:
+            if worker.workdir is None:
+                return str((self.fleet.root / ".quantlab" / "workers" / worker.id).resolve())
+            path = Path(os.path.expanduser(worker.workdir))
+            return str(path if path.is_absolute() else (self.fleet.root / path).resolve())
+        if worker.workdir is None:
+            return f".quantlab/{worker.id}"                  # relative: the login's home
+        return worker.workdir[2:] if worker.workdir.startswith("~/") else worker.workdir
+
+    def transport(self, key: HostKey) -> Transport:
+        with self._lock:
+            found = self._transports.get(key)
+            if found is None:
+                found = self._factory(key)
+                self._transports[key] = found
+            return found
+
+    def groups(self, workers: list[WorkerSpec] | None = None) -> dict[HostKey, list[WorkerSpec]]:
+        out: dict[HostKey, list[WorkerSpec]] = {}
+        for w in sorted(workers if workers is not None else self.fleet.workers.values(), key=lambda w: w.id):
+            out.setdefault(host_key(w), []).append(w)
+        return out
+
+    def agent(self, key: HostKey, workers: list[WorkerSpec]) -> Agent:
+        home = self.workdir(sorted(workers, key=lambda w: w.id)[0])
+        python = sys.executable if key.host == "local" else "python3"
+        return Agent(self.transport(key), home, python, str(key))
+
+    def agent_for(self, worker: WorkerSpec) -> Agent:
+        return self.agent(host_key(worker), [worker])
+
+    def upload_strategy(self, worker: WorkerSpec, spec: StrategySpec) -> None:
+        self.transport(host_key(worker)).put_file(spec.strategy_path.read_bytes(),
+                                                  f"{self.workdir(worker)}/{strategy_remote_path(spec)}")
+
+    def upload_runner(self, worker: WorkerSpec) -> None:
+        self.transport(host_key(worker)).put_file(RUNNER_SOURCE, f"{self.workdir(worker)}/{RUNNER_PATH}")
+
+    def close(self) -> None:
+        with self._lock:
+            transports, self._transports = list(self._transports.values()), {}
+        for t in transports:
+            try:
+                t.close()
+            except (OSError, TransportError):
+                pass
+
+
+def strategy_remote_path(spec: StrategySpec) -> str:
+    return f"files/{spec.file_sha256}{spec.file_ext}"
+
+
+def default_transport_factory(fleet: Fleet) -> Any:
+    from .transport.local import LocalTransport
+
+    def make(key: HostKey) -> Transport:
+        if key.host == "local":
+            return LocalTransport()
+        from .transport.ssh import SshTransport    # paramiko is only imported when a host needs it
+        return SshTransport.for_host(key.host, key.port, key.user, fleet.settings.ssh)
+
+    return make

@@ -1,0 +1,44 @@
+"""The narrow interface the controller uses to reach a host: run a command, stream one, move files.
+
+`local` (this machine, subprocesses) and `ssh` (paramiko) implement it; nothing else in quantlab
+knows which one it talks to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+
+@dataclass(frozen=True)
+class Completed:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+class TransportError(Exception):
+    """A host could not be reached or did not answer in time. `kind` says which step failed:
+    dns, refused, connect-timeout, auth, host-key, timeout, io."""
+
+    def __init__(self, host: str, kind: str, message: str):
+        self.host, self.kind = host, kind
+        super().__init__(f"{host}: {message}")
+
+
+class Transport(Protocol):
+    name: str
+
+    def run(self, argv: list[str], stdin: bytes = b"", timeout: float = 30.0) -> Completed:
+        """Run argv (never through a shell on our side), feed stdin, wait at most `timeout` seconds."""
+
+    def stream(self, argv: list[str], stdin: bytes = b"") -> Iterator[bytes]:
+        """Run argv and yield its stdout as it comes, until it exits or the caller stops iterating."""
+
+    def put_file(self, data: bytes, path: str, mode: int = 0o644) -> None:
+        """Create or replace `path` atomically, creating its folders."""
+
+    def get_file(self, path: str) -> bytes:
+        ...
+
+    def close(self) -> None:
+        ...

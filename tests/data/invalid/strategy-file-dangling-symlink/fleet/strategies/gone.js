@@ -1,0 +1,1 @@
+removed.js

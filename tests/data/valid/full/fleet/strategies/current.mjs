@@ -1,0 +1,1 @@
+trend-v2.mjs
