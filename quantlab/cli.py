@@ -3,19 +3,25 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from . import render
-from .controller import Controller, default_fleet_dir, default_state_path
+from .controller import Controller, StalePlan, default_fleet_dir, default_state_path
+from .execute import Outcome
+from .hosts import AgentError
+from .plan import Action, Plan
 from .planner import PlanOptions
-from .spec import FleetInvalid
-from .store import StateError, write_plan
+from .spec import Fleet, FleetInvalid
+from .status import fleet_status, unhealthy
+from .store import StateError, read_plan, write_plan
+from .transport.base import TransportError
 
 app = typer.Typer(
     name="quantlab",
@@ -24,7 +30,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
+# Off a terminal (pipes, CI logs), tables get room instead of the 80-column default.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -37,11 +44,15 @@ FleetOpt = Annotated[Optional[Path], typer.Option("--fleet", help="Fleet directo
 StateOpt = Annotated[Optional[Path], typer.Option("--state", help="State file [default: FLEET/.quantlab/state.json]")]
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="text or json")]
 TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", help="Limit to this strategy or worker id (repeatable)")]
+LockOpt = Annotated[float, typer.Option("--lock-timeout", min=0, help="Wait this many seconds for the state lock")]
+HostKeysOpt = Annotated[bool, typer.Option("--accept-new-host-keys",
+                                           help="Record the keys of SSH hosts never seen before (like OpenSSH accept-new)")]
+DetailedOpt = Annotated[bool, typer.Option("--detailed-exitcode", help="Exit 2 when there is something to do")]
 
 
-def _controller(fleet: Optional[Path], state: Optional[Path]) -> Controller:
+def _controller(fleet: Optional[Path], state: Optional[Path], accept_new_host_keys: bool = False) -> Controller:
     fleet_dir = fleet or default_fleet_dir()
-    return Controller(fleet_dir, state or default_state_path(fleet_dir))
+    return Controller(fleet_dir, state or default_state_path(fleet_dir), accept_new_host_keys=accept_new_host_keys)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -57,61 +68,329 @@ def _invalid(exc: FleetInvalid) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _handled(fn: Any) -> Any:
+    """Known failures become one clear message and exit 1; anything else is a bug and shows a trace."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FleetInvalid as exc:
+            raise _invalid(exc) from None
+        except (StateError, TransportError, AgentError) as exc:
+            raise _fail(str(exc)) from None
+    return wrapper
+
+
+def _header(ctl: Controller, fleet: Fleet, plan: Plan, observed: Any, serial: int) -> str:
+    at = f"at {plan.fleet_revision} ({'dirty' if plan.fleet_dirty else 'clean'})" if plan.fleet_revision else "(not in git)"
+    down = sum(1 for s in observed.workers.values() if not s.reachable)
+    workers = f"{len(fleet.workers)} workers" + (f" ({down} not answering)" if down else "")
+    return (f"Fleet {escape(str(ctl.fleet_dir))}/ {at} · {workers} · {len(fleet.strategies)} strategies · "
+            f"state serial {serial}")
+
+
 @app.command()
+@_handled
 def validate(fleet: FleetOpt = None) -> None:
     """Check every fleet file against the schemas and the cross-references."""
     ctl = _controller(fleet, None)
-    try:
-        loaded = ctl.load_fleet()
-    except FleetInvalid as exc:
-        raise _invalid(exc) from None
+    loaded = ctl.load_fleet()
     out.print(f"{escape(str(ctl.fleet_dir))} is valid: {len(loaded.strategies)} strategies, "
               f"{len(loaded.workers)} workers, policy {loaded.settings.policy}.")
 
 
 @app.command()
+@_handled
 def plan(
     fleet: FleetOpt = None,
     state: StateOpt = None,
     output: OutputOpt = Output.text,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Save the plan for `quantlab apply PLANFILE`")] = None,
-    detailed_exitcode: Annotated[bool, typer.Option("--detailed-exitcode", help="Exit 2 when there are actions")] = False,
+    detailed_exitcode: DetailedOpt = False,
     rebalance: Annotated[bool, typer.Option("--rebalance", help="Also propose moves toward even load")] = False,
     max_moves: Annotated[int, typer.Option("--max-moves", min=0, help="At most this many rebalance moves")] = 1,
     target: TargetOpt = None,
+    accept_new_host_keys: HostKeysOpt = False,
 ) -> None:
     """Show what apply would do, and why."""
-    ctl = _controller(fleet, state)
+    ctl = _controller(fleet, state, accept_new_host_keys)
     try:
         loaded = ctl.load_fleet()
         memory = ctl.store.load()
-        observed = ctl.observe(loaded, memory)
+        gathered = ctl.observe(loaded, memory)
         options = PlanOptions(rebalance=rebalance, max_moves=max_moves, targets=frozenset(target or ()))
-        result = ctl.plan(loaded, memory, observed, options)
-        if out_file is not None:
-            write_plan(out_file, result)
-    except FleetInvalid as exc:
-        raise _invalid(exc) from None
-    except StateError as exc:
-        raise _fail(str(exc)) from None
+        result = ctl.plan(loaded, memory, gathered, options)
+    finally:
+        ctl.close()
+    if out_file is not None:
+        write_plan(out_file, result)
     if output is Output.json:
         print(json.dumps(result.to_json(), indent=1))
     else:
-        header = _fleet_header(ctl, loaded, observed, memory.serial, result.fleet_revision, result.fleet_dirty)
-        for line in render.plan_lines(result, header):
+        for line in render.plan_lines(result, _header(ctl, loaded, result, gathered.observed, memory.serial)):
             out.print(line)
         if out_file is not None:
-            out.print(f"Saved the plan to {escape(str(out_file))}: apply it with `quantlab apply {escape(str(out_file))}`.")
+            out.print(f"Saved the plan to {escape(str(out_file))}: apply it with "
+                      f"`quantlab apply {escape(str(out_file))}`.")
     if detailed_exitcode and result.has_changes:
         raise typer.Exit(2)
 
 
-def _fleet_header(ctl: Controller, fleet, observed, serial: int, commit: str | None, dirty: bool) -> str:
-    at = f"at {commit} ({'dirty' if dirty else 'clean'})" if commit else "(not in git)"
-    down = sum(1 for wid in fleet.workers if not (observed.worker(wid) and observed.worker(wid).reachable))
-    workers = f"{len(fleet.workers)} workers" + (f" ({down} not answering)" if down else "")
-    return (f"Fleet {escape(str(ctl.fleet_dir))}/ {at} · {workers} · {len(fleet.strategies)} strategies · "
-            f"state serial {serial}")
+class _ApplyProgress:
+    """One line per finished action; on a terminal, a spinner says what runs meanwhile."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.done, self.quiet = total, 0, quiet
+        self.status = None
+        if not quiet and out.is_terminal:
+            self.status = out.status(f"Applying 0/{total}…")
+            self.status.start()
+
+    def __call__(self, stage: str, action: Action, outcome: Outcome | None) -> None:
+        if stage != "done" or outcome is None:
+            return
+        self.done += 1
+        if self.status is not None:
+            self.status.update(f"Applying {self.done}/{self.total}…")
+        if self.quiet:
+            return
+        where = f"{action.source} → {action.target}" if action.action == "move" else action.worker
+        if outcome.ok:
+            out.print(f"  [green]✓[/] {action.action} {escape(action.strategy)} {escape(str(where))} "
+                      f"[dim]({outcome.seconds:.1f}s)[/]")
+        else:
+            out.print(f"  [red]✗[/] {action.action} {escape(action.strategy)} {escape(str(where))}: "
+                      f"{escape(outcome.detail)}")
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+
+@app.command()
+@_handled
+def apply(
+    planfile: Annotated[Optional[Path], typer.Argument(help="A plan saved by `quantlab plan --out`")] = None,
+    fleet: FleetOpt = None,
+    state: StateOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
+    allow_mass_stop: Annotated[bool, typer.Option("--allow-mass-stop", help="Allow stopping more than half of what runs")] = False,
+    target: TargetOpt = None,
+    rebalance: Annotated[bool, typer.Option("--rebalance", help="Also move toward even load")] = False,
+    max_moves: Annotated[int, typer.Option("--max-moves", min=0)] = 1,
+    output: OutputOpt = Output.text,
+    lock_timeout: LockOpt = 0.0,
+    accept_new_host_keys: HostKeysOpt = False,
+) -> None:
+    """Compute (or load) the plan, confirm, and carry it out."""
+    ctl = _controller(fleet, state, accept_new_host_keys)
+    quiet = output is Output.json
+    try:
+        with ctl.store.lock(lock_timeout):
+            memory = ctl.store.load()
+            loaded = ctl.load_fleet()
+            saved = read_plan(planfile) if planfile is not None else None
+            if saved is not None:
+                ctl.check_plan_file(saved, loaded, memory)
+            gathered, memory = ctl.gather_and_remember(loaded, memory)
+            options = PlanOptions(rebalance=rebalance, max_moves=max_moves, targets=frozenset(target or ()),
+                                  allow_mass_stop=allow_mass_stop)
+            result = saved or ctl.plan(loaded, memory, gathered, options)
+            if not quiet:
+                for line in render.plan_lines(result, _header(ctl, loaded, result, gathered.observed, memory.serial)):
+                    out.print(line)
+            if result.actions and not yes:
+                if not sys.stdin.isatty():
+                    raise _fail("apply needs a confirmation: run it in a terminal, or pass --yes")
+                if not typer.confirm(f"\nApply {len(result.actions)} action(s)?", default=False):
+                    err.print("Cancelled; nothing was changed.")
+                    raise typer.Exit(1)
+            progress = _ApplyProgress(len(result.actions), quiet)
+            try:
+                memory, outcomes = ctl.execute(loaded, memory, result, "apply", progress)
+            finally:
+                progress.close()
+    finally:
+        ctl.close()
+    failed = [o for o in outcomes if not o.ok]
+    if quiet:
+        print(json.dumps({"plan": result.to_json(), "ok": not failed and not result.blocked,
+                          "outcomes": [_outcome_json(o) for o in outcomes]}, indent=1))
+    else:
+        if result.actions:
+            done = len(outcomes) - len(failed)
+            out.print(f"\nApply complete: {done} done, {len(failed)} failed." if not failed else
+                      f"\n[red]Apply finished with {len(failed)} failed[/] ({done} done); the state file records each outcome.")
+        for b in result.blocked:
+            err.print(f"[red]Refused by the {escape(b.guard)} guard:[/] {escape(b.reason)}")
+        _lease_warning(ctl, loaded, memory)
+    if failed or result.blocked:
+        raise typer.Exit(1)
+
+
+def _outcome_json(o: Outcome) -> dict[str, Any]:
+    return {**o.action.to_json(), "ok": o.ok, "detail": o.detail, "seconds": round(o.seconds, 3)}
+
+
+def _lease_warning(ctl: Controller, fleet: Fleet, memory: Any) -> None:
+    monitor = fleet.settings.monitor
+    if not monitor.fencing or not memory.placements:
+        return
+    recent = 3 * fleet.settings.reconcile_interval_s * 1000
+    if memory.loop_renewal is not None and ctl.clock() - memory.loop_renewal <= max(recent, monitor.lease_ttl_s * 500):
+        return
+    err.print(f"[yellow]Warning:[/] strategies stop in {monitor.lease_ttl_s:g} s unless `quantlab reconcile` runs: "
+              "no reconcile loop has renewed their leases recently (see Fencing in the README).")
+
+
+@app.command()
+@_handled
+def status(
+    fleet: FleetOpt = None,
+    state: StateOpt = None,
+    output: OutputOpt = Output.text,
+    detailed_exitcode: Annotated[bool, typer.Option("--detailed-exitcode",
+                                                    help="Exit 2 when a desired strategy is not running healthy")] = False,
+    accept_new_host_keys: HostKeysOpt = False,
+) -> None:
+    """Workers and strategies as they are now."""
+    ctl = _controller(fleet, state, accept_new_host_keys)
+    try:
+        loaded = ctl.load_fleet()
+        memory = ctl.store.load()
+        gathered = ctl.observe(loaded, memory)
+        result = ctl.plan(loaded, memory, gathered, PlanOptions())
+    finally:
+        ctl.close()
+    report = fleet_status(loaded, gathered.observed, memory, ctl.clock(), result, result.fleet_revision)
+    if output is Output.json:
+        print(json.dumps(report, indent=1))
+    else:
+        for table in render.status_tables(report, ctl.clock()):
+            out.print(table)
+    if detailed_exitcode and unhealthy(report):
+        raise typer.Exit(2)
+
+
+@app.command()
+@_handled
+def reconcile(
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit (for cron)")] = False,
+    fleet: FleetOpt = None,
+    state: StateOpt = None,
+    lock_timeout: LockOpt = 0.0,
+    accept_new_host_keys: HostKeysOpt = False,
+) -> None:
+    """Gather, plan and apply: once, or every reconcile.intervalSeconds until SIGINT/SIGTERM."""
+    from .loop import ReconcileLoop
+
+    ctl = _controller(fleet, state, accept_new_host_keys)
+
+    def log(line: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        print(f"{stamp} {line}", flush=True)
+
+    loop = ReconcileLoop(ctl, log, lock_timeout)
+    if once:
+        try:
+            tick = loop.tick()
+        finally:
+            ctl.close()
+        if not tick.ok:
+            raise typer.Exit(1)
+        return
+    try:
+        interval = ctl.load_fleet().settings.reconcile_interval_s
+    except FleetInvalid as exc:
+        for problem in exc.problems:
+            err.print(escape(str(problem)))
+        err.print("[yellow]The fleet does not validate; the loop starts anyway and keeps renewing leases.[/]")
+        interval = 30.0
+    loop.run_forever(interval)
+
+
+@app.command()
+@_handled
+def logs(
+    strategy: Annotated[str, typer.Argument(help="Strategy id")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new output")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="How many lines of the tail")] = 200,
+    fleet: FleetOpt = None,
+    state: StateOpt = None,
+    accept_new_host_keys: HostKeysOpt = False,
+) -> None:
+    """The strategy's output, from its worker."""
+    ctl = _controller(fleet, state, accept_new_host_keys)
+    loaded = ctl.load_fleet()
+    memory = ctl.store.load()
+    placed = memory.placements.get(strategy)
+    if placed is None:
+        raise _fail(f"{strategy} is not placed on any worker (see `quantlab status`)")
+    worker = loaded.workers.get(placed.worker)
+    if worker is None:
+        raise _fail(f"{strategy} was on worker {placed.worker}, which is not in the fleet any more")
+    hosts = ctl.hosts(loaded)
+    agent = hosts.agent_for(worker)
+    request = {"workdir": hosts.workdir(worker), "strategy": strategy, "lines": lines, "follow": follow}
+    sink = sys.stdout.buffer
+    try:
+        if follow:
+            for chunk in agent.stream("logs", request):
+                sink.write(chunk)
+                sink.flush()
+        else:
+            done = agent.run("logs", request, loaded.settings.ssh.command_timeout_s)
+            if done.returncode != 0:
+                raise _fail(f"{worker.id}: logs failed: {done.stderr.decode(errors='replace').strip()}")
+            sink.write(done.stdout)
+            sink.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ctl.close()
+
+
+@app.command()
+@_handled
+def events(
+    since: Annotated[Optional[str], typer.Option("--since", help="Only newer events: 10m, 2h, 3d or an ISO time")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", help="Only this strategy")] = None,
+    fleet: FleetOpt = None,
+    state: StateOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """The recorded history of placements, starts, stops, faults and recoveries."""
+    ctl = _controller(fleet, state)
+    try:
+        cutoff = render.parse_since(since, ctl.clock()) if since else None
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    selected = [e for e in ctl.events.read()
+                if (cutoff is None or e.get("t", 0) >= cutoff) and (strategy is None or e.get("strategy") == strategy)]
+    if output is Output.json:
+        print(json.dumps(selected, indent=1))
+        return
+    if not selected:
+        out.print("No events.")
+    for event in selected:
+        out.print(render.event_line(event))
+
+
+@app.command()
+def init(directory: Annotated[Path, typer.Argument(help="Folder for the new fleet")]) -> None:
+    """A new fleet directory with an example of each kind."""
+    from .scaffold import FleetExists, create_fleet
+
+    try:
+        written = create_fleet(directory)
+    except FleetExists as exc:
+        raise _fail(str(exc)) from None
+    for path in written:
+        out.print(f"  created {escape(str(path))}")
+    out.print(f"\nNext: `quantlab validate --fleet {escape(str(directory))}`, then "
+              f"`quantlab plan --fleet {escape(str(directory))}`.")
 
 
 def main() -> None:

@@ -1,20 +1,24 @@
 """One command's worth of work, shared by the CLI and the reconcile loop: load the fleet and the
-memory, gather what runs, plan, and (in execute.py) apply. Everything with I/O is wired here."""
+memory, gather what runs, plan, apply. This is where the I/O pieces are wired to the pure core."""
 from __future__ import annotations
 
+import getpass
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from types import MappingProxyType
+from typing import Any, Callable
 
-from . import observed as observed_mod
+from .execute import Executor, Outcome, Progress, Recorder
+from .gather import Gathered, gather, remember, renewals
+from .hosts import Hosts
 from .memory import Memory
-from .observed import ObservedState
 from .plan import Plan
 from .planner import PlanOptions, plan as make_plan
-from .spec import Fleet, load_fleet
-from .store import EventLog, StateStore
+from .spec import Fleet, FleetSettings, Location, WorkerSpec, load_fleet
+from .store import EventLog, StateError, StateStore
 from .vcs import Revision, fleet_revision
 
 
@@ -30,17 +34,25 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class StalePlan(StateError):
+    pass
+
+
 @dataclass
 class Controller:
     fleet_dir: Path
     state_path: Path
     clock: Callable[[], int] = now_ms
+    accept_new_host_keys: bool = False
     store: StateStore = field(init=False)
     events: EventLog = field(init=False)
+    _hosts: Hosts | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.store = StateStore(self.state_path)
         self.events = EventLog(self.state_path.with_name("events.jsonl"))
+
+    # --- pieces --------------------------------------------------------------------------------
 
     def load_fleet(self) -> Fleet:
         return load_fleet(self.fleet_dir)
@@ -48,10 +60,91 @@ class Controller:
     def revision(self) -> Revision:
         return fleet_revision(self.fleet_dir)
 
-    def observe(self, fleet: Fleet, memory: Memory) -> ObservedState:
-        return observed_mod.from_memory(list(fleet.workers), memory.placements, self.clock())
+    def hosts(self, fleet: Fleet) -> Hosts:
+        if self._hosts is None:
+            from .hosts import default_transport_factory
+            self._hosts = Hosts(fleet, default_transport_factory(fleet, self.accept_new_host_keys))
+        else:
+            self._hosts.update(fleet)
+        return self._hosts
 
-    def plan(self, fleet: Fleet, memory: Memory, observed: ObservedState, options: PlanOptions) -> Plan:
+    def close(self) -> None:
+        if self._hosts is not None:
+            self._hosts.close()
+            self._hosts = None
+
+    def actor(self, command: str) -> str:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = str(os.getuid())
+        return f"{user}@{socket.gethostname()} {command}"
+
+    def addresses(self, fleet: Fleet) -> dict[str, dict[str, Any]]:
+        hosts = self.hosts(fleet)
+        return {w.id: {"host": w.host, "port": w.port, "user": w.user, "workdir": hosts.workdir(w),
+                       "program": w.runner[0]} for w in fleet.workers.values()}
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def observe(self, fleet: Fleet, memory: Memory) -> Gathered:
+        """Probe every host without renewing anything (plan, status)."""
+        return gather(fleet, memory, self.hosts(fleet), self.clock)
+
+    def plan(self, fleet: Fleet, memory: Memory, gathered: Gathered, options: PlanOptions) -> Plan:
         revision = self.revision()
-        result = make_plan(fleet, observed, memory, self.clock(), options)
+        result = make_plan(fleet, gathered.observed, memory, self.clock(), options)
         return result.with_provenance(fleet_revision=revision.commit, fleet_dirty=revision.dirty)
+
+    # --- writing (callers hold the state lock) -------------------------------------------------
+
+    def gather_and_remember(self, fleet: Fleet, memory: Memory, *, loop: bool = False) -> tuple[Gathered, Memory]:
+        """Probe every host, renew the current placements' leases, and record what was seen."""
+        gathered = gather(fleet, memory, self.hosts(fleet), self.clock, renewals(fleet, memory))
+        memory = self.store.save(remember(memory, gathered, self.addresses(fleet), self.clock() if loop else None))
+        self.record_host_events(gathered)
+        return gathered, memory
+
+    def record_host_events(self, gathered: Gathered) -> None:
+        for event in gathered.host_events:
+            self.events.append({**event, "actor": f"supervisor@{event['worker']}"})
+
+    def check_plan_file(self, saved: Plan, fleet: Fleet, memory: Memory) -> None:
+        """A saved plan applies only to the state and fleet it was made from."""
+        changed = []
+        if saved.lineage != memory.lineage and saved.lineage is not None:
+            changed.append(f"the state file is another one (lineage {memory.lineage}, plan has {saved.lineage})")
+        if saved.state_serial != memory.serial:
+            changed.append(f"the state changed since (serial {memory.serial}, plan has {saved.state_serial})")
+        if saved.fleet_hash != fleet.fleet_hash:
+            changed.append("the fleet files changed since")
+        if changed:
+            raise StalePlan("saved plan is stale: " + "; ".join(changed) + ". Run `quantlab plan --out FILE` again")
+
+    def execute(self, fleet: Fleet, memory: Memory, plan: Plan, command: str,
+                progress: Progress | None = None) -> tuple[Memory, list[Outcome]]:
+        revision = {"revision": plan.fleet_revision, "dirty": plan.fleet_dirty}
+        recorder = Recorder(self.store, memory, self.events, self.actor(command), revision, self.clock)
+        outcomes = Executor(fleet, self.hosts(fleet), recorder, progress).execute(plan)
+        for blocked in plan.blocked:
+            recorder.event(event="blocked", guard=blocked.guard, reason=blocked.reason,
+                           strategies=[a.strategy for a in blocked.actions])
+        return recorder.memory, outcomes
+
+    def keep_alive(self, memory: Memory, settings: FleetSettings) -> tuple[Gathered, Memory]:
+        """While the fleet directory does not validate: renew the leases of what runs, as it runs,
+        using the addresses remembered from the last good fleet. Nothing is started or stopped."""
+        workers = {}
+        for wid, a in memory.addresses.items():
+            workers[wid] = WorkerSpec(id=wid, host=a["host"], port=a.get("port"), user=a.get("user"),
+                                      workdir=a.get("workdir"), runner=(a.get("program") or "node",),
+                                      max_strategies=0, supported_apis=frozenset(), source=Location("state", 0))
+        fallback = Fleet(root=self.fleet_dir, settings=settings, strategies=MappingProxyType({}),
+                         workers=MappingProxyType(dict(sorted(workers.items()))), fleet_hash="", files=())
+        current: dict[str, dict[str, int]] = {}
+        for sid, p in memory.placements.items():
+            current.setdefault(p.worker, {})[sid] = p.epoch
+        gathered = gather(fallback, memory, self.hosts(fallback), self.clock, current)
+        memory = self.store.save(remember(memory, gathered, {}, self.clock()))
+        self.record_host_events(gathered)
+        return gathered, memory

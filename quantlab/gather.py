@@ -58,13 +58,14 @@ def _worker_state(worker: WorkerSpec, raw: dict[str, Any], host: dict[str, Any])
     )
 
 
-def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Callable[[], int], *, renew: bool,
-           workers: list[WorkerSpec] | None = None) -> Gathered:
-    """Probe every host once (in parallel) and, when `renew`, extend the current placements' leases."""
+def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Callable[[], int],
+           renew: dict[str, dict[str, int]] | None = None) -> Gathered:
+    """Probe every host of the fleet once, in parallel; extend the leases named in `renew`
+    (worker -> strategy -> epoch) on the way."""
     started = time.monotonic()
-    wanted = renewals(fleet, memory) if renew and fleet.settings.monitor.fencing else {}
+    wanted = renew if renew and fleet.settings.monitor.fencing else {}
     ttl = fleet.settings.monitor.lease_ttl_s
-    groups = hosts.groups(workers)
+    groups = hosts.groups(list(fleet.workers.values()))
     result = Gathered(ObservedState({}, clock()))
     states: dict[str, WorkerState] = {}
 
@@ -104,3 +105,26 @@ def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Callable[[], int],
     result.host_events.sort(key=lambda e: (e.get("t", 0), e["worker"], e["strategy"]))
     result.seconds = time.monotonic() - started
     return result
+
+
+def remember(memory: Memory, gathered: Gathered, addresses: dict[str, dict[str, Any]],
+             loop_at: int | None = None) -> Memory:
+    """The memory after a gather by a run that writes state: who answered when, which leases were
+    granted, restart counts mirrored from the supervisors, and how to reach every worker."""
+    m = memory.copy()
+    for wid, at in gathered.answered_at.items():
+        m.last_seen[wid] = at
+        if wid in gathered.renewed:
+            m.leases[wid] = max(m.leases.get(wid, 0), at)
+    for sid, p in m.placements.items():
+        state = gathered.observed.worker(p.worker)
+        inst = state.instances.get(sid) if state is not None and state.reachable else None
+        if inst is not None and inst.epoch == p.epoch:
+            m.restarts[sid] = inst.restarts
+    for event in gathered.host_events:
+        wid = event["worker"]
+        m.host_events[wid] = max(m.host_events.get(wid, 0), int(event.get("t", 0)))
+    m.addresses.update(addresses)
+    if loop_at is not None:
+        m.loop_renewal = loop_at
+    return m

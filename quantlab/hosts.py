@@ -174,13 +174,14 @@ def strategy_remote_path(spec: StrategySpec) -> str:
     return f"files/{spec.file_sha256}{spec.file_ext}"
 
 
-def default_transport_factory(fleet: Fleet) -> Any:
+def default_transport_factory(fleet: Fleet, accept_new_host_keys: bool = False) -> Any:
     from .transport.local import LocalTransport
 
     def make(key: HostKey) -> Transport:
         if key.host == "local":
             return LocalTransport()
         from .transport.ssh import SshTransport    # paramiko is only imported when a host needs it
-        return SshTransport.for_host(key.host, key.port, key.user, fleet.settings.ssh)
+        return SshTransport.for_host(key.host, key.port, key.user, fleet.settings.ssh,
+                                     accept_new_host_keys=accept_new_host_keys)
 
     return make

@@ -27,19 +27,23 @@ class Placement:
     paused: bool = False
     placed_at: int = 0                       # ms
     launched: dict[str, Any] | None = None   # launch fields it was started with, to explain restarts
+    revision: str | None = None              # the fleet's git commit when it was started
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"worker": self.worker, "epoch": self.epoch, "specHash": self.spec_hash,
                                "paused": self.paused, "placedAt": self.placed_at}
         if self.launched is not None:
             out["launched"] = self.launched
+        if self.revision is not None:
+            out["revision"] = self.revision
         return out
 
     @classmethod
     def from_json(cls, strategy: str, raw: dict[str, Any]) -> "Placement":
         return cls(strategy=strategy, worker=str(raw["worker"]), epoch=int(raw["epoch"]),
                    spec_hash=str(raw["specHash"]), paused=bool(raw.get("paused", False)),
-                   placed_at=int(raw.get("placedAt", 0)), launched=raw.get("launched"))
+                   placed_at=int(raw.get("placedAt", 0)), launched=raw.get("launched"),
+                   revision=raw.get("revision"))
 
 
 @dataclass

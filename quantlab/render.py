@@ -73,3 +73,77 @@ def plan_lines(plan: Plan, header: str | None = None) -> list[str]:
         lines.append("")
     lines.append(f"[bold]{escape(plan_summary(plan))}[/]")
     return lines
+
+
+# --- status --------------------------------------------------------------------------------------
+
+def _age(ms: int | None) -> str:
+    from .health import format_duration
+    return "—" if ms is None else format_duration(ms / 1000)
+
+
+def status_tables(report: dict, now_ms: int) -> list:
+    from rich.table import Table
+
+    colors = {"idle": "green", "busy": "green", "unreachable": "yellow", "offline": "red",
+              "running": "green", "paused": "magenta", "pending": "yellow", "queued": "yellow",
+              "error": "red", "stopped": "dim"}
+    workers = Table(title="Workers", title_justify="left", expand=False)
+    for name in ("WORKER", "HOST", "REGION", "STATUS", "STRATEGIES", "CPU", "FREE MEM", "LAST SEEN"):
+        workers.add_column(name)
+    for w in report["workers"]:
+        flags = " cordoned" if w["cordoned"] else ""
+        flags += " draining" if w["drain"] else ""
+        seen = "now" if w["status"] in ("idle", "busy") else (
+            _age(now_ms - w["lastSeen"]) + " ago" if w["lastSeen"] else "never")
+        workers.add_row(
+            w["id"], escape(w["host"]), w["region"] or "—",
+            f"[{colors.get(w['status'], 'white')}]{w['status']}[/]{flags}",
+            f"{len(w['runningStrategies'])}/{w['maxStrategies']}",
+            "—" if w["cpu"] is None else f"{w['cpu']:.2f}",
+            "—" if w["memory"] is None else f"{w['memory']} MB", seen)
+    strategies = Table(title="Strategies", title_justify="left", expand=False)
+    for name in ("STRATEGY", "STATUS", "WORKER", "HEARTBEAT", "ERRORS", "RESTARTS", "REVISION", "LEASE", "NOTE"):
+        strategies.add_column(name)
+    for s in report["strategies"]:
+        status = s["status"] + ("" if s["healthy"] or s["status"] in ("stopped",) else " (unhealthy)")
+        revision = s["revision"] or "—"
+        if not s["upToDate"] and s["desiredSpecHash"]:
+            revision += " [yellow](changed)[/]"
+        lease = "—" if s["leaseLeftSeconds"] is None else _age(s["leaseLeftSeconds"] * 1000)
+        note = s["lastError"] or s["reason"] or ""
+        strategies.add_row(
+            s["id"], f"[{colors.get(s['status'], 'white')}]{status}[/]", s["workerId"] or "—",
+            _age(s["heartbeatAgeMs"]), "—" if s["errorCount"] is None else str(s["errorCount"]),
+            str(s["restarts"] or 0), revision, lease, escape(note[:80]))
+    return [workers, strategies]
+
+
+# --- events --------------------------------------------------------------------------------------
+
+def parse_since(text: str, now_ms: int) -> int:
+    """'90s', '10m', '2h', '3d' ago, or an ISO 8601 time."""
+    import datetime
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
+        return now_ms - int(float(text[:-1]) * units[text[-1]] * 1000)
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--since {text!r}: use a duration like 10m, 2h, 3d or an ISO time") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return int(moment.timestamp() * 1000)
+
+
+def event_line(e: dict) -> str:
+    import datetime
+    when = datetime.datetime.fromtimestamp(e.get("t", 0) / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    what = e.get("event", "?")
+    where = e.get("worker") or (f"{e.get('from')} → {e.get('to')}" if e.get("to") else "")
+    outcome = e.get("outcome")
+    mark = "" if outcome is None else (" [green]ok[/]" if outcome == "ok" else " [red]failed[/]")
+    why = e.get("error") or e.get("detail") or e.get("reason") or ""
+    rev = f" @{e['revision']}" if e.get("revision") else ""
+    return (f"{when}  {escape(what):<13} {escape(str(e.get('strategy') or '')):<18} {escape(str(where)):<24}"
+            f"{mark} [dim]{escape(e.get('actor', ''))}{escape(rev)}[/] {escape(why)}")

@@ -375,6 +375,7 @@ def stop_instance(idir, reason, grace):
         if not wait_gone(os.path.join(idir, "runner.pid"), grace):
             signal_group(runner, signal.SIGKILL)
             wait_gone(os.path.join(idir, "runner.pid"), 5)
+        log_event(idir, "stopped", reason + " (its supervisor was gone)")
     status = read_json(os.path.join(idir, "status.json"), {}) or {}
     if status.get("state") not in FINAL_STATES:
         status.update({"state": "stopped", "reason": reason, "stoppedAt": now_ms()})
@@ -393,9 +394,7 @@ def stop(request, args):
         # A newer copy runs here now: never stop it on behalf of an older one.
         return {"result": "epoch-mismatch", "running": status.get("epoch")}, 0
     grace = float(request.get("stopTimeoutSeconds") or status.get("stopTimeoutSeconds") or 30)
-    result = stop_instance(idir, request.get("reason") or "stopped by the controller", grace)
-    log_event(idir, "stop", request.get("reason"), epoch=status.get("epoch"))
-    return {"result": result}, 0
+    return {"result": stop_instance(idir, request.get("reason") or "stopped by the controller", grace)}, 0
 
 
 def set_paused(request, paused):

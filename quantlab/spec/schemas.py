@@ -16,7 +16,7 @@ from jsonschema import Draft202012Validator
 SCHEMA_FILES = ("strategy.schema.json", "worker.schema.json", "fleet.schema.json")
 
 
-def _schema_folder() -> Any:
+def schema_folder() -> Any:
     # A source checkout (and an editable install) reads the top-level schemas/ folder; a wheel
     # carries the same files as the package data `quantlab.schemas`.
     checkout = Path(__file__).resolve().parents[2] / "schemas"
@@ -26,7 +26,7 @@ def _schema_folder() -> Any:
 @lru_cache(maxsize=None)
 def schemas_by_kind() -> dict[str, dict[str, Any]]:
     """{"Strategy": schema, ...}, keyed by each schema's `kind` constant."""
-    folder = _schema_folder()
+    folder = schema_folder()
     out: dict[str, dict[str, Any]] = {}
     for name in SCHEMA_FILES:
         schema = json.loads(folder.joinpath(name).read_text(encoding="utf-8"))

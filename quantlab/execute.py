@@ -1,0 +1,248 @@
+"""Carry out a Plan through the hosts' agents, recording each outcome in the state file as it happens.
+
+Two phases keep the rule "a move off a reachable worker stops, confirms, then starts" without any
+cross-host waiting: first every stop (hosts in parallel, in order within a host), then every start,
+restart, pause and resume. A failed action does not stop the others.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .hosts import RUNNER_PATH, AgentError, HostKey, Hosts, host_key, strategy_remote_path
+from .memory import Memory, Placement
+from .plan import Action, Plan
+from .spec import Fleet, StrategySpec, WorkerSpec
+from .store import EventLog, StateStore
+from .transport.base import TransportError
+
+# A move off one of these left a worker that cannot be asked to stop: its lease has run out already.
+UNREACHABLE_SOURCE = ("worker-offline", "worker-removed")
+
+
+@dataclass
+class Outcome:
+    action: Action
+    ok: bool
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Recorder:
+    """Writes each outcome into the memory and the state file at once, and into the events log."""
+
+    store: StateStore
+    memory: Memory
+    events: EventLog
+    actor: str
+    revision: dict[str, Any]
+    clock: Callable[[], int]
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def update(self, change: Callable[[Memory], None]) -> None:
+        with self._lock:
+            memory = self.memory.copy()
+            change(memory)
+            self.memory = self.store.save(memory)
+
+    def event(self, **fields: Any) -> None:
+        self.events.append({"t": self.clock(), "actor": self.actor, **self.revision, **fields})
+
+
+Progress = Callable[[str, Action, "Outcome | None"], None]
+
+
+def start_request(hosts: Hosts, fleet: Fleet, worker: WorkerSpec, spec: StrategySpec, epoch: int,
+                  paused: bool) -> dict[str, Any]:
+    return {
+        "worker": worker.id, "workdir": hosts.workdir(worker), "strategy": spec.id, "epoch": epoch,
+        "specHash": spec.spec_hash, "file": strategy_remote_path(spec), "runnerFile": RUNNER_PATH,
+        "runner": list(worker.runner), "params": spec.params, "heartbeatMs": spec.heartbeat_ms,
+        "scheduling": spec.scheduling.as_json(), "region": worker.region, "proxy": worker.proxy,
+        "account": spec.requirements.account, "leaseTtlSeconds": fleet.settings.monitor.lease_ttl_s,
+        "paused": paused,
+    }
+
+
+class Executor:
+    def __init__(self, fleet: Fleet, hosts: Hosts, recorder: Recorder, progress: Progress | None = None):
+        self.fleet, self.hosts, self.rec = fleet, hosts, recorder
+        self.progress = progress or (lambda *_: None)
+        self.settings = fleet.settings
+        self.stopped_for_move: dict[str, bool] = {}
+
+    # --- agent calls ---------------------------------------------------------------------------
+
+    def _worker(self, worker_id: str) -> WorkerSpec:
+        worker = self.fleet.workers.get(worker_id)
+        if worker is None:
+            raise AgentError(worker_id, "worker is not in the fleet any more")
+        return worker
+
+    def _start(self, worker_id: str, spec: StrategySpec, epoch: int, paused: bool) -> str:
+        worker = self._worker(worker_id)
+        agent = self.hosts.agent_for(worker)
+        request = start_request(self.hosts, self.fleet, worker, spec, epoch, paused)
+        timeout = self.settings.ssh.command_timeout_s + spec.scheduling.stop_timeout_s + 5
+        answer = agent.call("start", request, timeout)
+        if answer.get("result") == "missing":
+            # Content-addressed files go up only when the host lacks them.
+            for name in answer.get("missing", []):
+                if name == RUNNER_PATH:
+                    self.hosts.upload_runner(worker)
+                else:
+                    self.hosts.upload_strategy(worker, spec)
+            answer = agent.call("start", request, timeout)
+        result = answer.get("result")
+        if result not in ("started", "already-running"):
+            raise AgentError(agent.label, f"start of {spec.id} answered {answer}")
+        return str(result)
+
+    def _simple(self, command: str, worker_id: str, strategy: str, epoch: int | None, grace: float,
+                reason: str) -> str:
+        worker = self._worker(worker_id)
+        request = {"workdir": self.hosts.workdir(worker), "strategy": strategy, "epoch": epoch,
+                   "stopTimeoutSeconds": grace, "reason": reason}
+        answer = self.hosts.agent_for(worker).call(command, request, self.settings.ssh.command_timeout_s + grace + 5)
+        result = str(answer.get("result"))
+        if result in ("unconfirmed",):
+            raise AgentError(worker_id, f"{command} of {strategy} was not confirmed: {answer}")
+        return result
+
+    def _grace(self, strategy: str) -> float:
+        spec = self.fleet.strategies.get(strategy)
+        return spec.scheduling.stop_timeout_s if spec else 30.0
+
+    # --- one action ----------------------------------------------------------------------------
+
+    def stop_phase(self, a: Action) -> Outcome:
+        """Stops, and the first half of a move off a reachable worker."""
+        worker = a.source if a.action == "move" else a.worker
+        assert worker is not None
+        reason = {"stale-copy": "stale copy: the current one runs elsewhere", "removed": "removed from fleet",
+                  "desired-stopped": "desiredState: stopped"}.get(a.cause, f"moving to {a.target}")
+        epoch = a.epoch if a.action == "stop" else self._current_epoch(a.strategy, worker)
+        result = self._simple("stop", worker, a.strategy, epoch, self._grace(a.strategy), reason)
+        if a.action == "move":
+            self.stopped_for_move[a.strategy] = True
+            return Outcome(a, True, f"stopped on {worker} ({result})")
+        if a.cause != "stale-copy":
+            def forget(m: Memory) -> None:
+                p = m.placements.get(a.strategy)
+                if p is not None and p.worker == worker and (a.epoch is None or p.epoch == a.epoch):
+                    del m.placements[a.strategy]
+                    m.restarts.pop(a.strategy, None)
+            self.rec.update(forget)
+        return Outcome(a, True, result)
+
+    def _current_epoch(self, strategy: str, worker: str) -> int | None:
+        p = self.rec.memory.placements.get(strategy)
+        return p.epoch if p is not None and p.worker == worker else None
+
+    def run_phase(self, a: Action) -> Outcome:
+        spec = self.fleet.strategies.get(a.strategy)
+        if a.action in ("pause", "resume"):
+            assert a.worker is not None
+            result = self._simple(a.action, a.worker, a.strategy, a.epoch, 0, a.reason)
+            paused = a.action == "pause"
+
+            def mark(m: Memory) -> None:
+                p = m.placements.get(a.strategy)
+                if p is not None:
+                    m.placements[a.strategy] = dataclasses.replace(p, paused=paused)
+            self.rec.update(mark)
+            return Outcome(a, True, result)
+        if spec is None:
+            raise AgentError(a.strategy, "strategy is not in the fleet any more")
+        target = a.target if a.action == "move" else a.worker
+        assert target is not None and a.epoch is not None
+        result = self._start(target, spec, a.epoch, a.paused)
+        now = self.rec.clock()
+
+        def place(m: Memory) -> None:
+            old = m.placements.get(a.strategy)
+            placed_at = old.placed_at if (a.action == "restart" and old is not None) else now
+            m.placements[a.strategy] = Placement(a.strategy, target, a.epoch, spec.spec_hash, a.paused, placed_at,
+                                                 spec.launch_fields(), self.rec.revision.get("revision"))
+            m.leases[target] = max(m.leases.get(target, 0), now)   # a start grants a fresh lease
+            m.restarts[a.strategy] = 0
+        self.rec.update(place)
+        return Outcome(a, True, result)
+
+    # --- the plan ------------------------------------------------------------------------------
+
+    def _safely(self, fn: Callable[[Action], Outcome], a: Action) -> Outcome:
+        started = time.monotonic()
+        self.progress("begin", a, None)
+        try:
+            outcome = fn(a)
+        except (TransportError, AgentError, OSError) as exc:
+            outcome = Outcome(a, False, str(exc))
+        outcome.seconds = time.monotonic() - started
+        return outcome
+
+    def _by_host(self, items: list[tuple[str, Action]]) -> dict[HostKey, list[Action]]:
+        out: dict[HostKey, list[Action]] = {}
+        for worker_id, a in items:
+            worker = self.fleet.workers.get(worker_id)
+            key = host_key(worker) if worker else HostKey(f"?{worker_id}")
+            out.setdefault(key, []).append(a)
+        return out
+
+    def _run(self, groups: dict[HostKey, list[Action]], fn: Callable[[Action], Outcome]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        lock = threading.Lock()
+
+        def host_queue(actions: list[Action]) -> None:
+            for a in actions:
+                outcome = self._safely(fn, a)
+                self.finished(outcome)
+                with lock:
+                    outcomes.append(outcome)
+
+        parallel = max(1, min(self.settings.ssh.parallelism, len(groups)))
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="apply") as pool:
+            list(pool.map(host_queue, groups.values()))
+        return outcomes
+
+    def finished(self, outcome: Outcome) -> None:
+        a = outcome.action
+        if a.action == "move" and outcome.detail.startswith("stopped on") and outcome.ok:
+            self.progress("step", a, outcome)
+            return
+        self.progress("done", a, outcome)
+        where = {"from": a.source, "to": a.target} if a.action == "move" else {"worker": a.worker}
+        self.rec.event(event=a.action, strategy=a.strategy, **where, epoch=a.epoch, reason=a.reason,
+                       cause=a.cause, outcome="ok" if outcome.ok else "failed",
+                       **({} if outcome.ok else {"error": outcome.detail}))
+
+    def execute(self, plan: Plan) -> list[Outcome]:
+        def reserve(m: Memory) -> None:
+            # Epochs are reserved before anything starts, so a crash can never reuse one.
+            m.next_epoch = max(m.next_epoch, plan.next_epoch)
+            m.rr_cursor = plan.rr_cursor
+            for adopt in plan.adopt:
+                if adopt.strategy not in m.placements or m.placements[adopt.strategy].epoch < adopt.epoch:
+                    m.placements[adopt.strategy] = Placement(adopt.strategy, adopt.worker, adopt.epoch,
+                                                             adopt.spec_hash or "", placed_at=self.rec.clock())
+        self.rec.update(reserve)
+        stops = [(a.worker, a) for a in plan.actions if a.action == "stop"]
+        stops += [(a.source, a) for a in plan.actions if a.action == "move" and a.cause not in UNREACHABLE_SOURCE]
+        outcomes = self._run(self._by_host(stops), self.stop_phase)  # type: ignore[arg-type]
+        failed_moves = {o.action.strategy: o for o in outcomes if o.action.action == "move" and not o.ok}
+        rest = [(a.target if a.action == "move" else a.worker, a) for a in plan.actions
+                if a.action != "stop" and a.strategy not in failed_moves]
+        outcomes = [o for o in outcomes if o.action.action == "stop"] + list(failed_moves.values())
+        for o in failed_moves.values():
+            o.detail = f"the copy on {o.action.source} did not confirm it stopped, so no second copy was started: {o.detail}"
+        outcomes += self._run(self._by_host(rest), self.run_phase)  # type: ignore[arg-type]
+        for o in outcomes:
+            if o.action.action == "move" and not o.ok and self.stopped_for_move.get(o.action.strategy):
+                # Stopped on the old worker but not started on the new one: plan it afresh next time.
+                self.rec.update(lambda m, sid=o.action.strategy: m.placements.pop(sid, None))
+        return outcomes

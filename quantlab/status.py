@@ -1,0 +1,87 @@
+"""What `status` reports, as plain data: every strategy and worker as they are now. Pure."""
+from __future__ import annotations
+
+from typing import Any
+
+from . import health
+from .memory import Memory
+from .observed import Instance, ObservedState
+from .plan import Plan
+from .spec import Fleet
+
+_STATUS_OF = {"running": "running", "paused": "paused", "starting": "pending", "restarting": "running",
+              "stopping": "running", "orphaned": "running", "error": "error", "stopped": "stopped"}
+
+
+def _instance(observed: ObservedState, worker: str | None, sid: str) -> Instance | None:
+    state = observed.worker(worker) if worker else None
+    if state is None or not state.reachable:
+        return None
+    return state.instances.get(sid)
+
+
+def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: int,
+                 plan: Plan | None = None, revision: str | None = None) -> dict[str, Any]:
+    queued = {q.strategy: q.reason for q in plan.queued} if plan else {}
+    liveness = {wid: health.worker_liveness(wid, observed, memory, fleet.settings.monitor, now_ms)
+                for wid in fleet.workers}
+    strategies = []
+    running_on: dict[str, list[str]] = {wid: [] for wid in fleet.workers}
+    for sid in sorted(set(fleet.strategies) | set(memory.placements)):
+        spec = fleet.strategies.get(sid)
+        placed = memory.placements.get(sid)
+        worker = placed.worker if placed else None
+        inst = _instance(observed, worker, sid)
+        live = liveness.get(worker) if worker else None
+        entry: dict[str, Any] = {"id": sid, "workerId": worker, "desiredState": spec.desired_state if spec else "removed"}
+        if inst is not None:
+            entry.update(status=_STATUS_OF.get(inst.status, inst.status), startedAt=inst.started_at,
+                         stoppedAt=inst.stopped_at, errorCount=inst.error_count, lastError=inst.last_error,
+                         restarts=inst.restarts, heartbeatAgeMs=inst.heartbeat_age_ms,
+                         leaseLeftSeconds=inst.lease_left_s, reason=inst.reason)
+            healthy = health.instance_healthy(inst, spec)[0] if spec else False
+        elif placed is not None:
+            # Not seen now: its worker is not answering, or the copy is gone.
+            gone = live is not None and live.status == "online"
+            entry.update(status="stopped" if gone else ("paused" if placed.paused else "running"),
+                         startedAt=placed.placed_at, stoppedAt=None, errorCount=None, lastError=None,
+                         restarts=memory.restarts.get(sid, 0), heartbeatAgeMs=None, leaseLeftSeconds=None,
+                         reason=("not running on its worker" if gone else
+                                 f"last known state; {live.describe(worker) if live else worker + ' not in fleet'}"))
+            healthy = False
+        else:
+            stopped = spec is not None and spec.desired_state == "stopped"
+            entry.update(status="stopped" if stopped else ("queued" if sid in queued else "pending"),
+                         startedAt=None, stoppedAt=None, errorCount=None, lastError=None, restarts=0,
+                         heartbeatAgeMs=None, leaseLeftSeconds=None, reason=queued.get(sid))
+            healthy = stopped
+        entry["healthy"] = bool(healthy)
+        entry["workerStatus"] = live.status if live else None
+        entry["revision"] = placed.revision if placed else None
+        entry["specHash"] = inst.spec_hash if inst is not None else (placed.spec_hash if placed else None)
+        entry["desiredSpecHash"] = spec.spec_hash if spec else None
+        entry["desiredRevision"] = revision
+        entry["upToDate"] = spec is not None and entry["specHash"] == spec.spec_hash
+        if worker in running_on and entry["status"] in ("running", "paused", "pending"):
+            running_on[worker].append(sid)
+        strategies.append(entry)
+    workers = []
+    for wid, w in fleet.workers.items():
+        state = observed.worker(wid)
+        live = liveness[wid]
+        status = live.status if live.status != "online" else ("busy" if running_on[wid] else "idle")
+        workers.append({
+            "id": wid, "status": status, "host": w.host, "region": w.region, "proxy": w.proxy,
+            "runningStrategies": running_on[wid], "maxStrategies": w.max_strategies,
+            "cpu": state.cpu if state and state.reachable else None,
+            "memory": state.mem_free_mb if state and state.reachable else None,
+            "lastSeen": memory.last_seen.get(wid) if not (state and state.reachable) else observed.taken_at,
+            "error": state.error if state else None, "cordoned": w.cordoned, "drain": w.drain,
+            "versions": dict(state.versions) if state and state.reachable else {},
+        })
+    return {"strategies": strategies, "workers": workers}
+
+
+def unhealthy(report: dict[str, Any]) -> list[str]:
+    """Desired strategies that are not running healthy (for `status --detailed-exitcode`)."""
+    return [s["id"] for s in report["strategies"] if s["desiredState"] in ("running", "paused") and not s["healthy"]]
