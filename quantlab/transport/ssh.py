@@ -1,0 +1,379 @@
+"""The `ssh` transport: one paramiko connection per host, kept open across commands and ticks.
+
+OpenSSH conventions: ssh_config (HostName, User, Port, IdentityFile, IdentitiesOnly, ProxyJump,
+ConnectTimeout, UserKnownHostsFile), keys from the agent and the default identity files, and host
+keys checked against known_hosts. An unknown key is refused with its fingerprint and the command
+that trusts it; a changed key is refused loudly and never accepted. The whole handshake is bounded
+by the connect timeout, each command by the command timeout, so a dead or frozen host costs at most
+those and never stalls the others.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import select
+import shlex
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import paramiko
+
+from ..spec import SshSettings
+from .base import Completed, TransportError
+
+KEEPALIVE_S = 15
+
+# paramiko's transport threads log (and print tracebacks for) every failed handshake; our errors say
+# what failed already, so keep its records out of the user's terminal unless logging is configured.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where an ssh_config alias really points, with the worker's user/port taking precedence."""
+
+    alias: str
+    hostname: str
+    port: int
+    user: str | None
+    identity_files: tuple[str, ...]
+    identities_only: bool
+    proxy_jump: str | None
+    connect_timeout: float
+    known_hosts: tuple[str, ...]
+
+    @property
+    def known_hosts_name(self) -> str:
+        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
+
+    def __str__(self) -> str:
+        who = f"{self.user}@" if self.user else ""
+        return f"{who}{self.alias}" + (f":{self.port}" if self.port != 22 else "")
+
+
+def load_ssh_config(path: str) -> paramiko.SSHConfig:
+    expanded = os.path.expanduser(path)
+    if not os.path.exists(expanded):
+        return paramiko.SSHConfig()
+    return paramiko.SSHConfig.from_path(expanded)
+
+
+def resolve(alias: str, port: int | None, user: str | None, settings: SshSettings,
+            config: paramiko.SSHConfig | None = None) -> Endpoint:
+    config = config or load_ssh_config(settings.config)
+    found = config.lookup(alias)
+    timeout = settings.connect_timeout_s
+    if "connecttimeout" in found:
+        # A host's own ConnectTimeout may only shorten the fleet's bound.
+        timeout = min(timeout, float(found["connecttimeout"]))
+    known = [os.path.expanduser(settings.known_hosts)]
+    for extra in found.get("userknownhostsfile", "").split():
+        if os.path.expanduser(extra) not in known:
+            known.append(os.path.expanduser(extra))
+    return Endpoint(
+        alias=alias,
+        hostname=found.get("hostname", alias),
+        port=int(port or found.get("port", 22)),
+        user=user or found.get("user"),
+        identity_files=tuple(os.path.expanduser(p) for p in found.get("identityfile", [])),
+        identities_only=str(found.get("identitiesonly", "no")).lower() == "yes",
+        proxy_jump=found.get("proxyjump") if str(found.get("proxyjump", "none")).lower() != "none" else None,
+        connect_timeout=timeout,
+        known_hosts=tuple(known),
+    )
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    """Unknown host keys: refused, or with accept_new recorded (OpenSSH StrictHostKeyChecking=accept-new)."""
+
+    def __init__(self, endpoint: Endpoint, accept_new: bool, write_to: str):
+        self.endpoint, self.accept_new, self.write_to = endpoint, accept_new, write_to
+        self.refused: str | None = None
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        name = self.endpoint.known_hosts_name
+        if not self.accept_new:
+            port = f"-p {self.endpoint.port} " if self.endpoint.port != 22 else ""
+            self.refused = (f"unknown host key for {name} ({key.get_name()} {fingerprint(key)}); verify it, then "
+                            f"trust it with `ssh-keyscan {port}{self.endpoint.hostname} >> {self.write_to}` "
+                            "or run once with --accept-new-host-keys")
+            raise paramiko.SSHException(self.refused)
+        folder = os.path.dirname(self.write_to)
+        if folder:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        with open(self.write_to, "a") as handle:
+            handle.write(f"{name} {key.get_name()} {key.get_base64()}\n")
+        client.get_host_keys().add(name, key.get_name(), key)
+
+
+class SshTransport:
+    """One host over SSH. Thread-safe: commands share one connection, each on its own channel."""
+
+    def __init__(self, endpoint: Endpoint, settings: SshSettings, accept_new_host_keys: bool = False,
+                 config: paramiko.SSHConfig | None = None):
+        self.endpoint = endpoint
+        self.settings = settings
+        self.accept_new = accept_new_host_keys
+        self.config = config
+        self.name = str(endpoint)
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self._jump: SshTransport | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_host(cls, alias: str, port: int | None, user: str | None, settings: SshSettings,
+                 accept_new_host_keys: bool = False) -> "SshTransport":
+        config = load_ssh_config(settings.config)
+        return cls(resolve(alias, port, user, settings, config), settings, accept_new_host_keys, config)
+
+    # --- connection ----------------------------------------------------------------------------
+
+    def _error(self, kind: str, message: str) -> TransportError:
+        return TransportError(self.name, kind, message)
+
+    def _connected(self) -> paramiko.SSHClient:
+        with self._lock:
+            client = self._client
+            if client is not None:
+                transport = client.get_transport()
+                if transport is not None and transport.is_active():
+                    return client
+                self._drop()
+            self._client = self._connect()
+            return self._client
+
+    def _open_socket(self, deadline: float) -> Any:
+        ep = self.endpoint
+        if ep.proxy_jump:
+            if self._jump is None:
+                jump_alias = ep.proxy_jump.split(",")[0]
+                jump_user, _, jump_host = jump_alias.rpartition("@")
+                jump_host, _, jump_port = jump_host.partition(":")
+                self._jump = SshTransport(resolve(jump_host, int(jump_port) if jump_port else None,
+                                                  jump_user or None, self.settings, self.config),
+                                          self.settings, self.accept_new, self.config)
+            jump = self._jump._connected().get_transport()
+            assert jump is not None
+            try:
+                return jump.open_channel("direct-tcpip", (ep.hostname, ep.port), ("127.0.0.1", 0),
+                                         timeout=max(0.1, deadline - time.monotonic()))
+            except (paramiko.SSHException, OSError) as exc:
+                raise self._error("refused", f"jump host {self._jump.name} could not reach "
+                                             f"{ep.hostname}:{ep.port}: {exc}") from None
+        try:
+            return socket.create_connection((ep.hostname, ep.port), timeout=max(0.1, deadline - time.monotonic()))
+        except socket.gaierror as exc:
+            raise self._error("dns", f"cannot resolve {ep.hostname} ({exc.strerror}); check the worker's host "
+                                     "or HostName in ssh_config") from None
+        except ConnectionRefusedError:
+            raise self._error("refused", f"connection refused on {ep.hostname}:{ep.port}; is sshd running "
+                                         "there, on that port?") from None
+        except (socket.timeout, TimeoutError):
+            raise self._error("connect-timeout", f"no TCP answer from {ep.hostname}:{ep.port} within "
+                                                 f"{ep.connect_timeout:g}s; is the host up and reachable?") from None
+        except OSError as exc:
+            raise self._error("unreachable", f"cannot connect to {ep.hostname}:{ep.port}: {exc.strerror}") from None
+
+    def _connect(self) -> paramiko.SSHClient:
+        """TCP, banner, key exchange and authentication, all within the connect timeout."""
+        ep = self.endpoint
+        deadline = time.monotonic() + ep.connect_timeout
+        sock = self._open_socket(deadline)
+        client = paramiko.SSHClient()
+        for path in ep.known_hosts:
+            if os.path.exists(path):
+                try:
+                    client.load_system_host_keys(path)
+                except (OSError, paramiko.SSHException) as exc:
+                    sock.close()
+                    raise self._error("host-key", f"cannot read known_hosts {path}: {exc}") from None
+        policy = _HostKeyPolicy(ep, self.accept_new, ep.known_hosts[0])
+        client.set_missing_host_key_policy(policy)
+        # A watchdog closes everything when the deadline passes, so no handshake step can hang.
+        expired = threading.Event()
+
+        def give_up() -> None:
+            expired.set()
+            try:
+                sock.close()
+            finally:
+                transport = client.get_transport()
+                if transport is not None:
+                    transport.close()
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), give_up)
+        watchdog.daemon = True
+        watchdog.start()
+        left = max(0.1, deadline - time.monotonic())
+        try:
+            client.connect(
+                ep.hostname, ep.port, username=ep.user, sock=sock, timeout=left, banner_timeout=left,
+                auth_timeout=left, channel_timeout=left,
+                key_filename=[p for p in ep.identity_files if os.path.exists(p)] or None,
+                allow_agent=not ep.identities_only, look_for_keys=not ep.identities_only,
+            )
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise self._error("host-key", (
+                f"HOST KEY CHANGED for {ep.known_hosts_name}: it now offers {exc.key.get_name()} "
+                f"{fingerprint(exc.key)}, known_hosts has {fingerprint(exc.expected_key)}. This may be an attack; "
+                f"refusing to connect. If the change is expected, remove the old key with "
+                f"`ssh-keygen -R '{ep.known_hosts_name}' -f {ep.known_hosts[0]}` and trust the new one")) from None
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise self._error("auth", f"authentication failed for user {ep.user or '(default)'} ({exc}); check "
+                                      "IdentityFile in ssh_config, ssh-agent, and the host's authorized_keys") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            client.close()
+            if policy.refused:
+                raise self._error("host-key", policy.refused) from None
+            if expired.is_set():
+                raise self._error("connect-timeout", f"no SSH handshake with {ep.hostname}:{ep.port} within "
+                                                     f"{ep.connect_timeout:g}s (banner, key exchange or "
+                                                     "authentication hung); is sshd there healthy?") from None
+            raise self._error("io", f"SSH connection failed: {exc}") from None
+        finally:
+            watchdog.cancel()
+        transport = client.get_transport()
+        assert transport is not None
+        transport.set_keepalive(KEEPALIVE_S)
+        return client
+
+    def _drop(self) -> None:
+        client, self._client, self._sftp = self._client, None, None
+        if client is not None:
+            try:
+                client.close()
+            except (OSError, paramiko.SSHException, EOFError):
+                pass
+
+    def _channel(self, deadline: float) -> paramiko.Channel:
+        """A session channel; a connection found dropped is re-made once, transparently."""
+        for attempt in (1, 2):
+            client = self._connected()
+            transport = client.get_transport()
+            try:
+                assert transport is not None
+                return transport.open_session(timeout=max(0.1, deadline - time.monotonic()))
+            except (paramiko.SSHException, EOFError, OSError, AssertionError) as exc:
+                with self._lock:
+                    if self._client is client:
+                        self._drop()
+                if attempt == 2 or time.monotonic() >= deadline:
+                    raise self._error("timeout" if "Timeout" in str(exc) else "io",
+                                      f"cannot open a session: {exc or type(exc).__name__}") from None
+        raise AssertionError("unreachable")
+
+    # --- the Transport interface ---------------------------------------------------------------
+
+    def run(self, argv: list[str], stdin: bytes = b"", timeout: float = 30.0) -> Completed:
+        deadline = time.monotonic() + timeout
+        channel = self._channel(deadline)
+        try:
+            channel.exec_command(shlex.join(argv))     # each word quoted: nothing is parsed by the shell
+            if stdin:
+                channel.sendall(stdin)
+            channel.shutdown_write()
+            out, err = bytearray(), bytearray()
+            while True:
+                while channel.recv_ready():
+                    out += channel.recv(65536)
+                while channel.recv_stderr_ready():
+                    err += channel.recv_stderr(65536)
+                if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._abandon(channel)
+                    raise self._error("timeout", f"{argv[0]} {argv[2] if len(argv) > 2 else ''} did not finish "
+                                                 f"within {timeout:g}s; the host may be overloaded or frozen")
+                select.select([channel], [], [], min(left, 1.0))
+            return Completed(channel.recv_exit_status(), bytes(out), bytes(err))
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self._abandon(channel)
+            raise self._error("io", f"connection lost during {argv[0]}: {exc}") from None
+        finally:
+            channel.close()
+
+    def _abandon(self, channel: paramiko.Channel) -> None:
+        # A command that hangs means the connection cannot be trusted: the next call makes a new one.
+        channel.close()
+        with self._lock:
+            self._drop()
+
+    def stream(self, argv: list[str], stdin: bytes = b"") -> Iterator[bytes]:
+        channel = self._channel(time.monotonic() + self.settings.command_timeout_s)
+        try:
+            channel.exec_command(shlex.join(argv))
+            if stdin:
+                channel.sendall(stdin)
+            channel.shutdown_write()
+            while True:
+                chunk = channel.recv(65536)
+                if not chunk:
+                    break
+                yield chunk
+        finally:
+            channel.close()
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        client = self._connected()
+        with self._lock:
+            if self._sftp is None:
+                self._sftp = client.open_sftp()
+                channel = self._sftp.get_channel()
+                if channel is not None:
+                    channel.settimeout(self.settings.command_timeout_s)
+            return self._sftp
+
+    def put_file(self, data: bytes, path: str, mode: int = 0o644) -> None:
+        try:
+            sftp = self._sftp_client()
+            folder = os.path.dirname(path)
+            self._makedirs(sftp, folder)
+            tmp = f"{folder}/.{os.path.basename(path)}.tmp-{os.getpid()}" if folder else f".{path}.tmp-{os.getpid()}"
+            with sftp.open(tmp, "wb") as handle:
+                handle.write(data)
+            sftp.chmod(tmp, mode)
+            sftp.posix_rename(tmp, path)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            with self._lock:
+                self._drop()
+            raise self._error("io", f"upload of {path} failed: {exc}") from None
+
+    @staticmethod
+    def _makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:
+        if not folder:
+            return
+        parts = folder.split("/")
+        for i in range(1, len(parts) + 1):
+            partial = "/".join(parts[:i])
+            if not partial:
+                continue
+            try:
+                sftp.stat(partial)
+            except FileNotFoundError:
+                sftp.mkdir(partial, 0o700)
+
+    def get_file(self, path: str) -> bytes:
+        try:
+            with self._sftp_client().open(path, "rb") as handle:
+                return handle.read()
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise self._error("io", f"download of {path} failed: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+        if self._jump is not None:
+            self._jump.close()
