@@ -192,6 +192,13 @@ class _Planner:
             return self.lost(spec, cur, "worker-offline", f"{wid} offline {self._down(live)}")
         misfit = self.misfit(spec, worker)
         inst = cur.instance
+        if inst is not None and inst.status == "orphaned":
+            # The supervisor is gone but the runner runs on: start replaces it under a new supervisor.
+            epoch = self._take_epoch()
+            self.work.actions.append(Action("start", sid, f"{inst.reason} on {wid}", "orphaned", worker=wid,
+                                            epoch=epoch, spec_hash=spec.spec_hash,
+                                            paused=spec.desired_state == "paused"))
+            return None
         if inst is None or not inst.alive:
             if inst is not None and inst.status == "error" and inst.spec_hash == spec.spec_hash:
                 self.work.notes.append(Note(sid, wid, f"in error after {inst.restarts} restarts: "
@@ -301,13 +308,14 @@ class _Planner:
         for wid, spec in self.fleet.workers.items():
             state = self.observed.worker(wid)
             failing = False
-            cpu, mem, creds = 0.0, None, frozenset()
+            cpu, mem, creds, runtime_error = 0.0, None, frozenset(), None
             if state is not None and state.reachable:
-                cpu, mem, creds = state.cpu or 0.0, state.mem_free_mb, state.credentials
+                cpu, mem, creds, runtime_error = state.cpu or 0.0, state.mem_free_mb, state.credentials, state.error
                 restarts = sum(i.restarts for i in state.instances.values())
                 failing = restarts >= FAILING_RESTARTS or any(i.status == "error" for i in state.instances.values())
             views.append(WorkerView(spec, self.liveness[wid].status, used=len(staying.get(wid, [])), cpu=cpu,
-                                    mem_free_mb=mem, credentials=creds, failing=failing))
+                                    mem_free_mb=mem, credentials=creds, failing=failing,
+                                    runtime_error=runtime_error))
         return WorkerPool(views)
 
     def place(self, item: _ToPlace, scheduler: Scheduler, policy: SchedulePolicy, pool: WorkerPool,

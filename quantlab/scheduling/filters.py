@@ -16,7 +16,7 @@ from .pool import WorkerView
 class Rejection:
     worker: str
     code: str        # offline | unreachable | cordoned | draining | api | region | proxy | credentials
-                     # | full | memory | excluded
+                     # | runtime | full | memory | excluded
     detail: str = ""  # per-worker specifics, e.g. "4/4" or "US"
 
 
@@ -33,6 +33,10 @@ def schedulable(s: StrategySpec, w: WorkerView) -> Rejection | None:
     if w.spec.cordoned:
         return Rejection(w.id, "cordoned")
     return None
+
+
+def runtime(s: StrategySpec, w: WorkerView) -> Rejection | None:
+    return None if w.runtime_error is None else Rejection(w.id, "runtime")
 
 
 def api(s: StrategySpec, w: WorkerView) -> Rejection | None:
@@ -73,7 +77,7 @@ def memory(s: StrategySpec, w: WorkerView) -> Rejection | None:
 
 
 # Order matters only for which reason a worker reports first.
-BASE_STATIC: tuple[Check, ...] = (online, schedulable, api)
+BASE_STATIC: tuple[Check, ...] = (online, schedulable, runtime, api)
 AFFINITY_STATIC: tuple[Check, ...] = (region, proxy)
 LATE_STATIC: tuple[Check, ...] = (credentials,)
 DYNAMIC: tuple[Check, ...] = (capacity, memory)
@@ -95,6 +99,7 @@ def describe_group(code: str, s: StrategySpec) -> str:
         "unreachable": "unreachable",
         "cordoned": "cordoned",
         "draining": "draining",
+        "runtime": "runner program missing on the host",
         "api": f"no api {req.api}",
         "region": f"not in region {req.region}",
         "proxy": f"not behind proxy {req.proxy}",

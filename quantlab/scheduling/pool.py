@@ -26,6 +26,7 @@ class WorkerView:
     mem_free_mb: int | None = None
     credentials: frozenset[str] = frozenset()
     failing: bool = False               # strategies keep failing here: placed on last
+    runtime_error: str | None = None    # the runner's program is missing on the host
     load: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -52,7 +53,7 @@ class WorkerView:
     def class_key(self) -> tuple:
         s = self.spec
         return (self.liveness, s.cordoned, s.drain, s.supported_apis, s.region, s.proxy,
-                self.credentials, self.failing)
+                self.credentials, self.failing, self.runtime_error is None)
 
 
 @dataclass

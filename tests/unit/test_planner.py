@@ -391,3 +391,25 @@ def test_down_ranks_a_worker_where_strategies_keep_failing():
     obs = observed(fl, {"w-a": [running(flaky, 1, restarts=4)]})
     result = plan(fl, obs, mem, NOW)
     assert summary(result) == [("start", "new", "w-b")]
+
+
+def test_a_worker_without_the_runner_program_gets_no_placements():
+    from quantlab.observed import ObservedState, WorkerState
+    s = strategy("s")
+    fl = fleet([s], [worker("w-a"), worker("w-b")])
+    obs = observed(fl)
+    workers = dict(obs.workers)
+    workers["w-a"] = WorkerState("w-a", True, error="node not found on the host's PATH")
+    result = plan(fl, ObservedState(workers, NOW), memory(), NOW)
+    assert summary(result) == [("start", "s", "w-b")]
+    only_a = fleet([s], [worker("w-a")])
+    result = plan(only_a, ObservedState({"w-a": workers["w-a"]}, NOW), memory(), NOW)
+    assert "runner program missing on the host: w-a" in result.queued[0].reason
+
+
+def test_an_orphaned_runner_is_replaced_under_a_new_supervisor():
+    s = strategy("s")
+    fl = fleet([s], [worker("w-a")])
+    orphan = running(s, 2, status="orphaned", reason="the supervisor is gone but the runner still runs")
+    result = plan(fl, observed(fl, {"w-a": [orphan]}), memory({"s": ("w-a", 2)}, specs={"s": s}), NOW)
+    assert summary(result) == [("start", "s", "w-a")] and result.actions[0].epoch == 3

@@ -1,0 +1,478 @@
+"""Helpers for the end-to-end tests: real fleets in tmp dirs, the real CLI, real processes.
+
+No mocks: every test drives `python -m quantlab` as a subprocess against a fleet directory it wrote,
+on `host: local` workers, and looks at the result the way an operator would (the CLI's JSON, the
+files the agent and runner keep, and /proc). Waits poll with a deadline (`wait_for`); nothing sleeps
+to synchronise. The fixtures in conftest.py tear everything down.
+
+Imported by conftest.py and the test modules as `harness` (pytest's default "prepend" import mode
+puts this folder on sys.path; it has no __init__.py).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE_FLEET = REPO / "fleet"
+PYTHON = sys.executable
+
+# Fast settings for every test fleet (the spec allows sub-second durations).
+HEARTBEAT_MS = 150
+FAST_SCHEDULING = {"restartDelay": 100, "stopTimeoutSeconds": 2, "initTimeoutSeconds": 5}
+LONG_LEASE = 300
+INTERVAL = 0.5
+
+
+# --- waiting ---------------------------------------------------------------------------------------
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str | None = None) -> Any:
+    """Poll `predicate` until it returns something truthy, and return that; fail after `timeout`
+    seconds with a message that says what was awaited (and what the predicate saw last)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            name = what or getattr(predicate, "__name__", "a condition")
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {name} (last value: {last!r})")
+        time.sleep(interval)
+
+
+def hold_for(seconds: float, invariant: Callable[[], Any], what: str, interval: float = 0.05) -> None:
+    """Check `invariant` every `interval` for `seconds`; fail at the first poll where it is false.
+    (Asserting that something *stays* true for a while is an observation over time, not a sleep.)"""
+    deadline = time.monotonic() + seconds
+    while True:
+        ok = invariant()
+        if not ok:
+            raise AssertionError(f"{what} stopped holding after {seconds - (deadline - time.monotonic()):.2f}s "
+                                 f"(value: {ok!r})")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
+# --- /proc -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    pgid: int
+    state: str
+    argv: tuple[str, ...]
+
+    @property
+    def cmdline(self) -> str:
+        return " ".join(self.argv)
+
+    def environ(self) -> dict[str, str]:
+        try:
+            raw = Path(f"/proc/{self.pid}/environ").read_bytes()
+        except OSError:
+            return {}
+        out = {}
+        for item in raw.split(b"\0"):
+            if b"=" in item:
+                key, value = item.split(b"=", 1)
+                out[key.decode(errors="replace")] = value.decode(errors="replace")
+        return out
+
+
+def proc_info(pid: int) -> Proc | None:
+    """The process `pid`, or None when it is gone. Zombies come back with state 'Z' and no argv."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    fields = stat.rsplit(b")", 1)[1].split()
+    return Proc(pid, int(fields[2]), fields[0].decode(), tuple(a.decode(errors="replace") for a in argv.split(b"\0") if a))
+
+
+def alive(pid: int | None) -> bool:
+    """True when `pid` runs and is not a zombie (PID 1 here may never reap orphans)."""
+    if pid is None:
+        return False
+    info = proc_info(pid)
+    return info is not None and info.state not in ("Z", "X")
+
+
+def processes(marker: str) -> list[Proc]:
+    """Live (non-zombie) processes whose command line contains `marker`, except this one."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        info = proc_info(int(entry))
+        if info is not None and info.state not in ("Z", "X") and marker in info.cmdline:
+            out.append(info)
+    return out
+
+
+def runners(marker: str) -> list[Proc]:
+    """Runner processes (node, with QUANTLAB_STRATEGY_ID in their environment) under `marker`."""
+    return [p for p in processes(marker)
+            if p.argv and os.path.basename(p.argv[0]).startswith("node") and "QUANTLAB_STRATEGY_ID" in p.environ()]
+
+
+def runner_counts(marker: str) -> Counter:
+    """How many runner processes run per strategy id (read from /proc/PID/environ)."""
+    return Counter(p.environ().get("QUANTLAB_STRATEGY_ID") for p in runners(marker))
+
+
+def supervisors(marker: str) -> list[Proc]:
+    return [p for p in processes(marker) if "supervise" in p.argv]
+
+
+def kill_all(marker: str, timeout: float = 10.0) -> list[Proc]:
+    """SIGKILL the process group of every process whose command line contains `marker` (never our
+    own group: a process started without its own session is killed alone), until none is left.
+    Returns what was still there at the deadline."""
+    own_group = os.getpgrp()
+    deadline = time.monotonic() + timeout
+    while True:
+        found = processes(marker)
+        if not found or time.monotonic() >= deadline:
+            return found
+        # Supervisors first, so none of them restarts a runner in between.
+        for p in sorted(found, key=lambda p: "supervise" not in p.argv):
+            try:
+                if p.pgid != own_group and p.pgid > 1:
+                    os.killpg(p.pgid, signal.SIGKILL)
+                else:
+                    os.kill(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.05)
+
+
+# --- the CLI -----------------------------------------------------------------------------------------
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUANTLAB_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class Result:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.stdout)
+        except ValueError:
+            raise AssertionError(f"{' '.join(self.argv[2:])} did not print JSON:\n{self.describe()}") from None
+
+    def describe(self) -> str:
+        return (f"$ quantlab {' '.join(self.argv[3:])}\nexit {self.returncode} after {self.seconds:.2f}s\n"
+                f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}")
+
+
+def quantlab(*args: Any, check: int | None = 0, timeout: float = 60.0, cwd: Path | None = None) -> Result:
+    """Run `python -m quantlab ARGS` with no terminal on stdin; assert its exit code unless check=None."""
+    argv = [PYTHON, "-m", "quantlab", *map(str, args)]
+    started = time.monotonic()
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(), cwd=cwd or REPO)
+    result = Result(argv, done.returncode, done.stdout, done.stderr, time.monotonic() - started)
+    if check is not None:
+        assert result.returncode == check, f"expected exit {check}\n{result.describe()}"
+    return result
+
+
+def spawn_quantlab(*args: Any, log: Path) -> subprocess.Popen:
+    """Start `python -m quantlab ARGS` in its own session, stdout+stderr into `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([PYTHON, "-m", "quantlab", *map(str, args)], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, env=cli_env(), cwd=REPO,
+                                start_new_session=True)
+
+
+# --- the test strategy ---------------------------------------------------------------------------------
+
+# Records what the runner hands it into files of its checkpoint folder (QUANTLAB_STATE_DIR), and
+# misbehaves on request through its params:
+#   hangAfter: N     st_heartbeat never settles from beat N+1 on (a timer keeps the loop busy, so this
+#                    is a live process that stops heartbeating, not an exit)
+#   throwAlways      st_heartbeat throws every time
+#   exitDelayMs      st_exit takes this long
+#   envHash: [K..]   writes sha256 of process.env[K] (or null) to env-hash.json, never the value
+#   token            printed with ctx.log by st_init
+PROBE_JS = r"""
+import fs from 'node:fs';
+import path from 'node:path';
+import crypto from 'node:crypto';
+
+const dir = process.env.QUANTLAB_STATE_DIR;
+function put(name, value) {
+  const file = path.join(dir, name);
+  fs.writeFileSync(`${file}.tmp`, JSON.stringify(value));
+  fs.renameSync(`${file}.tmp`, file);
+}
+const add = (name, line) => fs.appendFileSync(path.join(dir, name), `${line}\n`);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+let beats = 0; // this process's beats (ctx.state survives restarts; this does not)
+
+export async function st_init(ctx) {
+  add('init.log', `${process.pid} ${ctx.epoch}`);
+  put('params.json', ctx.params);
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith('QUANTLAB_')));
+  put('ctx.json', { id: ctx.id, epoch: ctx.epoch, workerId: ctx.workerId, region: ctx.region, proxy: ctx.proxy,
+    pid: process.pid, env });
+  const hashes = {};
+  for (const key of ctx.params.envHash ?? []) {
+    hashes[key] = key in process.env ? crypto.createHash('sha256').update(process.env[key]).digest('hex') : null;
+  }
+  put('env-hash.json', hashes);
+  ctx.log(`probe ${ctx.id} started, epoch ${ctx.epoch}, token ${ctx.params.token ?? '-'}`);
+}
+
+export async function st_heartbeat(ctx) {
+  beats += 1;
+  ctx.state.beats = (ctx.state.beats ?? 0) + 1;
+  const p = ctx.params;
+  if (p.throwAlways) throw new Error(`probe failure number ${beats}`);
+  if (p.hangAfter !== undefined && beats > p.hangAfter) {
+    add('hang.log', `${process.pid} ${Date.now()}`);
+    setInterval(() => {}, 1000);
+    await new Promise(() => {});
+  }
+}
+
+export async function st_exit(ctx) {
+  add('exit-begin.log', `${process.pid} ${Date.now()}`);
+  if (ctx.params.exitDelayMs) await sleep(ctx.params.exitDelayMs);
+  add('exit.log', `${process.pid} ${Date.now()}`);
+}
+"""
+
+
+# --- fleet directories -----------------------------------------------------------------------------------
+
+class FleetDir:
+    """A fleet directory written by a test, and the ways to look at what quantlab made of it."""
+
+    def __init__(self, root: Path, *, lease_ttl: float = LONG_LEASE, interval: float = INTERVAL):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.marker = str(root.parent) + os.sep       # every process this test starts has it in argv
+        self.settings: dict[str, Any] = {
+            "apiVersion": "quantlab/v1", "kind": "Fleet", "policy": "load-based",
+            "reconcile": {"intervalSeconds": interval},
+            "monitor": {"workerOfflineAfterSeconds": 30, "leaseTtlSeconds": lease_ttl, "autoRecover": True},
+            "ssh": {"commandTimeoutSeconds": 30},
+        }
+        self.workers: dict[str, dict[str, Any]] = {}
+        self.strategies: dict[str, dict[str, Any]] = {}
+        self.daemons: list[subprocess.Popen] = []
+        (root / "strategies").mkdir(exist_ok=True)
+        (root / "strategies" / "probe.mjs").write_text(PROBE_JS)
+
+    # --- writing -----------------------------------------------------------------------------------
+
+    def worker(self, wid: str, apis: Iterable[str] = ("paper",), max_strategies: int = 4, **extra: Any) -> "FleetDir":
+        doc: dict[str, Any] = {"apiVersion": "quantlab/v1", "kind": "Worker", "id": wid, "host": "local",
+                               "capabilities": {"maxStrategies": max_strategies, "supportedApis": list(apis)}}
+        metadata = {k: extra.pop(k) for k in ("region", "proxy") if k in extra}
+        if metadata:
+            doc["metadata"] = metadata
+        doc.update(extra)
+        self.workers[wid] = doc
+        return self
+
+    def strategy(self, sid: str, params: dict[str, Any] | None = None, *, api: str = "paper",
+                 heartbeat_ms: int = HEARTBEAT_MS, desired: str | None = None,
+                 requirements: dict[str, Any] | None = None, file: str = "strategies/probe.mjs",
+                 **scheduling: Any) -> "FleetDir":
+        doc: dict[str, Any] = {"apiVersion": "quantlab/v1", "kind": "Strategy", "id": sid, "strategyFile": file,
+                               "params": params or {}, "heartbeatMs": heartbeat_ms,
+                               "requirements": {"api": api, **(requirements or {})},
+                               "scheduling": {**FAST_SCHEDULING, **scheduling}}
+        if desired:
+            doc["desiredState"] = desired
+        self.strategies[sid] = doc
+        return self
+
+    def write(self) -> "FleetDir":
+        (self.root / "fleet.yaml").write_text(yaml.safe_dump(self.settings, sort_keys=False))
+        (self.root / "workers.yaml").write_text(yaml.safe_dump_all(list(self.workers.values()), sort_keys=False))
+        path = self.root / "strategies.yaml"
+        if self.strategies:
+            # allow_unicode: the YAML keeps params as written; explicit_start: `---` between documents.
+            path.write_text(yaml.safe_dump_all(list(self.strategies.values()), sort_keys=False,
+                                               allow_unicode=True, explicit_start=True))
+        else:
+            path.unlink(missing_ok=True)      # an empty YAML file is invalid; no file means no strategies
+        return self
+
+    # --- the CLI -----------------------------------------------------------------------------------
+
+    def ql(self, command: str, *args: Any, check: int | None = 0, timeout: float = 60.0) -> Result:
+        return quantlab(command, "--fleet", self.root, *args, check=check, timeout=timeout)
+
+    def apply(self, *args: Any, check: int | None = 0) -> Result:
+        return self.ql("apply", "--yes", *args, check=check)
+
+    def plan(self, *args: Any, check: int | None = 0) -> dict[str, Any]:
+        return self.ql("plan", "--output", "json", *args, check=check).json()
+
+    def status(self) -> dict[str, Any]:
+        return self.ql("status", "--output", "json").json()
+
+    def strategy_status(self, sid: str) -> dict[str, Any]:
+        found = [s for s in self.status()["strategies"] if s["id"] == sid]
+        assert found, f"{sid} is not in status"
+        return found[0]
+
+    def events(self, *args: Any) -> list[dict[str, Any]]:
+        return self.ql("events", "--output", "json", *args).json()
+
+    def spawn(self, command: str, *args: Any, log: Path) -> subprocess.Popen:
+        proc = spawn_quantlab(command, "--fleet", self.root, *args, log=log)
+        self.daemons.append(proc)
+        return proc
+
+    # --- what is on the "hosts" ----------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / ".quantlab" / "state.json"
+
+    def state(self) -> dict[str, Any]:
+        return json.loads(self.state_path.read_text())
+
+    def placement(self, sid: str) -> dict[str, Any] | None:
+        try:
+            return self.state().get("placements", {}).get(sid)
+        except FileNotFoundError:
+            return None
+
+    def workdir(self, wid: str) -> Path:
+        return self.root / ".quantlab" / "workers" / wid
+
+    def instance_dirs(self, sid: str) -> list[Path]:
+        return sorted(p for p in (self.root / ".quantlab" / "workers").glob(f"*/instances/{sid}") if p.is_dir())
+
+    def idir(self, sid: str) -> Path:
+        """The instance folder of `sid` on the worker the state file places it on (else the only one)."""
+        placed = self.placement(sid)
+        if placed is not None:
+            return self.workdir(placed["worker"]) / "instances" / sid
+        found = self.instance_dirs(sid)
+        assert len(found) == 1, f"{sid}: expected one instance folder, found {found}"
+        return found[0]
+
+    def read_json(self, sid: str, name: str) -> Any:
+        try:
+            return json.loads((self.idir(sid) / name).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def heartbeat(self, sid: str) -> dict[str, Any] | None:
+        return self.read_json(sid, "heartbeat.json")
+
+    def host_status(self, sid: str) -> dict[str, Any] | None:
+        return self.read_json(sid, "status.json")
+
+    def recorded(self, sid: str, name: str) -> Any:
+        """A JSON file the probe strategy wrote into its checkpoint folder."""
+        return self.read_json(sid, f"state/{name}")
+
+    def lines(self, sid: str, name: str) -> list[str]:
+        try:
+            return (self.idir(sid) / "state" / name).read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def host_events(self, sid: str) -> list[dict[str, Any]]:
+        try:
+            return [json.loads(line) for line in (self.idir(sid) / "events.log").read_text().splitlines()]
+        except FileNotFoundError:
+            return []
+
+    def runner_pid(self, sid: str) -> int | None:
+        """The pid of the runner recorded for `sid`, when that process is alive."""
+        try:
+            pid = int((self.idir(sid) / "runner.pid").read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+        return pid if alive(pid) else None
+
+    def supervisor_pid(self, sid: str) -> int | None:
+        try:
+            pid = int((self.idir(sid) / "supervisor.pid").read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+        return pid if alive(pid) else None
+
+    def beating(self, sid: str, timeout: float = 10.0, beats: int = 2) -> dict[str, Any]:
+        """Wait until `sid` has a live runner whose heartbeat file shows `beats` more beats than now."""
+        pid = wait_for(lambda: self.runner_pid(sid), timeout, what=f"a live runner of {sid}")
+        first = wait_for(lambda: self.heartbeat(sid), timeout, what=f"a heartbeat file of {sid}")
+        hb = wait_for(lambda: (h := self.heartbeat(sid)) and h["beats"] >= first["beats"] + beats and h,
+                      timeout, what=f"{sid}'s heartbeat beats to advance past {first['beats'] + beats - 1}")
+        assert alive(pid), f"{sid}'s runner {pid} died while beating"
+        return hb
+
+    def runner_counts(self) -> Counter:
+        return runner_counts(self.marker)
+
+    # --- teardown -----------------------------------------------------------------------------------
+
+    def stop_daemons(self) -> None:
+        for proc in self.daemons:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def copy_example_fleet(dest: Path, heartbeat_ms: int = HEARTBEAT_MS, lease_ttl: float = LONG_LEASE) -> FleetDir:
+    """The example fleet (fleet/), with fast heartbeats and settings, as a FleetDir in `dest`."""
+    fl = FleetDir(dest, lease_ttl=lease_ttl)
+    shutil.copytree(EXAMPLE_FLEET / "strategies", dest / "strategies", dirs_exist_ok=True)
+    for path in sorted(EXAMPLE_FLEET.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+            doc = copy.deepcopy(doc)
+            if doc["kind"] == "Worker":
+                fl.workers[doc["id"]] = doc
+            elif doc["kind"] == "Strategy":
+                doc["heartbeatMs"] = heartbeat_ms
+                doc["scheduling"] = {**doc.get("scheduling", {}), **FAST_SCHEDULING}
+                fl.strategies[doc["id"]] = doc
+            elif doc["kind"] == "Fleet":
+                doc["reconcile"] = {"intervalSeconds": INTERVAL}
+                doc["monitor"] = {**doc.get("monitor", {}), "leaseTtlSeconds": lease_ttl}
+                fl.settings = doc
+    return fl.write()
