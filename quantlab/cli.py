@@ -87,8 +87,14 @@ def _header(ctl: Controller, fleet: Fleet, plan: Plan, observed: Any, serial: in
     at = f"at {plan.fleet_revision} ({'dirty' if plan.fleet_dirty else 'clean'})" if plan.fleet_revision else "(not in git)"
     down = sum(1 for s in observed.workers.values() if not s.reachable)
     workers = f"{len(fleet.workers)} workers" + (f" ({down} not answering)" if down else "")
-    return (f"Fleet {escape(str(ctl.fleet_dir))}/ {at} · {workers} · {len(fleet.strategies)} strategies · "
-            f"state serial {serial}")
+    header = (f"Fleet {escape(str(ctl.fleet_dir))}/ {at} · {workers} · {len(fleet.strategies)} strategies · "
+              f"state serial {serial}")
+    # Say why each silent worker did not answer (refused, timed out, host key...): the plan's
+    # waits and placements depend on it, and the fix is on the host.
+    for wid, s in observed.workers.items():
+        if not s.reachable:
+            header += f"\n  [red]! {escape(wid)}[/] not answering: [dim]{escape(s.error or 'no answer')}[/]"
+    return header
 
 
 @app.command()
@@ -367,7 +373,9 @@ def events(
         cutoff = render.parse_since(since, ctl.clock()) if since else None
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    selected = [e for e in ctl.events.read()
+    history = list(ctl.events.read()) + _unrecorded_host_events(ctl)
+    history.sort(key=lambda e: e.get("t", 0))
+    selected = [e for e in history
                 if (cutoff is None or e.get("t", 0) >= cutoff) and (strategy is None or e.get("strategy") == strategy)]
     if output is Output.json:
         print(json.dumps(selected, indent=1))
@@ -376,6 +384,21 @@ def events(
         out.print("No events.")
     for event in selected:
         out.print(render.event_line(event))
+
+
+def _unrecorded_host_events(ctl: Controller) -> list[dict[str, Any]]:
+    """What the supervisors logged on the hosts since the last run that writes state recorded it
+    (restarts, errors, a lease that ran out while no reconcile ran). Read only: the next apply or
+    reconcile records them for good. Nothing when the fleet or the state cannot be read."""
+    try:
+        loaded = ctl.load_fleet()
+        memory = ctl.store.load()
+        gathered = ctl.observe(loaded, memory)
+    except (FleetInvalid, StateError, TransportError, AgentError):
+        return []
+    finally:
+        ctl.close()
+    return [{**e, "actor": f"supervisor@{e['worker']}"} for e in gathered.host_events]
 
 
 @app.command()

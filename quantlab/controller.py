@@ -62,8 +62,7 @@ class Controller:
 
     def hosts(self, fleet: Fleet) -> Hosts:
         if self._hosts is None:
-            from .hosts import default_transport_factory
-            self._hosts = Hosts(fleet, default_transport_factory(fleet, self.accept_new_host_keys))
+            self._hosts = Hosts(fleet, accept_new_host_keys=self.accept_new_host_keys)
         else:
             self._hosts.update(fleet)
         return self._hosts

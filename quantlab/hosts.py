@@ -111,15 +111,28 @@ class Agent:
 class Hosts:
     """Transports and agents for every host of a fleet, opened lazily and kept for reuse."""
 
-    def __init__(self, fleet: Fleet, transport_factory: Any = None):
+    def __init__(self, fleet: Fleet, transport_factory: Any = None, accept_new_host_keys: bool = False):
         self.fleet = fleet
-        self._factory = transport_factory or default_transport_factory(fleet)
+        self.accept_new_host_keys = accept_new_host_keys
+        self._factory = transport_factory or self._default_transport
         self._transports: dict[HostKey, Transport] = {}
         self._lock = threading.Lock()
 
+    def _default_transport(self, key: HostKey) -> Transport:
+        if key.host == "local":
+            from .transport.local import LocalTransport
+            return LocalTransport()
+        from .transport.ssh import SshTransport    # paramiko is only imported when a host needs it
+        return SshTransport.for_host(key.host, key.port, key.user, self.fleet.settings.ssh,
+                                     accept_new_host_keys=self.accept_new_host_keys)
+
     def update(self, fleet: Fleet) -> None:
-        """Point at a newer fleet (the loop reloads it); connections are kept."""
+        """Point at a newer fleet (the loop reloads it). Connections are kept unless the SSH settings
+        changed, in which case they are re-made with the new ones on next use."""
+        changed = fleet.settings.ssh != self.fleet.settings.ssh
         self.fleet = fleet
+        if changed:
+            self.close()
 
     def workdir(self, worker: WorkerSpec) -> str:
         if worker.is_local:
@@ -172,16 +185,3 @@ class Hosts:
 
 def strategy_remote_path(spec: StrategySpec) -> str:
     return f"files/{spec.file_sha256}{spec.file_ext}"
-
-
-def default_transport_factory(fleet: Fleet, accept_new_host_keys: bool = False) -> Any:
-    from .transport.local import LocalTransport
-
-    def make(key: HostKey) -> Transport:
-        if key.host == "local":
-            return LocalTransport()
-        from .transport.ssh import SshTransport    # paramiko is only imported when a host needs it
-        return SshTransport.for_host(key.host, key.port, key.user, fleet.settings.ssh,
-                                     accept_new_host_keys=accept_new_host_keys)
-
-    return make

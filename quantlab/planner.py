@@ -161,6 +161,9 @@ class _Planner:
         for sid, cur in self.current.items():
             if sid not in self.fleet.strategies:
                 self.stop_or_wait(sid, cur, "removed", "removed from fleet")
+        # Stops the mass-stop guard will refuse do not free their slots: nothing is placed in them.
+        for a in self.refused_stops([a for a in self.work.actions if self.targeted(a.strategy, *a.workers)]):
+            staying.setdefault(a.worker, []).append(a.strategy)
 
         pool = self.build_pool(staying)
         scheduler = Scheduler(pool)
@@ -431,8 +434,7 @@ class _Planner:
             cursor = policy.inner.cursor  # type: ignore[attr-defined]
         targets = self.options.targets
         if targets:
-            def keep(strategy: str, *workers: str | None) -> bool:
-                return strategy in targets or any(w in targets for w in workers if w)
+            keep = self.targeted
             actions = [a for a in actions if keep(a.strategy, *a.workers)]
             queued = [q for q in queued if keep(q.strategy)]
             waiting = [w for w in waiting if keep(w.strategy, w.worker)]
@@ -450,12 +452,26 @@ class _Planner:
             rr_cursor=cursor, next_epoch=self.next_epoch, policy=policy.name,
         )
 
-    def guard(self, actions: list[Action]) -> tuple[list[Action], list[Blocked]]:
-        """Mass-stop guard: refuse stopping more than half of the running strategies at once."""
+    def targeted(self, strategy: str, *workers: str | None) -> bool:
+        """Whether --target (if given) selects this strategy or one of these workers."""
+        targets = self.options.targets
+        return not targets or strategy in targets or any(w in targets for w in workers if w)
+
+    def refused_stops(self, actions: list[Action]) -> list[Action]:
+        """The stops among `actions` that the mass-stop guard refuses (all of them, or none)."""
         stops = [a for a in actions if a.action == "stop" and a.cause in ("removed", "desired-stopped")]
         running = sum(1 for cur in self.current.values()
                       if cur.instance is None or cur.instance.alive)
         if self.options.allow_mass_stop or running <= 1 or 2 * len(stops) <= running:
+            return []
+        return stops
+
+    def guard(self, actions: list[Action]) -> tuple[list[Action], list[Blocked]]:
+        """Mass-stop guard: refuse stopping more than half of the running strategies at once."""
+        stops = self.refused_stops(actions)
+        running = sum(1 for cur in self.current.values()
+                      if cur.instance is None or cur.instance.alive)
+        if not stops:
             return actions, []
         held = set(map(id, stops))
         reason = (f"would stop {len(stops)} of {running} running strategies; check the fleet directory, "

@@ -4,7 +4,8 @@
 It imports nothing of the controller. The controller runs it with one subcommand per call, a JSON
 request on stdin and a JSON answer on stdout:
 
-  probe [--renew TTL]   every instance of every worker workdir named in the request, the host's load,
+  probe [--renew TTL] [--request FILE]
+                        every instance of every worker workdir named in the request, the host's load,
                         runtimes and clock; renews the leases the request names (epoch must match)
   start                 start (or replace) one strategy under its own supervisor process
   stop | pause | resume one strategy
@@ -205,7 +206,10 @@ def describe_instance(idir, strategy, events_since):
             state, reason = "orphaned", "the supervisor is gone but the runner still runs"
         else:
             state, reason = "stopped", "the supervisor is not running (host restarted, or it was killed)"
-    beat = read_heartbeat(os.path.join(idir, "heartbeat.json")) if state not in FINAL_STATES else None
+    beat = read_heartbeat(os.path.join(idir, "heartbeat.json"))
+    if beat is not None and state in FINAL_STATES:
+        # The last life's report: its errors explain an `error`; its age and beats are history.
+        beat = {"errorCount": beat.get("errorCount", 0), "lastError": beat.get("lastError")}
     lease = read_json(os.path.join(idir, "lease.json"), {}) or {}
     out = {
         "strategy": strategy, "epoch": status.get("epoch"), "specHash": status.get("specHash"),
@@ -436,7 +440,11 @@ def tail_bytes(path, lines):
             found += chunk.count(b"\n")
         data = b"".join(reversed(chunks))
         del end
-    return b"\n".join(data.split(b"\n")[-(lines + 1):]) if lines >= 0 else data
+    if lines < 0:
+        return data
+    # Like `tail -n`: a last line without its newline is a line too (not only what follows a "\n").
+    keep = lines + 1 if data.endswith(b"\n") or not data else lines
+    return b"\n".join(data.split(b"\n")[-keep:]) if keep else b""
 
 
 def logs(request, args):
@@ -565,6 +573,9 @@ class Supervisor(object):
         self.save_status(state=state, reason=reason, stoppedAt=now_ms(), exitCode=exit_code)
         event = "lease-expired" if reason.startswith("lease expired") else "stopped"
         log_event(self.dir, event, reason, epoch=self.spec["epoch"])
+        if self.log is not None:       # `quantlab logs` says why the output ends here
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.log.write(("%s quantlab-supervisor: stopped: %s\n" % (stamp, reason)).encode())
 
     def apply_pause(self):
         if self.pause_change is None:
@@ -842,7 +853,14 @@ def main(argv):
         sys.stderr.write("unknown command %r\n" % command)
         return EXIT_BAD_REQUEST
     try:
-        request = json.loads(sys.stdin.buffer.read() or b"{}")
+        if "--request" in args:        # the request from a file instead of stdin (by hand, other tools)
+            with open(args[args.index("--request") + 1], "rb") as handle:
+                request = json.loads(handle.read())
+        else:
+            request = json.loads(sys.stdin.buffer.read() or b"{}")
+    except (OSError, IndexError) as exc:
+        sys.stderr.write("cannot read the request: %s\n" % exc)
+        return EXIT_BAD_REQUEST
     except ValueError as exc:
         sys.stderr.write("request is not JSON: %s\n" % exc)
         return EXIT_BAD_REQUEST

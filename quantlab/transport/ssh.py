@@ -259,6 +259,7 @@ class SshTransport:
 
     def _channel(self, deadline: float) -> paramiko.Channel:
         """A session channel; a connection found dropped is re-made once, transparently."""
+        budget = max(0.0, deadline - time.monotonic())
         for attempt in (1, 2):
             client = self._connected()
             transport = client.get_transport()
@@ -270,8 +271,10 @@ class SshTransport:
                     if self._client is client:
                         self._drop()
                 if attempt == 2 or time.monotonic() >= deadline:
-                    raise self._error("timeout" if "Timeout" in str(exc) else "io",
-                                      f"cannot open a session: {exc or type(exc).__name__}") from None
+                    if "Timeout" in str(exc) or time.monotonic() >= deadline:
+                        raise self._error("timeout", f"no session opened within {budget:.3g}s ({exc}); the host "
+                                                     "may be overloaded or frozen") from None
+                    raise self._error("io", f"cannot open a session: {exc or type(exc).__name__}") from None
         raise AssertionError("unreachable")
 
     # --- the Transport interface ---------------------------------------------------------------
@@ -280,10 +283,7 @@ class SshTransport:
         deadline = time.monotonic() + timeout
         channel = self._channel(deadline)
         try:
-            channel.exec_command(shlex.join(argv))     # each word quoted: nothing is parsed by the shell
-            if stdin:
-                channel.sendall(stdin)
-            channel.shutdown_write()
+            self._start(channel, argv, stdin, deadline, timeout)
             out, err = bytearray(), bytearray()
             while True:
                 while channel.recv_ready():
@@ -295,8 +295,7 @@ class SshTransport:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._abandon(channel)
-                    raise self._error("timeout", f"{argv[0]} {argv[2] if len(argv) > 2 else ''} did not finish "
-                                                 f"within {timeout:g}s; the host may be overloaded or frozen")
+                    raise self._timed_out(argv, timeout)
                 select.select([channel], [], [], min(left, 1.0))
             return Completed(channel.recv_exit_status(), bytes(out), bytes(err))
         except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -305,6 +304,43 @@ class SshTransport:
         finally:
             channel.close()
 
+    def _timed_out(self, argv: list[str], timeout: float) -> TransportError:
+        return self._error("timeout", f"{argv[0]} {argv[2] if len(argv) > 2 else ''} did not finish "
+                                      f"within {timeout:g}s; the host may be overloaded or frozen")
+
+    def _start(self, channel: paramiko.Channel, argv: list[str], stdin: bytes, deadline: float,
+               timeout: float) -> None:
+        """Send the command and its stdin, by the deadline. paramiko waits for the server's answer to
+        an exec request without any timeout, and sendall waits for window space: a host that stops
+        answering right after the channel opened would hang here for ever. A watchdog closes the
+        connection at the deadline, which wakes both."""
+        expired = threading.Event()
+        transport = channel.get_transport()
+
+        def give_up() -> None:
+            expired.set()
+            if transport is not None:
+                transport.close()
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), give_up)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            channel.settimeout(max(0.1, deadline - time.monotonic()))
+            channel.exec_command(shlex.join(argv))     # each word quoted: nothing is parsed by the shell
+            if stdin:
+                channel.sendall(stdin)
+            channel.shutdown_write()
+        except (paramiko.SSHException, OSError, EOFError):
+            if expired.is_set() or time.monotonic() >= deadline:
+                self._abandon(channel)
+                raise self._timed_out(argv, timeout) from None
+            raise
+        finally:
+            watchdog.cancel()
+        if expired.is_set():
+            self._abandon(channel)
+            raise self._timed_out(argv, timeout)
+
     def _abandon(self, channel: paramiko.Channel) -> None:
         # A command that hangs means the connection cannot be trusted: the next call makes a new one.
         channel.close()
@@ -312,12 +348,12 @@ class SshTransport:
             self._drop()
 
     def stream(self, argv: list[str], stdin: bytes = b"") -> Iterator[bytes]:
-        channel = self._channel(time.monotonic() + self.settings.command_timeout_s)
+        timeout = self.settings.command_timeout_s
+        deadline = time.monotonic() + timeout
+        channel = self._channel(deadline)
         try:
-            channel.exec_command(shlex.join(argv))
-            if stdin:
-                channel.sendall(stdin)
-            channel.shutdown_write()
+            self._start(channel, argv, stdin, deadline, timeout)
+            channel.settimeout(None)                   # then output may take as long as it takes (-f)
             while True:
                 chunk = channel.recv(65536)
                 if not chunk:
@@ -330,7 +366,16 @@ class SshTransport:
         client = self._connected()
         with self._lock:
             if self._sftp is None:
-                self._sftp = client.open_sftp()
+                # Like exec, the sftp subsystem request waits for the server without a timeout.
+                transport = client.get_transport()
+                watchdog = threading.Timer(self.settings.command_timeout_s,
+                                           transport.close if transport is not None else (lambda: None))
+                watchdog.daemon = True
+                watchdog.start()
+                try:
+                    self._sftp = client.open_sftp()
+                finally:
+                    watchdog.cancel()
                 channel = self._sftp.get_channel()
                 if channel is not None:
                     channel.settimeout(self.settings.command_timeout_s)

@@ -377,18 +377,24 @@ class FleetDir:
     def instance_dirs(self, sid: str) -> list[Path]:
         return sorted(p for p in (self.root / ".quantlab" / "workers").glob(f"*/instances/{sid}") if p.is_dir())
 
-    def idir(self, sid: str) -> Path:
-        """The instance folder of `sid` on the worker the state file places it on (else the only one)."""
+    def find_idir(self, sid: str) -> Path | None:
+        """The instance folder of `sid` on the worker the state file places it on, else the only
+        one there is; None while there is none (or several and no placement says which)."""
         placed = self.placement(sid)
         if placed is not None:
             return self.workdir(placed["worker"]) / "instances" / sid
         found = self.instance_dirs(sid)
-        assert len(found) == 1, f"{sid}: expected one instance folder, found {found}"
-        return found[0]
+        return found[0] if len(found) == 1 else None
+
+    def idir(self, sid: str) -> Path:
+        found = self.find_idir(sid)
+        assert found is not None, f"{sid}: no single instance folder ({self.instance_dirs(sid)})"
+        return found
 
     def read_json(self, sid: str, name: str) -> Any:
+        folder = self.find_idir(sid)
         try:
-            return json.loads((self.idir(sid) / name).read_text())
+            return json.loads((folder / name).read_text()) if folder else None
         except (FileNotFoundError, ValueError):
             return None
 
@@ -403,28 +409,32 @@ class FleetDir:
         return self.read_json(sid, f"state/{name}")
 
     def lines(self, sid: str, name: str) -> list[str]:
+        folder = self.find_idir(sid)
         try:
-            return (self.idir(sid) / "state" / name).read_text().splitlines()
+            return (folder / "state" / name).read_text().splitlines() if folder else []
         except FileNotFoundError:
             return []
 
     def host_events(self, sid: str) -> list[dict[str, Any]]:
+        folder = self.find_idir(sid)
         try:
-            return [json.loads(line) for line in (self.idir(sid) / "events.log").read_text().splitlines()]
+            return [json.loads(line) for line in (folder / "events.log").read_text().splitlines()] if folder else []
         except FileNotFoundError:
             return []
 
     def runner_pid(self, sid: str) -> int | None:
         """The pid of the runner recorded for `sid`, when that process is alive."""
+        folder = self.find_idir(sid)
         try:
-            pid = int((self.idir(sid) / "runner.pid").read_text().split()[0])
+            pid = int((folder / "runner.pid").read_text().split()[0]) if folder else None
         except (FileNotFoundError, ValueError, IndexError):
             return None
         return pid if alive(pid) else None
 
     def supervisor_pid(self, sid: str) -> int | None:
+        folder = self.find_idir(sid)
         try:
-            pid = int((self.idir(sid) / "supervisor.pid").read_text().split()[0])
+            pid = int((folder / "supervisor.pid").read_text().split()[0]) if folder else None
         except (FileNotFoundError, ValueError, IndexError):
             return None
         return pid if alive(pid) else None

@@ -131,3 +131,48 @@ def sshd_cluster_module(tmp_path_factory):
     start, teardown = _cluster_factory(tmp_path_factory)
     yield start
     teardown()
+
+
+# --- fleets on the sshd hosts (helpers in sshfleet.py beside this file) -------------------------------
+
+def _node_problem() -> str | None:
+    import shutil
+    import subprocess
+
+    # The hosts' login user gets sshd's default PATH; node must be found there.
+    node = shutil.which("node", path="/usr/local/bin:/usr/bin:/bin")
+    if node is None:
+        return "node is not on the hosts' PATH (the reference runner needs Node.js 18+)"
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    if int(version.lstrip("v").split(".")[0] or 0) < 18:
+        return f"node {version} is too old (the reference runner needs Node.js 18+)"
+    return None
+
+
+@pytest.fixture
+def ssh_fleet(sshd_cluster, tmp_path):
+    """Factory: ``fl = ssh_fleet(n=3, connect_timeout=.., command_timeout=..)`` starts ``n`` sshd hosts
+    and returns an empty ``sshfleet.SshFleet`` on them. At teardown (before the daemons stop) every
+    process whose command line mentions a workdir root or the fleet dir is SIGKILLed, and the test
+    fails if any survives."""
+    from sshfleet import SshFleet, processes
+
+    problem = _node_problem()
+    if problem is not None:
+        if sshd_required_by_env():
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+    made: list = []
+
+    def make(n: int = 3, cluster_kwargs: dict | None = None, **kwargs) -> "SshFleet":
+        cluster = sshd_cluster(n, **(cluster_kwargs or {}))
+        fl = SshFleet(cluster, tmp_path / f"fleet-{len(made)}", **kwargs)
+        made.append(fl)
+        return fl
+
+    yield make
+    left = []
+    for fl in made:
+        left += fl.reap()
+        left += processes(fl.markers)
+    assert not left, "processes survived the teardown: " + "; ".join(f"{p.pid} {p.cmdline}" for p in left)

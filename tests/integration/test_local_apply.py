@@ -1,0 +1,349 @@
+"""`quantlab apply` on `host: local` workers, end to end: real agents, supervisors and runners.
+
+Each test writes its own small fleet in tmp_path; the `reaper` fixture kills whatever it started.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import time
+
+import pytest
+
+from harness import (
+    alive,
+    copy_example_fleet,
+    proc_info,
+    processes,
+    quantlab,
+    wait_for,
+)
+
+STRATEGY_KEYS = {"id", "status", "workerId", "startedAt", "errorCount", "lastError", "restarts", "revision"}
+WORKER_KEYS = {"id", "status", "region", "runningStrategies", "cpu", "memory", "lastSeen"}
+
+
+def test_example_fleet_applies_and_runs_healthy(node, reaper, tmp_path):
+    fl = copy_example_fleet(tmp_path / "fleet")
+    wanted = set(fl.strategies)
+    assert len(wanted) == 5 and len(fl.workers) == 4
+    # A fleet under git, as the spec expects: plans, placements and events carry the commit.
+    (fl.root / ".gitignore").write_text(".quantlab/\n")
+    git = ["git", "-C", str(fl.root), "-c", "user.name=t", "-c", "user.email=t@example.invalid",
+           "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "fleet"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], check=True, capture_output=True,
+                            text=True).stdout.strip()
+
+    # Without --yes and without a terminal, apply refuses before touching anything.
+    refused = fl.ql("apply", check=1)
+    assert "pass --yes" in refused.stderr, refused.describe()
+    assert processes(fl.marker) == [], "apply without --yes started processes"
+    assert not any(fl.instance_dirs(sid) for sid in wanted)
+
+    done = fl.apply()
+    assert "Apply complete: 5 done, 0 failed." in done.stdout, done.describe()
+
+    # Every runner is a live node process of this fleet, and its heartbeat file advances.
+    for sid in sorted(wanted):
+        fl.beating(sid)
+        info = proc_info(fl.runner_pid(sid))
+        assert info is not None and info.state not in ("Z", "X")
+        assert os.path.basename(info.argv[0]) == "node" and info.argv[1].endswith(".mjs"), info.argv
+        assert info.environ()["QUANTLAB_STRATEGY_ID"] == sid
+    assert fl.runner_counts() == {sid: 1 for sid in wanted}
+
+    report = fl.status()
+    assert {s["id"] for s in report["strategies"]} == wanted
+    for s in report["strategies"]:
+        assert STRATEGY_KEYS <= set(s), f"missing {STRATEGY_KEYS - set(s)} in {s}"
+        assert s["status"] == "running" and s["healthy"] is True, s
+        assert s["workerId"] in fl.workers
+        assert isinstance(s["startedAt"], int) and s["startedAt"] > 1_600_000_000_000   # epoch ms
+        assert s["errorCount"] == 0 and s["lastError"] is None and s["restarts"] == 0
+        assert s["revision"] == commit, s
+    assert {w["id"] for w in report["workers"]} == set(fl.workers)
+    placed = {s["id"]: s["workerId"] for s in report["strategies"]}
+    for w in report["workers"]:
+        assert WORKER_KEYS <= set(w), f"missing {WORKER_KEYS - set(w)} in {w}"
+        assert w["region"] == fl.workers[w["id"]]["metadata"]["region"]
+        assert sorted(w["runningStrategies"]) == sorted(sid for sid, wid in placed.items() if wid == w["id"])
+        assert w["status"] == ("busy" if w["runningStrategies"] else "idle")
+        assert isinstance(w["cpu"], float) and isinstance(w["memory"], int) and isinstance(w["lastSeen"], int)
+    # Placement honours the requirements: region, api and proxy.
+    assert placed["trend-btc-eu"] == "worker-004"                       # the only EU worker
+    assert placed["trend-eth-01"] == "worker-003"                       # the only US worker
+    assert placed["grid-btc-sub1"] in ("worker-001", "worker-002")      # JP with the proxy
+
+    # Converged: a second plan has nothing to do.
+    again = fl.ql("plan", "--detailed-exitcode", check=0)
+    assert "No changes." in again.stdout, again.describe()
+    assert f"at {commit} (clean)" in again.stdout, again.describe()
+    starts = [e for e in fl.events() if e.get("event") == "start" and e.get("outcome") == "ok"]
+    assert sorted(e["strategy"] for e in starts) == sorted(wanted)
+    assert {(e["revision"], e["dirty"]) for e in starts} == {(commit, False)}
+
+
+def test_params_change_restarts_in_place_with_the_same_epoch(fleet):
+    fleet.worker("w1").strategy("alpha", {"grid": 10}).strategy("beta", {"grid": 1}).write()
+    fleet.apply()
+    fleet.beating("alpha")
+    fleet.beating("beta")
+    before = fleet.placement("alpha")
+    beta_pid = fleet.runner_pid("beta")
+    alpha_pid = fleet.runner_pid("alpha")
+    assert fleet.recorded("alpha", "params.json") == {"grid": 10}
+
+    fleet.strategies["alpha"]["params"] = {"grid": 24}
+    fleet.write()
+    plan = fleet.plan()
+    assert [(a["action"], a["strategy"], a["worker"]) for a in plan["actions"]] == [("restart", "alpha", "w1")]
+    assert "params changed: grid 10 → 24" in plan["actions"][0]["reason"]
+
+    fleet.apply()
+    wait_for(lambda: fleet.recorded("alpha", "params.json") == {"grid": 24}, 10,
+             what="the new params to reach alpha's runner")
+    fleet.beating("alpha")
+    after = fleet.placement("alpha")
+    assert after["epoch"] == before["epoch"] and after["worker"] == before["worker"]
+    assert fleet.recorded("alpha", "ctx.json")["epoch"] == before["epoch"]
+    assert fleet.runner_pid("alpha") != alpha_pid and not alive(alpha_pid)
+    assert len(fleet.lines("alpha", "exit.log")) == 1        # the old copy ran st_exit
+    assert fleet.runner_pid("beta") == beta_pid               # the other strategy was not touched
+    assert fleet.runner_counts() == {"alpha": 1, "beta": 1}
+    fleet.ql("plan", "--detailed-exitcode", check=0)
+
+
+def test_removed_strategy_stops_and_mass_stop_is_guarded(fleet):
+    fleet.worker("w1", max_strategies=8)
+    for sid in ("s1", "s2", "s3", "s4"):
+        fleet.strategy(sid)
+    fleet.write()
+    fleet.apply()
+    for sid in ("s1", "s2", "s3", "s4"):
+        fleet.beating(sid, beats=1)
+
+    # One of four removed: a plain stop, st_exit runs, the runner is gone.
+    s4_pid = fleet.runner_pid("s4")
+    del fleet.strategies["s4"]
+    fleet.write()
+    plan = fleet.plan()
+    assert [(a["action"], a["strategy"]) for a in plan["actions"]] == [("stop", "s4")]
+    assert plan["blocked"] == []
+    fleet.apply()
+    assert len(fleet.lines("s4", "exit.log")) == 1
+    assert not alive(s4_pid)
+    assert fleet.host_status("s4")["state"] == "stopped"
+    assert fleet.placement("s4") is None
+
+    # All three that still run removed: refused as a whole, nothing stops.
+    pids = {sid: fleet.runner_pid(sid) for sid in ("s1", "s2", "s3")}
+    fleet.strategies.clear()
+    fleet.write()
+    plan = fleet.plan()
+    assert plan["actions"] == []
+    assert [b["guard"] for b in plan["blocked"]] == ["mass-stop"]
+    assert sorted(a["strategy"] for a in plan["blocked"][0]["actions"]) == ["s1", "s2", "s3"]
+    refused = fleet.apply(check=1)
+    assert "mass-stop" in refused.stderr and "--allow-mass-stop" in refused.stderr, refused.describe()
+    for sid, pid in pids.items():
+        assert fleet.runner_pid(sid) == pid, f"{sid} was touched by a refused apply"
+        assert fleet.lines(sid, "exit.log") == []
+
+    # With --allow-mass-stop they all stop, each through st_exit.
+    fleet.apply("--allow-mass-stop")
+    for sid, pid in pids.items():
+        assert not alive(pid)
+        assert len(fleet.lines(sid, "exit.log")) == 1
+    assert fleet.runner_counts() == {}
+    assert fleet.state()["placements"] == {}
+
+
+def test_refused_mass_stop_keeps_the_capacity_it_would_have_freed(fleet):
+    fleet.worker("w1", max_strategies=3)
+    for sid in ("s1", "s2", "s3"):
+        fleet.strategy(sid)
+    fleet.write()
+    fleet.apply()
+    # Two of three set to stopped (refused by the guard) while two new ones arrive: the new ones
+    # must not take the slots of stops that are not going to happen.
+    fleet.strategies["s1"]["desiredState"] = fleet.strategies["s2"]["desiredState"] = "stopped"
+    fleet.strategy("n1").strategy("n2").write()
+    plan = fleet.plan()
+    assert [b["guard"] for b in plan["blocked"]] == ["mass-stop"]
+    assert plan["actions"] == [], plan["actions"]
+    assert sorted(q["strategy"] for q in plan["queued"]) == ["n1", "n2"]
+    assert all("full" in q["reason"] for q in plan["queued"]), plan["queued"]
+    fleet.apply(check=1)
+    assert fleet.runner_counts() == {"s1": 1, "s2": 1, "s3": 1}
+
+    fleet.apply("--allow-mass-stop")
+    wait_for(lambda: fleet.runner_counts() == {"s3": 1, "n1": 1, "n2": 1}, 10,
+             what="the stops, then the new strategies in the freed slots")
+
+
+def test_secrets_reach_the_runner_only_and_steer_placement(fleet):
+    secret = "s3cr3t-" + hashlib.sha256(os.urandom(16)).hexdigest()[:24]
+    # worker-a sorts first and would be chosen on a tie; only worker-b holds the account's secrets.
+    fleet.worker("worker-a").worker("worker-b")
+    fleet.strategy("keyed", {"envHash": ["API_KEY", "OTHER"], "symbol": "BTCUSDT"},
+                   requirements={"account": "desk@paper-1", "credentials": True})
+    fleet.strategy("nokey", {"symbol": "ETHUSDT"}, requirements={"account": "desk@paper-2", "credentials": True})
+    fleet.write()
+    secrets = fleet.workdir("worker-b") / "secrets"
+    secrets.mkdir(parents=True)
+    env_file = secrets / "desk@paper-1.env"
+    env_file.write_text(f"# exchange keys\nexport API_KEY='{secret}'\nOTHER=plain\n")
+    env_file.chmod(0o600)
+
+    plan = fleet.plan()
+    assert [(a["action"], a["strategy"], a["worker"]) for a in plan["actions"]] == [("start", "keyed", "worker-b")]
+    assert [q["strategy"] for q in plan["queued"]] == ["nokey"]
+    assert "no secrets/desk@paper-2.env" in plan["queued"][0]["reason"], plan["queued"]
+    assert {r["reason"] for r in plan["queued"][0]["rejections"]} == {"credentials"}
+
+    applied = fleet.apply()
+    fleet.beating("keyed")
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    assert fleet.recorded("keyed", "env-hash.json") == {"API_KEY": digest,
+                                                        "OTHER": hashlib.sha256(b"plain").hexdigest()}
+    environ = proc_info(fleet.runner_pid("keyed")).environ()
+    assert environ["API_KEY"] == secret
+
+    # The value is nowhere but in the secrets file: not the state file, the events log, the agent's
+    # files, the output log, nor anything the CLI prints.
+    fleet.ql("logs", "keyed")
+    printed = [applied.output, fleet.ql("status", "--output", "json").output, fleet.ql("status").output,
+               fleet.ql("events", "--output", "json").output, fleet.ql("logs", "keyed").output,
+               fleet.ql("plan", "--output", "json").output]
+    for text in printed:
+        assert secret not in text
+    checked = 0
+    for path in fleet.root.parent.rglob("*"):
+        if path.is_file() and path != env_file:
+            assert secret.encode() not in path.read_bytes(), f"the secret leaked into {path}"
+            checked += 1
+    assert fleet.state_path.exists() and (fleet.idir("keyed") / "output.log").exists() and checked > 10
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+
+
+def test_hostile_params_reach_the_runner_verbatim(fleet, tmp_path):
+    pwned = tmp_path / "pwned"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("still here")
+    params = {
+        "subst": f"$(touch {pwned})",
+        "backticks": f"`touch {pwned}`",
+        "quotes": "it's \"quoted\" \\ 'twice'",
+        "semicolon": f"x; rm -rf {victim}; touch {pwned}",
+        "newlines": f"line one\nline two\n\ttouch {pwned}\r\n",
+        "dollar": "$HOME ${PATH} $((1+1)) %s %n {runner}",
+        "glob": "* ? [a-z] ~root",
+        "unicode": "日本語 ✓ \u202e",
+        "nested": {"list": ["-rf", "--", f"|touch {pwned}", "&&", ">", "/dev/null"], "n": 1.5, "t": True,
+                   "none": None},
+    }
+    fleet.worker("w1").strategy("hostile", params).write()
+    fleet.apply()
+    fleet.beating("hostile", beats=1)
+    assert fleet.recorded("hostile", "params.json") == params
+    assert json.loads(fleet.recorded("hostile", "ctx.json")["env"]["QUANTLAB_PARAMS"]) == params
+    # Through every other command that touches the strategy, too.
+    fleet.ql("status")
+    fleet.ql("plan", "--detailed-exitcode")
+    fleet.ql("logs", "hostile")
+    assert not pwned.exists(), "a param was run by a shell"
+    assert (victim / "keep").read_text() == "still here"
+
+
+@pytest.mark.slow
+def test_logs_init_and_filtered_events(fleet, tmp_path):
+    token = "tok-" + hashlib.sha256(os.urandom(8)).hexdigest()[:12]
+    fleet.worker("w1").strategy("talker", {"token": token}).strategy("quiet").write()
+    fleet.apply()
+    fleet.beating("talker", beats=1)
+    fleet.beating("quiet", beats=1)
+
+    logs = fleet.ql("logs", "talker")
+    assert f"probe talker started, epoch {fleet.placement('talker')['epoch']}, token {token}" in logs.stdout
+    assert token not in fleet.ql("logs", "quiet").stdout
+    missing = fleet.ql("logs", "nobody", check=1)
+    assert "nobody is not placed" in missing.stderr
+
+    # An event from two hours ago (as an older run would have left it), then the filters.
+    old = {"t": int(time.time() * 1000) - 2 * 3600 * 1000, "event": "start", "strategy": "talker",
+           "worker": "w1", "actor": "someone@elsewhere apply", "outcome": "ok"}
+    with open(fleet.root / ".quantlab" / "events.jsonl", "a") as handle:
+        handle.write(json.dumps(old) + "\n")
+    everything = fleet.events()
+    assert {e.get("strategy") for e in everything} >= {"talker", "quiet"}
+    talker = fleet.events("--strategy", "talker")
+    assert talker and all(e["strategy"] == "talker" for e in talker)
+    assert old in talker
+    recent = fleet.events("--since", "1h", "--strategy", "talker")
+    assert recent and all(e["strategy"] == "talker" for e in recent)
+    assert old not in recent
+    assert any(e["event"] == "start" and e.get("outcome") == "ok" for e in recent)
+    assert fleet.events("--since", "1h", "--strategy", "nobody") == []
+    assert "No events." in fleet.ql("events", "--strategy", "nobody").stdout
+    assert fleet.ql("events", "--since", "yesterday-ish", check=1).returncode == 1
+
+    # init writes a fleet that validates (and refuses to overwrite one).
+    created = tmp_path / "new-fleet"
+    quantlab("init", created)
+    assert "is valid" in quantlab("validate", "--fleet", created).stdout
+    again = quantlab("init", created, check=1)
+    assert again.stderr.strip()
+
+
+def test_requirements_change_moves_stopping_the_old_copy_first(fleet):
+    fleet.worker("w-jp", region="JP").worker("w-us", region="US")
+    fleet.strategy("mover", {"exitDelayMs": 500}, requirements={"region": "JP"}).write()
+    fleet.apply()
+    fleet.beating("mover")
+    old_pid, old_epoch = fleet.runner_pid("mover"), fleet.placement("mover")["epoch"]
+    old_dir = fleet.idir("mover")
+
+    fleet.strategies["mover"]["requirements"]["region"] = "US"
+    fleet.write()
+    plan = fleet.plan()
+    assert [(a["action"], a["strategy"], a["from"], a["to"]) for a in plan["actions"]] == \
+        [("move", "mover", "w-jp", "w-us")]
+    fleet.apply()
+    placed = fleet.placement("mover")
+    assert placed["worker"] == "w-us" and placed["epoch"] > old_epoch
+    fleet.beating("mover")
+    new_dir = fleet.idir("mover")
+    assert new_dir != old_dir and not alive(old_pid)
+    # The old copy ran st_exit (500 ms) and was confirmed stopped before the new one started.
+    old_status = json.loads((old_dir / "status.json").read_text())
+    new_status = fleet.host_status("mover")
+    assert old_status["state"] == "stopped" and old_status["reason"] == "moving to w-us", old_status
+    assert (old_dir / "state" / "exit.log").read_text().count("\n") == 1
+    assert old_status["stoppedAt"] <= new_status["startedAt"], (old_status, new_status)
+    assert fleet.recorded("mover", "ctx.json")["epoch"] == placed["epoch"]
+    assert fleet.runner_counts() == {"mover": 1}
+
+
+@pytest.mark.xfail(strict=True, reason="not implemented yet: SPEC 'Faults and recovery' says the checkpoint "
+                                       "folder is copied to the controller and put back on the new worker "
+                                       "when a strategy moves; nothing in quantlab/ copies it")
+def test_move_carries_the_checkpoint_to_the_new_worker(fleet):
+    fleet.worker("w-jp", region="JP").worker("w-us", region="US")
+    fleet.strategy("mover", requirements={"region": "JP"}).write()
+    fleet.apply()
+    beats = fleet.beating("mover", beats=3)["beats"]
+    fleet.strategies["mover"]["requirements"]["region"] = "US"
+    fleet.write()
+    fleet.apply()
+    assert fleet.placement("mover")["worker"] == "w-us"
+    fleet.beating("mover", beats=1)
+    # ctx.state.beats counts every beat of the strategy across restarts and moves.
+    state = json.loads((fleet.idir("mover") / "state" / "state.json").read_text())
+    assert state["beats"] > beats, state
