@@ -113,7 +113,7 @@ def measure(n: int, repeat: int, base: Path) -> dict:
             home = request["workers"][0]["workdir"]
             req_path = f"{home}/probe-request.json"
             hosts.transport(HostKey(h.name)).put_file(json.dumps(request).encode(), req_path)
-            commands[h.name] = (f"python3 {home}/{AGENT_PATH} probe --request {req_path}", request)
+            commands[h.name] = (f"python3 -I -S {home}/{AGENT_PATH} probe --request {req_path}", request)
         ctl.close()
 
         answered = {}
@@ -174,12 +174,12 @@ def run_ansible(cluster: SshdCluster, commands: dict, n: int, repeat: int, base:
     for h in cluster.hosts:
         lines.append(f"{h.name} ansible_host={h.address} ansible_port={h.port} ansible_user={cluster.user} "
                      f"ansible_ssh_private_key_file={cluster.client_key_path}")
-        (folder / "host_vars" / f"{h.name}.yml").write_text(f"root: {h.workdir_root}\n")
+        agent, req = commands[h.name][0].split()[3::3]
+        (folder / "host_vars" / f"{h.name}.yml").write_text(f"agent: {agent}\nrequest: {req}\n")
     inventory = folder / "inventory.ini"
     inventory.write_text("\n".join(lines) + "\n")
-    # One command text for all hosts: each host's own workdir root comes from its host_vars.
-    first = cluster.hosts[0]
-    command = commands[first.name][0].replace(str(first.workdir_root), "{{ root }}")
+    # Each host's own probe command (its workdirs differ) comes from its host_vars.
+    command = "python3 -I -S {{ agent }} probe --request {{ request }}"
     env = dict(os.environ, ANSIBLE_HOST_KEY_CHECKING="True", ANSIBLE_PYTHON_INTERPRETER="/usr/bin/python3",
                ANSIBLE_SSH_ARGS=f"-o UserKnownHostsFile={cluster.known_hosts_path} -o StrictHostKeyChecking=yes "
                                 "-o ControlMaster=auto -o ControlPersist=60s",

@@ -47,16 +47,15 @@ def failover_margin_s(monitor: MonitorSettings) -> float:
     return 1.0 + 0.05 * monitor.lease_ttl_s
 
 
-def lease_surely_expired_at(worker_id: str, memory: Memory, monitor: MonitorSettings,
-                            spec: StrategySpec) -> int | None:
-    """ms after which no copy on `worker_id` can still run: the latest lease grant, plus the TTL,
-    plus the strategy's stop grace, plus a margin. None when fencing is off or nothing was granted."""
-    if not monitor.fencing:
-        return None
-    granted = memory.leases.get(worker_id)
-    if granted is None:
-        return None
-    extra_s = monitor.lease_ttl_s + spec.scheduling.stop_timeout_s + failover_margin_s(monitor)
+def lease_surely_expired_at(strategy: str, worker_id: str, memory: Memory, monitor: MonitorSettings,
+                            stop_timeout_s: float) -> int:
+    """ms after which no copy of `strategy` can still run on `worker_id`: the latest lease grant there
+    (a renewal, a start, or at worst the last answered probe), plus the TTL, plus the strategy's stop
+    grace, plus a margin."""
+    placed = memory.placements.get(strategy)
+    granted = max(memory.leases.get(worker_id, 0), memory.last_seen.get(worker_id, 0),
+                  placed.placed_at if placed is not None and placed.worker == worker_id else 0)
+    extra_s = monitor.lease_ttl_s + stop_timeout_s + failover_margin_s(monitor)
     return granted + int(extra_s * 1000)
 
 

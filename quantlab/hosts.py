@@ -70,7 +70,9 @@ class Agent:
         self._shipped = False
 
     def _argv(self, command: str, args: tuple[str, ...]) -> list[str]:
-        return [self.python, f"{self.home}/{AGENT_PATH}", command, *args]
+        # -I -S: no site-packages, user site or PYTHON* variables of the host; the agent needs none,
+        # and every probe starts a little faster.
+        return [self.python, "-I", "-S", f"{self.home}/{AGENT_PATH}", command, *args]
 
     def run(self, command: str, request: dict[str, Any], timeout: float, args: tuple[str, ...] = ()) -> Completed:
         payload = json.dumps(request).encode()

@@ -74,12 +74,3 @@ class ObservedState:
     def worker(self, worker_id: str) -> WorkerState | None:
         return self.workers.get(worker_id)
 
-
-def from_memory(worker_ids: list[str], placements: Mapping[str, Any], now_ms: int) -> ObservedState:
-    """Observed state as the memory remembers it, every worker reachable: for planning without probes."""
-    instances: dict[str, dict[str, Instance]] = {wid: {} for wid in worker_ids}
-    for sid, p in placements.items():
-        if p.worker in instances:
-            instances[p.worker][sid] = Instance(strategy=sid, epoch=p.epoch, spec_hash=p.spec_hash,
-                                                status="paused" if p.paused else "running", alive=True)
-    return ObservedState({wid: WorkerState(wid, True, instances=insts) for wid, insts in instances.items()}, now_ms)

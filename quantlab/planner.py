@@ -258,10 +258,9 @@ class _Planner:
 
     def seconds_until_movable(self, spec: StrategySpec, cur: _Current) -> float:
         """Seconds until no copy of `spec` can still run on its current worker (negative: since)."""
-        granted = max(self.memory.leases.get(cur.worker, 0), self.memory.last_seen.get(cur.worker, 0),
-                      self.memory.placements[spec.id].placed_at if spec.id in self.memory.placements else 0)
-        extra = self.monitor.lease_ttl_s + spec.scheduling.stop_timeout_s + health.failover_margin_s(self.monitor)
-        return (granted + extra * 1000 - self.now) / 1000
+        expiry = health.lease_surely_expired_at(spec.id, cur.worker, self.memory, self.monitor,
+                                                spec.scheduling.stop_timeout_s)
+        return (expiry - self.now) / 1000
 
     def wait_unreachable(self, spec: StrategySpec, cur: _Current, live: WorkerLiveness) -> None:
         down = live.down_for_s or 0.0

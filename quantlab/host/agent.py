@@ -336,7 +336,7 @@ def start(request, args):
         "stopTimeoutSeconds": request["scheduling"]["stopTimeoutSeconds"]})
     import subprocess
     with open(os.path.join(idir, "supervisor.log"), "ab") as log:
-        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "supervise", idir],
+        child = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), "supervise", idir],
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
                                  start_new_session=True, cwd=idir)
     write_pid(os.path.join(idir, "supervisor.pid"), child.pid)

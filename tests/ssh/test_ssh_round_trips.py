@@ -191,7 +191,7 @@ def test_one_command_per_host_per_probe(ssh_fleet):
             assert all(i.status == "running" for s in gathered.observed.workers.values() for i in s.instances.values())
             assert sorted(w for ws in gathered.renewed.values() for w in ws) == sorted(placed)
         probe = counting.made["host-01"].runs[-1]
-        assert probe[:3] == ["python3", f"{fl.workdir('a-1')}/{AGENT_PATH}", "probe"], probe
+        assert probe[:5] == ["python3", "-I", "-S", f"{fl.workdir('a-1')}/{AGENT_PATH}", "probe"], probe
         assert counting.connects() == {"host-01": 1, "host-02": 1}
         assert all(t.puts == [] for t in counting.made.values())
     finally:
