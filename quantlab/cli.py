@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import render
-from .controller import Controller, StalePlan, default_fleet_dir, default_state_path
+from .controller import Controller, default_fleet_dir, default_state_path
 from .execute import Outcome
 from .hosts import AgentError
 from .plan import Action, Plan
@@ -97,6 +97,17 @@ def _header(ctl: Controller, fleet: Fleet, plan: Plan, observed: Any, serial: in
     return header
 
 
+def _look(ctl: Controller, options: PlanOptions) -> tuple[Fleet, Any, Any, Plan]:
+    """Read-only: the fleet, the memory, a probe of every host (no lease renewed) and the plan."""
+    try:
+        loaded = ctl.load_fleet()
+        memory = ctl.store.load()
+        gathered = ctl.observe(loaded, memory)
+        return loaded, memory, gathered, ctl.plan(loaded, memory, gathered, options)
+    finally:
+        ctl.close()
+
+
 @app.command()
 @_handled
 def validate(fleet: FleetOpt = None) -> None:
@@ -122,14 +133,8 @@ def plan(
 ) -> None:
     """Show what apply would do, and why."""
     ctl = _controller(fleet, state, accept_new_host_keys)
-    try:
-        loaded = ctl.load_fleet()
-        memory = ctl.store.load()
-        gathered = ctl.observe(loaded, memory)
-        options = PlanOptions(rebalance=rebalance, max_moves=max_moves, targets=frozenset(target or ()))
-        result = ctl.plan(loaded, memory, gathered, options)
-    finally:
-        ctl.close()
+    options = PlanOptions(rebalance=rebalance, max_moves=max_moves, targets=frozenset(target or ()))
+    loaded, memory, gathered, result = _look(ctl, options)
     if out_file is not None:
         write_plan(out_file, result)
     if output is Output.json:
@@ -263,13 +268,7 @@ def status(
 ) -> None:
     """Workers and strategies as they are now."""
     ctl = _controller(fleet, state, accept_new_host_keys)
-    try:
-        loaded = ctl.load_fleet()
-        memory = ctl.store.load()
-        gathered = ctl.observe(loaded, memory)
-        result = ctl.plan(loaded, memory, gathered, PlanOptions())
-    finally:
-        ctl.close()
+    loaded, memory, gathered, result = _look(ctl, PlanOptions())
     report = fleet_status(loaded, gathered.observed, memory, ctl.clock(), result, result.fleet_revision)
     if output is Output.json:
         print(json.dumps(report, indent=1))

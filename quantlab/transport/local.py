@@ -1,11 +1,11 @@
 """The embedded `local` transport: this machine, through subprocesses, with the same agent as SSH."""
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 from typing import Iterator
 
+from ..atomicfile import atomic_write
 from .base import Completed, TransportError
 
 
@@ -38,19 +38,10 @@ class LocalTransport:
             proc.wait()
 
     def put_file(self, data: bytes, path: str, mode: int = 0o644) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
+            atomic_write(Path(path), data, mode)
+        except OSError as exc:
+            raise TransportError(self.name, "io", f"cannot write {path}: {exc.strerror}") from None
 
     def get_file(self, path: str) -> bytes:
         try:

@@ -8,27 +8,16 @@ the reaper behind it. `node`: Node.js 18+ must be installed (a skip locally, a f
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 
 import pytest
 
 from harness import FleetDir, kill_all, processes
-
-
-def _node_problem() -> str | None:
-    node = shutil.which("node")
-    if node is None:
-        return "node is not on PATH (the reference runner needs Node.js 18+)"
-    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
-    if int(version.lstrip("v").split(".")[0] or 0) < 18:
-        return f"node {version} is too old (the reference runner needs Node.js 18+)"
-    return None
+from tests.support import node_problem
 
 
 @pytest.fixture(scope="session")
 def node() -> None:
-    problem = _node_problem()
+    problem = node_problem()
     if problem is not None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{problem}; CI=true, so this is a failure, not a skip")

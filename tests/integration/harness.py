@@ -21,9 +21,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import yaml
+
+from tests.support import Proc, alive, cli_env, hold_for, kill_all, proc_info, processes, wait_for  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_FLEET = REPO / "fleet"
@@ -36,93 +38,7 @@ LONG_LEASE = 300
 INTERVAL = 0.5
 
 
-# --- waiting ---------------------------------------------------------------------------------------
-
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str | None = None) -> Any:
-    """Poll `predicate` until it returns something truthy, and return that; fail after `timeout`
-    seconds with a message that says what was awaited (and what the predicate saw last)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            name = what or getattr(predicate, "__name__", "a condition")
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {name} (last value: {last!r})")
-        time.sleep(interval)
-
-
-def hold_for(seconds: float, invariant: Callable[[], Any], what: str, interval: float = 0.05) -> None:
-    """Check `invariant` every `interval` for `seconds`; fail at the first poll where it is false.
-    (Asserting that something *stays* true for a while is an observation over time, not a sleep.)"""
-    deadline = time.monotonic() + seconds
-    while True:
-        ok = invariant()
-        if not ok:
-            raise AssertionError(f"{what} stopped holding after {seconds - (deadline - time.monotonic()):.2f}s "
-                                 f"(value: {ok!r})")
-        if time.monotonic() >= deadline:
-            return
-        time.sleep(interval)
-
-
 # --- /proc -------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    pgid: int
-    state: str
-    argv: tuple[str, ...]
-
-    @property
-    def cmdline(self) -> str:
-        return " ".join(self.argv)
-
-    def environ(self) -> dict[str, str]:
-        try:
-            raw = Path(f"/proc/{self.pid}/environ").read_bytes()
-        except OSError:
-            return {}
-        out = {}
-        for item in raw.split(b"\0"):
-            if b"=" in item:
-                key, value = item.split(b"=", 1)
-                out[key.decode(errors="replace")] = value.decode(errors="replace")
-        return out
-
-
-def proc_info(pid: int) -> Proc | None:
-    """The process `pid`, or None when it is gone. Zombies come back with state 'Z' and no argv."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    fields = stat.rsplit(b")", 1)[1].split()
-    return Proc(pid, int(fields[2]), fields[0].decode(), tuple(a.decode(errors="replace") for a in argv.split(b"\0") if a))
-
-
-def alive(pid: int | None) -> bool:
-    """True when `pid` runs and is not a zombie (PID 1 here may never reap orphans)."""
-    if pid is None:
-        return False
-    info = proc_info(pid)
-    return info is not None and info.state not in ("Z", "X")
-
-
-def processes(marker: str) -> list[Proc]:
-    """Live (non-zombie) processes whose command line contains `marker`, except this one."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        info = proc_info(int(entry))
-        if info is not None and info.state not in ("Z", "X") and marker in info.cmdline:
-            out.append(info)
-    return out
-
 
 def runners(marker: str) -> list[Proc]:
     """Runner processes (node, with QUANTLAB_STRATEGY_ID in their environment) under `marker`."""
@@ -139,35 +55,7 @@ def supervisors(marker: str) -> list[Proc]:
     return [p for p in processes(marker) if "supervise" in p.argv]
 
 
-def kill_all(marker: str, timeout: float = 10.0) -> list[Proc]:
-    """SIGKILL the process group of every process whose command line contains `marker` (never our
-    own group: a process started without its own session is killed alone), until none is left.
-    Returns what was still there at the deadline."""
-    own_group = os.getpgrp()
-    deadline = time.monotonic() + timeout
-    while True:
-        found = processes(marker)
-        if not found or time.monotonic() >= deadline:
-            return found
-        # Supervisors first, so none of them restarts a runner in between.
-        for p in sorted(found, key=lambda p: "supervise" not in p.argv):
-            try:
-                if p.pgid != own_group and p.pgid > 1:
-                    os.killpg(p.pgid, signal.SIGKILL)
-                else:
-                    os.kill(p.pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.05)
-
-
 # --- the CLI -----------------------------------------------------------------------------------------
-
-def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUANTLAB_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
 
 @dataclass
 class Result:

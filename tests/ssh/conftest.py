@@ -135,20 +135,6 @@ def sshd_cluster_module(tmp_path_factory):
 
 # --- fleets on the sshd hosts (helpers in sshfleet.py beside this file) -------------------------------
 
-def _node_problem() -> str | None:
-    import shutil
-    import subprocess
-
-    # The hosts' login user gets sshd's default PATH; node must be found there.
-    node = shutil.which("node", path="/usr/local/bin:/usr/bin:/bin")
-    if node is None:
-        return "node is not on the hosts' PATH (the reference runner needs Node.js 18+)"
-    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
-    if int(version.lstrip("v").split(".")[0] or 0) < 18:
-        return f"node {version} is too old (the reference runner needs Node.js 18+)"
-    return None
-
-
 @pytest.fixture
 def ssh_fleet(sshd_cluster, tmp_path):
     """Factory: ``fl = ssh_fleet(n=3, connect_timeout=.., command_timeout=..)`` starts ``n`` sshd hosts
@@ -157,7 +143,8 @@ def ssh_fleet(sshd_cluster, tmp_path):
     fails if any survives."""
     from sshfleet import SshFleet, processes
 
-    problem = _node_problem()
+    from tests.support import node_problem
+    problem = node_problem("/usr/local/bin:/usr/bin:/bin")
     if problem is not None:
         if sshd_required_by_env():
             pytest.fail(problem, pytrace=False)

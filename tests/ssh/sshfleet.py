@@ -15,15 +15,16 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import yaml
+
+from tests.support import Proc, cli_env, kill_all, proc_info, processes, wait_for  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -43,94 +44,6 @@ export async function st_heartbeat(ctx) {
 }
 export async function st_exit(ctx) {}
 """
-
-
-# --- waiting -----------------------------------------------------------------------------------------
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll until `predicate()` is truthy and return it; fail after `timeout` s saying what was awaited."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last value: {value!r})")
-        time.sleep(interval)
-
-
-# --- /proc -------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    pgid: int
-    uid: int
-    state: str
-    argv: tuple[str, ...]
-
-    @property
-    def cmdline(self) -> str:
-        return " ".join(self.argv)
-
-    def environ(self) -> dict[str, str]:
-        try:
-            raw = Path(f"/proc/{self.pid}/environ").read_bytes()
-        except OSError:
-            return {}
-        out = {}
-        for item in raw.split(b"\0"):
-            if b"=" in item:
-                key, value = item.split(b"=", 1)
-                out[key.decode(errors="replace")] = value.decode(errors="replace")
-        return out
-
-
-def proc_info(pid: int) -> Proc | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes()
-        uid = os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return None
-    fields = stat.rsplit(b")", 1)[1].split()
-    return Proc(pid, int(fields[2]), uid, fields[0].decode(),
-                tuple(a.decode(errors="replace") for a in argv.split(b"\0") if a))
-
-
-def processes(markers: Iterable[str]) -> list[Proc]:
-    """Live (non-zombie) processes, other than this one, whose command line mentions a marker."""
-    markers = [m for m in markers if m]
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        info = proc_info(int(entry))
-        if info is not None and info.state not in ("Z", "X") and any(m in info.cmdline for m in markers):
-            out.append(info)
-    return out
-
-
-def kill_all(markers: Iterable[str], timeout: float = 10.0) -> list[Proc]:
-    """SIGKILL (by pid, or by process group when the process leads its own) every process that
-    mentions a marker, until none is left; never this process's group. Returns what was left."""
-    markers = list(markers)
-    own_group = os.getpgrp()
-    deadline = time.monotonic() + timeout
-    while True:
-        found = processes(markers)
-        if not found or time.monotonic() >= deadline:
-            return found
-        # Supervisors first, so none of them restarts its runner in between.
-        for p in sorted(found, key=lambda p: "supervise" not in p.argv):
-            try:
-                if p.pgid == p.pid and p.pgid != own_group:
-                    os.killpg(p.pgid, signal.SIGKILL)
-                else:
-                    os.kill(p.pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.05)
 
 
 # --- the CLI -----------------------------------------------------------------------------------------
@@ -160,12 +73,6 @@ class Result:
     def describe(self) -> str:
         return (f"$ quantlab {' '.join(self.args)}\nexit {self.returncode} after {self.seconds:.2f}s\n"
                 f"--- stdout\n{self.out[-6000:]}\n--- stderr\n{self.err[-6000:]}")
-
-
-def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUANTLAB_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 # --- a fleet on the cluster --------------------------------------------------------------------------

@@ -6,9 +6,7 @@ The counting happens in `CountingSsh`, a subclass of the real paramiko transport
 quantlab.hosts.Hosts through its transport_factory: every call still goes to the real sshd."""
 from __future__ import annotations
 
-import os
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
