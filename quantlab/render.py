@@ -89,7 +89,7 @@ def status_tables(report: dict, now_ms: int) -> list:
               "running": "green", "paused": "magenta", "pending": "yellow", "queued": "yellow",
               "error": "red", "stopped": "dim"}
     workers = Table(title="Workers", title_justify="left", expand=False)
-    for name in ("WORKER", "HOST", "REGION", "STATUS", "STRATEGIES", "CPU", "FREE MEM", "LAST SEEN"):
+    for name in ("WORKER", "HOST", "REGION", "STATUS", "STRATEGIES", "CPU", "FREE MEM", "LAST SEEN", "NOTE"):
         workers.add_column(name)
     for w in report["workers"]:
         flags = " cordoned" if w["cordoned"] else ""
@@ -101,7 +101,7 @@ def status_tables(report: dict, now_ms: int) -> list:
             f"[{colors.get(w['status'], 'white')}]{w['status']}[/]{flags}",
             f"{len(w['runningStrategies'])}/{w['maxStrategies']}",
             "—" if w["cpu"] is None else f"{w['cpu']:.2f}",
-            "—" if w["memory"] is None else f"{w['memory']} MB", seen)
+            "—" if w["memory"] is None else f"{w['memory']} MB", seen, escape((w["error"] or "")[:100]))
     strategies = Table(title="Strategies", title_justify="left", expand=False)
     for name in ("STRATEGY", "STATUS", "WORKER", "HEARTBEAT", "ERRORS", "RESTARTS", "REVISION", "LEASE", "NOTE"):
         strategies.add_column(name)

@@ -218,7 +218,8 @@ def describe_instance(idir, strategy, events_since):
         "restarts": status.get("restarts", 0), "exitCode": status.get("exitCode"),
         "errorCount": (beat or {}).get("errorCount", 0), "lastError": (beat or {}).get("lastError"),
         "beats": (beat or {}).get("beats"), "heartbeatAgeMs": (beat or {}).get("ageMs"),
-        "leaseLeftSeconds": round(lease["deadline"] - boottime(), 3) if "deadline" in lease else None,
+        "leaseLeftSeconds": (round(lease["deadline"] - boottime(), 3)
+                             if "deadline" in lease and state not in FINAL_STATES else None),
     }
     if events_since is not None:
         out["events"] = read_events(idir, events_since)

@@ -10,6 +10,7 @@ those and never stalls the others.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import logging
 import os
@@ -157,12 +158,15 @@ class SshTransport:
         ep = self.endpoint
         if ep.proxy_jump:
             if self._jump is None:
-                jump_alias = ep.proxy_jump.split(",")[0]
-                jump_user, _, jump_host = jump_alias.rpartition("@")
+                # "a,b": the target is reached through b, and b through a (like OpenSSH).
+                *before, last = [hop.strip() for hop in ep.proxy_jump.split(",")]
+                jump_user, _, jump_host = last.rpartition("@")
                 jump_host, _, jump_port = jump_host.partition(":")
-                self._jump = SshTransport(resolve(jump_host, int(jump_port) if jump_port else None,
-                                                  jump_user or None, self.settings, self.config),
-                                          self.settings, self.accept_new, self.config)
+                hop = resolve(jump_host, int(jump_port) if jump_port else None, jump_user or None,
+                              self.settings, self.config)
+                if before:
+                    hop = dataclasses.replace(hop, proxy_jump=",".join(before))
+                self._jump = SshTransport(hop, self.settings, self.accept_new, self.config)
             jump = self._jump._connected().get_transport()
             assert jump is not None
             try:

@@ -108,6 +108,44 @@ def test_worker_behind_a_proxyjump_host(ssh_fleet):
 
 
 @pytest.mark.slow
+def test_worker_behind_a_chain_of_two_jump_hosts(ssh_fleet):
+    """`ProxyJump host-01,host-02`: like OpenSSH, the target is reached through host-02, itself
+    reached through host-01."""
+    fl = ssh_fleet(3)
+    c = fl.cluster
+    h1, h2, h3 = fl.hosts["host-01"], fl.hosts["host-02"], fl.hosts["host-03"]
+    config = fl.root / "ssh_config_chain"
+    config.write_text(c.ssh_config_path.read_text() + "\n" + "\n".join([
+        "Host behind-two",
+        f"    HostName {h3.address}",
+        f"    Port {h3.port}",
+        f"    User {c.user}",
+        f"    IdentityFile {c.client_key_path}",
+        "    IdentitiesOnly yes",
+        f"    UserKnownHostsFile {c.known_hosts_path}",
+        "    ProxyJump host-01,host-02",
+    ]) + "\n")
+    fl.ssh["config"] = str(config)
+    fl.worker("jp-far", "behind-two", on="host-03", region="JP")
+    fl.strategy("grid-far", region="JP")
+    fl.write()
+    before = {h.name: h.log_text().count("Accepted publickey") for h in (h1, h2)}
+
+    placed = fl.apply()
+    assert placed == {"grid-far": "jp-far"}
+    runner = fl.wait_runners(placed)["grid-far"]
+    assert fl.host_of_path(runner.argv[1]) == "host-03"
+    for h in (h1, h2):       # both hops logged a login, though no worker lives on them
+        assert h.log_text().count("Accepted publickey") > before[h.name], h.name
+
+    # The first hop gone: unreachable, and the error names the hop that refused.
+    h1.stop()
+    worker = fl.status()["workers"][0]
+    assert worker["status"] == "unreachable", worker
+    assert "host-01" in worker["error"] and "refused" in worker["error"], worker["error"]
+
+
+@pytest.mark.slow
 def test_params_with_shell_metacharacters_reach_the_runner_verbatim(ssh_fleet):
     fl = ssh_fleet(1)
     root = fl.hosts["host-01"].workdir_root
