@@ -12,13 +12,13 @@ from types import MappingProxyType
 from typing import Any, Callable
 
 from .execute import Executor, Outcome, Progress, Recorder
-from .gather import Gathered, gather, remember, renewals
+from .gather import Gathered, checkpoints_due, gather, remember, renewals
 from .hosts import Hosts
 from .memory import Memory
 from .plan import Plan
 from .planner import PlanOptions, plan as make_plan
 from .spec import Fleet, FleetSettings, Location, WorkerSpec, load_fleet
-from .store import EventLog, StateError, StateStore
+from .store import CheckpointStore, EventLog, StateError, StateStore
 from .vcs import Revision, fleet_revision
 
 
@@ -46,11 +46,13 @@ class Controller:
     accept_new_host_keys: bool = False
     store: StateStore = field(init=False)
     events: EventLog = field(init=False)
+    checkpoints: CheckpointStore = field(init=False)
     _hosts: Hosts | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.store = StateStore(self.state_path)
         self.events = EventLog(self.state_path.with_name("events.jsonl"))
+        self.checkpoints = CheckpointStore(self.state_path.with_name("checkpoints"))
 
     # --- pieces --------------------------------------------------------------------------------
 
@@ -99,7 +101,11 @@ class Controller:
 
     def gather_and_remember(self, fleet: Fleet, memory: Memory, *, loop: bool = False) -> tuple[Gathered, Memory]:
         """Probe every host, renew the current placements' leases, and record what was seen."""
-        gathered = gather(fleet, memory, self.hosts(fleet), self.clock, renewals(fleet, memory))
+        gathered = gather(fleet, memory, self.hosts(fleet), self.clock, renewals(fleet, memory),
+                          checkpoints_due(fleet, memory, self.clock()))
+        for sid, checkpoint in gathered.checkpoints.items():
+            if checkpoint is not None:
+                self.checkpoints.save(sid, checkpoint)
         memory = self.store.save(remember(memory, gathered, self.addresses(fleet), self.clock() if loop else None))
         self.record_host_events(gathered)
         return gathered, memory
@@ -123,7 +129,8 @@ class Controller:
     def execute(self, fleet: Fleet, memory: Memory, plan: Plan, command: str,
                 progress: Progress | None = None) -> tuple[Memory, list[Outcome]]:
         revision = {"revision": plan.fleet_revision, "dirty": plan.fleet_dirty}
-        recorder = Recorder(self.store, memory, self.events, self.actor(command), revision, self.clock)
+        recorder = Recorder(self.store, memory, self.events, self.actor(command), revision, self.clock,
+                            self.checkpoints)
         outcomes = Executor(fleet, self.hosts(fleet), recorder, progress).execute(plan)
         for blocked in plan.blocked:
             recorder.event(event="blocked", guard=blocked.guard, reason=blocked.reason,

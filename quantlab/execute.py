@@ -17,7 +17,7 @@ from .hosts import RUNNER_PATH, AgentError, HostKey, Hosts, host_key, strategy_r
 from .memory import Memory, Placement
 from .plan import Action, Plan
 from .spec import Fleet, StrategySpec, WorkerSpec
-from .store import EventLog, StateStore
+from .store import CheckpointStore, EventLog, StateStore
 from .transport.base import TransportError
 
 # A move off one of these left a worker that cannot be asked to stop: its lease has run out already.
@@ -42,6 +42,7 @@ class Recorder:
     actor: str
     revision: dict[str, Any]
     clock: Callable[[], int]
+    checkpoints: CheckpointStore | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def update(self, change: Callable[[Memory], None]) -> None:
@@ -84,10 +85,13 @@ class Executor:
             raise AgentError(worker_id, "worker is not in the fleet any more")
         return worker
 
-    def _start(self, worker_id: str, spec: StrategySpec, epoch: int, paused: bool) -> str:
+    def _start(self, worker_id: str, spec: StrategySpec, epoch: int, paused: bool,
+               checkpoint: dict[str, Any] | None = None) -> str:
         worker = self._worker(worker_id)
         agent = self.hosts.agent_for(worker)
         request = start_request(self.hosts, self.fleet, worker, spec, epoch, paused)
+        if checkpoint:
+            request["checkpoint"] = checkpoint
         timeout = self.settings.ssh.command_timeout_s + spec.scheduling.stop_timeout_s + 5
         answer = agent.call("start", request, timeout)
         if answer.get("result") == "missing":
@@ -104,15 +108,14 @@ class Executor:
         return str(result)
 
     def _simple(self, command: str, worker_id: str, strategy: str, epoch: int | None, grace: float,
-                reason: str) -> str:
+                reason: str, **extra: Any) -> dict[str, Any]:
         worker = self._worker(worker_id)
         request = {"workdir": self.hosts.workdir(worker), "strategy": strategy, "epoch": epoch,
-                   "stopTimeoutSeconds": grace, "reason": reason}
+                   "stopTimeoutSeconds": grace, "reason": reason, **extra}
         answer = self.hosts.agent_for(worker).call(command, request, self.settings.ssh.command_timeout_s + grace + 5)
-        result = str(answer.get("result"))
-        if result in ("unconfirmed",):
+        if answer.get("result") == "unconfirmed":
             raise AgentError(worker_id, f"{command} of {strategy} was not confirmed: {answer}")
-        return result
+        return answer
 
     def _grace(self, strategy: str) -> float:
         spec = self.fleet.strategies.get(strategy)
@@ -127,9 +130,13 @@ class Executor:
         reason = {"stale-copy": "stale copy: the current one runs elsewhere", "removed": "removed from fleet",
                   "desired-stopped": "desiredState: stopped"}.get(a.cause, f"moving to {a.target}")
         epoch = a.epoch if a.action == "stop" else self._current_epoch(a.strategy, worker)
-        result = self._simple("stop", worker, a.strategy, epoch, self._grace(a.strategy), reason)
+        answer = self._simple("stop", worker, a.strategy, epoch, self._grace(a.strategy), reason,
+                              checkpoint=a.action == "move")
+        result = str(answer.get("result"))
         if a.action == "move":
             self.stopped_for_move[a.strategy] = True
+            if answer.get("checkpoint"):
+                self._keep_checkpoint(a.strategy, answer["checkpoint"])   # the final state goes along
             return Outcome(a, True, f"stopped on {worker} ({result})")
         if a.cause != "stale-copy":
             def forget(m: Memory) -> None:
@@ -140,6 +147,13 @@ class Executor:
             self.rec.update(forget)
         return Outcome(a, True, result)
 
+    def _keep_checkpoint(self, strategy: str, checkpoint: dict[str, Any]) -> None:
+        if self.rec.checkpoints is None:
+            return
+        self.rec.checkpoints.save(strategy, checkpoint)
+        now = self.rec.clock()
+        self.rec.update(lambda m: m.checkpoints.__setitem__(strategy, now))
+
     def _current_epoch(self, strategy: str, worker: str) -> int | None:
         p = self.rec.memory.placements.get(strategy)
         return p.epoch if p is not None and p.worker == worker else None
@@ -148,7 +162,7 @@ class Executor:
         spec = self.fleet.strategies.get(a.strategy)
         if a.action in ("pause", "resume"):
             assert a.worker is not None
-            result = self._simple(a.action, a.worker, a.strategy, a.epoch, 0, a.reason)
+            result = str(self._simple(a.action, a.worker, a.strategy, a.epoch, 0, a.reason).get("result"))
             paused = a.action == "pause"
 
             def mark(m: Memory) -> None:
@@ -161,7 +175,11 @@ class Executor:
             raise AgentError(a.strategy, "strategy is not in the fleet any more")
         target = a.target if a.action == "move" else a.worker
         assert target is not None and a.epoch is not None
-        result = self._start(target, spec, a.epoch, a.paused)
+        # A move continues where the strategy left off: its last checkpoint goes to the new worker.
+        checkpoint = self.rec.checkpoints.load(a.strategy) if a.action == "move" and self.rec.checkpoints else None
+        result = self._start(target, spec, a.epoch, a.paused, checkpoint)
+        if checkpoint:
+            result += f", checkpoint of {len(checkpoint.get('files', {}))} file(s) restored"
         now = self.rec.clock()
 
         def place(m: Memory) -> None:

@@ -23,6 +23,7 @@ class Gathered:
     answered_at: dict[str, int] = field(default_factory=dict)    # worker -> ms when its host answered
     renewed: dict[str, list[str]] = field(default_factory=dict)  # worker -> strategies whose lease was renewed
     host_events: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # None: too large to copy
     seconds: float = 0.0
 
 
@@ -59,9 +60,10 @@ def _worker_state(worker: WorkerSpec, raw: dict[str, Any], host: dict[str, Any])
 
 
 def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Callable[[], int],
-           renew: dict[str, dict[str, int]] | None = None) -> Gathered:
-    """Probe every host of the fleet once, in parallel; extend the leases named in `renew`
-    (worker -> strategy -> epoch) on the way."""
+           renew: dict[str, dict[str, int]] | None = None,
+           checkpoints: dict[str, dict[str, int]] | None = None) -> Gathered:
+    """Probe every host of the fleet once, in parallel; extend the leases named in `renew` and copy
+    the checkpoints named in `checkpoints` (both worker -> strategy -> epoch) on the way."""
     started = time.monotonic()
     wanted = renew if renew and fleet.settings.monitor.fencing else {}
     ttl = fleet.settings.monitor.lease_ttl_s
@@ -74,6 +76,7 @@ def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Callable[[], int],
             "workers": [{"id": w.id, "workdir": hosts.workdir(w), "program": w.runner[0]} for w in members],
             "renew": {w.id: wanted[w.id] for w in members if w.id in wanted},
             "eventsSince": {w.id: memory.host_events.get(w.id, memory.last_seen.get(w.id, 0)) for w in members},
+            "checkpoints": {w.id: (checkpoints or {})[w.id] for w in members if w.id in (checkpoints or {})},
         }
         args = ("--renew", f"{ttl:g}") if wanted else ()
         try:
@@ -91,6 +94,8 @@ def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Callable[[], int],
             if raw.get("renewed"):
                 result.renewed[w.id] = list(raw["renewed"])
             for sid, inst in (raw.get("instances") or {}).items():
+                if "checkpoint" in inst:
+                    result.checkpoints[sid] = inst["checkpoint"]
                 for event in inst.get("events") or ():
                     result.host_events.append({**event, "worker": w.id, "strategy": sid})
 
@@ -105,6 +110,19 @@ def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Callable[[], int],
     result.host_events.sort(key=lambda e: (e.get("t", 0), e["worker"], e["strategy"]))
     result.seconds = time.monotonic() - started
     return result
+
+
+CHECKPOINT_EVERY_MS = 60_000   # how stale the controller's copy of a checkpoint may get
+
+
+def checkpoints_due(fleet: Fleet, memory: Memory, now_ms: int) -> dict[str, dict[str, int]]:
+    """Checkpoints to copy in this probe: current placements whose copy is older than a minute.
+    (A move off a reachable worker takes the final one when it stops the old copy.)"""
+    out: dict[str, dict[str, int]] = {}
+    for sid, epoch in ((sid, p.epoch) for sid, p in memory.placements.items() if sid in fleet.strategies):
+        if now_ms - memory.checkpoints.get(sid, 0) >= CHECKPOINT_EVERY_MS:
+            out.setdefault(memory.placements[sid].worker, {})[sid] = epoch
+    return out
 
 
 def remember(memory: Memory, gathered: Gathered, addresses: dict[str, dict[str, Any]],
@@ -125,6 +143,8 @@ def remember(memory: Memory, gathered: Gathered, addresses: dict[str, dict[str, 
         wid = event["worker"]
         m.host_events[wid] = max(m.host_events.get(wid, 0), int(event.get("t", 0)))
     m.addresses.update(addresses)
+    for sid in gathered.checkpoints:
+        m.checkpoints[sid] = gathered.observed.taken_at
     if loop_at is not None:
         m.loop_renewal = loop_at
     return m

@@ -63,6 +63,7 @@ class Memory:
     # worker -> how to reach it (host, port, user, workdir, program), so leases keep being renewed even
     # while the fleet directory fails to validate
     addresses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checkpoints: dict[str, int] = field(default_factory=dict)  # strategy -> ms its checkpoint was copied
 
     def copy(self) -> "Memory":
         return copy.deepcopy(self)
@@ -81,6 +82,7 @@ class Memory:
             "lastSeen": dict(sorted(self.last_seen.items())),
             "hostEvents": dict(sorted(self.host_events.items())),
             "addresses": dict(sorted(self.addresses.items())),
+            "checkpoints": dict(sorted(self.checkpoints.items())),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -108,6 +110,7 @@ class Memory:
                 loop_renewal=raw.get("loopRenewal"),
                 host_events={k: int(v) for k, v in raw.get("hostEvents", {}).items()},
                 addresses={k: dict(v) for k, v in raw.get("addresses", {}).items()},
+                checkpoints={k: int(v) for k, v in raw.get("checkpoints", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc

@@ -213,6 +213,29 @@ class EventLog:
                 continue
 
 
+# --- checkpoints ---------------------------------------------------------------------------------
+
+class CheckpointStore:
+    """The last copy of each strategy's checkpoint folder, beside the state file (mode 0600), put back
+    on the new worker when the strategy moves."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def _path(self, strategy: str) -> Path:
+        return self.folder / f"{strategy}.json"
+
+    def save(self, strategy: str, checkpoint: dict[str, Any]) -> None:
+        atomic_write(self._path(strategy), json.dumps(checkpoint).encode(), mode=0o600)
+
+    def load(self, strategy: str) -> dict[str, Any] | None:
+        try:
+            value = json.loads(self._path(strategy).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+
 # --- plan files ----------------------------------------------------------------------------------
 
 def write_plan(path: str | Path, plan: Plan) -> None:

@@ -17,6 +17,9 @@ Layout of a workdir:
   files/<sha256>.<ext>   strategy files, content-addressed
   secrets/<account>.env  KEY=VALUE lines added to the runner's environment
   instances/<id>/        spec.json status.json lease.json heartbeat.json output.log events.log state/
+
+state/ is the strategy's checkpoint folder: the controller copies it (probe, when asked; stop of a
+move) and puts it back on the worker a strategy moves to (start).
 """
 import json
 import os
@@ -246,6 +249,52 @@ def read_events(idir, since):
     return out
 
 
+CHECKPOINT_CAP_BYTES = 1024 * 1024
+
+
+def pack_checkpoint(idir):
+    """The instance's checkpoint folder (QUANTLAB_STATE_DIR) as {relative path: base64 of zlib}, or
+    None when it is larger than the cap (it then stays on the host only)."""
+    import base64
+    import zlib
+    root = os.path.join(idir, "state")
+    files, total = {}, 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if ".tmp" in name:                  # a half-written file of the runner's atomic replace
+                continue
+            path = os.path.join(folder, name)
+            try:
+                with open(path, "rb") as handle:
+                    packed = zlib.compress(handle.read())
+            except OSError:
+                continue
+            total += len(packed)
+            if total > CHECKPOINT_CAP_BYTES:
+                return None
+            files[os.path.relpath(path, root)] = base64.b64encode(packed).decode()
+    return {"files": files, "t": now_ms()}
+
+
+def unpack_checkpoint(idir, checkpoint):
+    """Put a checkpoint back into the instance's state folder; paths stay inside it."""
+    import base64
+    import zlib
+    root = os.path.join(idir, "state")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    for rel, data in sorted((checkpoint or {}).get("files", {}).items()):
+        rel = os.path.normpath(rel)
+        if os.path.isabs(rel) or rel.startswith(".."):
+            continue
+        target = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        tmp = "%s.restore-%d" % (target, os.getpid())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(zlib.decompress(base64.b64decode(data)))
+        os.replace(tmp, target)
+
+
 def renew_lease(idir, epoch, ttl):
     """Extend the lease of the copy with this epoch, if it is the one running here."""
     status = read_json(os.path.join(idir, "status.json"), {}) or {}
@@ -276,6 +325,7 @@ def probe(request, args):
             worker["credentials"] = []
         renew = (request.get("renew") or {}).get(wid) or {}
         since = (request.get("eventsSince") or {}).get(wid)
+        wanted = (request.get("checkpoints") or {}).get(wid) or {}
         root = os.path.join(workdir, "instances")
         try:
             names = sorted(os.listdir(root))
@@ -286,6 +336,8 @@ def probe(request, args):
             if ttl is not None and name in renew and renew_lease(idir, renew[name], ttl):
                 worker["renewed"].append(name)
             worker["instances"][name] = describe_instance(idir, name, since)
+            if name in wanted and worker["instances"][name]["epoch"] == wanted[name]:
+                worker["instances"][name]["checkpoint"] = pack_checkpoint(idir)
         answer["workers"][wid] = worker
     answer["host"]["answeredAt"] = now_ms()
     return answer
@@ -318,6 +370,8 @@ def start(request, args):
         stop_instance(idir, why, float(status.get("stopTimeoutSeconds") or 30))
     keep_restarts = status.get("epoch") == request["epoch"] and status.get("specHash") == request["specHash"]
     os.makedirs(os.path.join(idir, "state"), mode=0o700, exist_ok=True)
+    if request.get("checkpoint"):
+        unpack_checkpoint(idir, request.pop("checkpoint"))   # a move: continue where it left off
     for stale in ("heartbeat.json", "runner.pid", "control.json"):
         try:
             os.unlink(os.path.join(idir, stale))
@@ -399,7 +453,10 @@ def stop(request, args):
         # A newer copy runs here now: never stop it on behalf of an older one.
         return {"result": "epoch-mismatch", "running": status.get("epoch")}, 0
     grace = float(request.get("stopTimeoutSeconds") or status.get("stopTimeoutSeconds") or 30)
-    return {"result": stop_instance(idir, request.get("reason") or "stopped by the controller", grace)}, 0
+    answer = {"result": stop_instance(idir, request.get("reason") or "stopped by the controller", grace)}
+    if request.get("checkpoint"):                # a move: the new worker gets the final state
+        answer["checkpoint"] = pack_checkpoint(idir)
+    return answer, 0
 
 
 def set_paused(request, paused):

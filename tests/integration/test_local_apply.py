@@ -331,9 +331,6 @@ def test_requirements_change_moves_stopping_the_old_copy_first(fleet):
     assert fleet.runner_counts() == {"mover": 1}
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented yet: SPEC 'Faults and recovery' says the checkpoint "
-                                       "folder is copied to the controller and put back on the new worker "
-                                       "when a strategy moves; nothing in quantlab/ copies it")
 def test_move_carries_the_checkpoint_to_the_new_worker(fleet):
     fleet.worker("w-jp", region="JP").worker("w-us", region="US")
     fleet.strategy("mover", requirements={"region": "JP"}).write()
