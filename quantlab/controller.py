@@ -101,7 +101,7 @@ class Controller:
 
     def gather_and_remember(self, fleet: Fleet, memory: Memory, *, loop: bool = False) -> tuple[Gathered, Memory]:
         """Probe every host, renew the current placements' leases, and record what was seen."""
-        gathered = gather(fleet, memory, self.hosts(fleet), self.clock, renewals(fleet, memory),
+        gathered = gather(fleet, memory, self.hosts(fleet), self.clock, renewals(memory),
                           checkpoints_due(fleet, memory, self.clock()))
         for sid, checkpoint in gathered.checkpoints.items():
             if checkpoint is not None:
@@ -147,10 +147,7 @@ class Controller:
                                       max_strategies=0, supported_apis=frozenset(), source=Location("state", 0))
         fallback = Fleet(root=self.fleet_dir, settings=settings, strategies=MappingProxyType({}),
                          workers=MappingProxyType(dict(sorted(workers.items()))), fleet_hash="", files=())
-        current: dict[str, dict[str, int]] = {}
-        for sid, p in memory.placements.items():
-            current.setdefault(p.worker, {})[sid] = p.epoch
-        gathered = gather(fallback, memory, self.hosts(fallback), self.clock, current)
+        gathered = gather(fallback, memory, self.hosts(fallback), self.clock, renewals(memory))
         memory = self.store.save(remember(memory, gathered, {}, self.clock()))
         self.record_host_events(gathered)
         return gathered, memory

@@ -27,13 +27,13 @@ class Gathered:
     seconds: float = 0.0
 
 
-def renewals(fleet: Fleet, memory: Memory) -> dict[str, dict[str, int]]:
-    """Leases to renew: current placements of strategies the fleet still wants, by worker."""
+def renewals(memory: Memory) -> dict[str, dict[str, int]]:
+    """Leases to renew, by worker: every current placement. A strategy the fleet no longer wants
+    keeps its lease until a stop ends it, so a stop the mass-stop guard refuses is not carried out
+    by fencing instead; a copy that is not the current placement never gets one."""
     out: dict[str, dict[str, int]] = {}
     for sid, p in memory.placements.items():
-        spec = fleet.strategies.get(sid)
-        if spec is not None and spec.desired_state != "stopped":
-            out.setdefault(p.worker, {})[sid] = p.epoch
+        out.setdefault(p.worker, {})[sid] = p.epoch
     return out
 
 

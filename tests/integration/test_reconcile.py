@@ -175,3 +175,29 @@ def test_controller_killed_mid_apply_then_reconcile_converges_without_duplicates
     assert len(fleet.lines("s3", "exit.log")) == 1        # the old s3 ended once, through st_exit
     assert fleet.runner_counts() == {sid: 1 for sid in ("s1", "s2", "s3", "s4", "s5")}
     assert len({p.pid for p in supervisors(fleet.marker)}) == 5
+
+
+@pytest.mark.slow
+def test_refused_mass_stop_is_not_carried_out_by_fencing(fleet):
+    """The fleet dir loses every strategy (a bad checkout): the loop refuses the mass stop, and keeps
+    renewing their leases, so the strategies outlive several TTLs instead of fencing themselves."""
+    ttl = 1.5
+    fleet.settings["monitor"]["leaseTtlSeconds"] = ttl
+    fleet.worker("w1")
+    for sid in ("s1", "s2", "s3"):
+        fleet.strategy(sid)
+    fleet.write()
+    fleet.apply()
+    pids = {sid: fleet.beating(sid, beats=1) and fleet.runner_pid(sid) for sid in ("s1", "s2", "s3")}
+
+    fleet.strategies.clear()
+    fleet.write()
+    started = time.monotonic()
+    while time.monotonic() - started < 3 * ttl:
+        tick = fleet.ql("reconcile", "--once", check=1)      # exit 1: a guard refused
+        assert "blocked (mass-stop)" in tick.stdout, tick.describe()
+        for sid, pid in pids.items():
+            assert alive(pid), f"{sid} stopped although the mass stop was refused"
+    for sid in pids:
+        assert fleet.host_status(sid)["state"] == "running"
+        assert fleet.lines(sid, "exit.log") == []

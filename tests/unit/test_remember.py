@@ -10,9 +10,11 @@ A, B, GONE = strategy("a"), strategy("b", desired="stopped"), strategy("gone")
 FLEET = fleet([A, B], [worker("w-1"), worker("w-2")])
 
 
-def test_leases_are_renewed_only_for_placements_the_fleet_still_wants():
+def test_every_current_placement_keeps_its_lease_until_a_stop_ends_it():
+    # Removed ("gone") and desiredState: stopped ("b") too: the plan stops them explicitly, and a
+    # mass-stop guard that refuses those stops must not be undone by letting their leases run out.
     mem = memory({"a": ("w-1", 3), "b": ("w-1", 4), "gone": ("w-2", 5)})
-    assert renewals(FLEET, mem) == {"w-1": {"a": 3}}
+    assert renewals(mem) == {"w-1": {"a": 3, "b": 4}, "w-2": {"gone": 5}}
 
 
 def test_checkpoints_are_asked_for_once_the_copy_is_a_minute_old():
