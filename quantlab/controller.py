@@ -5,16 +5,19 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable
 
-from .execute import Executor, Outcome, Progress, Recorder
+from . import health
+from .execute import Executor, Outcome, Progress, Recorder, outcome_notices
 from .gather import Gathered, checkpoints_due, gather, remember, renewals
 from .hosts import Hosts
 from .memory import Memory
+from .notify import Notifier
 from .plan import Plan
 from .planner import PlanOptions, plan as make_plan
 from .spec import Fleet, FleetSettings, Location, WorkerSpec, load_fleet
@@ -44,6 +47,7 @@ class Controller:
     state_path: Path
     clock: Callable[[], int] = now_ms
     accept_new_host_keys: bool = False
+    log: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
     store: StateStore = field(init=False)
     events: EventLog = field(init=False)
     checkpoints: CheckpointStore = field(init=False)
@@ -106,9 +110,21 @@ class Controller:
         for sid, checkpoint in gathered.checkpoints.items():
             if checkpoint is not None:
                 self.checkpoints.save(sid, checkpoint)
-        memory = self.store.save(remember(memory, gathered, self.addresses(fleet), self.clock() if loop else None))
+        remembered = remember(memory, gathered, self.addresses(fleet), self.clock() if loop else None)
+        notices, raised = health.watch(fleet, gathered.observed, remembered, gathered.host_events, self.clock())
+        told, remembered.alerts = health.alerts_delta(remembered.alerts, raised, "offline:", self.clock())
+        notices += told
+        memory = self.store.save(remembered)
         self.record_host_events(gathered)
+        self.notify(fleet, notices)
         return gathered, memory
+
+    def notify(self, fleet: Fleet, notices: list[dict[str, Any]]) -> None:
+        if not notices:
+            return
+        for notice in notices:
+            self.events.append({**notice, "event": "notify", "actor": "monitor"})
+        Notifier(fleet.settings.notify, self.log).send([{**n, "fleet": str(self.fleet_dir)} for n in notices])
 
     def record_host_events(self, gathered: Gathered) -> None:
         for event in gathered.host_events:
@@ -135,7 +151,15 @@ class Controller:
         for blocked in plan.blocked:
             recorder.event(event="blocked", guard=blocked.guard, reason=blocked.reason,
                            strategies=[a.strategy for a in blocked.actions])
-        return recorder.memory, outcomes
+        notices, raised = outcome_notices(plan, outcomes, self.clock())
+        after = recorder.memory.copy()
+        for scope in ("failed:", "guard:"):
+            told, after.alerts = health.alerts_delta(after.alerts, {k: v for k, v in raised.items()
+                                                                    if k.startswith(scope)}, scope, self.clock())
+            notices += told
+        memory = self.store.save(after)
+        self.notify(fleet, notices)
+        return memory, outcomes
 
     def keep_alive(self, memory: Memory, settings: FleetSettings) -> tuple[Gathered, Memory]:
         """While the fleet directory does not validate: renew the leases of what runs, as it runs,

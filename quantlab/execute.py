@@ -264,3 +264,22 @@ class Executor:
                 # Stopped on the old worker but not started on the new one: plan it afresh next time.
                 self.rec.update(lambda m, sid=o.action.strategy: m.placements.pop(sid, None))
         return outcomes
+
+
+def outcome_notices(plan: Plan, outcomes: list[Outcome], now_ms: int
+                    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """What an operator should hear about from applying a plan: failovers (one-off notices), and
+    failed actions and guard refusals (alerts, told once until they clear)."""
+    notices, raised = [], {}
+    for o in outcomes:
+        a = o.action
+        if not o.ok:
+            raised[f"failed:{a.action}:{a.strategy}"] = {
+                "t": now_ms, "kind": "action-failed", "strategy": a.strategy, "worker": a.target or a.worker,
+                "message": f"{a.action} {a.strategy} failed: {o.detail}"}
+        elif a.action == "move" and a.cause in UNREACHABLE_SOURCE:
+            notices.append({"t": now_ms, "kind": "failover", "strategy": a.strategy, "worker": a.target,
+                            "message": f"moved from {a.source} to {a.target}: {a.reason}"})
+    for b in plan.blocked:
+        raised[f"guard:{b.guard}"] = {"t": now_ms, "kind": "guard-blocked", "message": b.reason}
+    return notices, raised

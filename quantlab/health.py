@@ -8,7 +8,7 @@ from typing import Literal
 
 from .memory import Memory
 from .observed import Instance, ObservedState
-from .spec import MonitorSettings, StrategySpec
+from .spec import Fleet, MonitorSettings, StrategySpec
 
 Liveness = Literal["online", "unreachable", "offline"]
 
@@ -89,3 +89,35 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+def watch(fleet: Fleet, observed: ObservedState, memory: Memory, host_events: list[dict], now_ms: int
+          ) -> tuple[list[dict], dict[str, dict]]:
+    """The Monitor's view after a probe: one-off notices for strategies that ended in error or were
+    fenced (from the supervisors' events), and the alerts that hold now (offline workers)."""
+    notices = []
+    for e in host_events:
+        kind = {"error": "strategy-error", "lease-expired": "lease-expired"}.get(e.get("event", ""))
+        if kind:
+            notices.append({"t": e.get("t", now_ms), "kind": kind, "strategy": e.get("strategy"),
+                            "worker": e.get("worker"), "message": e.get("detail") or kind})
+    raised = {}
+    for wid in fleet.workers:
+        live = worker_liveness(wid, observed, memory, fleet.settings.monitor, now_ms)
+        if live.status == "offline":
+            raised[f"offline:{wid}"] = {"t": now_ms, "kind": "worker-offline", "worker": wid,
+                                        "message": f"{live.describe(wid)}: {live.error or 'no answer'}"}
+    return notices, raised
+
+
+def alerts_delta(before: dict[str, str], raised: dict[str, dict], scope: str, now_ms: int
+                 ) -> tuple[list[dict], dict[str, str]]:
+    """Alerts are told once: a notice when one is raised, one when it clears (keys starting with
+    `scope` are the ones this check decides on). Returns the notices and the alerts after."""
+    notices = [notice for key, notice in sorted(raised.items()) if key not in before]
+    after = {k: v for k, v in before.items() if not k.startswith(scope) or k in raised}
+    for key in sorted(before):
+        if key.startswith(scope) and key not in raised:
+            notices.append({"t": now_ms, "kind": "resolved", "alert": key, "message": f"resolved: {before[key]}"})
+    after.update({key: notice["message"] for key, notice in raised.items()})
+    return notices, after

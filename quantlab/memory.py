@@ -64,6 +64,7 @@ class Memory:
     # while the fleet directory fails to validate
     addresses: dict[str, dict[str, Any]] = field(default_factory=dict)
     checkpoints: dict[str, int] = field(default_factory=dict)  # strategy -> ms its checkpoint was copied
+    alerts: dict[str, str] = field(default_factory=dict)       # raised alerts (each told once), key -> message
 
     def copy(self) -> "Memory":
         return copy.deepcopy(self)
@@ -83,6 +84,7 @@ class Memory:
             "hostEvents": dict(sorted(self.host_events.items())),
             "addresses": dict(sorted(self.addresses.items())),
             "checkpoints": dict(sorted(self.checkpoints.items())),
+            "alerts": dict(sorted(self.alerts.items())),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -111,6 +113,7 @@ class Memory:
                 host_events={k: int(v) for k, v in raw.get("hostEvents", {}).items()},
                 addresses={k: dict(v) for k, v in raw.get("addresses", {}).items()},
                 checkpoints={k: int(v) for k, v in raw.get("checkpoints", {}).items()},
+                alerts={str(k): str(v) for k, v in raw.get("alerts", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc

@@ -456,11 +456,17 @@ class _Planner:
         targets = self.options.targets
         return not targets or strategy in targets or any(w in targets for w in workers if w)
 
+    def _running(self, strategy: str) -> bool:
+        """Runs (or, on a worker not answering, is believed to run) as far as the controller knows."""
+        cur = self.current.get(strategy)
+        return cur is not None and (cur.instance is None or cur.instance.alive)
+
     def refused_stops(self, actions: list[Action]) -> list[Action]:
-        """The stops among `actions` that the mass-stop guard refuses (all of them, or none)."""
-        stops = [a for a in actions if a.action == "stop" and a.cause in ("removed", "desired-stopped")]
-        running = sum(1 for cur in self.current.values()
-                      if cur.instance is None or cur.instance.alive)
+        """The stops of running strategies that the mass-stop guard refuses (all of them, or none).
+        Stopping a copy that is already dead (in error, say) is clean-up and never refused."""
+        stops = [a for a in actions if a.action == "stop" and a.cause in ("removed", "desired-stopped")
+                 and self._running(a.strategy)]
+        running = sum(1 for sid in self.current if self._running(sid))
         if self.options.allow_mass_stop or running <= 1 or 2 * len(stops) <= running:
             return []
         return stops
@@ -468,10 +474,9 @@ class _Planner:
     def guard(self, actions: list[Action]) -> tuple[list[Action], list[Blocked]]:
         """Mass-stop guard: refuse stopping more than half of the running strategies at once."""
         stops = self.refused_stops(actions)
-        running = sum(1 for cur in self.current.values()
-                      if cur.instance is None or cur.instance.alive)
         if not stops:
             return actions, []
+        running = sum(1 for sid in self.current if self._running(sid))
         held = set(map(id, stops))
         reason = (f"would stop {len(stops)} of {running} running strategies; check the fleet directory, "
                   "then pass --allow-mass-stop")

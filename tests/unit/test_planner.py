@@ -413,3 +413,16 @@ def test_an_orphaned_runner_is_replaced_under_a_new_supervisor():
     orphan = running(s, 2, status="orphaned", reason="the supervisor is gone but the runner still runs")
     result = plan(fl, observed(fl, {"w-a": [orphan]}), memory({"s": ("w-a", 2)}, specs={"s": s}), NOW)
     assert summary(result) == [("start", "s", "w-a")] and result.actions[0].epoch == 3
+
+
+def test_stopping_a_dead_copy_is_clean_up_not_a_mass_stop():
+    specs = [strategy(f"s-{i}") for i in range(3)]
+    fl = fleet([], [worker("w-a")])
+    mem = memory({s.id: ("w-a", i + 1) for i, s in enumerate(specs)}, specs={s.id: s for s in specs})
+    dead = running(specs[0], 1, status="error", reason="gave up")
+    obs = observed(fl, {"w-a": [dead, running(specs[1], 2), running(specs[2], 3)]})
+    result = plan(fl, obs, mem, NOW)
+    assert summary(result) == [("stop", "s-0", "w-a")]           # the dead one's clean-up goes ahead
+    [blocked] = result.blocked
+    assert "would stop 2 of 2 running strategies" in blocked.reason
+    assert [a.strategy for a in blocked.actions] == ["s-1", "s-2"]
