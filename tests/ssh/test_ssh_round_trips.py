@@ -181,7 +181,7 @@ def test_one_command_per_host_per_probe(ssh_fleet):
         for tick in range(1, 4):
             started = {h: len(t.runs) for h, t in counting.made.items()}
             # Leases renewed on the way, as the reconcile loop does: still one command per host.
-            gathered = gather(fleet, memory, hosts, ctl.clock, renewals(fleet, memory))
+            gathered = gather(fleet, memory, hosts, ctl.clock, renewals(memory))
             ran = {h: len(t.runs) - started.get(h, 0) for h, t in counting.made.items()}
             assert ran == {"host-01": 1, "host-02": 1}, f"tick {tick}: {ran}"
             seen = {sid: wid for wid, s in gathered.observed.workers.items() for sid in s.instances}
