@@ -204,7 +204,12 @@ def apply(
             loaded = ctl.load_fleet()
             saved = read_plan(planfile) if planfile is not None else None
             if saved is not None:
+                if target or rebalance:
+                    raise _fail("--target and --rebalance shape a new plan and cannot change a saved one; "
+                                "run `quantlab plan --out FILE` with them instead")
                 ctl.check_plan_file(saved, loaded, memory)
+                if allow_mass_stop:
+                    saved = saved.with_guards_lifted()
             gathered, memory = ctl.gather_and_remember(loaded, memory)
             options = PlanOptions(rebalance=rebalance, max_moves=max_moves, targets=frozenset(target or ()),
                                   allow_mass_stop=allow_mass_stop)

@@ -110,7 +110,14 @@ class Controller:
         for sid, checkpoint in gathered.checkpoints.items():
             if checkpoint is not None:
                 self.checkpoints.save(sid, checkpoint)
-        remembered = remember(memory, gathered, self.addresses(fleet), self.clock() if loop else None)
+            elif self.checkpoints.forget(sid):
+                # Too large to copy now: an older copy must not be restored as if it were current.
+                self.events.append({"t": self.clock(), "event": "checkpoint-dropped", "strategy": sid,
+                                    "actor": "monitor", "detail": "checkpoint folder over 1 MiB: not copied; "
+                                    "a move will start it without its state"})
+        remembered = remember(memory, gathered, self.addresses(fleet), fleet.settings.monitor.lease_ttl_s,
+                              self.clock() if loop else None)
+        remembered.fleet_settings = fleet.settings.snapshot()
         notices, raised = health.watch(fleet, gathered.observed, remembered, gathered.host_events, self.clock())
         told, remembered.alerts = health.alerts_delta(remembered.alerts, raised, "offline:", self.clock())
         notices += told
@@ -161,9 +168,11 @@ class Controller:
         self.notify(fleet, notices)
         return memory, outcomes
 
-    def keep_alive(self, memory: Memory, settings: FleetSettings) -> tuple[Gathered, Memory]:
+    def keep_alive(self, memory: Memory) -> tuple[Gathered, Memory]:
         """While the fleet directory does not validate: renew the leases of what runs, as it runs,
-        using the addresses remembered from the last good fleet. Nothing is started or stopped."""
+        with the addresses and settings remembered from the last good fleet (in the state file, so
+        cron runs have them too). Nothing is started or stopped."""
+        settings = FleetSettings.from_snapshot(memory.fleet_settings)
         workers = {}
         for wid, a in memory.addresses.items():
             workers[wid] = WorkerSpec(id=wid, host=a["host"], port=a.get("port"), user=a.get("user"),
@@ -172,6 +181,6 @@ class Controller:
         fallback = Fleet(root=self.fleet_dir, settings=settings, strategies=MappingProxyType({}),
                          workers=MappingProxyType(dict(sorted(workers.items()))), fleet_hash="", files=())
         gathered = gather(fallback, memory, self.hosts(fallback), self.clock, renewals(memory))
-        memory = self.store.save(remember(memory, gathered, {}, self.clock()))
+        memory = self.store.save(remember(memory, gathered, {}, settings.monitor.lease_ttl_s, self.clock()))
         self.record_host_events(gathered)
         return gathered, memory

@@ -16,11 +16,12 @@ from typing import Any, Callable
 from .hosts import RUNNER_PATH, AgentError, HostKey, Hosts, host_key, strategy_remote_path
 from .memory import Memory, Placement
 from .plan import Action, Plan
-from .spec import Fleet, StrategySpec, WorkerSpec
+from .spec import Fleet, StrategySpec, WorkerSpec, worker_launch
 from .store import CheckpointStore, EventLog, StateStore
 from .transport.base import TransportError
 
-# A move off one of these left a worker that cannot be asked to stop: its lease has run out already.
+# A move off one of these is not preceded by a stop: the planner moves only once the old copy's lease
+# has surely run out, and that worker is not asked (offline, or no longer in the fleet).
 UNREACHABLE_SOURCE = ("worker-offline", "worker-removed")
 
 
@@ -52,7 +53,10 @@ class Recorder:
             self.memory = self.store.save(memory)
 
     def event(self, **fields: Any) -> None:
-        self.events.append({"t": self.clock(), "actor": self.actor, **self.revision, **fields})
+        try:
+            self.events.append({"t": self.clock(), "actor": self.actor, **self.revision, **fields})
+        except OSError:
+            pass        # history is best effort: a full disk must not stop the actions themselves
 
 
 Progress = Callable[[str, Action, "Outcome | None"], None]
@@ -75,7 +79,6 @@ class Executor:
         self.fleet, self.hosts, self.rec = fleet, hosts, recorder
         self.progress = progress or (lambda *_: None)
         self.settings = fleet.settings
-        self.stopped_for_move: dict[str, bool] = {}
 
     # --- agent calls ---------------------------------------------------------------------------
 
@@ -118,8 +121,13 @@ class Executor:
         return answer
 
     def _grace(self, strategy: str) -> float:
+        """st_exit's time: the fleet's value, or the one the copy was started with once it is removed."""
         spec = self.fleet.strategies.get(strategy)
-        return spec.scheduling.stop_timeout_s if spec else 30.0
+        if spec is not None:
+            return spec.scheduling.stop_timeout_s
+        placed = self.rec.memory.placements.get(strategy)
+        started_with = ((placed.launched or {}).get("scheduling") or {}) if placed is not None else {}
+        return float(started_with.get("stopTimeoutSeconds") or 30.0)
 
     # --- one action ----------------------------------------------------------------------------
 
@@ -134,7 +142,10 @@ class Executor:
                               checkpoint=a.action == "move")
         result = str(answer.get("result"))
         if a.action == "move":
-            self.stopped_for_move[a.strategy] = True
+            if result == "epoch-mismatch":
+                # Another copy than the one being moved runs there: starting a new one could make two.
+                raise AgentError(worker, f"{a.strategy} there runs epoch {answer.get('running')}, not the "
+                                         f"placement being moved (epoch {epoch}); nothing was started")
             if answer.get("checkpoint"):
                 self._keep_checkpoint(a.strategy, answer["checkpoint"])   # the final state goes along
             return Outcome(a, True, f"stopped on {worker} ({result})")
@@ -175,21 +186,46 @@ class Executor:
             raise AgentError(a.strategy, "strategy is not in the fleet any more")
         target = a.target if a.action == "move" else a.worker
         assert target is not None and a.epoch is not None
+        worker = self._worker(target)
+        ttl = self.settings.monitor.lease_ttl_s
+        previous = self.rec.memory.placements.get(a.strategy)
+        placed_at = previous.placed_at if (a.action == "restart" and previous is not None) else self.rec.clock()
+        intended = Placement(a.strategy, target, a.epoch, spec.spec_hash, a.paused, placed_at,
+                             {**spec.launch_fields(), "worker": worker_launch(worker)},
+                             self.rec.revision.get("revision"))
+
+        def record(m: Memory, placement: Placement | None) -> None:
+            if placement is None:
+                m.placements.pop(a.strategy, None)
+            else:
+                m.placements[a.strategy] = placement
+
+        # The intent is recorded before the host is asked: should this run die, or the answer be lost,
+        # the next one knows a copy may run there (and since when its lease may live).
+        def intend(m: Memory) -> None:
+            record(m, intended)
+            m.grant_lease(target, self.rec.clock(), ttl)
+        self.rec.update(intend)
         # A move continues where the strategy left off: its last checkpoint goes to the new worker.
         checkpoint = self.rec.checkpoints.load(a.strategy) if a.action == "move" and self.rec.checkpoints else None
-        result = self._start(target, spec, a.epoch, a.paused, checkpoint)
+        try:
+            result = self._start(target, spec, a.epoch, a.paused, checkpoint)
+        except TransportError as exc:
+            if exc.maybe_ran:                       # it may run there: keep the record, extend the lease
+                self.rec.update(lambda m: m.grant_lease(target, self.rec.clock(), ttl))
+            else:
+                self.rec.update(lambda m: record(m, previous))
+            raise
+        except (AgentError, OSError):
+            self.rec.update(lambda m: record(m, previous))   # the host said no: nothing was started
+            raise
         if checkpoint:
             result += f", checkpoint of {len(checkpoint.get('files', {}))} file(s) restored"
-        now = self.rec.clock()
 
-        def place(m: Memory) -> None:
-            old = m.placements.get(a.strategy)
-            placed_at = old.placed_at if (a.action == "restart" and old is not None) else now
-            m.placements[a.strategy] = Placement(a.strategy, target, a.epoch, spec.spec_hash, a.paused, placed_at,
-                                                 spec.launch_fields(), self.rec.revision.get("revision"))
-            m.leases[target] = max(m.leases.get(target, 0), now)   # a start grants a fresh lease
+        def started(m: Memory) -> None:
+            m.grant_lease(target, self.rec.clock(), ttl)
             m.restarts[a.strategy] = 0
-        self.rec.update(place)
+        self.rec.update(started)
         return Outcome(a, True, result)
 
     # --- the plan ------------------------------------------------------------------------------
@@ -245,24 +281,32 @@ class Executor:
             m.next_epoch = max(m.next_epoch, plan.next_epoch)
             m.rr_cursor = plan.rr_cursor
             for adopt in plan.adopt:
-                if adopt.strategy not in m.placements or m.placements[adopt.strategy].epoch < adopt.epoch:
+                known = m.placements.get(adopt.strategy)
+                # Newer than what the state knows, or the same copy under a renamed worker.
+                if known is None or known.epoch < adopt.epoch or (known.epoch == adopt.epoch
+                                                                  and known.worker != adopt.worker):
                     m.placements[adopt.strategy] = Placement(adopt.strategy, adopt.worker, adopt.epoch,
-                                                             adopt.spec_hash or "", placed_at=self.rec.clock())
+                                                             adopt.spec_hash or "", placed_at=self.rec.clock(),
+                                                             launched=known.launched if known else None)
         self.rec.update(reserve)
         stops = [(a.worker, a) for a in plan.actions if a.action == "stop"]
         stops += [(a.source, a) for a in plan.actions if a.action == "move" and a.cause not in UNREACHABLE_SOURCE]
         outcomes = self._run(self._by_host(stops), self.stop_phase)  # type: ignore[arg-type]
-        failed_moves = {o.action.strategy: o for o in outcomes if o.action.action == "move" and not o.ok}
+        # A copy that did not confirm it stopped blocks every start of that strategy in this run.
+        unconfirmed = {o.action.strategy: o for o in outcomes if not o.ok}
+        failed_moves = [o for o in outcomes if o.action.action == "move" and not o.ok]
+        for o in failed_moves:
+            o.detail = (f"the copy on {o.action.source} did not confirm it stopped, so no second copy was "
+                        f"started: {o.detail}")
         rest = [(a.target if a.action == "move" else a.worker, a) for a in plan.actions
-                if a.action != "stop" and a.strategy not in failed_moves]
-        outcomes = [o for o in outcomes if o.action.action == "stop"] + list(failed_moves.values())
-        for o in failed_moves.values():
-            o.detail = f"the copy on {o.action.source} did not confirm it stopped, so no second copy was started: {o.detail}"
+                if a.action != "stop" and a.strategy not in unconfirmed]
+        held = [Outcome(a, False, f"not started: a copy on {unconfirmed[a.strategy].action.workers[0]} did not "
+                                  f"confirm it stopped ({unconfirmed[a.strategy].detail})")
+                for a in plan.actions if a.action in ("start", "restart") and a.strategy in unconfirmed]
+        for o in held:
+            self.finished(o)
+        outcomes = [o for o in outcomes if o.action.action == "stop"] + failed_moves + held
         outcomes += self._run(self._by_host(rest), self.run_phase)  # type: ignore[arg-type]
-        for o in outcomes:
-            if o.action.action == "move" and not o.ok and self.stopped_for_move.get(o.action.strategy):
-                # Stopped on the old worker but not started on the new one: plan it afresh next time.
-                self.rec.update(lambda m, sid=o.action.strategy: m.placements.pop(sid, None))
         return outcomes
 
 

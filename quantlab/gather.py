@@ -5,6 +5,7 @@ others (each probe is bounded by the command timeout, connections by the connect
 """
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,12 +17,16 @@ from .observed import Instance, ObservedState, WorkerState
 from .spec import Fleet, WorkerSpec
 from .transport.base import TransportError
 
+STRATEGY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
 
 @dataclass
 class Gathered:
     observed: ObservedState
     answered_at: dict[str, int] = field(default_factory=dict)    # worker -> ms when its host answered
     renewed: dict[str, list[str]] = field(default_factory=dict)  # worker -> strategies whose lease was renewed
+    maybe_renewed: dict[str, int] = field(default_factory=dict)  # worker -> ms: a probe carrying renewals
+                                                                 # failed after it may have reached the host
     host_events: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # None: too large to copy
     seconds: float = 0.0
@@ -37,7 +42,7 @@ def renewals(memory: Memory) -> dict[str, dict[str, int]]:
     return out
 
 
-def _worker_state(worker: WorkerSpec, raw: dict[str, Any], host: dict[str, Any]) -> WorkerState:
+def _worker_state(worker: WorkerSpec, raw: dict[str, Any], host: dict[str, Any], at: int) -> WorkerState:
     runtime = raw.get("runtime") or {}
     error = None
     if runtime.get("path") is None:
@@ -47,6 +52,9 @@ def _worker_state(worker: WorkerSpec, raw: dict[str, Any], host: dict[str, Any])
     load = host.get("loadavg") or [0.0]
     instances = {}
     for sid, inst in (raw.get("instances") or {}).items():
+        # Only what could be a strategy of ours: a host's answer never names controller paths.
+        if not (isinstance(inst, dict) and STRATEGY_ID.fullmatch(str(sid)) and inst.get("strategy") == sid):
+            continue
         try:
             instances[sid] = Instance.from_json(inst)
         except (KeyError, TypeError, ValueError):
@@ -55,6 +63,7 @@ def _worker_state(worker: WorkerSpec, raw: dict[str, Any], host: dict[str, Any])
         worker=worker.id, reachable=True, error=error, cpus=cpus, cpu=float(load[0]) / cpus,
         mem_free_mb=host.get("memFreeMb"), credentials=frozenset(raw.get("credentials") or ()),
         instances=instances, host_time=host.get("time"),
+        clock_skew_ms=int(host["answeredAt"]) - at if isinstance(host.get("answeredAt"), (int, float)) else None,
         versions={"python": host.get("python"), runtime.get("program", "runner"): runtime.get("version")},
     )
 
@@ -81,23 +90,32 @@ def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Callable[[], int],
         args = ("--renew", f"{ttl:g}") if wanted else ()
         try:
             answer = hosts.agent(key, members).call("probe", request, fleet.settings.ssh.command_timeout_s, args)
-        except (TransportError, AgentError) as exc:
+            at = clock()
+            host = answer.get("host") or {}
+            answered = {w.id: _worker_state(w, (answer.get("workers") or {}).get(w.id) or {}, host, at)
+                        for w in members}
+        except (TransportError, AgentError, ValueError, TypeError, AttributeError, OSError) as exc:
+            # Any failure is this host's alone (a bad ssh_config line, a garbled answer): never the tick's.
             for w in members:
-                states[w.id] = WorkerState(w.id, False, error=str(exc))
+                states[w.id] = WorkerState(w.id, False, error=str(exc) if str(exc) else type(exc).__name__)
+                if getattr(exc, "maybe_ran", False) and w.id in request["renew"]:
+                    result.maybe_renewed[w.id] = clock()
             return
-        at = clock()
-        host = answer.get("host") or {}
         for w in members:
             raw = (answer.get("workers") or {}).get(w.id) or {}
-            states[w.id] = _worker_state(w, raw, host)
+            states[w.id] = answered[w.id]
             result.answered_at[w.id] = at
             if raw.get("renewed"):
-                result.renewed[w.id] = list(raw["renewed"])
+                result.renewed[w.id] = [sid for sid in raw["renewed"] if sid in answered[w.id].instances]
+            asked = request["checkpoints"].get(w.id, {})
             for sid, inst in (raw.get("instances") or {}).items():
-                if "checkpoint" in inst:
+                if sid not in answered[w.id].instances:
+                    continue
+                if sid in asked and "checkpoint" in inst and inst.get("epoch") == asked[sid]:
                     result.checkpoints[sid] = inst["checkpoint"]
                 for event in inst.get("events") or ():
-                    result.host_events.append({**event, "worker": w.id, "strategy": sid})
+                    if isinstance(event, dict) and isinstance(event.get("t", 0), (int, float)):
+                        result.host_events.append({**event, "worker": w.id, "strategy": sid})
 
     parallel = max(1, min(fleet.settings.ssh.parallelism, len(groups)))
     if parallel == 1:
@@ -125,15 +143,18 @@ def checkpoints_due(fleet: Fleet, memory: Memory, now_ms: int) -> dict[str, dict
     return out
 
 
-def remember(memory: Memory, gathered: Gathered, addresses: dict[str, dict[str, Any]],
+def remember(memory: Memory, gathered: Gathered, addresses: dict[str, dict[str, Any]], ttl_s: float,
              loop_at: int | None = None) -> Memory:
-    """The memory after a gather by a run that writes state: who answered when, which leases were
-    granted, restart counts mirrored from the supervisors, and how to reach every worker."""
+    """The memory after a gather by a run that writes state: who answered when, until when a lease
+    granted there may live (a renewal that may have happened counts too), restart counts mirrored
+    from the supervisors, and how to reach every worker."""
     m = memory.copy()
     for wid, at in gathered.answered_at.items():
         m.last_seen[wid] = at
-        if wid in gathered.renewed:
-            m.leases[wid] = max(m.leases.get(wid, 0), at)
+    granted = {wid: gathered.answered_at[wid] for wid in gathered.renewed}
+    granted.update(gathered.maybe_renewed)
+    for wid, at in granted.items():
+        m.grant_lease(wid, at, ttl_s)
     for sid, p in m.placements.items():
         state = gathered.observed.worker(p.worker)
         inst = state.instances.get(sid) if state is not None and state.reachable else None

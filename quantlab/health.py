@@ -49,14 +49,18 @@ def failover_margin_s(monitor: MonitorSettings) -> float:
 
 def lease_surely_expired_at(strategy: str, worker_id: str, memory: Memory, monitor: MonitorSettings,
                             stop_timeout_s: float) -> int:
-    """ms after which no copy of `strategy` can still run on `worker_id`: the latest lease grant there
-    (a renewal, a start, or at worst the last answered probe), plus the TTL, plus the strategy's stop
-    grace, plus a margin."""
+    """ms after which no copy of `strategy` can still run on `worker_id`: the latest moment a lease
+    granted there may live (recorded with the TTL in force when it was granted; at worst the last
+    answered probe or the placement, plus today's TTL), plus the stop grace, plus a margin."""
     placed = memory.placements.get(strategy)
-    granted = max(memory.leases.get(worker_id, 0), memory.last_seen.get(worker_id, 0),
-                  placed.placed_at if placed is not None and placed.worker == worker_id else 0)
-    extra_s = monitor.lease_ttl_s + stop_timeout_s + failover_margin_s(monitor)
-    return granted + int(extra_s * 1000)
+    ttl_ms = int(monitor.lease_ttl_s * 1000)
+    until = max(memory.leases.get(worker_id, 0), memory.last_seen.get(worker_id, 0) + ttl_ms,
+                (placed.placed_at + ttl_ms) if placed is not None and placed.worker == worker_id else 0)
+    if placed is not None and placed.launched:
+        # The copy there was started with its own stop timeout; a shorter one now must not count.
+        started_with = placed.launched.get("scheduling", {}).get("stopTimeoutSeconds", 0)
+        stop_timeout_s = max(stop_timeout_s, float(started_with or 0))
+    return until + int((stop_timeout_s + failover_margin_s(monitor)) * 1000)
 
 
 def instance_healthy(instance: Instance, spec: StrategySpec) -> tuple[bool, str | None]:

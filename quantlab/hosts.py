@@ -142,8 +142,12 @@ class Hosts:
                 return str((self.fleet.root / ".quantlab" / "workers" / worker.id).resolve())
             path = Path(os.path.expanduser(worker.workdir))
             return str(path if path.is_absolute() else (self.fleet.root / path).resolve())
+        # Relative paths start in the login's home, for commands and SFTP alike: "~" is spelled out
+        # that way because SFTP would take it literally.
         if worker.workdir is None:
-            return f".quantlab/{worker.id}"                  # relative: the login's home
+            return f".quantlab/{worker.id}"
+        if worker.workdir == "~":
+            return "."
         return worker.workdir[2:] if worker.workdir.startswith("~/") else worker.workdir
 
     def transport(self, key: HostKey) -> Transport:

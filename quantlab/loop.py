@@ -18,7 +18,7 @@ from .controller import Controller
 from .execute import Outcome
 from .planner import PlanOptions
 from .render import plan_summary
-from .spec import FleetInvalid, FleetSettings
+from .spec import FleetInvalid
 from .store import LockHeld, StateError
 
 
@@ -35,7 +35,6 @@ class ReconcileLoop:
         self.ctl = controller
         self.log = log
         self.lock_timeout = lock_timeout
-        self.settings = FleetSettings()        # from the last fleet that validated
         self._invalid_reported: str | None = None
         self._scheduler = None
 
@@ -59,14 +58,13 @@ class ReconcileLoop:
                 self.log(f"fleet {self.ctl.fleet_dir} does not validate; nothing is started or stopped, "
                          f"leases of what runs are renewed:\n{text}")
                 self._invalid_reported = text
-            gathered, _ = self.ctl.keep_alive(memory, self.settings)
+            gathered, _ = self.ctl.keep_alive(memory)
             down = sum(1 for s in gathered.observed.workers.values() if not s.reachable)
             return self._done(started, False, f"fleet invalid ({len(exc.problems)} problems); "
                                               f"renewed leases on {len(gathered.renewed)} workers, {down} not answering")
         if self._invalid_reported:
             self.log("fleet validates again")
             self._invalid_reported = None
-        self.settings = fleet.settings
         self._follow_interval(fleet.settings.reconcile_interval_s)
         gathered, memory = self.ctl.gather_and_remember(fleet, memory, loop=True)
         plan = self.ctl.plan(fleet, memory, gathered, PlanOptions())

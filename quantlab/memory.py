@@ -52,8 +52,10 @@ class Memory:
 
     lineage: str | None = None
     serial: int = 0
+    began: int | None = None                                   # ms when this lineage's first state was saved
     placements: dict[str, Placement] = field(default_factory=dict)
-    leases: dict[str, int] = field(default_factory=dict)       # worker -> ms of the latest lease grant
+    leases: dict[str, int] = field(default_factory=dict)       # worker -> ms until which a lease granted
+                                                               # there may live (grant + TTL at that time)
     restarts: dict[str, int] = field(default_factory=dict)     # strategy -> restarts (mirrored from hosts)
     last_seen: dict[str, int] = field(default_factory=dict)    # worker -> ms of the last answered probe
     rr_cursor: str | None = None                               # worker chosen last by round-robin
@@ -65,6 +67,7 @@ class Memory:
     addresses: dict[str, dict[str, Any]] = field(default_factory=dict)
     checkpoints: dict[str, int] = field(default_factory=dict)  # strategy -> ms its checkpoint was copied
     alerts: dict[str, str] = field(default_factory=dict)       # raised alerts (each told once), key -> message
+    fleet_settings: dict[str, Any] = field(default_factory=dict)  # the last valid fleet's settings
 
     def copy(self) -> "Memory":
         return copy.deepcopy(self)
@@ -74,6 +77,7 @@ class Memory:
         return {
             "version": FORMAT_VERSION,
             "lineage": self.lineage,
+            "began": self.began,
             "nextEpoch": self.next_epoch,
             "roundRobinCursor": self.rr_cursor,
             "loopRenewal": self.loop_renewal,
@@ -85,6 +89,7 @@ class Memory:
             "addresses": dict(sorted(self.addresses.items())),
             "checkpoints": dict(sorted(self.checkpoints.items())),
             "alerts": dict(sorted(self.alerts.items())),
+            "fleetSettings": self.fleet_settings,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -102,6 +107,7 @@ class Memory:
         try:
             return cls(
                 lineage=raw["lineage"],
+                began=raw.get("began"),
                 serial=int(raw["serial"]),
                 placements={sid: Placement.from_json(sid, p) for sid, p in raw.get("placements", {}).items()},
                 leases={k: int(v) for k, v in raw.get("leases", {}).items()},
@@ -114,9 +120,14 @@ class Memory:
                 addresses={k: dict(v) for k, v in raw.get("addresses", {}).items()},
                 checkpoints={k: int(v) for k, v in raw.get("checkpoints", {}).items()},
                 alerts={str(k): str(v) for k, v in raw.get("alerts", {}).items()},
+                fleet_settings=dict(raw.get("fleetSettings") or {}),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc
+
+    def grant_lease(self, worker: str, at_ms: int, ttl_s: float) -> None:
+        """A lease was (or may have been) granted on `worker` at `at_ms`, an upper bound of when."""
+        self.leases[worker] = max(self.leases.get(worker, 0), at_ms + int(ttl_s * 1000))
 
     def placements_on(self, worker: str) -> list[Placement]:
         return [p for p in self.placements.values() if p.worker == worker]

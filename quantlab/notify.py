@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Callable
 
@@ -14,20 +15,10 @@ from .spec import NotifySettings
 WEBHOOK_TIMEOUT_S = 5.0
 COMMAND_TIMEOUT_S = 10.0
 
-# What is worth waking someone for.
-KINDS = ("strategy-error", "lease-expired", "worker-offline", "worker-online", "action-failed", "failover",
-         "guard-blocked")
-
-
 class Notifier:
     def __init__(self, settings: NotifySettings, log: Callable[[str], None]):
         self.settings = settings
         self.log = log
-        self.sent: list[dict[str, Any]] = []
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.settings.webhook or self.settings.command)
 
     def send(self, notices: list[dict[str, Any]]) -> None:
         """Deliver each notice; after the first webhook failure the rest of the batch skips it, so a
@@ -39,7 +30,6 @@ class Notifier:
                 webhook_ok = self._post(body)
             if self.settings.command:
                 self._run(body)
-            self.sent.append(notice)
 
     def _post(self, body: bytes) -> bool:
         assert self.settings.webhook is not None
@@ -51,7 +41,9 @@ class Notifier:
                 answer.read(1024)
             return True
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            self.log(f"notify: webhook {self.settings.webhook} failed: {exc}")
+            # The URL often carries a token: name only where it goes.
+            where = urllib.parse.urlsplit(self.settings.webhook)
+            self.log(f"notify: webhook {where.scheme}://{where.hostname} failed: {exc}")
             return False
 
     def _run(self, body: bytes) -> None:

@@ -58,6 +58,7 @@ class WorkerState:
     credentials: frozenset[str] = frozenset()   # accounts with a secrets/<account>.env file
     instances: Mapping[str, Instance] = field(default_factory=dict)
     host_time: int | None = None          # ms, the host's wall clock when it answered
+    clock_skew_ms: int | None = None      # host clock minus the controller's, about (within a round trip)
     versions: Mapping[str, str | None] = field(default_factory=dict)   # python, node
 
     def alive_instances(self) -> list[Instance]:

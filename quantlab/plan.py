@@ -155,6 +155,12 @@ class Plan:
     def with_provenance(self, **fields: Any) -> "Plan":
         return replace(self, **fields)
 
+    def with_guards_lifted(self) -> "Plan":
+        """The plan as if every guard had allowed its actions (apply PLANFILE --allow-mass-stop)."""
+        held = tuple(a for b in self.blocked for a in b.actions)
+        actions = sorted(self.actions + held, key=lambda a: (a.strategy, a.action, a.workers))
+        return replace(self, actions=tuple(actions), blocked=())
+
     def to_json(self) -> dict[str, Any]:
         return {
             "formatVersion": FORMAT_VERSION,

@@ -26,7 +26,7 @@ from .scheduling import (
     fleet_policy,
 )
 from .scheduling import filters
-from .spec import Fleet, StrategySpec, WorkerSpec
+from .spec import Fleet, StrategySpec, WorkerSpec, worker_launch
 
 # A worker is placed on last once its instances have restarted this often in total.
 FAILING_RESTARTS = 3
@@ -113,17 +113,23 @@ class _Planner:
             if not self._reachable(wid):
                 continue
             for inst in state.instances.values():
-                if inst.alive:
+                if inst.alive and inst.status != "unknown":
                     alive.setdefault(inst.strategy, []).append((wid, inst))
         for sid in sorted(set(self.memory.placements) | set(alive)):
             copies = alive.get(sid, [])
             newest = max(copies, key=lambda c: (c[1].epoch, c[0]), default=None)
             placed = self.memory.placements.get(sid)
+            if placed is not None and placed.worker not in self.fleet.workers:
+                # A renamed worker (same host and workdir): its copy is the placement, under a new id.
+                same = [c for c in copies if c[1].epoch == placed.epoch]
+                if same:
+                    newest = same[0]
+                    placed = None
             if placed is not None and (newest is None or newest[1].epoch <= placed.epoch):
                 inst = None
                 if self._reachable(placed.worker):
                     inst = self.observed.workers[placed.worker].instances.get(sid)
-                    if inst is not None and inst.epoch != placed.epoch:
+                    if inst is not None and inst.epoch != placed.epoch and inst.status != "unknown":
                         inst = None     # an older copy sits in the folder: the start will replace it
                 cur = _Current(placed.worker, placed.epoch, placed.spec_hash, placed.paused, inst,
                                launched=placed.launched)
@@ -134,7 +140,8 @@ class _Planner:
                 self.work.adopt.append(Adopt(sid, wid, inst.epoch, inst.spec_hash))
             self.current[sid] = cur
             for wid, inst in copies:
-                if wid != cur.worker:
+                # Epochs are unique per placement: a copy with the current one is that copy.
+                if wid != cur.worker and inst.epoch != cur.epoch:
                     self.stale.append((wid, inst))
 
     # --- per strategy --------------------------------------------------------------------------
@@ -150,6 +157,8 @@ class _Planner:
                     self.stop_or_wait(sid, cur, "desired-stopped", "desiredState: stopped")
                 continue
             if cur is None:
+                if self.unaccounted_worker(spec):
+                    continue
                 note = "; starts paused" if spec.desired_state == "paused" else ""
                 to_place.append(_ToPlace(spec, "new", "new" + note))
                 continue
@@ -195,6 +204,10 @@ class _Planner:
             return self.lost(spec, cur, "worker-offline", f"{wid} offline {self._down(live)}")
         misfit = self.misfit(spec, worker)
         inst = cur.instance
+        if inst is not None and inst.status == "unknown":
+            # The agent could not read the instance (disk full?): acting blind could run it twice.
+            self.work.notes.append(Note(sid, wid, f"left alone: {inst.reason}"))
+            return None
         if inst is not None and inst.status == "orphaned":
             # The supervisor is gone but the runner runs on: start replaces it under a new supervisor.
             epoch = self._take_epoch()
@@ -218,9 +231,17 @@ class _Planner:
         if misfit:
             return _ToPlace(spec, "requirements", f"{wid} no longer fits: {misfit}", cur)
         want_paused = spec.desired_state == "paused"
+        started_on = (cur.launched or {}).get("worker")
         if inst.spec_hash != spec.spec_hash:
             self.work.actions.append(Action("restart", sid, self.changes(spec, cur), "spec-changed", worker=wid,
                                             epoch=cur.epoch, spec_hash=spec.spec_hash, paused=want_paused))
+        elif started_on is not None and started_on != worker_launch(worker):
+            now_on = worker_launch(worker)
+            what = ", ".join(f"{k} {started_on.get(k)} → {now_on[k]}" for k in sorted(now_on)
+                             if started_on.get(k) != now_on[k])
+            self.work.actions.append(Action("restart", sid, f"worker {wid} changed: {what}", "worker-changed",
+                                            worker=wid, epoch=cur.epoch, spec_hash=spec.spec_hash,
+                                            paused=want_paused))
         elif want_paused and not inst.paused:
             self.work.actions.append(Action("pause", sid, "desiredState: paused", "desired-paused",
                                             worker=wid, epoch=cur.epoch))
@@ -228,6 +249,32 @@ class _Planner:
             self.work.actions.append(Action("resume", sid, "desiredState: running", "desired-running",
                                             worker=wid, epoch=cur.epoch))
         return None
+
+    def unaccounted_worker(self, spec: StrategySpec) -> bool:
+        """A worker that could run `spec` has not answered once since this state began: a copy that
+        an earlier (lost) state file placed there may still hold a lease. Hold the first start (as
+        waiting) until such a lease has surely run out. True when held."""
+        if self.memory.placements.get(spec.id) is not None:
+            return False
+        silent = sorted(wid for wid, w in self.fleet.workers.items()
+                        if wid not in self.memory.last_seen and not self._reachable(wid)
+                        and self.misfit(spec, w) is None)
+        if not silent:
+            return False
+        began = self.memory.began or self.now
+        extra = self.monitor.lease_ttl_s + spec.scheduling.stop_timeout_s + health.failover_margin_s(self.monitor)
+        left = (began + extra * 1000 - self.now) / 1000
+        if self.monitor.fencing and left <= 0:
+            return False
+        why = (f"{silent[0]} has not answered since this state file began; a copy placed there before "
+               "may still run")
+        if not self.monitor.fencing:
+            self.work.waiting.append(Waiting(spec.id, silent[0], f"{why} (fencing is off): not started "
+                                             "until it answers", None))
+        else:
+            self.work.waiting.append(Waiting(spec.id, silent[0], f"{why}; started elsewhere once its lease "
+                                             f"has surely run out, in {format_duration(left)}", left))
+        return True
 
     def misfit(self, spec: StrategySpec, worker: WorkerSpec) -> str | None:
         """Why a worker no longer satisfies a strategy's requirements (not counting load or cordon)."""

@@ -82,6 +82,18 @@ def _age(ms: int | None) -> str:
     return "—" if ms is None else format_duration(ms / 1000)
 
 
+CLOCK_SKEW_NOTE_MS = 2000
+
+
+def _worker_note(w: dict) -> str:
+    if w["error"]:
+        return w["error"][:100]
+    skew = w.get("clockSkewMs")
+    if skew is not None and abs(skew) > CLOCK_SKEW_NOTE_MS:
+        return f"host clock {'ahead' if skew > 0 else 'behind'} by {abs(skew) / 1000:.1f}s (leases are not affected)"
+    return ""
+
+
 def status_tables(report: dict, now_ms: int) -> list:
     from rich.table import Table
 
@@ -101,7 +113,7 @@ def status_tables(report: dict, now_ms: int) -> list:
             f"[{colors.get(w['status'], 'white')}]{w['status']}[/]{flags}",
             f"{len(w['runningStrategies'])}/{w['maxStrategies']}",
             "—" if w["cpu"] is None else f"{w['cpu']:.2f}",
-            "—" if w["memory"] is None else f"{w['memory']} MB", seen, escape((w["error"] or "")[:100]))
+            "—" if w["memory"] is None else f"{w['memory']} MB", seen, escape(_worker_note(w)))
     strategies = Table(title="Strategies", title_justify="left", expand=False)
     for name in ("STRATEGY", "STATUS", "WORKER", "HEARTBEAT", "ERRORS", "RESTARTS", "REVISION", "LEASE", "NOTE"):
         strategies.add_column(name)

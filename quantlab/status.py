@@ -77,6 +77,7 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
             "memory": state.mem_free_mb if state and state.reachable else None,
             "lastSeen": memory.last_seen.get(wid) if not (state and state.reachable) else observed.taken_at,
             "error": state.error if state else None, "cordoned": w.cordoned, "drain": w.drain,
+            "clockSkewMs": state.clock_skew_ms if state and state.reachable else None,
             "versions": dict(state.versions) if state and state.reachable else {},
         })
     return {"strategies": strategies, "workers": workers}

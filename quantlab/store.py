@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -78,7 +79,9 @@ class StateStore:
         if memory.lineage is None:
             # Set once, on the first save; a later save of a memory without one keeps the file's.
             lineage = self._saved.get("lineage") if self._saved else None
-            memory = replace(memory, lineage=lineage or str(uuid.uuid4()))
+            began = self._saved.get("began") if self._saved else None
+            memory = replace(memory, lineage=lineage or str(uuid.uuid4()),
+                             began=began or memory.began or int(time.time() * 1000))
         content = memory.content_json()
         if content == self._saved:
             return replace(memory, serial=self._serial)
@@ -173,8 +176,13 @@ class EventLog:
     def __init__(self, path: str | Path, max_bytes: int = 5 * 1024 * 1024, keep: int = 3):
         self.path = Path(path)
         self.max_bytes, self.keep = max_bytes, keep
+        self._lock = threading.Lock()          # apply records outcomes from one thread per host
 
     def append(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self._append(event)
+
+    def _append(self, event: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         line = (json.dumps(event, sort_keys=True, ensure_ascii=False) + "\n").encode()
         try:
@@ -227,6 +235,13 @@ class CheckpointStore:
 
     def save(self, strategy: str, checkpoint: dict[str, Any]) -> None:
         atomic_write(self._path(strategy), json.dumps(checkpoint).encode(), mode=0o600)
+
+    def forget(self, strategy: str) -> bool:
+        try:
+            self._path(strategy).unlink()
+            return True
+        except FileNotFoundError:
+            return False
 
     def load(self, strategy: str) -> dict[str, Any] | None:
         try:

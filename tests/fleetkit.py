@@ -58,7 +58,7 @@ def fleet(strategies: Iterable[StrategySpec], workers: Iterable[WorkerSpec], *, 
 
 def running(spec: StrategySpec, epoch: int, *, status: str = "running", spec_hash: str | None = None,
             restarts: int = 0, reason: str | None = None) -> Instance:
-    alive = status in ("running", "paused", "starting", "restarting", "stopping", "orphaned")
+    alive = status in ("running", "paused", "starting", "restarting", "stopping", "orphaned", "unknown")
     return Instance(strategy=spec.id, epoch=epoch, spec_hash=spec_hash or spec.spec_hash, status=status,
                     alive=alive, restarts=restarts, heartbeat_age_ms=1000, reason=reason)
 

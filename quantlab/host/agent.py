@@ -137,8 +137,7 @@ def lock_instance(idir):
 # --- probe ----------------------------------------------------------------------------------------
 
 def host_facts():
-    facts = {"cpus": os.cpu_count() or 1, "time": now_ms(), "boottime": boottime(),
-             "python": "%d.%d.%d" % sys.version_info[:3]}
+    facts = {"cpus": os.cpu_count() or 1, "time": now_ms(), "python": "%d.%d.%d" % sys.version_info[:3]}
     try:
         facts["loadavg"] = list(os.getloadavg())
     except OSError:
@@ -259,11 +258,11 @@ def pack_checkpoint(idir):
     import zlib
     root = os.path.join(idir, "state")
     files, total = {}, 0
-    for folder, _, names in os.walk(root):
+    for folder, _, names in os.walk(root):      # os.walk does not enter symlinked folders
         for name in names:
-            if ".tmp" in name:                  # a half-written file of the runner's atomic replace
-                continue
             path = os.path.join(folder, name)
+            if ".tmp" in name or os.path.islink(path):   # half-written files; links lead elsewhere
+                continue
             try:
                 with open(path, "rb") as handle:
                     packed = zlib.compress(handle.read())
@@ -279,20 +278,30 @@ def pack_checkpoint(idir):
 def unpack_checkpoint(idir, checkpoint):
     """Put a checkpoint back into the instance's state folder; paths stay inside it."""
     import base64
+    import shutil
     import zlib
     root = os.path.join(idir, "state")
-    os.makedirs(root, mode=0o700, exist_ok=True)
+    # The checkpoint replaces whatever an earlier placement left here (and any symlink in it).
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root, mode=0o700)
     for rel, data in sorted((checkpoint or {}).get("files", {}).items()):
         rel = os.path.normpath(rel)
-        if os.path.isabs(rel) or rel.startswith(".."):
+        if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
             continue
         target = os.path.join(root, rel)
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-        tmp = "%s.restore-%d" % (target, os.getpid())
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(zlib.decompress(base64.b64decode(data)))
-        os.replace(tmp, target)
+
+
+def write_lease(idir, epoch, ttl):
+    """deadline: on this host's boot-time clock, what the supervisor enforces; expiresAt: the same
+    moment in wall-clock ms, for the strategy (ctx.leaseExpiresAt). No TTL: no lease, no fencing."""
+    lease = {"epoch": epoch, "expiresAt": None}
+    if ttl > 0:
+        lease.update(deadline=boottime() + ttl, expiresAt=now_ms() + int(ttl * 1000))
+    write_json(os.path.join(idir, "lease.json"), lease)
 
 
 def renew_lease(idir, epoch, ttl):
@@ -302,8 +311,7 @@ def renew_lease(idir, epoch, ttl):
         return False
     if live_pid(os.path.join(idir, "supervisor.pid")) is None:
         return False
-    write_json(os.path.join(idir, "lease.json"),
-               {"epoch": epoch, "deadline": boottime() + ttl, "expiresAt": now_ms() + int(ttl * 1000)})
+    write_lease(idir, epoch, ttl)
     return True
 
 
@@ -315,7 +323,6 @@ def probe(request, args):
         wid, workdir = spec["id"], os.path.abspath(os.path.expanduser(spec["workdir"]))
         if cache is None:
             cache = os.path.join(workdir, "agent", "versions.json")
-            os.makedirs(os.path.dirname(cache), mode=0o700, exist_ok=True)
         worker = {"workdir": workdir, "instances": {}, "renewed": []}
         worker["runtime"] = program_version(spec.get("program") or "node", cache)
         try:
@@ -333,11 +340,15 @@ def probe(request, args):
             names = []
         for name in names:
             idir = os.path.join(root, name)
-            if ttl is not None and name in renew and renew_lease(idir, renew[name], ttl):
-                worker["renewed"].append(name)
-            worker["instances"][name] = describe_instance(idir, name, since)
-            if name in wanted and worker["instances"][name]["epoch"] == wanted[name]:
-                worker["instances"][name]["checkpoint"] = pack_checkpoint(idir)
+            try:
+                if ttl is not None and name in renew and renew_lease(idir, renew[name], ttl):
+                    worker["renewed"].append(name)
+                worker["instances"][name] = describe_instance(idir, name, since)
+                if name in wanted and worker["instances"][name]["epoch"] == wanted[name]:
+                    worker["instances"][name]["checkpoint"] = pack_checkpoint(idir)
+            except (OSError, ValueError) as exc:      # disk full, a file half gone: say so, go on
+                worker["instances"][name] = {"strategy": name, "status": "unknown", "alive": True,
+                                             "reason": "the agent could not read it: %s" % exc}
         answer["workers"][wid] = worker
     answer["host"]["answeredAt"] = now_ms()
     return answer
@@ -378,12 +389,7 @@ def start(request, args):
         except OSError:
             pass
     write_json(os.path.join(idir, "spec.json"), request)
-    ttl = float(request.get("leaseTtlSeconds") or 0)
-    if ttl > 0:
-        write_json(os.path.join(idir, "lease.json"), {"epoch": request["epoch"], "deadline": boottime() + ttl,
-                                                      "expiresAt": now_ms() + int(ttl * 1000)})
-    else:
-        write_json(os.path.join(idir, "lease.json"), {"epoch": request["epoch"], "expiresAt": None})
+    write_lease(idir, request["epoch"], float(request.get("leaseTtlSeconds") or 0))
     write_json(os.path.join(idir, "status.json"), {
         "state": "starting", "epoch": request["epoch"], "specHash": request["specHash"],
         "restarts": status.get("restarts", 0) if keep_restarts else 0, "startedAt": now_ms(),
@@ -452,7 +458,8 @@ def stop(request, args):
     if epoch is not None and status.get("epoch") not in (None, epoch):
         # A newer copy runs here now: never stop it on behalf of an older one.
         return {"result": "epoch-mismatch", "running": status.get("epoch")}, 0
-    grace = float(request.get("stopTimeoutSeconds") or status.get("stopTimeoutSeconds") or 30)
+    # The longer of the two: the copy may have been started with more time for st_exit than asked now.
+    grace = max(float(request.get("stopTimeoutSeconds") or 0), float(status.get("stopTimeoutSeconds") or 0)) or 30.0
     answer = {"result": stop_instance(idir, request.get("reason") or "stopped by the controller", grace)}
     if request.get("checkpoint"):                # a move: the new worker gets the final state
         answer["checkpoint"] = pack_checkpoint(idir)
@@ -518,9 +525,13 @@ def logs(request, args):
     out.flush()
     if not request.get("follow"):
         return None, 0
+    import select
     position, inode = _position(path)
-    while True:                                  # ends when the reader goes away (EPIPE)
-        time.sleep(0.2)
+    watch = select.poll()
+    watch.register(out.fileno(), select.POLLERR | select.POLLHUP)
+    while True:
+        if watch.poll(200):                      # the reader went away (ssh closed, ^C): stop following
+            return None, 0
         current, now_inode = _position(path)
         if now_inode != inode or current < position:
             position, inode = 0, now_inode       # rotated: read the new file from its start
@@ -558,7 +569,8 @@ class Supervisor(object):
         self.paused = bool(self.spec.get("paused"))
         self.stop_reason = None
         self.pause_change = None
-        self.lease_deadline = None
+        # Fail closed: the lease granted at start holds until a renewal for this very epoch extends it.
+        self.lease_deadline = boottime() + self.ttl if self.ttl > 0 else None
         self.lease_mtime = None
         self.proc = None
         self.log = None
@@ -656,7 +668,7 @@ class Supervisor(object):
             self.lease_mtime = mtime
             lease = read_json(self.path("lease.json"), {}) or {}
             if lease.get("epoch") == self.spec["epoch"] and "deadline" in lease:
-                self.lease_deadline = lease["deadline"]
+                self.lease_deadline = max(self.lease_deadline or 0, lease["deadline"])
         return self.lease_deadline is not None and boottime() > self.lease_deadline
 
     def lease_reason(self):

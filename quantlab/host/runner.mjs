@@ -185,6 +185,13 @@ function scheduleTick() {
 
 async function tick() {
   if (run.stopping) return;
+  ctx.leaseExpiresAt = readLease(ctx.leaseExpiresAt);
+  if (ctx.leaseExpiresAt !== null && Date.now() > ctx.leaseExpiresAt) {
+    // The supervisor fences first; this covers a runner whose supervisor is gone (killed, OOM).
+    process.stderr.write('quantlab-runner: lease expired and nobody stopped us: stopping\n');
+    requestStop();
+    return;
+  }
   if (run.paused) {
     writeHeartbeat(); // keep the file fresh so a paused strategy does not look dead
   } else {
@@ -196,7 +203,6 @@ async function tick() {
 }
 
 async function beat() {
-  ctx.leaseExpiresAt = readLease(ctx.leaseExpiresAt);
   try {
     await hooks.st_heartbeat(ctx);
     run.beats += 1;

@@ -13,10 +13,11 @@ from .models import (
     StrategySpec,
     WorkerSpec,
     canonical_json,
+    worker_launch,
 )
 
 __all__ = [
     "LOCAL_HOST", "Fleet", "FleetInvalid", "FleetSettings", "Location", "MonitorSettings",
     "NotifySettings", "Problem", "Requirements", "SchedulingSpec", "SshSettings", "StrategySpec",
-    "WorkerSpec", "canonical_json", "load_fleet",
+    "WorkerSpec", "canonical_json", "load_fleet", "worker_launch",
 ]

@@ -415,6 +415,11 @@ class _Builder:
         if not real.is_relative_to(self.r.real_root):
             self.r.problem(where, f"{label} resolves outside the fleet directory ({real}); keep strategy files inside it")
             return None
+        hidden = [part for part in real.relative_to(self.r.real_root).parts if part.startswith(".")]
+        if hidden:
+            self.r.problem(where, f"{label} is inside the hidden folder {hidden[0]!r} (quantlab keeps state and "
+                                  "secrets of local workers in .quantlab/); keep strategy files in a plain folder")
+            return None
         if not real.exists():
             broken = " (broken symlink)" if path.is_symlink() else ""
             self.r.problem(where, f"{label} not found{broken}; expected {path}")

@@ -6,6 +6,7 @@ mutate a loaded spec.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class StrategySpec:
             "params": json.loads(self.params_json),
             "heartbeatMs": self.heartbeat_ms,
             "scheduling": self.scheduling.as_json(),
+            "account": self.requirements.account,      # its secrets file is in the environment
         }
 
     @cached_property
@@ -122,9 +124,10 @@ class WorkerSpec:
     def is_local(self) -> bool:
         return self.host == LOCAL_HOST
 
-    @property
-    def schedulable(self) -> bool:
-        return not (self.cordoned or self.drain)
+
+def worker_launch(worker: WorkerSpec) -> dict[str, Any]:
+    """What a worker adds to a running copy's environment; a change to it means `restart`."""
+    return {"runner": list(worker.runner), "proxy": worker.proxy, "region": worker.region}
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,24 @@ class FleetSettings:
     notify: NotifySettings = field(default_factory=NotifySettings)
     ssh: SshSettings = field(default_factory=SshSettings)
     source: Location | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """What keeps leases renewed while the fleet dir does not validate (kept in the state file)."""
+        return {"policy": self.policy, "reconcileIntervalSeconds": self.reconcile_interval_s,
+                "monitor": dataclasses.asdict(self.monitor), "ssh": dataclasses.asdict(self.ssh),
+                "notify": {"webhook": self.notify.webhook,
+                           "command": list(self.notify.command) if self.notify.command else None}}
+
+    @classmethod
+    def from_snapshot(cls, raw: dict[str, Any] | None) -> "FleetSettings":
+        if not raw:
+            return cls()
+        notify = raw.get("notify") or {}
+        return cls(policy=raw.get("policy", "load-based"),
+                   reconcile_interval_s=float(raw.get("reconcileIntervalSeconds", 30.0)),
+                   monitor=MonitorSettings(**raw.get("monitor", {})), ssh=SshSettings(**raw.get("ssh", {})),
+                   notify=NotifySettings(webhook=notify.get("webhook"),
+                                         command=tuple(notify["command"]) if notify.get("command") else None))
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,12 @@ class Completed:
 
 class TransportError(Exception):
     """A host could not be reached or did not answer in time. `kind` says which step failed:
-    dns, refused, connect-timeout, auth, host-key, timeout, io."""
+    dns, refused, connect-timeout, auth, host-key, timeout, io. `maybe_ran`: the command may have
+    reached the host before the failure (it timed out, or the connection broke mid-way), so its
+    effects (a lease renewed, a strategy started) must be assumed."""
 
-    def __init__(self, host: str, kind: str, message: str):
-        self.host, self.kind = host, kind
+    def __init__(self, host: str, kind: str, message: str, maybe_ran: bool = False):
+        self.host, self.kind, self.maybe_ran = host, kind, maybe_ran
         super().__init__(f"{host}: {message}")
 
 

@@ -16,7 +16,8 @@ class LocalTransport:
         try:
             done = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise TransportError(self.name, "timeout", f"{argv[0]} did not answer within {timeout:g}s") from None
+            raise TransportError(self.name, "timeout", f"{argv[0]} did not answer within {timeout:g}s",
+                                 maybe_ran=True) from None
         except OSError as exc:
             raise TransportError(self.name, "io", f"cannot run {argv[0]}: {exc.strerror}") from None
         return Completed(done.returncode, done.stdout, done.stderr)

@@ -135,8 +135,13 @@ class SshTransport:
     @classmethod
     def for_host(cls, alias: str, port: int | None, user: str | None, settings: SshSettings,
                  accept_new_host_keys: bool = False) -> "SshTransport":
-        config = load_ssh_config(settings.config)
-        return cls(resolve(alias, port, user, settings, config), settings, accept_new_host_keys, config)
+        try:
+            config = load_ssh_config(settings.config)
+            endpoint = resolve(alias, port, user, settings, config)
+        except (OSError, ValueError, paramiko.SSHException, paramiko.config.ConfigParseError) as exc:
+            raise TransportError(alias, "config", f"cannot use ssh_config {settings.config}: {exc}; fix that "
+                                                  "file or the Fleet's ssh.config") from None
+        return cls(endpoint, settings, accept_new_host_keys, config)
 
     # --- connection ----------------------------------------------------------------------------
 
@@ -302,9 +307,12 @@ class SshTransport:
                     raise self._timed_out(argv, timeout)
                 select.select([channel], [], [], min(left, 1.0))
             return Completed(channel.recv_exit_status(), bytes(out), bytes(err))
+        except TransportError as exc:
+            exc.maybe_ran = True                   # the exec request went out: it may run there
+            raise
         except (paramiko.SSHException, OSError, EOFError) as exc:
             self._abandon(channel)
-            raise self._error("io", f"connection lost during {argv[0]}: {exc}") from None
+            raise TransportError(self.name, "io", f"connection lost during {argv[0]}: {exc}", maybe_ran=True) from None
         finally:
             channel.close()
 

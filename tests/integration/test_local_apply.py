@@ -344,3 +344,35 @@ def test_move_carries_the_checkpoint_to_the_new_worker(fleet):
     # ctx.state.beats counts every beat of the strategy across restarts and moves.
     state = json.loads((fleet.idir("mover") / "state" / "state.json").read_text())
     assert state["beats"] > beats, state
+
+
+def test_saved_plan_applies_once_and_is_refused_when_stale(fleet, tmp_path):
+    fleet.worker("w1").strategy("a").strategy("b").write()
+    saved = tmp_path / "plan.json"
+    shown = fleet.ql("plan", "--out", saved)
+    assert f"quantlab apply {saved}" in shown.stdout
+    assert json.loads(saved.read_text())["stateSerial"] == 0
+
+    # The fleet changes after the plan was saved: refused, nothing started.
+    fleet.strategy("c").write()
+    stale = fleet.ql("apply", saved, "--yes", check=1)
+    assert "saved plan is stale" in stale.stderr and "fleet files changed" in stale.stderr, stale.describe()
+    assert fleet.runner_counts() == {}
+
+    fleet.ql("plan", "--out", saved)
+    fleet.ql("apply", saved, "--yes")
+    fleet.beating("c", beats=1)
+    assert fleet.runner_counts() == {"a": 1, "b": 1, "c": 1}
+    # Applied once, the state moved on: applying the same file again is refused.
+    again = fleet.ql("apply", saved, "--yes", check=1)
+    assert "the state changed since" in again.stderr, again.describe()
+
+    # A saved plan that a guard holds back can be applied with the guard lifted, and only that way.
+    fleet.strategies.clear()
+    fleet.write()
+    fleet.ql("plan", "--out", saved)
+    assert [b["guard"] for b in json.loads(saved.read_text())["blocked"]] == ["mass-stop"]
+    refused = fleet.ql("apply", saved, "--yes", "--target", "a", check=1)
+    assert "cannot change a saved one" in refused.stderr
+    fleet.ql("apply", saved, "--yes", "--allow-mass-stop")
+    wait_for(lambda: fleet.runner_counts() == {}, 10, what="every runner to stop")

@@ -262,7 +262,8 @@ export function st_exit(ctx) {}
 
 def test_ctx_fields_reach_the_strategy(runners, tmp_path):
     lease = tmp_path / "lease.json"
-    lease.write_text(json.dumps({"expiresAt": 1_700_000_000_000}))
+    first = int(time.time() * 1000) + 3_600_000            # an hour ahead: the lease is valid
+    lease.write_text(json.dumps({"expiresAt": first}))
     params = {"symbol": "BTCUSDT", "account": "wjcgm@bbt-sub1", "grid": [1, 2.5], "nested": {"a": None}}
     r = runners(store(tmp_path / "files", CTX_RECORDER, ".mjs"), params,
                 QUANTLAB_STRATEGY_ID="grid-btc-sub1", QUANTLAB_EPOCH="42", QUANTLAB_WORKER_ID="worker-003",
@@ -270,11 +271,11 @@ def test_ctx_fields_reach_the_strategy(runners, tmp_path):
     r.wait_beats(1)
     assert r.state()["atInit"] == {
         "id": "grid-btc-sub1", "params": params, "epoch": 42, "workerId": "worker-003", "region": "JP",
-        "proxy": "http://127.0.0.1:8890", "leaseExpiresAt": 1_700_000_000_000,
+        "proxy": "http://127.0.0.1:8890", "leaseExpiresAt": first,
     }
     # The supervisor renews the lease: the strategy sees the new deadline on a later beat.
-    lease.write_text(json.dumps({"expiresAt": 1_700_000_180_000}))
-    wait_for(lambda: r.state().get("lease") == 1_700_000_180_000, what="the renewed lease in ctx")
+    lease.write_text(json.dumps({"expiresAt": first + 180_000}))
+    wait_for(lambda: r.state().get("lease") == first + 180_000, what="the renewed lease in ctx")
     lease.write_text(json.dumps({"expiresAt": None}))
     wait_for(lambda: "lease" in r.state() and r.state()["lease"] is None, what="a null lease in ctx")
     # ctx.log: one line per call, ISO timestamp first.
@@ -282,6 +283,18 @@ def test_ctx_fields_reach_the_strategy(runners, tmp_path):
     stamp, rest = line.split(" ", 1)
     assert stamp.endswith("Z") and "T" in stamp and rest.startswith("lease ")
     assert line.endswith(" two\\nlines")  # a newline in the text stays on one line, escaped
+
+
+def test_a_runner_whose_lease_ran_out_stops_itself(runners, tmp_path):
+    """Defence in depth: the supervisor fences, but a runner orphaned by a killed supervisor must not
+    trade on past its lease either."""
+    lease = tmp_path / "lease.json"
+    lease.write_text(json.dumps({"expiresAt": int(time.time() * 1000) + 3_600_000}))
+    r = runners(store(tmp_path / "files", CTX_RECORDER, ".mjs"), QUANTLAB_LEASE_FILE=str(lease))
+    r.wait_beats(2)
+    lease.write_text(json.dumps({"expiresAt": int(time.time() * 1000) - 1}))
+    assert r.wait_exit(5) == 0
+    assert "lease expired" in r.stderr()
 
 
 def test_empty_proxy_and_missing_lease_file_are_null(runners, tmp_path):

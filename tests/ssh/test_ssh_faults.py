@@ -47,6 +47,9 @@ def three_workers(ssh_fleet):
     fl = ssh_fleet(3, connect_timeout=CONNECT_S, command_timeout=COMMAND_S)
     fl.worker("jp-1", "host-01", region="JP").worker("jp-2", "host-02", region="JP")
     fl.worker("us-1", "host-03", region="US")
+    # Every host answers once before the fault: a worker never seen by this state could still run
+    # copies an earlier state placed there, and the planner would rightly hold JP starts for it.
+    fl.write().cli("reconcile", "--once")
     fl.strategy("grid-jp", region="JP").strategy("trend-us", region="US")
     return fl.write()
 

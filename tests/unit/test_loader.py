@@ -112,7 +112,7 @@ SPEC_EDITS = [
     ("stopTimeout-as-float", "stopTimeoutSeconds: 30", "stopTimeoutSeconds: 30.0", False),
     ("requirements-region", "region: JP}", "region: US}", False),
     ("requirements-api", "api: bybit,", "api: binance,", False),
-    ("requirements-account", "account: acc1", "account: acc2", False),
+    ("requirements-account", "account: acc1", "account: acc2", True),     # its secrets are in the env
     ("requirements-credentials", "region: JP}", "region: JP, credentials: true}", False),
     ("desiredState", "desiredState: running", "desiredState: paused", False),
     ("name", "name: Grid BTC", "name: Grid BTC (renamed)", False),

@@ -426,3 +426,58 @@ def test_stopping_a_dead_copy_is_clean_up_not_a_mass_stop():
     [blocked] = result.blocked
     assert "would stop 2 of 2 running strategies" in blocked.reason
     assert [a.strategy for a in blocked.actions] == ["s-1", "s-2"]
+
+
+def test_an_instance_the_agent_could_not_read_is_left_alone():
+    s = strategy("s")
+    fl = fleet([s], [worker("w-a"), worker("w-b")])
+    unread = running(s, 0, status="unknown", reason="the agent could not read it: No space left on device")
+    result = plan(fl, observed(fl, {"w-a": [unread]}), memory({"s": ("w-a", 4)}, specs={"s": s}), NOW)
+    assert result.actions == () and result.queued == ()
+    assert "No space left on device" in result.notes[0].note
+
+
+def test_a_worker_proxy_change_restarts_what_runs_there():
+    from dataclasses import replace as _replace
+    from quantlab.memory import Placement
+    from quantlab.spec import worker_launch
+    s = strategy("s")
+    old_worker = worker("w-a", proxy="http://127.0.0.1:8890")
+    new_worker = _replace(old_worker, proxy="http://127.0.0.1:8891")
+    fl = fleet([s], [new_worker])
+    mem = memory({"s": ("w-a", 2)}, specs={"s": s})
+    mem.placements["s"] = Placement("s", "w-a", 2, s.spec_hash, launched={**s.launch_fields(),
+                                                                           "worker": worker_launch(old_worker)})
+    result = plan(fl, observed(fl, {"w-a": [running(s, 2)]}), mem, NOW)
+    assert summary(result) == [("restart", "s", "w-a")]
+    assert result.actions[0].reason == "worker w-a changed: proxy http://127.0.0.1:8890 → http://127.0.0.1:8891"
+    assert result.actions[0].epoch == 2
+
+
+def test_a_new_state_holds_first_starts_while_a_fitting_worker_has_never_answered():
+    """A lost or fresh state file: a worker that never answered may still run copies an earlier
+    state placed there, so strategies that could run there wait for such a lease to run out."""
+    jp, us = strategy("jp-grid", region="JP"), strategy("us-trend", region="US")
+    fl = fleet([jp, us], [worker("w-jp-1", region="JP"), worker("w-jp-2", region="JP"), worker("w-us", region="US")],
+               ttl=60)
+    obs = observed(fl, down=["w-jp-1"])
+    fresh = memory()
+    fresh.began = NOW - 10_000
+    result = plan(fl, obs, fresh, NOW)
+    assert summary(result) == [("start", "us-trend", "w-us")]          # no silent worker fits it
+    [wait] = result.waiting
+    assert (wait.strategy, wait.worker) == ("jp-grid", "w-jp-1")
+    assert wait.seconds_left == pytest.approx(60 + 30 + 1 + 3 - 10)
+    fresh.began = NOW - 200_000                                        # long enough ago
+    assert summary(plan(fl, obs, fresh, NOW)) == [("start", "jp-grid", "w-jp-2"), ("start", "us-trend", "w-us")]
+
+
+def test_a_renamed_worker_keeps_its_running_copy():
+    """worker-old renamed to worker-new (same host and workdir): the copy it runs is adopted under
+    the new id, not stopped as stale and not left to fence itself."""
+    s = strategy("s")
+    fl = fleet([s], [worker("worker-new"), worker("w-other")])
+    mem = memory({"s": ("worker-old", 7)}, specs={"s": s})
+    result = plan(fl, observed(fl, {"worker-new": [running(s, 7)]}), mem, NOW)
+    assert result.actions == () and result.waiting == ()
+    assert [(a.strategy, a.worker, a.epoch) for a in result.adopt] == [("s", "worker-new", 7)]

@@ -33,12 +33,24 @@ def test_remember_records_who_answered_leases_restarts_events_and_checkpoints():
         answered_at={"w-1": NOW - 10}, renewed={"w-1": ["a"]},
         host_events=[{"t": NOW - 500, "worker": "w-1", "strategy": "a", "event": "restart"}],
         checkpoints={"a": {"files": {}, "t": NOW - 20}})
-    after = remember(mem, gathered, {"w-1": {"host": "local"}}, loop_at=NOW)
+    after = remember(mem, gathered, {"w-1": {"host": "local"}}, 180, loop_at=NOW)
     assert after.last_seen == {"w-1": NOW - 10}
-    assert after.leases == {"w-1": NOW - 10, "w-2": NOW - 50_000}     # w-2 did not answer: unchanged
+    # Leases say until when a copy there may live: the grant (an upper bound of when) plus the TTL.
+    assert after.leases == {"w-1": NOW - 10 + 180_000, "w-2": NOW - 50_000}   # w-2 did not answer
     assert after.restarts == {"a": 2}
     assert after.host_events == {"w-1": NOW - 500}
     assert after.checkpoints == {"a": NOW}
     assert after.addresses == {"w-1": {"host": "local"}}
     assert after.loop_renewal == NOW
     assert mem.last_seen == {} and mem.checkpoints == {}                  # the input is left as it was
+
+
+def test_a_renewal_that_may_have_reached_a_host_counts_as_granted():
+    """The probe timed out after it was sent: the host may have renewed its leases, so failover must
+    wait for that lease too (else two copies could run)."""
+    mem = memory({"a": ("w-1", 3)}, leases={"w-1": NOW - 50_000})
+    gathered = Gathered(ObservedState({"w-1": WorkerState("w-1", False, error="timed out")}, NOW),
+                        maybe_renewed={"w-1": NOW - 5})
+    after = remember(mem, gathered, {}, 60)
+    assert after.leases == {"w-1": NOW - 5 + 60_000}
+    assert after.last_seen == {}                     # it did not answer, so it was not seen

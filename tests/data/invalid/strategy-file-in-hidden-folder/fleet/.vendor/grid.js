@@ -1,0 +1,3 @@
+export function st_init() {}
+export function st_heartbeat() {}
+export function st_exit() {}
