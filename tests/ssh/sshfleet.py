@@ -158,6 +158,11 @@ class SshFleet:
     def status(self) -> dict[str, Any]:
         return self.cli("status", "--output", "json").json()
 
+    def placements(self) -> dict[str, str]:
+        """strategy -> worker, as the state file records them."""
+        state = json.loads((self.dir / ".quantlab" / "state.json").read_text())
+        return {sid: p["worker"] for sid, p in state["placements"].items()}
+
     def controller(self) -> Any:
         from quantlab.controller import Controller, default_state_path
         return Controller(self.dir, default_state_path(self.dir))

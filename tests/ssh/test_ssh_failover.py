@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import zlib
 
 import pytest
@@ -76,3 +77,71 @@ def test_lost_jp_host_fails_over_to_the_other_jp_host_with_its_checkpoint(ssh_fl
     fl.cli("plan", "--detailed-exitcode")
     status = {s["id"]: s for s in fl.status()["strategies"]}
     assert status["grid-jp"]["workerId"] == other and status["grid-jp"]["status"] == "running"
+
+
+class LosesStartAnswers:
+    """A transport factory for Hosts: the real SSH transport, except that the answer of an agent
+    `start` is dropped after the command ran (as a timeout after sending would), while `lose` is set."""
+
+    def __init__(self, fleet) -> None:
+        from quantlab.transport.ssh import SshTransport
+        from quantlab.transport.base import TransportError
+
+        owner = self
+        self.lose = False
+
+        class Losing(SshTransport):
+            def run(self, argv, stdin=b"", timeout=30.0):
+                done = super().run(argv, stdin, timeout)
+                if owner.lose and len(argv) > 4 and argv[4] == "start":
+                    raise TransportError(self.name, "timeout", "start: answer lost (test)", maybe_ran=True)
+                return done
+
+        self.settings = fleet.settings.ssh
+        self.make = Losing
+
+    def __call__(self, key):
+        return self.make.for_host(key.host, key.port, key.user, self.settings)
+
+
+@pytest.mark.slow
+def test_a_start_whose_answer_was_lost_then_its_host_went_dark_never_runs_twice(ssh_fleet):
+    from quantlab.controller import Controller, default_state_path
+    from quantlab.hosts import Hosts
+    from quantlab.loop import ReconcileLoop
+
+    fl = ssh_fleet(2, connect_timeout=1, command_timeout=3)
+    fl.settings["monitor"] = {"workerOfflineAfterSeconds": 1, "leaseTtlSeconds": TTL, "autoRecover": True}
+    fl.worker("jp-1", "host-01", region="JP").worker("jp-2", "host-02", region="JP")
+    fl.strategy("warm-1", region="JP", stopTimeoutSeconds=1).strategy("warm-2", region="JP", stopTimeoutSeconds=1)
+    fl.write()
+    ctl = Controller(fl.dir, default_state_path(fl.dir))
+    factory = LosesStartAnswers(ctl.load_fleet())
+    ctl._hosts = Hosts(ctl.load_fleet(), transport_factory=factory)
+    loop = ReconcileLoop(ctl, log=lambda line: None)
+    assert all(o.ok for o in loop.tick().outcomes)          # ships agent, runner and file everywhere
+
+    fl.strategy("solo", region="JP", stopTimeoutSeconds=1).write()
+    factory.lose = True
+    [lost] = loop.tick().outcomes
+    assert not lost.ok and "answer lost" in lost.detail
+    factory.lose = False
+    where = lost.action.worker
+    assert fl.placements()["solo"] == where        # the intent was recorded before the host was asked
+    fl.wait_runners(fl.placements())
+
+    # Its host goes dark before any run heard of the start. The state recorded the intent, so the
+    # strategy waits out the lease there instead of starting a second copy elsewhere.
+    fl.hosts[fl.worker_hosts[where]].stop()
+    moved = False
+    deadline = time.monotonic() + 30
+    while not moved and time.monotonic() < deadline:
+        assert len(fl.runners_by_strategy().get("solo", [])) <= 1, "two copies of solo at once"
+        moved = any(o.action.strategy == "solo" and o.ok for o in loop.tick().outcomes)
+    assert moved, "solo was never started elsewhere:\n" + fl.cli("plan", check=None).out
+    other = "jp-2" if where == "jp-1" else "jp-1"
+    [runner] = wait_for(lambda: fl.runners_by_strategy().get("solo"), 10, "solo's runner on the other worker")
+    assert runner.environ()["QUANTLAB_WORKER_ID"] == other
+    old_status = json.loads((fl.instance_dir(where, "solo") / "status.json").read_text())
+    assert old_status["reason"].startswith("lease expired"), old_status   # it fenced itself first
+    ctl.close()

@@ -1,0 +1,97 @@
+"""Answers lost on the way back: the command ran on the host, the controller never heard. The real
+controller, agent and processes, over a transport that drops the answer of chosen commands after
+running them (what a timeout or a broken connection does), so that nothing can run twice."""
+from __future__ import annotations
+
+from harness import wait_for
+from quantlab.controller import Controller, default_state_path
+from quantlab.hosts import Hosts
+from quantlab.loop import ReconcileLoop
+from quantlab.transport.base import TransportError
+from quantlab.transport.local import LocalTransport
+
+
+class LosesAnswers(LocalTransport):
+    """Runs every command for real; for the agent commands named in `lose`, raises afterwards as if
+    the answer had been lost (maybe_ran=True), or before running them (maybe_ran=False)."""
+
+    def __init__(self) -> None:
+        self.lose: dict[str, bool] = {}       # agent command -> maybe_ran
+
+    def run(self, argv, stdin=b"", timeout=30.0):
+        command = argv[4] if len(argv) > 4 else ""
+        if command in self.lose and not self.lose[command]:
+            raise TransportError(self.name, "refused", "refused before running (test)")
+        done = super().run(argv, stdin, timeout)
+        if command in self.lose:
+            raise TransportError(self.name, "timeout", f"{command}: answer lost (test)", maybe_ran=True)
+        return done
+
+
+def controller(fleet_dir, transport: LosesAnswers) -> Controller:
+    ctl = Controller(fleet_dir.root, default_state_path(fleet_dir.root))
+    ctl._hosts = Hosts(ctl.load_fleet(), transport_factory=lambda key: transport)
+    return ctl
+
+
+def tick(ctl: Controller):
+    """One pass of the real reconcile loop, in-process: its outcomes and the memory after it."""
+    outcomes = ReconcileLoop(ctl, log=lambda line: None).tick().outcomes
+    return outcomes, ctl.store.load()
+
+
+def test_a_start_whose_answer_was_lost_is_never_started_twice(fleet):
+    # A first strategy ships the agent, the runner and the strategy file to both workers.
+    fleet.worker("w1", max_strategies=1).worker("w2", max_strategies=2).strategy("first").strategy("second").write()
+    transport = LosesAnswers()
+    ctl = controller(fleet, transport)
+    assert all(o.ok for o in tick(ctl)[0])
+
+    fleet.strategy("solo").write()                 # w2 has the room left
+    transport.lose = {"start": True}
+    outcomes, memory = tick(ctl)
+    [outcome] = outcomes
+    assert not outcome.ok and "answer lost" in outcome.detail
+    placed = memory.placements["solo"]             # the intent stands: a copy may run there
+    assert placed.worker == outcome.action.worker
+    wait_for(lambda: fleet.runner_counts()["solo"] == 1, 10, what="the runner the lost start began")
+
+    transport.lose = {}
+    outcomes, memory = tick(ctl)
+    assert outcomes == []                          # found running where it was recorded
+    assert memory.placements["solo"] == placed
+    assert fleet.runner_counts() == {"first": 1, "second": 1, "solo": 1}
+
+
+def test_a_start_refused_before_it_ran_leaves_no_placement(fleet):
+    fleet.worker("w1").strategy("solo").write()
+    transport = LosesAnswers()
+    ctl = controller(fleet, transport)
+    transport.lose = {"start": False}
+    outcomes, memory = tick(ctl)
+    assert not outcomes[0].ok and "solo" not in memory.placements
+    assert fleet.runner_counts() == {}
+    transport.lose = {}
+    outcomes, _ = tick(ctl)
+    assert [(o.action.action, o.ok) for o in outcomes] == [("start", True)]
+
+
+def test_a_probe_whose_answer_was_lost_may_have_renewed_leases(fleet):
+    fleet.worker("w1").strategy("solo").write()
+    transport = LosesAnswers()
+    ctl = controller(fleet, transport)
+    tick(ctl)
+    before = ctl.store.load().leases["w1"]
+
+    transport.lose = {"probe": True}
+    with ctl.store.lock():
+        memory = ctl.store.load()
+        gathered, memory = ctl.gather_and_remember(ctl.load_fleet(), memory)
+    assert not gathered.observed.workers["w1"].reachable
+    assert gathered.maybe_renewed.keys() == {"w1"}
+    # The host did renew (the agent ran): the controller must assume so, or it could fail over
+    # while this copy still holds a lease.
+    assert memory.leases["w1"] > before
+    lease = fleet.read_json("solo", "lease.json")
+    assert memory.leases["w1"] >= lease["expiresAt"]
+
