@@ -87,6 +87,9 @@ class _Planner:
         self.current: dict[str, _Current] = {}
         self.stale: list[tuple[str, Instance]] = []          # (worker, instance) copies to stop
         self.next_epoch = self._first_free_epoch()
+        # Workers not answering now that this state has never seen answer (see unaccounted_worker).
+        self.never_answered = sorted(wid for wid in fleet.workers
+                                     if wid not in memory.last_seen and not self._reachable(wid))
 
     # --- where things are ----------------------------------------------------------------------
 
@@ -256,9 +259,7 @@ class _Planner:
         waiting) until such a lease has surely run out. True when held."""
         if self.memory.placements.get(spec.id) is not None:
             return False
-        silent = sorted(wid for wid, w in self.fleet.workers.items()
-                        if wid not in self.memory.last_seen and not self._reachable(wid)
-                        and self.misfit(spec, w) is None)
+        silent = [wid for wid in self.never_answered if self.misfit(spec, self.fleet.workers[wid]) is None]
         if not silent:
             return False
         began = self.memory.began or self.now
