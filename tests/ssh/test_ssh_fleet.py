@@ -13,6 +13,23 @@ from sshfleet import wait_for
 pytestmark = pytest.mark.ssh
 
 
+def ssh_config_with_jump(fl, alias: str, target, jump: str):
+    """The cluster's ssh_config plus `alias` for `target`'s sshd, reached through `jump`."""
+    c = fl.cluster
+    config = fl.root / f"ssh_config_{alias}"
+    config.write_text(c.ssh_config_path.read_text() + "\n" + "\n".join([
+        f"Host {alias}",
+        f"    HostName {target.address}",
+        f"    Port {target.port}",
+        f"    User {c.user}",
+        f"    IdentityFile {c.client_key_path}",
+        "    IdentitiesOnly yes",
+        f"    UserKnownHostsFile {c.known_hosts_path}",
+        f"    ProxyJump {jump}",
+    ]) + "\n")
+    return config
+
+
 @pytest.mark.slow
 def test_apply_spreads_a_fleet_over_three_hosts(ssh_fleet):
     fl = ssh_fleet(3)
@@ -71,21 +88,9 @@ def test_apply_spreads_a_fleet_over_three_hosts(ssh_fleet):
 @pytest.mark.slow
 def test_worker_behind_a_proxyjump_host(ssh_fleet):
     fl = ssh_fleet(3)
-    c = fl.cluster
     h1, h3 = fl.hosts["host-01"], fl.hosts["host-03"]
     # `behind-01` is host-03's sshd, reachable only "through" host-01.
-    config = fl.root / "ssh_config_jump"
-    config.write_text(c.ssh_config_path.read_text() + "\n" + "\n".join([
-        "Host behind-01",
-        f"    HostName {h3.address}",
-        f"    Port {h3.port}",
-        f"    User {c.user}",
-        f"    IdentityFile {c.client_key_path}",
-        "    IdentitiesOnly yes",
-        f"    UserKnownHostsFile {c.known_hosts_path}",
-        "    ProxyJump host-01",
-    ]) + "\n")
-    fl.ssh["config"] = str(config)
+    fl.ssh["config"] = str(ssh_config_with_jump(fl, "behind-01", h3, "host-01"))
     fl.worker("jp-far", "behind-01", on="host-03", region="JP")
     fl.strategy("grid-far", region="JP")
     fl.write()
@@ -112,20 +117,8 @@ def test_worker_behind_a_chain_of_two_jump_hosts(ssh_fleet):
     """`ProxyJump host-01,host-02`: like OpenSSH, the target is reached through host-02, itself
     reached through host-01."""
     fl = ssh_fleet(3)
-    c = fl.cluster
     h1, h2, h3 = fl.hosts["host-01"], fl.hosts["host-02"], fl.hosts["host-03"]
-    config = fl.root / "ssh_config_chain"
-    config.write_text(c.ssh_config_path.read_text() + "\n" + "\n".join([
-        "Host behind-two",
-        f"    HostName {h3.address}",
-        f"    Port {h3.port}",
-        f"    User {c.user}",
-        f"    IdentityFile {c.client_key_path}",
-        "    IdentitiesOnly yes",
-        f"    UserKnownHostsFile {c.known_hosts_path}",
-        "    ProxyJump host-01,host-02",
-    ]) + "\n")
-    fl.ssh["config"] = str(config)
+    fl.ssh["config"] = str(ssh_config_with_jump(fl, "behind-two", h3, "host-01,host-02"))
     fl.worker("jp-far", "behind-two", on="host-03", region="JP")
     fl.strategy("grid-far", region="JP")
     fl.write()
