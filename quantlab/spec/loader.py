@@ -30,6 +30,7 @@ from .models import (
     StrategySpec,
     WorkerSpec,
     canonical_json,
+    default_probe_deadline,
 )
 from .schemas import api_version, apply_defaults, schema_at, schemas_by_kind, validator_for
 
@@ -484,14 +485,20 @@ class _Builder:
         if doc is None:
             return FleetSettings()
         d = doc.data
-        mon, notify, ssh = d["monitor"], d["notify"], d["ssh"]
+        mon, notify, ssh, loop = d["monitor"], d["notify"], d["ssh"], d["reconcile"]
         command = notify["command"]
+        interval = float(loop["intervalSeconds"])
+        deadline = loop["probeDeadlineSeconds"]
         return FleetSettings(
             policy=d["policy"],
-            reconcile_interval_s=float(d["reconcile"]["intervalSeconds"]),
+            reconcile_interval_s=interval,
+            probe_deadline_s=float(deadline) if deadline is not None else default_probe_deadline(interval),
+            cron_period_s=float(loop["cronPeriodSeconds"]) if loop["cronPeriodSeconds"] is not None else None,
             monitor=MonitorSettings(
                 worker_offline_after_s=float(mon["workerOfflineAfterSeconds"]),
                 lease_ttl_s=float(mon["leaseTtlSeconds"]), auto_recover=mon["autoRecover"],
+                controller_restart_s=float(mon["controllerRestartSeconds"]),
+                brake_share=float(mon["failoverBrakeShare"]),
             ),
             notify=NotifySettings(
                 webhook=notify["webhook"],
@@ -570,6 +577,10 @@ def load_fleet(root: str | Path) -> Fleet:
     for extra in fleet_docs[1:]:
         reader.problem(extra.loc("kind"), f"more than one Fleet document: the first is at {fleet_docs[0].loc('kind')}")
     settings = builder.settings(fleet_docs[0] if fleet_docs else None)
+    broken = settings.lease_rule_problem()
+    if broken is not None and fleet_docs:
+        field_path = ("reconcile", "probeDeadlineSeconds") if broken.startswith("reconcile.") else ("monitor", "leaseTtlSeconds")
+        reader.problem(fleet_docs[0].loc(*field_path), f"Fleet: {broken}")
 
     workers = [(d, builder.worker(d)) for d in builder.unique(by_kind["Worker"], "Worker")]
     builder.workdirs(workers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -132,13 +133,21 @@ def worker_launch(worker: WorkerSpec) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class MonitorSettings:
-    worker_offline_after_s: float = 90.0
-    lease_ttl_s: float = 180.0
+    worker_offline_after_s: float = 15.0
+    lease_ttl_s: float = 25.0
     auto_recover: bool = True
+    controller_restart_s: float = 10.0
+    brake_share: float = 0.5
 
     @property
     def fencing(self) -> bool:
         return self.lease_ttl_s > 0
+
+    @property
+    def failover_margin_s(self) -> float:
+        """Slack on top of a lease for the fenced copy's supervisor to notice and for the rate at which
+        two machines' clocks drift apart."""
+        return 1.0 + 0.05 * self.lease_ttl_s
 
 
 @dataclass(frozen=True)
@@ -156,18 +165,28 @@ class SshSettings:
     known_hosts: str = "~/.ssh/known_hosts"
 
 
+MAX_DEFAULT_PROBE_DEADLINE_S = 5.0
+
+
+def default_probe_deadline(interval_s: float) -> float:
+    return min(MAX_DEFAULT_PROBE_DEADLINE_S, interval_s)
+
+
 @dataclass(frozen=True)
 class FleetSettings:
     policy: PolicyName = "load-based"
-    reconcile_interval_s: float = 30.0
+    reconcile_interval_s: float = 5.0
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
     ssh: SshSettings = field(default_factory=SshSettings)
     source: Location | None = None
+    probe_deadline_s: float = MAX_DEFAULT_PROBE_DEADLINE_S   # one host's probe, before it counts as silent
+    cron_period_s: float | None = None                       # set when `reconcile --once` runs from cron
 
     def snapshot(self) -> dict[str, Any]:
         """What keeps leases renewed while the fleet dir does not validate (kept in the state file)."""
         return {"policy": self.policy, "reconcileIntervalSeconds": self.reconcile_interval_s,
+                "probeDeadlineSeconds": self.probe_deadline_s, "cronPeriodSeconds": self.cron_period_s,
                 "monitor": dataclasses.asdict(self.monitor), "ssh": dataclasses.asdict(self.ssh),
                 "notify": {"webhook": self.notify.webhook,
                            "command": list(self.notify.command) if self.notify.command else None}}
@@ -177,11 +196,44 @@ class FleetSettings:
         if not raw:
             return cls()
         notify = raw.get("notify") or {}
-        return cls(policy=raw.get("policy", "load-based"),
-                   reconcile_interval_s=float(raw.get("reconcileIntervalSeconds", 30.0)),
-                   monitor=MonitorSettings(**raw.get("monitor", {})), ssh=SshSettings(**raw.get("ssh", {})),
+        interval = float(raw.get("reconcileIntervalSeconds", 5.0))
+        known = {f.name for f in dataclasses.fields(MonitorSettings)}
+        return cls(policy=raw.get("policy", "load-based"), reconcile_interval_s=interval,
+                   probe_deadline_s=float(raw.get("probeDeadlineSeconds") or default_probe_deadline(interval)),
+                   cron_period_s=raw.get("cronPeriodSeconds"),
+                   monitor=MonitorSettings(**{k: v for k, v in raw.get("monitor", {}).items() if k in known}),
+                   ssh=SshSettings(**raw.get("ssh", {})),
                    notify=NotifySettings(webhook=notify.get("webhook"),
                                          command=tuple(notify["command"]) if notify.get("command") else None))
+
+    def lease_floor_s(self) -> float:
+        """The shortest lease these settings allow: the longest the loop may be away (two intervals,
+        two cron periods, or a restart of the controller), plus one probe deadline, plus the margin."""
+        away = max(2 * self.reconcile_interval_s, 2 * (self.cron_period_s or 0), self.monitor.controller_restart_s)
+        return away + self.probe_deadline_s + self.monitor.failover_margin_s
+
+    def lease_rule_problem(self) -> str | None:
+        """Why these settings break the lease rule, or None. A lease shorter than the loop may be away
+        fences healthy strategies; a probe deadline longer than the interval overlaps rounds."""
+        if self.probe_deadline_s > self.reconcile_interval_s:
+            return (f"reconcile.probeDeadlineSeconds {self.probe_deadline_s:g} is longer than "
+                    f"reconcile.intervalSeconds {self.reconcile_interval_s:g}; make it at most the interval")
+        if not self.monitor.fencing:
+            return None
+        ttl = self.monitor.lease_ttl_s
+        away = {"2 x reconcile.intervalSeconds": 2 * self.reconcile_interval_s,
+                "monitor.controllerRestartSeconds": self.monitor.controller_restart_s}
+        if self.cron_period_s:
+            away["2 x reconcile.cronPeriodSeconds"] = 2 * self.cron_period_s
+        longest = max(away, key=lambda k: away[k])
+        # ttl >= away + deadline + 1 + 0.05 ttl  <=>  ttl >= (away + deadline + 1) / 0.95
+        floor = self.lease_floor_s()
+        if ttl + 1e-9 >= floor:
+            return None
+        needed = math.ceil((away[longest] + self.probe_deadline_s + 1.0) / 0.95 * 10) / 10
+        return (f"monitor.leaseTtlSeconds {ttl:g} is shorter than the loop may be away: it must cover "
+                f"{longest} ({away[longest]:g} s) + reconcile.probeDeadlineSeconds ({self.probe_deadline_s:g} s) "
+                f"+ a margin of 1 s + 5 % of the lease, so at least {needed:g} s; raise it, or renew more often")
 
 
 @dataclass(frozen=True)

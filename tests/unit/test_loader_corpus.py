@@ -180,8 +180,10 @@ def test_minimal_fleet_gets_every_default() -> None:
     assert fleet.settings == FleetSettings()       # no Fleet document: all defaults
     assert fleet.settings.source is None
     assert fleet.settings.policy == "load-based"
-    assert fleet.settings.reconcile_interval_s == 30
-    assert fleet.settings.monitor.lease_ttl_s == 180
+    assert fleet.settings.reconcile_interval_s == 5
+    assert fleet.settings.probe_deadline_s == 5
+    assert fleet.settings.monitor.lease_ttl_s == 25
+    assert fleet.settings.lease_rule_problem() is None      # the defaults obey the lease rule
     assert fleet.settings.ssh.parallelism == 32
     assert fleet.settings.notify.command is None
     (worker,) = fleet.workers.values()
@@ -204,7 +206,8 @@ def test_full_fleet() -> None:
     settings = fleet.settings
     assert settings.policy == "round-robin"
     assert settings.reconcile_interval_s == 0.5            # fractional durations are fine
-    assert settings.monitor.worker_offline_after_s == 90   # default inside a given section
+    assert settings.monitor.worker_offline_after_s == 15   # default inside a given section
+    assert settings.probe_deadline_s == 0.5                # default: the interval, at most 5 s
     assert settings.notify.command == ("/usr/local/bin/page-oncall", "--quiet")
     assert settings.ssh.parallelism == 8
     assert settings.ssh.connect_timeout_s == 10
