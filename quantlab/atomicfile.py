@@ -1,8 +1,52 @@
-"""Replace a file so that readers see the old or the new content, never a mix (stdlib only)."""
+"""Files the controller keeps: replaced so that readers see the old or the new content, never a
+mix; and read only when they are regular files of a sane size, without a blocking open, so a FIFO
+or a device put in their place gives a clear error instead of a hang (stdlib only)."""
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+class NotARegularFile(OSError):
+    """The path exists but cannot be read as a file: the message says what it is and what to do."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_regular(path: Path, cap: int) -> bytes:
+    """The bytes of `path`, which must be a regular file (a symlink to one is fine) of at most
+    `cap` bytes. FileNotFoundError when it is missing; NotARegularFile for anything else wrong."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except IsADirectoryError:
+        raise NotARegularFile(f"{path} is a directory, not a file") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotARegularFile(f"{path} is {_kind(info.st_mode)}, not a regular file")
+        if info.st_size > cap:
+            raise NotARegularFile(f"{path} is larger than {cap // MiB} MiB ({info.st_size} bytes)")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, cap + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > cap:
+                raise NotARegularFile(f"{path} grew past {cap // MiB} MiB while being read")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(folder: Path) -> None:

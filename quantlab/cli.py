@@ -18,7 +18,7 @@ from .execute import Outcome
 from .hosts import AgentError
 from .plan import Action, Plan
 from .planner import PlanOptions
-from .spec import Fleet, FleetInvalid
+from .spec import Fleet, FleetInvalid, FleetSettings
 from .status import fleet_status, unhealthy
 from .store import StateError, read_plan, write_plan
 from .transport.base import TransportError
@@ -101,7 +101,7 @@ def _look(ctl: Controller, options: PlanOptions) -> tuple[Fleet, Any, Any, Plan]
     """Read-only: the fleet, the memory, a probe of every host (no lease renewed) and the plan."""
     try:
         loaded = ctl.load_fleet()
-        memory = ctl.store.load()
+        memory = ctl.read_memory(loaded)
         gathered = ctl.observe(loaded, memory)
         return loaded, memory, gathered, ctl.plan(loaded, memory, gathered, options)
     finally:
@@ -198,50 +198,61 @@ def apply(
     """Compute (or load) the plan, confirm, and carry it out."""
     ctl = _controller(fleet, state, accept_new_host_keys)
     quiet = output is Output.json
+    saved = read_plan(planfile) if planfile is not None else None
+    if saved is not None:
+        if target or rebalance:
+            raise _fail("--target and --rebalance shape a new plan and cannot change a saved one; "
+                        "run `quantlab plan --out FILE` with them instead")
+        if allow_mass_stop:
+            saved = saved.with_guards_lifted()
+    options = PlanOptions(rebalance=rebalance, max_moves=max_moves, targets=frozenset(target or ()),
+                          allow_mass_stop=allow_mass_stop)
+
+    planned: list[Plan] = []
+
+    def shown(loaded: Fleet, result: Plan, gathered: Any) -> None:
+        planned.append(result)
+        if not quiet:
+            header = _header(ctl, loaded, result, gathered.observed, ctl.ledger.memory.serial)
+            for line in render.plan_lines(result, header):
+                out.print(line)
+
+    def confirm(result: Plan) -> bool:
+        # Asked with the state lock released: a person may take minutes, the loop may not.
+        if not sys.stdin.isatty():
+            raise _fail("apply needs a confirmation: run it in a terminal, or pass --yes")
+        return typer.confirm(f"\nApply {len(result.actions)} action(s)?", default=False)
+
+    progress: _ApplyProgress | None = None
+
+    def report(stage: str, action: Action, outcome: Outcome | None) -> None:
+        nonlocal progress
+        if progress is None:
+            progress = _ApplyProgress(len(planned[-1].actions) if planned else 0, quiet)
+        progress(stage, action, outcome)
     try:
-        with ctl.store.lock(lock_timeout):
-            memory = ctl.store.load()
-            loaded = ctl.load_fleet()
-            saved = read_plan(planfile) if planfile is not None else None
-            if saved is not None:
-                if target or rebalance:
-                    raise _fail("--target and --rebalance shape a new plan and cannot change a saved one; "
-                                "run `quantlab plan --out FILE` with them instead")
-                ctl.check_plan_file(saved, loaded, memory)
-                if allow_mass_stop:
-                    saved = saved.with_guards_lifted()
-            gathered, memory = ctl.gather_and_remember(loaded, memory)
-            options = PlanOptions(rebalance=rebalance, max_moves=max_moves, targets=frozenset(target or ()),
-                                  allow_mass_stop=allow_mass_stop)
-            result = saved or ctl.plan(loaded, memory, gathered, options)
-            if not quiet:
-                for line in render.plan_lines(result, _header(ctl, loaded, result, gathered.observed, memory.serial)):
-                    out.print(line)
-            if result.actions and not yes:
-                if not sys.stdin.isatty():
-                    raise _fail("apply needs a confirmation: run it in a terminal, or pass --yes")
-                if not typer.confirm(f"\nApply {len(result.actions)} action(s)?", default=False):
-                    err.print("Cancelled; nothing was changed.")
-                    raise typer.Exit(1)
-            progress = _ApplyProgress(len(result.actions), quiet)
-            try:
-                memory, outcomes = ctl.execute(loaded, memory, result, "apply", progress)
-            finally:
-                progress.close()
+        done = ctl.apply(options, saved=saved, shown=shown, confirm=None if yes else confirm, progress=report,
+                         lock_timeout=lock_timeout)
     finally:
+        if progress is not None:
+            progress.close()
         ctl.close()
+    result, outcomes = done.plan, done.outcomes
+    if done.cancelled:
+        err.print("Cancelled; nothing was changed.")
+        raise typer.Exit(1)
     failed = [o for o in outcomes if not o.ok]
     if quiet:
         print(json.dumps({"plan": result.to_json(), "ok": not failed and not result.blocked,
                           "outcomes": [_outcome_json(o) for o in outcomes]}, indent=1))
     else:
         if result.actions:
-            done = len(outcomes) - len(failed)
-            out.print(f"\nApply complete: {done} done, {len(failed)} failed." if not failed else
-                      f"\n[red]Apply finished with {len(failed)} failed[/] ({done} done); the state file records each outcome.")
+            ok = len(outcomes) - len(failed)
+            out.print(f"\nApply complete: {ok} done, {len(failed)} failed." if not failed else
+                      f"\n[red]Apply finished with {len(failed)} failed[/] ({ok} done); the state file records each outcome.")
         for b in result.blocked:
             err.print(f"[red]Refused by the {escape(b.guard)} guard:[/] {escape(b.reason)}")
-        _lease_warning(ctl, loaded, memory)
+        _lease_warning(ctl, done.fleet, ctl.ledger.memory)
     if failed or result.blocked:
         raise typer.Exit(1)
 
@@ -255,7 +266,8 @@ def _lease_warning(ctl: Controller, fleet: Fleet, memory: Any) -> None:
     if not monitor.fencing or not memory.placements:
         return
     recent = 3 * fleet.settings.reconcile_interval_s * 1000
-    if memory.loop_renewal is not None and ctl.clock() - memory.loop_renewal <= max(recent, monitor.lease_ttl_s * 500):
+    if memory.loop_renewal is not None and \
+            ctl.clock.mono() - memory.loop_renewal <= max(recent, monitor.lease_ttl_s * 500):
         return
     err.print(f"[yellow]Warning:[/] strategies stop in {monitor.lease_ttl_s:g} s unless `quantlab reconcile` runs: "
               "no reconcile loop has renewed their leases recently (see Fencing in the README).")
@@ -274,11 +286,12 @@ def status(
     """Workers and strategies as they are now."""
     ctl = _controller(fleet, state, accept_new_host_keys)
     loaded, memory, gathered, result = _look(ctl, PlanOptions())
-    report = fleet_status(loaded, gathered.observed, memory, ctl.clock(), result, result.fleet_revision)
+    report = fleet_status(loaded, gathered.observed, memory, ctl.clock.mono(), ctl.clock.wall(), result,
+                          result.fleet_revision)
     if output is Output.json:
         print(json.dumps(report, indent=1))
     else:
-        for table in render.status_tables(report, ctl.clock()):
+        for table in render.status_tables(report, ctl.clock.wall()):
             out.print(table)
     if detailed_exitcode and unhealthy(report):
         raise typer.Exit(2)
@@ -307,17 +320,19 @@ def reconcile(
         try:
             tick = loop.tick()
         finally:
-            ctl.close()
+            ctl.close(flush_s=5.0)      # queued notices get at most 5 s before the process ends
         if not tick.ok:
             raise typer.Exit(1)
         return
+    ctl.require_fleet_dir()
     try:
         interval = ctl.load_fleet().settings.reconcile_interval_s
     except FleetInvalid as exc:
         for problem in exc.problems:
             err.print(escape(str(problem)))
         err.print("[yellow]The fleet does not validate; the loop starts anyway and keeps renewing leases.[/]")
-        interval = 30.0
+        # The interval of the last fleet that validated, as the state file remembers it.
+        interval = FleetSettings.from_snapshot(ctl.read_memory(None).fleet_settings).reconcile_interval_s
     loop.run_forever(interval)
 
 
@@ -334,7 +349,7 @@ def logs(
     """The strategy's output, from its worker."""
     ctl = _controller(fleet, state, accept_new_host_keys)
     loaded = ctl.load_fleet()
-    memory = ctl.store.load()
+    memory = ctl.read_memory(loaded)
     placed = memory.placements.get(strategy)
     if placed is None:
         raise _fail(f"{strategy} is not placed on any worker (see `quantlab status`)")
@@ -374,7 +389,7 @@ def events(
     """The recorded history of placements, starts, stops, faults and recoveries."""
     ctl = _controller(fleet, state)
     try:
-        cutoff = render.parse_since(since, ctl.clock()) if since else None
+        cutoff = render.parse_since(since, ctl.clock.wall()) if since else None
     except ValueError as exc:
         raise _fail(str(exc)) from None
     history = list(ctl.events.read()) + _unrecorded_host_events(ctl)
@@ -396,7 +411,7 @@ def _unrecorded_host_events(ctl: Controller) -> list[dict[str, Any]]:
     reconcile records them for good. Nothing when the fleet or the state cannot be read."""
     try:
         loaded = ctl.load_fleet()
-        memory = ctl.store.load()
+        memory = ctl.read_memory(loaded)
         gathered = ctl.observe(loaded, memory)
     except (FleetInvalid, StateError, TransportError, AgentError):
         return []

@@ -1,21 +1,31 @@
-"""One command's worth of work, shared by the CLI and the reconcile loop: load the fleet and the
-memory, gather what runs, plan, apply. This is where the I/O pieces are wired to the pure core."""
+"""One controller's work, shared by the CLI and the reconcile loop: load the fleet, hold the state,
+renew leases, plan, apply. This is where the I/O pieces are wired to the pure core.
+
+Two kinds of round write state. A renewal round probes every host on the probe lane, renewing the
+leases of the current placements and recording what it saw; it runs on its own timer and never
+waits for anything but the hosts (each bounded by its deadline). An act round plans from the newest
+renewal round and carries the plan out on the act lane. While a run acts, its renewal rounds go on.
+"""
 from __future__ import annotations
 
+import contextlib
 import getpass
+import json
 import os
 import socket
 import sys
-import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import health
+from .clock import Clock
 from .execute import Executor, Outcome, Progress, Recorder, outcome_notices
-from .gather import Gathered, checkpoints_due, gather, remember, renewals
+from .gather import Gathered, Prober, checkpoints_due, gather, remember_into, renewals
 from .hosts import Hosts
+from .ledger import Ledger
 from .memory import Memory
 from .notify import Notifier
 from .plan import Plan
@@ -33,28 +43,54 @@ def default_state_path(fleet_dir: Path) -> Path:
     return fleet_dir / ".quantlab" / "state.json"
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class StalePlan(StateError):
     pass
+
+
+class PlanChanged(StateError):
+    """What a plan was made from changed while apply waited for a person; nothing was done."""
+
+
+@dataclass
+class ApplyResult:
+    fleet: Fleet
+    plan: Plan
+    gathered: Gathered
+    outcomes: list[Outcome] = field(default_factory=list)
+    cancelled: bool = False
+
+
+def _basis(memory: Memory) -> str:
+    """What a plan's actions depend on in the state: where each copy is meant to run, and the
+    epochs and cursor the plan moves forward. Renewals and answers do not change it."""
+    return json.dumps([memory.lineage, {s: p.to_json() for s, p in memory.placements.items()},
+                       memory.next_epoch, memory.rr_cursor], sort_keys=True)
+
+
+def _action_keys(plan: Plan) -> list[tuple]:
+    """A plan's decisions without their words (reasons carry durations that change by the second)."""
+    return [(a.action, a.strategy, a.workers, a.cause, a.epoch, a.spec_hash, a.paused) for a in plan.actions] + \
+           [(b.guard, tuple(a.strategy for a in b.actions)) for b in plan.blocked]
 
 
 @dataclass
 class Controller:
     fleet_dir: Path
     state_path: Path
-    clock: Callable[[], int] = now_ms
+    clock: Clock = field(default_factory=Clock)
     accept_new_host_keys: bool = False
     log: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
     store: StateStore = field(init=False)
+    ledger: Ledger = field(init=False)
     events: EventLog = field(init=False)
     checkpoints: CheckpointStore = field(init=False)
     _hosts: Hosts | None = field(default=None, init=False)
+    _prober: Prober | None = field(default=None, init=False)
+    _notifier: Notifier | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.store = StateStore(self.state_path)
+        self.ledger = Ledger(self.store, self.clock)
         self.events = EventLog(self.state_path.with_name("events.jsonl"))
         self.checkpoints = CheckpointStore(self.state_path.with_name("checkpoints"))
 
@@ -73,10 +109,30 @@ class Controller:
             self._hosts.update(fleet)
         return self._hosts
 
-    def close(self) -> None:
+    def prober(self, fleet: Fleet) -> Prober:
+        """The probe lane's prober, kept for the life of this controller (it remembers which host
+        still has a probe outstanding, and each host's clock)."""
+        hosts = self.hosts(fleet)
+        if self._prober is None or self._prober.hosts is not hosts:
+            self._prober = Prober(hosts, self.clock)
+        return self._prober
+
+    def notifier(self, settings: FleetSettings) -> Notifier:
+        if self._notifier is None:
+            self._notifier = Notifier(settings.notify, self.log)
+        else:
+            self._notifier.update(settings.notify)
+        return self._notifier
+
+    def close(self, flush_s: float = 5.0) -> None:
+        """Close the connections; deliver what notices are queued for at most `flush_s`."""
+        if self._notifier is not None:
+            self._notifier.close(flush_s)
+            self._notifier = None
         if self._hosts is not None:
             self._hosts.close()
             self._hosts = None
+            self._prober = None
 
     def actor(self, command: str) -> str:
         try:
@@ -90,7 +146,41 @@ class Controller:
         return {w.id: {"host": w.host, "port": w.port, "user": w.user, "workdir": hosts.workdir(w),
                        "program": w.runner[0]} for w in fleet.workers.values()}
 
+    def fallback_fleet(self, memory: Memory) -> Fleet:
+        """While the fleet directory does not validate: the workers as the state file remembers them
+        (addresses and the last valid fleet's settings, so cron runs have them too), no strategies.
+        Renewing from it keeps what runs running; nothing is planned from it."""
+        settings = FleetSettings.from_snapshot(memory.fleet_settings)
+        workers = {}
+        for wid, a in memory.addresses.items():
+            workers[wid] = WorkerSpec(id=wid, host=a["host"], port=a.get("port"), user=a.get("user"),
+                                      workdir=a.get("workdir"), runner=(a.get("program") or "node",),
+                                      max_strategies=0, supported_apis=frozenset(), source=Location("state", 0))
+        return Fleet(root=self.fleet_dir, settings=settings, strategies=MappingProxyType({}),
+                     workers=MappingProxyType(dict(sorted(workers.items()))), fleet_hash="", files=())
+
+    def require_fleet_dir(self) -> None:
+        """Nothing is written beside a folder that is not a fleet: a reconcile run by cron from the
+        wrong working directory must say so, not start a state of its own there."""
+        root = self.fleet_dir
+        if not root.is_dir():
+            what = "is not a directory" if root.exists() else "not found"
+            raise StateError(f"{root}: fleet directory {what}; pass --fleet DIR or set QUANTLAB_FLEET")
+        if self.state_path.exists() or self.state_path.parent != root / ".quantlab":
+            return
+        for _, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            if any(f.endswith((".yaml", ".yml")) for f in files):
+                return
+        raise StateError(f"{root} holds no *.yaml fleet files, so no state was created there; pass --fleet DIR "
+                         "or set QUANTLAB_FLEET (or run `quantlab init DIR` for a new fleet)")
+
     # --- reading -------------------------------------------------------------------------------
+
+    def read_memory(self, fleet: Fleet | None) -> Memory:
+        """The state as on disk, judged on this process's clock; nothing locked or written."""
+        ttl = fleet.settings.monitor.lease_ttl_s if fleet is not None else 0.0
+        return self.ledger.read(ttl)
 
     def observe(self, fleet: Fleet, memory: Memory) -> Gathered:
         """Probe every host without renewing anything (plan, status)."""
@@ -98,40 +188,102 @@ class Controller:
 
     def plan(self, fleet: Fleet, memory: Memory, gathered: Gathered, options: PlanOptions) -> Plan:
         revision = self.revision()
-        result = make_plan(fleet, gathered.observed, memory, self.clock(), options)
+        result = make_plan(fleet, gathered.observed, memory, self.clock.mono(), options)
         return result.with_provenance(fleet_revision=revision.commit, fleet_dirty=revision.dirty)
 
-    # --- writing (callers hold the state lock) -------------------------------------------------
+    # --- writing (callers hold the ledger) -----------------------------------------------------
 
-    def gather_and_remember(self, fleet: Fleet, memory: Memory, *, loop: bool = False) -> tuple[Gathered, Memory]:
-        """Probe every host, renew the current placements' leases, and record what was seen."""
-        gathered = gather(fleet, memory, self.hosts(fleet), self.clock, renewals(memory),
-                          checkpoints_due(fleet, memory, self.clock()))
+    def renew(self, fleet: Fleet, *, loop: bool = False, fallback: bool = False) -> Gathered:
+        """A renewal round: every lease of a current placement is renewed, the bound of each request
+        recorded before it is sent, and what the hosts said recorded after. `fallback`: `fleet`
+        comes from the state file (the fleet directory does not validate)."""
+        memory = self.ledger.memory
+        gathered = self.prober(fleet).round(fleet, memory, renew=renewals(memory),
+                                            before_send=self.ledger.bound_leases)
+        addresses = {} if fallback else self.addresses(fleet)
+        now = self.clock.mono()
+
+        def record(m: Memory) -> None:
+            remember_into(m, gathered, addresses, now if loop else None)
+            if not fallback:
+                m.fleet_settings = fleet.settings.snapshot()
+        memory = self.ledger.update(record)
+        self.record_host_events(gathered)
+        notices, raised = health.watch(fleet, gathered.observed, memory, gathered.host_events, now,
+                                       self.clock.wall())
+        for wid, why in gathered.refused.items():
+            raised[f"refused:{wid}"] = {"t": self.clock.wall(), "kind": "renew-refused", "worker": wid,
+                                        "message": f"{wid}: its host granted no renewal: {why}"}
+        scopes = ("offline:", "instance:", "refused:") if not fallback else ("refused:",)
+        self.notify(fleet.settings, notices + self._alerts(raised, scopes))
+        return gathered
+
+    def _alerts(self, raised: dict[str, dict[str, Any]], scopes: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Alerts are told once when raised and once when they clear (see health.alerts_delta)."""
+        told: list[dict[str, Any]] = []
+
+        def change(m: Memory) -> None:
+            for scope in scopes:
+                notices, m.alerts = health.alerts_delta(m.alerts, {k: v for k, v in raised.items()
+                                                                   if k.startswith(scope)}, scope,
+                                                        self.clock.wall())
+                told.extend(notices)
+        if any(k.startswith(scopes) for k in raised) or any(k.startswith(scopes) for k in self.ledger.memory.alerts):
+            self.ledger.update(change)
+        return told
+
+    @contextlib.contextmanager
+    def renewing(self, fleet: Fleet, *, loop: bool = False) -> Iterator[None]:
+        """Renewal rounds on their own timer (the real APScheduler) for as long as the caller acts,
+        so a long apply never lets a lease run out."""
+        from apscheduler.schedulers.background import BackgroundScheduler
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        def job() -> None:
+            try:
+                self.renew(fleet, loop=loop)
+            except Exception as exc:  # noqa: BLE001 - a round that fails is logged; the next one runs
+                self.log(f"renewal round failed: {exc!r}")
+        interval = fleet.settings.reconcile_interval_s
+        scheduler = BackgroundScheduler(timezone=timezone.utc)
+        scheduler.add_job(job, IntervalTrigger(seconds=interval), id="renew", max_instances=1, coalesce=True,
+                          misfire_grace_time=None,
+                          next_run_time=datetime.now(timezone.utc) + timedelta(seconds=interval))
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.shutdown(wait=True)
+
+    def copy_checkpoints(self, fleet: Fleet) -> None:
+        """Copy the checkpoints that are due, on the act lane (they may be large: never in a renewal)."""
+        due = checkpoints_due(fleet, self.ledger.memory, self.clock.mono())
+        if not due:
+            return
+        workers = {w: fleet.workers[w] for w in due if w in fleet.workers}
+        subset = Fleet(fleet.root, fleet.settings, fleet.strategies, MappingProxyType(workers), fleet.fleet_hash,
+                       fleet.files)
+        deadline = fleet.settings.ssh.command_timeout_s
+        gathered = Prober(self.hosts(fleet), self.clock, lane="act").round(
+            subset, self.ledger.memory, checkpoints=due, deadline_s=deadline)
         for sid, checkpoint in gathered.checkpoints.items():
             if checkpoint is not None:
                 self.checkpoints.save(sid, checkpoint)
             elif self.checkpoints.forget(sid):
                 # Too large to copy now: an older copy must not be restored as if it were current.
-                self.events.append({"t": self.clock(), "event": "checkpoint-dropped", "strategy": sid,
+                self.events.append({"t": self.clock.wall(), "event": "checkpoint-dropped", "strategy": sid,
                                     "actor": "monitor", "detail": "checkpoint folder over 1 MiB: not copied; "
                                     "a move will start it without its state"})
-        remembered = remember(memory, gathered, self.addresses(fleet), fleet.settings.monitor.lease_ttl_s,
-                              self.clock() if loop else None)
-        remembered.fleet_settings = fleet.settings.snapshot()
-        notices, raised = health.watch(fleet, gathered.observed, remembered, gathered.host_events, self.clock())
-        told, remembered.alerts = health.alerts_delta(remembered.alerts, raised, "offline:", self.clock())
-        notices += told
-        memory = self.store.save(remembered)
-        self.record_host_events(gathered)
-        self.notify(fleet, notices)
-        return gathered, memory
+        now = self.clock.mono()
+        self.ledger.update(lambda m: m.checkpoints.update({sid: now for sid in gathered.checkpoints}))
 
-    def notify(self, fleet: Fleet, notices: list[dict[str, Any]]) -> None:
+    def notify(self, settings: FleetSettings, notices: list[dict[str, Any]]) -> None:
+        """Record each notice as an event and hand it to the background notifier (never waits)."""
         if not notices:
             return
         for notice in notices:
             self.events.append({**notice, "event": "notify", "actor": "monitor"})
-        Notifier(fleet.settings.notify, self.log).send([{**n, "fleet": str(self.fleet_dir)} for n in notices])
+        self.notifier(settings).submit([{**n, "fleet": str(self.fleet_dir)} for n in notices])
 
     def record_host_events(self, gathered: Gathered) -> None:
         for event in gathered.host_events:
@@ -149,38 +301,62 @@ class Controller:
         if changed:
             raise StalePlan("saved plan is stale: " + "; ".join(changed) + ". Run `quantlab plan --out FILE` again")
 
-    def execute(self, fleet: Fleet, memory: Memory, plan: Plan, command: str,
-                progress: Progress | None = None) -> tuple[Memory, list[Outcome]]:
+    def execute(self, fleet: Fleet, plan: Plan, command: str, progress: Progress | None = None) -> list[Outcome]:
         revision = {"revision": plan.fleet_revision, "dirty": plan.fleet_dirty}
-        recorder = Recorder(self.store, memory, self.events, self.actor(command), revision, self.clock,
-                            self.checkpoints)
+        recorder = Recorder(self.ledger, self.events, self.actor(command), revision, self.clock, self.checkpoints)
         outcomes = Executor(fleet, self.hosts(fleet), recorder, progress).execute(plan)
         for blocked in plan.blocked:
             recorder.event(event="blocked", guard=blocked.guard, reason=blocked.reason,
                            strategies=[a.strategy for a in blocked.actions])
-        notices, raised = outcome_notices(plan, outcomes, self.clock())
-        after = recorder.memory.copy()
-        for scope in ("failed:", "guard:"):
-            told, after.alerts = health.alerts_delta(after.alerts, {k: v for k, v in raised.items()
-                                                                    if k.startswith(scope)}, scope, self.clock())
-            notices += told
-        memory = self.store.save(after)
-        self.notify(fleet, notices)
-        return memory, outcomes
+        notices, raised = outcome_notices(plan, outcomes, self.clock.wall())
+        self.notify(fleet.settings, notices + self._alerts(raised, ("failed:", "guard:")))
+        return outcomes
 
-    def keep_alive(self, memory: Memory) -> tuple[Gathered, Memory]:
-        """While the fleet directory does not validate: renew the leases of what runs, as it runs,
-        with the addresses and settings remembered from the last good fleet (in the state file, so
-        cron runs have them too). Nothing is started or stopped."""
-        settings = FleetSettings.from_snapshot(memory.fleet_settings)
-        workers = {}
-        for wid, a in memory.addresses.items():
-            workers[wid] = WorkerSpec(id=wid, host=a["host"], port=a.get("port"), user=a.get("user"),
-                                      workdir=a.get("workdir"), runner=(a.get("program") or "node",),
-                                      max_strategies=0, supported_apis=frozenset(), source=Location("state", 0))
-        fallback = Fleet(root=self.fleet_dir, settings=settings, strategies=MappingProxyType({}),
-                         workers=MappingProxyType(dict(sorted(workers.items()))), fleet_hash="", files=())
-        gathered = gather(fallback, memory, self.hosts(fallback), self.clock, renewals(memory))
-        memory = self.store.save(remember(memory, gathered, {}, settings.monitor.lease_ttl_s, self.clock()))
-        self.record_host_events(gathered)
-        return gathered, memory
+    # --- one apply, for `apply` and the loop ---------------------------------------------------
+
+    def apply(self, options: PlanOptions, *, command: str = "apply", fleet: Fleet | None = None,
+              saved: Plan | None = None, gathered: Gathered | None = None,
+              shown: Callable[[Fleet, Plan, Gathered], None] | None = None,
+              confirm: Callable[[Plan], bool] | None = None, progress: Progress | None = None,
+              lock_timeout: float = 0.0, background_renewals: bool = True) -> ApplyResult:
+        """Plan (or take a saved plan) and carry it out. With `confirm`, the person is asked with the
+        state lock released; the lock is then taken again, and the plan is carried out only if
+        nothing it was made from has changed (else PlanChanged). `gathered`: plan from this
+        observation instead of renewing first (the loop's act round, which loaded `fleet`)."""
+        fleet = fleet or self.load_fleet()
+        ttl = fleet.settings.monitor.lease_ttl_s
+        with self.ledger.hold(ttl, lock_timeout, f"quantlab {command}"):
+            if saved is not None:
+                self.check_plan_file(saved, fleet, self.ledger.memory)
+            gathered = gathered or self.renew(fleet)
+            plan = saved or self.plan(fleet, self.ledger.memory, gathered, options)
+            if shown is not None:
+                shown(fleet, plan, gathered)
+            if confirm is None or not plan.actions:
+                return self._carry_out(fleet, plan, gathered, command, progress, background_renewals)
+            basis = _basis(self.ledger.memory)
+        if not confirm(plan):
+            return ApplyResult(fleet, plan, gathered, cancelled=True)
+        with self.ledger.hold(ttl, lock_timeout, f"quantlab {command}"):
+            if self.load_fleet().fleet_hash != fleet.fleet_hash:
+                raise PlanChanged("the fleet files changed while apply waited for an answer; nothing was done. "
+                                  "Run apply again to see the new plan")
+            if _basis(self.ledger.memory) != basis:
+                raise PlanChanged("another run placed, moved or stopped strategies while apply waited for an "
+                                  "answer; nothing was done. Run apply again to see the new plan")
+            gathered = self.renew(fleet)
+            if saved is None:
+                fresh = self.plan(fleet, self.ledger.memory, gathered, options)
+                if _action_keys(fresh) != _action_keys(plan):
+                    raise PlanChanged("what runs on the hosts changed while apply waited for an answer, and the "
+                                      "plan is now different; nothing was done. Run apply again to see it")
+                plan = fresh
+            return self._carry_out(fleet, plan, gathered, command, progress, background_renewals)
+
+    def _carry_out(self, fleet: Fleet, plan: Plan, gathered: Gathered, command: str,
+                   progress: Progress | None, background_renewals: bool) -> ApplyResult:
+        renewing = self.renewing(fleet) if background_renewals and plan.actions else contextlib.nullcontext()
+        with renewing:
+            outcomes = self.execute(fleet, plan, command, progress)
+        self.copy_checkpoints(fleet)
+        return ApplyResult(fleet, plan, gathered, outcomes)

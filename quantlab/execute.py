@@ -10,14 +10,17 @@ import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from .clock import Clock
+from .gather import not_after
 from .hosts import RUNNER_PATH, AgentError, HostKey, Hosts, host_key, strategy_remote_path
+from .ledger import Ledger
 from .memory import Memory, Placement
 from .plan import Action, Plan
 from .spec import Fleet, StrategySpec, WorkerSpec, worker_launch
-from .store import CheckpointStore, EventLog, StateStore
+from .store import CheckpointStore, EventLog
 from .transport.base import TransportError
 
 # A move off one of these is not preceded by a stop: the planner moves only once the old copy's lease
@@ -35,31 +38,36 @@ class Outcome:
 
 @dataclass
 class Recorder:
-    """Writes each outcome into the memory and the state file at once, and into the events log."""
+    """Writes each outcome into the memory and the state file at once (through the ledger, which
+    the renewal round writes to as well), and into the events log."""
 
-    store: StateStore
-    memory: Memory
+    ledger: Ledger
     events: EventLog
     actor: str
     revision: dict[str, Any]
-    clock: Callable[[], int]
+    clock: Clock
     checkpoints: CheckpointStore | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def memory(self) -> Memory:
+        return self.ledger.memory
 
     def update(self, change: Callable[[Memory], None]) -> None:
-        with self._lock:
-            memory = self.memory.copy()
-            change(memory)
-            self.memory = self.store.save(memory)
+        self.ledger.update(change)
 
     def event(self, **fields: Any) -> None:
         try:
-            self.events.append({"t": self.clock(), "actor": self.actor, **self.revision, **fields})
+            self.events.append({"t": self.clock.wall(), "actor": self.actor, **self.revision, **fields})
         except OSError:
             pass        # history is best effort: a full disk must not stop the actions themselves
 
 
 Progress = Callable[[str, Action, "Outcome | None"], None]
+
+
+def start_timeout_s(fleet: Fleet, spec: StrategySpec) -> float:
+    """A start may first stop the copy it replaces (its stop timeout), then spawns the supervisor."""
+    return fleet.settings.ssh.command_timeout_s + spec.scheduling.stop_timeout_s + 5
 
 
 def start_request(hosts: Hosts, fleet: Fleet, worker: WorkerSpec, spec: StrategySpec, epoch: int,
@@ -88,14 +96,17 @@ class Executor:
             raise AgentError(worker_id, "worker is not in the fleet any more")
         return worker
 
-    def _start(self, worker_id: str, spec: StrategySpec, epoch: int, paused: bool,
+    def _start(self, worker_id: str, spec: StrategySpec, epoch: int, paused: bool, until: int,
                checkpoint: dict[str, Any] | None = None) -> str:
+        """Start on `worker_id`; the request is void on the host after `until` (mono ms)."""
         worker = self._worker(worker_id)
         agent = self.hosts.agent_for(worker)
         request = start_request(self.hosts, self.fleet, worker, spec, epoch, paused)
+        if self.settings.monitor.fencing:
+            request["notAfter"] = not_after(self.rec.memory.host_clocks[worker_id], until)
         if checkpoint:
             request["checkpoint"] = checkpoint
-        timeout = self.settings.ssh.command_timeout_s + spec.scheduling.stop_timeout_s + 5
+        timeout = max(0.1, (until - self.rec.clock.mono()) / 1000)
         answer = agent.call("start", request, timeout)
         if answer.get("result") == "missing":
             # Content-addressed files go up only when the host lacks them.
@@ -104,8 +115,10 @@ class Executor:
                     self.hosts.upload_runner(worker)
                 else:
                     self.hosts.upload_strategy(worker, spec)
-            answer = agent.call("start", request, timeout)
+            answer = agent.call("start", request, max(0.1, (until - self.rec.clock.mono()) / 1000))
         result = answer.get("result")
+        if result == "refused":
+            raise AgentError(agent.label, f"start of {spec.id} refused: {answer.get('reason')}; nothing was started")
         if result not in ("started", "already-running"):
             raise AgentError(agent.label, f"start of {spec.id} answered {answer}")
         return str(result)
@@ -162,7 +175,7 @@ class Executor:
         if self.rec.checkpoints is None:
             return
         self.rec.checkpoints.save(strategy, checkpoint)
-        now = self.rec.clock()
+        now = self.rec.clock.mono()
         self.rec.update(lambda m: m.checkpoints.__setitem__(strategy, now))
 
     def _current_epoch(self, strategy: str, worker: str) -> int | None:
@@ -187,9 +200,12 @@ class Executor:
         target = a.target if a.action == "move" else a.worker
         assert target is not None and a.epoch is not None
         worker = self._worker(target)
-        ttl = self.settings.monitor.lease_ttl_s
+        if self.settings.monitor.fencing and target not in self.rec.memory.host_clocks:
+            raise AgentError(target, "its host has not answered a probe with its clock yet; the start waits for it")
+        ttl_ms = int(self.settings.monitor.lease_ttl_s * 1000)
+        until = self.rec.clock.mono() + int(start_timeout_s(self.fleet, spec) * 1000)
         previous = self.rec.memory.placements.get(a.strategy)
-        placed_at = previous.placed_at if (a.action == "restart" and previous is not None) else self.rec.clock()
+        placed_at = previous.placed_at if (a.action == "restart" and previous is not None) else self.rec.clock.wall()
         intended = Placement(a.strategy, target, a.epoch, spec.spec_hash, a.paused, placed_at,
                              {**spec.launch_fields(), "worker": worker_launch(worker)},
                              self.rec.revision.get("revision"))
@@ -201,30 +217,33 @@ class Executor:
                 m.placements[a.strategy] = placement
 
         # The intent is recorded before the host is asked: should this run die, or the answer be lost,
-        # the next one knows a copy may run there (and since when its lease may live).
+        # the next one knows a copy may run there, and that no lease it got outlives until + TTL.
         def intend(m: Memory) -> None:
             record(m, intended)
-            m.grant_lease(target, self.rec.clock(), ttl)
+            if ttl_ms:
+                m.bound_lease(target, until + ttl_ms)
         self.rec.update(intend)
         # A move continues where the strategy left off: its last checkpoint goes to the new worker.
         checkpoint = self.rec.checkpoints.load(a.strategy) if a.action == "move" and self.rec.checkpoints else None
         try:
-            result = self._start(target, spec, a.epoch, a.paused, checkpoint)
+            result = self._start(target, spec, a.epoch, a.paused, until, checkpoint)
         except TransportError as exc:
-            if exc.maybe_ran:                       # it may run there: keep the record, extend the lease
-                self.rec.update(lambda m: m.grant_lease(target, self.rec.clock(), ttl))
-            else:
+            if not exc.maybe_ran:                   # it never reached the host: nothing was started
                 self.rec.update(lambda m: record(m, previous))
-            raise
+            raise                                   # else it may run there: keep the record (and bound)
         except (AgentError, OSError):
             self.rec.update(lambda m: record(m, previous))   # the host said no: nothing was started
             raise
         if checkpoint:
             result += f", checkpoint of {len(checkpoint.get('files', {}))} file(s) restored"
+        failover = a.action == "move" and a.cause in UNREACHABLE_SOURCE
+        now = self.rec.clock.mono()
 
         def started(m: Memory) -> None:
-            m.grant_lease(target, self.rec.clock(), ttl)
             m.restarts[a.strategy] = 0
+            if failover:                            # counted for the reschedule backoff
+                count, _ = m.reschedules.get(a.strategy, (0, now))
+                m.reschedules[a.strategy] = (count + 1, now)
         self.rec.update(started)
         return Outcome(a, True, result)
 
@@ -286,7 +305,7 @@ class Executor:
                 if known is None or known.epoch < adopt.epoch or (known.epoch == adopt.epoch
                                                                   and known.worker != adopt.worker):
                     m.placements[adopt.strategy] = Placement(adopt.strategy, adopt.worker, adopt.epoch,
-                                                             adopt.spec_hash or "", placed_at=self.rec.clock(),
+                                                             adopt.spec_hash or "", placed_at=self.rec.clock.wall(),
                                                              launched=known.launched if known else None)
         self.rec.update(reserve)
         stops = [(a.worker, a) for a in plan.actions if a.action == "stop"]

@@ -1,35 +1,53 @@
-"""Gather: one probe per host, all hosts in parallel, into the ObservedState the planner reads.
+"""Gather: one probe per host per round, all hosts at once, into the ObservedState the planner reads.
 
-A host that does not answer makes its workers unreachable, with the error kept; it never stalls the
-others (each probe is bounded by the command timeout, connections by the connect timeout).
+The probes are the leases' lifeline, so a round never waits for a host past that host's deadline:
+a host that has not answered by then counts as not answering this round, and the round goes on
+without it. At most one probe per host is outstanding; while one still is, the host is skipped.
+
+Every renewal carries a not-after instant on the host's boot-time clock: the round's deadline for
+that host, mapped through the host clock of an earlier answer. The agent refuses a request that
+arrives later and never grants past not-after + TTL, so the bound the controller records before
+sending (deadline + TTL, on its own boot-time clock) holds whether or not the call ever returns.
 """
 from __future__ import annotations
 
 import re
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .hosts import AgentError, HostKey, Hosts
-from .memory import Memory
+from .clock import Clock
+from .hosts import AgentError, HostKey, Hosts, Lane
+from .memory import HostClock, Memory
 from .observed import Instance, ObservedState, WorkerState
 from .spec import Fleet, WorkerSpec
-from .transport.base import TransportError
 
 STRATEGY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# How far two machines' clock rates may differ (1000 ppm, ten times a free-running quartz): the
+# not-after a request carries is shortened by this much of the time since the host clock was read.
+CLOCK_DRIFT = 1e-3
+# A host clock read longer ago than this is read again (a probe without renewals) before a renewal.
+HOST_CLOCK_MAX_AGE_MS = 10 * 60_000
 
 
 @dataclass
 class Gathered:
     observed: ObservedState
-    answered_at: dict[str, int] = field(default_factory=dict)    # worker -> ms when its host answered
+    started: int = 0                                             # mono ms the round began
+    answered_at: dict[str, int] = field(default_factory=dict)    # worker -> mono ms its host answered
+    seen_wall: dict[str, int] = field(default_factory=dict)      # worker -> the same, epoch ms
     renewed: dict[str, list[str]] = field(default_factory=dict)  # worker -> strategies whose lease was renewed
-    maybe_renewed: dict[str, int] = field(default_factory=dict)  # worker -> ms: a probe carrying renewals
-                                                                 # failed after it may have reached the host
+    refused: dict[str, str] = field(default_factory=dict)        # worker -> why its host granted no renewal
+    host_clocks: dict[str, HostClock] = field(default_factory=dict)
     host_events: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # None: too large to copy
     seconds: float = 0.0
+
+    @property
+    def silent(self) -> list[str]:
+        return [wid for wid, s in self.observed.workers.items() if not s.reachable]
 
 
 def renewals(memory: Memory) -> dict[str, dict[str, int]]:
@@ -42,8 +60,31 @@ def renewals(memory: Memory) -> dict[str, dict[str, int]]:
     return out
 
 
-def _worker_state(worker: WorkerSpec, raw: dict[str, Any], host: dict[str, Any], at: int) -> WorkerState:
-    runtime = raw.get("runtime") or {}
+def not_after(host_clock: HostClock, until_mono_ms: int) -> dict[str, Any]:
+    """`until_mono_ms` (the controller's boot-time clock) on the host's boot-time clock, never later:
+    the host read its clock no later than we received it, and its rate may differ by CLOCK_DRIFT."""
+    elapsed_s = max(0, until_mono_ms - host_clock.at) / 1000
+    return {"bootId": host_clock.boot_id, "boottime": host_clock.boottime + elapsed_s * (1 - CLOCK_DRIFT)}
+
+
+def _host_clock(host: dict[str, Any], at: int) -> HostClock | None:
+    boot, seconds = host.get("bootId"), host.get("boottime")
+    if not isinstance(boot, str) or isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        return None
+    return HostClock(boot, float(seconds), at)
+
+
+def _instance(sid: str, raw: dict[str, Any]) -> Instance:
+    """What the agent said of one instance; anything this controller cannot read makes it `unknown`
+    (left alone by the planner), never an error of its host."""
+    try:
+        return Instance.from_json(raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return Instance(sid, 0, None, "unknown", True, reason=f"the agent's report of it is unreadable ({exc})")
+
+
+def _worker_state(worker: WorkerSpec, raw: dict[str, Any], host: dict[str, Any], at_wall: int) -> WorkerState:
+    runtime = raw.get("runtime") if isinstance(raw.get("runtime"), dict) else {}
     error = None
     if runtime.get("path") is None:
         error = (f"{runtime.get('program', worker.runner[0])} not found on the host's PATH: install it "
@@ -55,59 +96,203 @@ def _worker_state(worker: WorkerSpec, raw: dict[str, Any], host: dict[str, Any],
         # Only what could be a strategy of ours: a host's answer never names controller paths.
         if not (isinstance(inst, dict) and STRATEGY_ID.fullmatch(str(sid)) and inst.get("strategy") == sid):
             continue
-        try:
-            instances[sid] = Instance.from_json(inst)
-        except (KeyError, TypeError, ValueError):
-            continue
+        instances[sid] = _instance(sid, inst)
+    answered = host.get("answeredAt")
     return WorkerState(
         worker=worker.id, reachable=True, error=error, cpus=cpus, cpu=float(load[0]) / cpus,
         mem_free_mb=host.get("memFreeMb"), credentials=frozenset(raw.get("credentials") or ()),
         instances=instances, host_time=host.get("time"),
-        clock_skew_ms=int(host["answeredAt"]) - at if isinstance(host.get("answeredAt"), (int, float)) else None,
+        clock_skew_ms=int(answered) - at_wall if isinstance(answered, (int, float)) else None,
         versions={"python": host.get("python"), runtime.get("program", "runner"): runtime.get("version")},
+        containment=raw.get("containment") if isinstance(raw.get("containment"), str) else None,
     )
 
 
-def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Callable[[], int],
-           renew: dict[str, dict[str, int]] | None = None,
-           checkpoints: dict[str, dict[str, int]] | None = None) -> Gathered:
-    """Probe every host of the fleet once, in parallel; extend the leases named in `renew` and copy
-    the checkpoints named in `checkpoints` (both worker -> strategy -> epoch) on the way."""
-    started = time.monotonic()
-    wanted = renew if renew and fleet.settings.monitor.fencing else {}
-    ttl = fleet.settings.monitor.lease_ttl_s
-    groups = hosts.groups(list(fleet.workers.values()))
-    result = Gathered(ObservedState({}, clock()))
-    states: dict[str, WorkerState] = {}
+@dataclass
+class _Call:
+    """One host's probe in a round: what was sent, and what came back."""
 
-    def probe(key: HostKey, members: list[WorkerSpec]) -> None:
-        request = {
-            "workers": [{"id": w.id, "workdir": hosts.workdir(w), "program": w.runner[0]} for w in members],
-            "renew": {w.id: wanted[w.id] for w in members if w.id in wanted},
+    key: HostKey
+    members: list[WorkerSpec]
+    request: dict[str, Any]
+    renew: dict[str, dict[str, int]]       # worker -> strategy -> epoch, for this host
+    deadline: int                          # mono ms
+    answer: dict[str, Any] | None = None
+    answered_at: int = 0
+    host_clock: HostClock | None = None
+    renewals_sent: bool = False
+
+
+class Prober:
+    """Probes the hosts of a fleet, one round at a time, on one lane of their connections. It keeps
+    across rounds which host still has a probe outstanding, which hosts answered before (a first
+    probe may need a new connection, so its deadline includes the connect timeout) and the newest
+    clock of each host."""
+
+    def __init__(self, hosts: Hosts, clock: Clock, lane: Lane = "probe"):
+        self.hosts, self.clock, self.lane = hosts, clock, lane
+        self._outstanding: dict[HostKey, tuple[Future, int]] = {}
+        self._warm: set[HostKey] = set()
+        self._clocks: dict[HostKey, HostClock] = {}
+        self._lock = threading.Lock()
+
+    def round(self, fleet: Fleet, memory: Memory, *, renew: dict[str, dict[str, int]] | None = None,
+              checkpoints: dict[str, dict[str, int]] | None = None, deadline_s: float | None = None,
+              before_send: Callable[[dict[str, int]], None] | None = None) -> Gathered:
+        """Probe every host of `fleet` once. `renew` and `checkpoints` (worker -> strategy -> epoch)
+        name the leases to extend and the checkpoints to copy. `before_send` gets, before anything
+        is sent, the bound (worker -> mono ms) past which no lease of this round can live; it must
+        record it durably (the call may reach the host even if its answer never comes back)."""
+        started_s = time.monotonic()
+        t0 = self.clock.mono()
+        settings = fleet.settings
+        wanted = renew if renew and settings.monitor.fencing else {}
+        ttl_ms = int(settings.monitor.lease_ttl_s * 1000)
+        result = Gathered(ObservedState({}, t0), started=t0)
+        states: dict[str, WorkerState] = {}
+        calls: list[tuple[_Call, Future]] = []
+        bounds: dict[str, int] = {}
+        for key, members in self.hosts.groups(list(fleet.workers.values())).items():
+            busy = self._busy(key, t0)
+            if busy is not None:
+                for w in members:
+                    states[w.id] = WorkerState(w.id, False, error=busy)
+                continue
+            budget = deadline_s if deadline_s is not None else settings.probe_deadline_s
+            if key not in self._warm and key.host != "local":
+                budget += settings.ssh.connect_timeout_s      # a first probe may need a new connection
+            call = _Call(key, members, self._request(members, memory, checkpoints),
+                         {w.id: wanted[w.id] for w in members if wanted.get(w.id)}, t0 + int(budget * 1000))
+            bounds.update({wid: call.deadline + ttl_ms for wid in call.renew})
+            calls.append((call, Future()))
+        if bounds and before_send is not None:
+            before_send(bounds)
+        for call, future in calls:
+            self._dispatch(call, future, memory, settings.monitor.lease_ttl_s)
+        if calls:
+            last = max(call.deadline for call, _ in calls)
+            wait([f for _, f in calls], timeout=max(0.0, (last - self.clock.mono()) / 1000) + 0.05)
+        for call, future in calls:
+            self._collect(call, future, result, states)
+        result.observed = ObservedState(dict(sorted(states.items())), self.clock.mono())
+        result.host_events.sort(key=lambda e: (e.get("t", 0), e["worker"], e["strategy"]))
+        result.seconds = time.monotonic() - started_s
+        return result
+
+    # --- one host ------------------------------------------------------------------------------
+
+    def _busy(self, key: HostKey, now: int) -> str | None:
+        with self._lock:
+            found = self._outstanding.get(key)
+            if found is None or found[0].done():
+                self._outstanding.pop(key, None)
+                return None
+        return (f"its previous probe (sent {(now - found[1]) / 1000:.1f}s ago) has not answered yet; "
+                "the host may be overloaded or frozen")
+
+    def _request(self, members: list[WorkerSpec], memory: Memory,
+                 checkpoints: dict[str, dict[str, int]] | None) -> dict[str, Any]:
+        return {
+            "workers": [{"id": w.id, "workdir": self.hosts.workdir(w), "program": w.runner[0]} for w in members],
             "eventsSince": {w.id: memory.host_events.get(w.id, memory.last_seen.get(w.id, 0)) for w in members},
             "checkpoints": {w.id: (checkpoints or {})[w.id] for w in members if w.id in (checkpoints or {})},
         }
-        args = ("--renew", f"{ttl:g}") if wanted else ()
+
+    def _dispatch(self, call: _Call, future: Future, memory: Memory, ttl_s: float) -> None:
+        with self._lock:
+            self._outstanding[call.key] = (future, self.clock.mono())
+
+        def run() -> None:
+            try:
+                self._call_host(call, memory, ttl_s)
+                future.set_result(call)
+            except BaseException as exc:  # noqa: BLE001 - handed to the round, which says it per host
+                future.set_exception(exc)
+        threading.Thread(target=run, name=f"probe-{call.key}", daemon=True).start()
+
+    def _known_clock(self, call: _Call, memory: Memory) -> HostClock | None:
+        with self._lock:
+            found = self._clocks.get(call.key)
+        if found is None:
+            remembered = [memory.host_clocks[w.id] for w in call.members if w.id in memory.host_clocks]
+            found = max(remembered, key=lambda c: c.at, default=None)
+        if found is None or self.clock.mono() - found.at > HOST_CLOCK_MAX_AGE_MS:
+            return None
+        return found
+
+    def _ask(self, call: _Call, request: dict[str, Any]) -> dict[str, Any]:
+        left = (call.deadline - self.clock.mono()) / 1000
+        agent = self.hosts.agent(call.key, call.members, self.lane)
+        answer = agent.call("probe", request, max(0.1, left))
+        call.answered_at = self.clock.mono()
+        clock = _host_clock(answer.get("host") if isinstance(answer.get("host"), dict) else {}, call.answered_at)
+        if clock is not None:
+            call.host_clock = clock
+            with self._lock:
+                self._clocks[call.key] = clock
+        call.answer = answer
+        return answer
+
+    def _call_host(self, call: _Call, memory: Memory, ttl_s: float) -> None:
+        if not call.renew:
+            self._ask(call, call.request)
+            return
+        host_clock = self._known_clock(call, memory) or self._read_clock(call)
+        for attempt in (1, 2):
+            if host_clock is None or self.clock.mono() >= call.deadline:
+                return          # too late to renew anything this round: what was seen is the answer
+            request = {**call.request, "renew": call.renew, "leaseTtlSeconds": ttl_s,
+                       "notAfter": not_after(host_clock, call.deadline)}
+            call.renewals_sent = True
+            answer = self._ask(call, request)
+            if not (answer.get("host") or {}).get("renewRefused") or attempt == 2:
+                return
+            host_clock = call.host_clock       # rebooted, or our copy of its clock was off: once more
+
+    def _read_clock(self, call: _Call) -> HostClock | None:
+        """A probe without renewals, for the host's clock (first contact, or a clock read long ago)."""
+        self._ask(call, call.request)
+        return call.host_clock
+
+    # --- the round's result --------------------------------------------------------------------
+
+    def _collect(self, call: _Call, future: Future, result: Gathered, states: dict[str, WorkerState]) -> None:
+        members = call.members
+        if not future.done():
+            budget = (call.deadline - result.started) / 1000
+            for w in members:
+                states[w.id] = WorkerState(w.id, False, error=f"no answer within the probe deadline of {budget:g}s; "
+                                                             "the host may be overloaded or frozen")
+            return
         try:
-            answer = hosts.agent(key, members).call("probe", request, fleet.settings.ssh.command_timeout_s, args)
-            at = clock()
+            future.result()
+            answer = call.answer
+            if answer is None:
+                raise AgentError(str(call.key), "no answer")
             host = answer.get("host") or {}
-            answered = {w.id: _worker_state(w, (answer.get("workers") or {}).get(w.id) or {}, host, at)
+            at_wall = self.clock.wall()
+            answered = {w.id: _worker_state(w, (answer.get("workers") or {}).get(w.id) or {}, host, at_wall)
                         for w in members}
-        except (TransportError, AgentError, ValueError, TypeError, AttributeError, OSError) as exc:
-            # Any failure is this host's alone (a bad ssh_config line, a garbled answer): never the tick's.
+        except Exception as exc:  # noqa: BLE001
+            # Any failure is this host's alone (a bad ssh_config line, a garbled answer): never the round's.
             for w in members:
                 states[w.id] = WorkerState(w.id, False, error=str(exc) if str(exc) else type(exc).__name__)
-                if getattr(exc, "maybe_ran", False) and w.id in request["renew"]:
-                    result.maybe_renewed[w.id] = clock()
             return
+        with self._lock:
+            self._warm.add(call.key)
+        refused = host.get("renewRefused") if call.renewals_sent else None
         for w in members:
             raw = (answer.get("workers") or {}).get(w.id) or {}
             states[w.id] = answered[w.id]
-            result.answered_at[w.id] = at
+            result.answered_at[w.id] = call.answered_at
+            result.seen_wall[w.id] = at_wall
+            if call.host_clock is not None:
+                result.host_clocks[w.id] = call.host_clock
+            if refused and w.id in call.renew:
+                result.refused[w.id] = str(refused)[:300]
             if raw.get("renewed"):
                 result.renewed[w.id] = [sid for sid in raw["renewed"] if sid in answered[w.id].instances]
-            asked = request["checkpoints"].get(w.id, {})
+            asked = call.request["checkpoints"].get(w.id, {})
             for sid, inst in (raw.get("instances") or {}).items():
                 if sid not in answered[w.id].instances:
                     continue
@@ -117,24 +302,17 @@ def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Callable[[], int],
                     if isinstance(event, dict) and isinstance(event.get("t", 0), (int, float)):
                         result.host_events.append({**event, "worker": w.id, "strategy": sid})
 
-    parallel = max(1, min(fleet.settings.ssh.parallelism, len(groups)))
-    if parallel == 1:
-        for key, members in groups.items():
-            probe(key, members)
-    else:
-        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="probe") as pool:
-            list(pool.map(lambda item: probe(*item), groups.items()))
-    result.observed = ObservedState(dict(sorted(states.items())), clock())
-    result.host_events.sort(key=lambda e: (e.get("t", 0), e["worker"], e["strategy"]))
-    result.seconds = time.monotonic() - started
-    return result
+
+def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Clock, **kwargs: Any) -> Gathered:
+    """One round by a throwaway Prober (plan, status, and tests): every host is probed as if first."""
+    return Prober(hosts, clock).round(fleet, memory, **kwargs)
 
 
 CHECKPOINT_EVERY_MS = 60_000   # how stale the controller's copy of a checkpoint may get
 
 
 def checkpoints_due(fleet: Fleet, memory: Memory, now_ms: int) -> dict[str, dict[str, int]]:
-    """Checkpoints to copy in this probe: current placements whose copy is older than a minute.
+    """Checkpoints to copy now: current placements whose copy is older than a minute.
     (A move off a reachable worker takes the final one when it stops the old copy.)"""
     out: dict[str, dict[str, int]] = {}
     for sid, epoch in ((sid, p.epoch) for sid, p in memory.placements.items() if sid in fleet.strategies):
@@ -143,18 +321,22 @@ def checkpoints_due(fleet: Fleet, memory: Memory, now_ms: int) -> dict[str, dict
     return out
 
 
-def remember(memory: Memory, gathered: Gathered, addresses: dict[str, dict[str, Any]], ttl_s: float,
+def remember(memory: Memory, gathered: Gathered, addresses: dict[str, dict[str, Any]],
              loop_at: int | None = None) -> Memory:
-    """The memory after a gather by a run that writes state: who answered when, until when a lease
-    granted there may live (a renewal that may have happened counts too), restart counts mirrored
-    from the supervisors, and how to reach every worker."""
+    """The memory after a round by a run that writes state (see `remember_into`); `memory` is left as it was."""
     m = memory.copy()
-    for wid, at in gathered.answered_at.items():
-        m.last_seen[wid] = at
-    granted = {wid: gathered.answered_at[wid] for wid in gathered.renewed}
-    granted.update(gathered.maybe_renewed)
-    for wid, at in granted.items():
-        m.grant_lease(wid, at, ttl_s)
+    remember_into(m, gathered, addresses, loop_at)
+    return m
+
+
+def remember_into(m: Memory, gathered: Gathered, addresses: dict[str, dict[str, Any]],
+                  loop_at: int | None = None) -> None:
+    """Record a round: who answered when (and the host clocks they answered with), restart counts
+    mirrored from the supervisors, the newest host events recorded, and how to reach every worker.
+    Lease bounds are not here: they are recorded before a request is sent."""
+    m.answered.update(gathered.answered_at)
+    m.last_seen.update(gathered.seen_wall)
+    m.host_clocks.update(gathered.host_clocks)
     for sid, p in m.placements.items():
         state = gathered.observed.worker(p.worker)
         inst = state.instances.get(sid) if state is not None and state.reachable else None
@@ -166,6 +348,5 @@ def remember(memory: Memory, gathered: Gathered, addresses: dict[str, dict[str, 
     m.addresses.update(addresses)
     for sid in gathered.checkpoints:
         m.checkpoints[sid] = gathered.observed.taken_at
-    if loop_at is not None:
+    if loop_at is not None and gathered.renewed:
         m.loop_renewal = loop_at
-    return m

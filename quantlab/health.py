@@ -1,5 +1,6 @@
 """The Monitor's judgement, as pure functions: is a worker online, has a lease surely expired,
-is an instance healthy. The clock is always an argument.
+is an instance healthy, may a strategy fail over again. The clock is always an argument: `now_ms`
+is the controller's boot-time clock (see quantlab/clock.py), the one the memory's judged times use.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def worker_liveness(worker_id: str, observed: ObservedState, memory: Memory, mon
     if state is not None and state.reachable:
         return WorkerLiveness("online")
     error = state.error if state is not None else None
-    seen = memory.last_seen.get(worker_id)
+    seen = memory.answered.get(worker_id)
     if seen is None:
         return WorkerLiveness("offline", None, error)
     down = max(0.0, (now_ms - seen) / 1000)
@@ -42,25 +43,51 @@ def worker_liveness(worker_id: str, observed: ObservedState, memory: Memory, mon
     return WorkerLiveness(status, down, error)
 
 
-def failover_margin_s(monitor: MonitorSettings) -> float:
-    """Slack on top of the lease for the fenced copy's supervisor to notice and for clock-rate drift."""
-    return 1.0 + 0.05 * monitor.lease_ttl_s
-
-
 def lease_surely_expired_at(strategy: str, worker_id: str, memory: Memory, monitor: MonitorSettings,
                             stop_timeout_s: float) -> int:
-    """ms after which no copy of `strategy` can still run on `worker_id`: the latest moment a lease
-    granted there may live (recorded with the TTL in force when it was granted; at worst the last
-    answered probe or the placement, plus today's TTL), plus the stop grace, plus a margin."""
+    """When no copy of `strategy` can still run on `worker_id`: the bound of the latest request that
+    may have granted a lease there (recorded before it was sent, with the TTL of that moment; at
+    worst the last answer there plus today's TTL, for a copy this state adopted), plus the stop
+    grace, plus a margin."""
     placed = memory.placements.get(strategy)
     ttl_ms = int(monitor.lease_ttl_s * 1000)
-    until = max(memory.leases.get(worker_id, 0), memory.last_seen.get(worker_id, 0) + ttl_ms,
-                (placed.placed_at + ttl_ms) if placed is not None and placed.worker == worker_id else 0)
+    until = max(memory.leases.get(worker_id, 0), memory.answered.get(worker_id, 0) + ttl_ms)
     if placed is not None and placed.launched:
         # The copy there was started with its own stop timeout; a shorter one now must not count.
         started_with = placed.launched.get("scheduling", {}).get("stopTimeoutSeconds", 0)
         stop_timeout_s = max(stop_timeout_s, float(started_with or 0))
-    return until + int((stop_timeout_s + failover_margin_s(monitor)) * 1000)
+    return until + int((stop_timeout_s + monitor.failover_margin_s) * 1000)
+
+
+# Reschedule backoff (like Nomad's reschedule delay): the first failover of a strategy is not
+# delayed; each further one within RESCHEDULE_RESET_MS of the last waits twice as long as the one
+# before, so a strategy does not flap between hosts that come and go.
+RESCHEDULE_DELAY_MS = 30_000
+RESCHEDULE_MAX_DELAY_MS = 600_000
+RESCHEDULE_RESET_MS = 3_600_000
+
+
+def next_failover_at(strategy: str, memory: Memory, now_ms: int) -> int | None:
+    """When `strategy` may fail over again, or None when it may now."""
+    count, last = memory.reschedules.get(strategy, (0, 0))
+    if count == 0 or now_ms - last >= RESCHEDULE_RESET_MS:
+        return None
+    at = last + min(RESCHEDULE_MAX_DELAY_MS, RESCHEDULE_DELAY_MS * 2 ** (count - 1))
+    return at if at > now_ms else None
+
+
+def failover_brake(fleet: Fleet, observed: ObservedState) -> str | None:
+    """Why failovers must hold, or None. When more than `failoverBrakeShare` of all workers go
+    silent at once, the likelier fault is the controller's own network (Kubernetes stops evicting
+    when every zone is disrupted, for the same reason): moving everything would only add churn."""
+    total = len(fleet.workers)
+    silent = [wid for wid in fleet.workers if not ((s := observed.worker(wid)) is not None and s.reachable)]
+    share = fleet.settings.monitor.brake_share
+    if total < 2 or share >= 1 or len(silent) <= share * total:
+        return None
+    return (f"{len(silent)} of {total} workers are silent at once (more than {share:.0%}): the controller's own "
+            "network is the likelier fault, so failovers hold until more of them answer "
+            "(monitor.failoverBrakeShare)")
 
 
 def instance_healthy(instance: Instance, spec: StrategySpec) -> tuple[bool, str | None]:
@@ -95,22 +122,29 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def watch(fleet: Fleet, observed: ObservedState, memory: Memory, host_events: list[dict], now_ms: int
-          ) -> tuple[list[dict], dict[str, dict]]:
+def watch(fleet: Fleet, observed: ObservedState, memory: Memory, host_events: list[dict], now_ms: int,
+          wall_ms: int) -> tuple[list[dict], dict[str, dict]]:
     """The Monitor's view after a probe: one-off notices for strategies that ended in error or were
-    fenced (from the supervisors' events), and the alerts that hold now (offline workers)."""
+    fenced (from the supervisors' events), and the alerts that hold now: offline workers, and
+    instances whose files the agent could not use (`wall_ms` stamps what people read)."""
     notices = []
     for e in host_events:
         kind = {"error": "strategy-error", "lease-expired": "lease-expired"}.get(e.get("event", ""))
         if kind:
-            notices.append({"t": e.get("t", now_ms), "kind": kind, "strategy": e.get("strategy"),
+            notices.append({"t": e.get("t", wall_ms), "kind": kind, "strategy": e.get("strategy"),
                             "worker": e.get("worker"), "message": e.get("detail") or kind})
     raised = {}
     for wid in fleet.workers:
         live = worker_liveness(wid, observed, memory, fleet.settings.monitor, now_ms)
         if live.status == "offline":
-            raised[f"offline:{wid}"] = {"t": now_ms, "kind": "worker-offline", "worker": wid,
+            raised[f"offline:{wid}"] = {"t": wall_ms, "kind": "worker-offline", "worker": wid,
                                         "message": f"{live.describe(wid)}: {live.error or 'no answer'}"}
+        state = observed.worker(wid)
+        for inst in (state.instances.values() if state is not None and state.reachable else ()):
+            if inst.problems:
+                raised[f"instance:{wid}:{inst.strategy}"] = {
+                    "t": wall_ms, "kind": "instance-problem", "worker": wid, "strategy": inst.strategy,
+                    "message": f"{inst.strategy} on {wid}: {'; '.join(inst.problems)}"}
     return notices, raised
 
 

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 from .spec import Fleet, StrategySpec, WorkerSpec
 from .transport.base import Completed, Transport, TransportError
@@ -110,6 +110,12 @@ class Agent:
         return self.transport.stream(self._argv(command, ()), json.dumps(request).encode())
 
 
+# Each host is reached on two lanes, each with its own connection: probes (and with them every lease
+# renewal) never wait behind a start or a stop, and a command that times out and drops its connection
+# takes only its own lane down.
+Lane = Literal["probe", "act"]
+
+
 class Hosts:
     """Transports and agents for every host of a fleet, opened lazily and kept for reuse."""
 
@@ -117,8 +123,11 @@ class Hosts:
         self.fleet = fleet
         self.accept_new_host_keys = accept_new_host_keys
         self._factory = transport_factory or self._default_transport
-        self._transports: dict[HostKey, Transport] = {}
+        self._transports: dict[tuple[HostKey, Lane], Transport] = {}
         self._lock = threading.Lock()
+        # SSH handshakes cost CPU (key exchange): at most `parallelism` at once, so that a cold start
+        # over hundreds of hosts makes progress instead of timing every handshake out.
+        self._handshakes = threading.BoundedSemaphore(fleet.settings.ssh.parallelism)
 
     def _default_transport(self, key: HostKey) -> Transport:
         if key.host == "local":
@@ -126,7 +135,8 @@ class Hosts:
             return LocalTransport()
         from .transport.ssh import SshTransport    # paramiko is only imported when a host needs it
         return SshTransport.for_host(key.host, key.port, key.user, self.fleet.settings.ssh,
-                                     accept_new_host_keys=self.accept_new_host_keys)
+                                     accept_new_host_keys=self.accept_new_host_keys,
+                                     handshakes=self._handshakes)
 
     def update(self, fleet: Fleet) -> None:
         """Point at a newer fleet (the loop reloads it). Connections are kept unless the SSH settings
@@ -134,6 +144,7 @@ class Hosts:
         changed = fleet.settings.ssh != self.fleet.settings.ssh
         self.fleet = fleet
         if changed:
+            self._handshakes = threading.BoundedSemaphore(fleet.settings.ssh.parallelism)
             self.close()
 
     def workdir(self, worker: WorkerSpec) -> str:
@@ -150,12 +161,12 @@ class Hosts:
             return "."
         return worker.workdir[2:] if worker.workdir.startswith("~/") else worker.workdir
 
-    def transport(self, key: HostKey) -> Transport:
+    def transport(self, key: HostKey, lane: Lane = "act") -> Transport:
         with self._lock:
-            found = self._transports.get(key)
+            found = self._transports.get((key, lane))
             if found is None:
                 found = self._factory(key)
-                self._transports[key] = found
+                self._transports[(key, lane)] = found
             return found
 
     def groups(self, workers: list[WorkerSpec] | None = None) -> dict[HostKey, list[WorkerSpec]]:
@@ -164,13 +175,13 @@ class Hosts:
             out.setdefault(host_key(w), []).append(w)
         return out
 
-    def agent(self, key: HostKey, workers: list[WorkerSpec]) -> Agent:
+    def agent(self, key: HostKey, workers: list[WorkerSpec], lane: Lane = "act") -> Agent:
         home = self.workdir(sorted(workers, key=lambda w: w.id)[0])
         python = sys.executable if key.host == "local" else "python3"
-        return Agent(self.transport(key), home, python, str(key))
+        return Agent(self.transport(key, lane), home, python, str(key))
 
-    def agent_for(self, worker: WorkerSpec) -> Agent:
-        return self.agent(host_key(worker), [worker])
+    def agent_for(self, worker: WorkerSpec, lane: Lane = "act") -> Agent:
+        return self.agent(host_key(worker), [worker], lane)
 
     def upload_strategy(self, worker: WorkerSpec, spec: StrategySpec) -> None:
         self.transport(host_key(worker)).put_file(spec.strategy_path.read_bytes(),

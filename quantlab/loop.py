@@ -1,8 +1,15 @@
-"""The reconcile loop: gather → plan → apply, once (for cron) or every interval on APScheduler 3.
+"""The reconcile loop, once (for cron) or as a daemon on APScheduler 3.
 
-One job, max_instances=1 and coalesce=True, so ticks never overlap or pile up. SIGINT/SIGTERM let the
-running tick finish, then the daemon exits 0. A fleet that fails validation is reported and skipped:
-what runs keeps running, and its leases keep being renewed.
+The daemon runs two jobs, each `max_instances=1, coalesce=True`:
+- `renew`, every interval: a renewal round (probe every host, renew every current placement's
+  lease). It waits for nothing but the hosts, each bounded by its probe deadline, so neither
+  planning, acting, checkpoints nor notifications can delay it.
+- `reconcile`, every interval: an act round. It waits for a renewal round that began after the last
+  act round ended (so it plans from what its own actions left), then plans and carries the plan out
+  on the act lane, while `renew` keeps its own schedule.
+A fleet directory that does not validate changes nothing: the act round reports it once and skips;
+renewals go on with the last valid fleet (or, at start, the workers the state file remembers).
+SIGINT/SIGTERM let the running rounds finish, then the daemon exits 0.
 """
 from __future__ import annotations
 
@@ -11,14 +18,16 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from .controller import Controller
 from .execute import Outcome
+from .gather import Gathered
+from .plan import Plan
 from .planner import PlanOptions
 from .render import plan_summary
-from .spec import FleetInvalid
+from .spec import Fleet, FleetInvalid
 from .store import LockHeld, StateError
 
 
@@ -36,49 +45,84 @@ class ReconcileLoop:
         self.log = log
         self.lock_timeout = lock_timeout
         self._invalid_reported: str | None = None
+        self._skip_reported: str | None = None
         self._scheduler = None
+        self._fleet: Fleet | None = None              # the last fleet that validated
+        self._latest: Gathered | None = None          # the newest renewal round
+        self._rounds = threading.Condition()
+        self._acted_at = 0                            # mono ms the last act round ended
 
-    def tick(self) -> Tick:
-        started = time.monotonic()
-        try:
-            with self.ctl.store.lock(self.lock_timeout, command="quantlab reconcile"):
-                return self._tick(started)
-        except LockHeld as exc:
-            return self._done(started, False, f"skipped: {exc}")
-        except StateError as exc:
-            return self._done(started, False, f"error: {exc}")
+    # --- the fleet -----------------------------------------------------------------------------
 
-    def _tick(self, started: float) -> Tick:
-        memory = self.ctl.store.load()
+    def _load(self) -> Fleet | None:
+        """The fleet directory, or None (said once per distinct set of problems) when it does not validate."""
         try:
             fleet = self.ctl.load_fleet()
         except FleetInvalid as exc:
             text = str(exc)
-            if text != self._invalid_reported:        # say it once per distinct set of problems
+            if text != self._invalid_reported:
                 self.log(f"fleet {self.ctl.fleet_dir} does not validate; nothing is started or stopped, "
                          f"leases of what runs are renewed:\n{text}")
                 self._invalid_reported = text
-            gathered, _ = self.ctl.keep_alive(memory)
-            down = sum(1 for s in gathered.observed.workers.values() if not s.reachable)
-            return self._done(started, False, f"fleet invalid ({len(exc.problems)} problems); "
-                                              f"renewed leases on {len(gathered.renewed)} workers, {down} not answering")
+            return None
         if self._invalid_reported:
             self.log("fleet validates again")
             self._invalid_reported = None
+        self._fleet = fleet
+        return fleet
+
+    def _renewal_fleet(self) -> tuple[Fleet, bool]:
+        """What renewal rounds probe: the last fleet that validated, else the state's memory of it."""
+        if self._fleet is not None:
+            return self._fleet, False
+        return self.ctl.fallback_fleet(self.ctl.ledger.memory), True
+
+    # --- rounds --------------------------------------------------------------------------------
+
+    def renew_round(self) -> Gathered | None:
+        ttl = self._fleet.settings.monitor.lease_ttl_s if self._fleet is not None else 0.0
+        try:
+            with self.ctl.ledger.hold(ttl, self.lock_timeout, "quantlab reconcile"):
+                fleet, fallback = self._renewal_fleet()
+                gathered = self.ctl.renew(fleet, loop=True, fallback=fallback)
+        except LockHeld as exc:
+            self._say_skipped(f"renewal skipped: {exc}")
+            return None
+        self._skip_reported = None
+        with self._rounds:
+            self._latest = gathered
+            self._rounds.notify_all()
+        return gathered
+
+    def _fresh_round(self, timeout: float) -> Gathered | None:
+        """The first renewal round that began after the last act round ended."""
+        with self._rounds:
+            self._rounds.wait_for(lambda: self._latest is not None and self._latest.started >= self._acted_at,
+                                  timeout)
+            latest = self._latest
+        return latest if latest is not None and latest.started >= self._acted_at else None
+
+    def act_round(self, fleet: Fleet | None, gathered: Gathered, started: float) -> Tick:
+        if fleet is None:
+            down = len(gathered.silent)
+            problems = (self._invalid_reported or "").count("\n") + 1
+            return self._done(started, False, f"fleet invalid ({problems} problem(s)); renewed leases on "
+                                              f"{len(gathered.renewed)} workers, {down} not answering")
         self._follow_interval(fleet.settings.reconcile_interval_s)
-        gathered, memory = self.ctl.gather_and_remember(fleet, memory, loop=True)
-        plan = self.ctl.plan(fleet, memory, gathered, PlanOptions())
-        memory, outcomes = self.ctl.execute(fleet, memory, plan, "reconcile")
+        result = self.ctl.apply(PlanOptions(), command="reconcile", fleet=fleet, gathered=gathered,
+                                lock_timeout=self.lock_timeout, background_renewals=False)
+        return self._summary(started, gathered, result.plan, result.outcomes)
+
+    def _summary(self, started: float, gathered: Gathered, plan: Plan, outcomes: list[Outcome]) -> Tick:
         failed = [o for o in outcomes if not o.ok]
-        down = sum(1 for s in gathered.observed.workers.values() if not s.reachable)
-        words = plan_summary(plan)
+        down = len(gathered.silent)
         for o in outcomes:
             mark = "ok" if o.ok else f"FAILED: {o.detail}"
             self.log(f"  {o.action.action} {o.action.strategy} {o.action.worker or o.action.target}: {mark}")
         for b in plan.blocked:
             self.log(f"  blocked ({b.guard}): {b.reason}")
         message = (f"probed {len(gathered.observed.workers)} workers in {gathered.seconds:.2f}s"
-                   f"{f' ({down} not answering)' if down else ''}; {words}"
+                   f"{f' ({down} not answering)' if down else ''}; {plan_summary(plan)}"
                    f"{f' {len(failed)} failed.' if failed else ''}")
         return self._done(started, not failed and not plan.blocked, message, outcomes)
 
@@ -87,30 +131,90 @@ class ReconcileLoop:
         self.log(f"tick {tick.seconds:.2f}s: {message}")
         return tick
 
+    def _say_skipped(self, message: str) -> None:
+        if message != self._skip_reported:          # once per holder, not every interval
+            self.log(message)
+            self._skip_reported = message
+
+    # --- once (cron) ---------------------------------------------------------------------------
+
+    def tick(self) -> Tick:
+        """One renewal round, then one act round, with renewals on their own timer while it acts."""
+        started = time.monotonic()
+        try:
+            self.ctl.require_fleet_dir()
+        except StateError as exc:
+            return self._done(started, False, f"error: {exc}")
+        fleet = self._load()
+        ttl = fleet.settings.monitor.lease_ttl_s if fleet is not None else 0.0
+        try:
+            with self.ctl.ledger.hold(ttl, self.lock_timeout, "quantlab reconcile"):
+                renewal_fleet, fallback = self._renewal_fleet()
+                gathered = self.ctl.renew(renewal_fleet, loop=True, fallback=fallback)
+                if fleet is None:
+                    return self.act_round(None, gathered, started)
+                with self.ctl.renewing(fleet, loop=True):
+                    return self.act_round(fleet, gathered, started)
+        except LockHeld as exc:
+            return self._done(started, False, f"skipped: {exc}")
+        except StateError as exc:
+            return self._done(started, False, f"error: {exc}")
+
     # --- daemon ---------------------------------------------------------------------------------
 
-    def _job(self) -> None:
+    def _renew_job(self) -> None:
         try:
-            self.tick()
-        except Exception:                      # noqa: BLE001 - one bad tick must not end the daemon
-            self.log("tick failed unexpectedly:\n" + traceback.format_exc())
+            self.renew_round()
+        except StateError as exc:
+            self._say_skipped(f"renewal failed: {exc}")
+        except Exception:                      # noqa: BLE001 - one bad round must not end the daemon
+            self.log("renewal round failed unexpectedly:\n" + traceback.format_exc())
+
+    def _act_job(self) -> None:
+        started = time.monotonic()
+        try:
+            fleet = self._fleet
+            settings = fleet.settings if fleet is not None else None
+            wait_s = 2 * (settings.reconcile_interval_s + settings.probe_deadline_s + settings.ssh.connect_timeout_s) \
+                if settings else 60.0
+            gathered = self._fresh_round(wait_s)
+            if gathered is None:
+                self._done(started, False, "skipped: no renewal round has answered since the last act round")
+                return
+            self.act_round(self._load(), gathered, started)
+        except LockHeld as exc:
+            self._say_skipped(f"act round skipped: {exc}")
+        except StateError as exc:
+            self._done(started, False, f"error: {exc}")
+        except Exception:                      # noqa: BLE001
+            self.log("act round failed unexpectedly:\n" + traceback.format_exc())
+        finally:
+            self._acted_at = self.ctl.clock.mono()
 
     def _follow_interval(self, seconds: float) -> None:
-        job = self._scheduler.get_job("reconcile") if self._scheduler is not None else None
-        if job is not None and job.trigger.interval.total_seconds() != seconds:
-            from apscheduler.triggers.interval import IntervalTrigger
-            job.reschedule(IntervalTrigger(seconds=seconds))
-            self.log(f"reconcile interval is now {seconds:g}s")
+        if self._scheduler is None:
+            return
+        from apscheduler.triggers.interval import IntervalTrigger
+        for job_id in ("renew", "reconcile"):
+            job = self._scheduler.get_job(job_id)
+            if job is not None and job.trigger.interval.total_seconds() != seconds:
+                job.reschedule(IntervalTrigger(seconds=seconds))
+                if job_id == "renew":
+                    self.log(f"reconcile interval is now {seconds:g}s")
 
     def run_forever(self, interval: float, stop: threading.Event | None = None) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.interval import IntervalTrigger
 
         stop = stop or threading.Event()
+        self._load()
         scheduler = BackgroundScheduler(timezone=timezone.utc)
         self._scheduler = scheduler
-        scheduler.add_job(self._job, IntervalTrigger(seconds=interval), id="reconcile", max_instances=1,
-                          coalesce=True, next_run_time=datetime.now(timezone.utc), misfire_grace_time=None)
+        now = datetime.now(timezone.utc)
+        for job_id, fn, first in (("renew", self._renew_job, now),
+                                  ("reconcile", self._act_job, now + timedelta(milliseconds=10))):
+            scheduler.add_job(fn, IntervalTrigger(seconds=interval), id=job_id, max_instances=1, coalesce=True,
+                              next_run_time=first, misfire_grace_time=None)
         previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -120,7 +224,7 @@ class ReconcileLoop:
         try:
             while not stop.wait(0.5):
                 pass
-            self.log("stopping: letting the running tick finish")
+            self.log("stopping: letting the running rounds finish")
         finally:
             scheduler.shutdown(wait=True)
             self._scheduler = None

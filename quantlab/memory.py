@@ -2,6 +2,11 @@
 
 The planner reads it and never changes it; the executor records outcomes into a copy. Reading and
 writing the file (atomically, locked, 0600) is `store.py`'s job.
+
+Times the controller judges (lease bounds, answers, backoffs) are ms on its boot-time clock, valid
+only on the boot named by `clock_boot`; `rebase` re-reads a state written on another boot (or by a
+version that used wall-clock times) as if every lease had been granted at this run's start. Times
+people read (`last_seen`, `placed_at`) are epoch ms.
 """
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)     # 1: judged times were wall-clock ms; read, then rebased
 
 
 class MemoryFormatError(ValueError):
@@ -46,26 +52,48 @@ class Placement:
                    revision=raw.get("revision"))
 
 
+@dataclass(frozen=True)
+class HostClock:
+    """One host's boot-time clock as its last answer showed it: `boottime` seconds on the boot
+    `boot_id`, read no later than `at` (ms on the controller's boot-time clock). Requests to the host
+    carry their not-after on this clock."""
+
+    boot_id: str
+    boottime: float
+    at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bootId": self.boot_id, "boottime": self.boottime, "at": self.at}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "HostClock":
+        return cls(str(raw["bootId"]), float(raw["boottime"]), int(raw["at"]))
+
+
 @dataclass
 class Memory:
     """The state file's content. `serial` and `lineage` are managed by the store."""
 
     lineage: str | None = None
     serial: int = 0
-    began: int | None = None                                   # ms when this lineage's first state was saved
+    clock_boot: str | None = None                              # the boot the judged times below are on
+    began: int | None = None                                   # when this lineage's first state was saved
     placements: dict[str, Placement] = field(default_factory=dict)
-    leases: dict[str, int] = field(default_factory=dict)       # worker -> ms until which a lease granted
-                                                               # there may live (grant + TTL at that time)
+    leases: dict[str, int] = field(default_factory=dict)       # worker -> until when a lease granted there
+                                                               # may live (the latest request's bound)
     restarts: dict[str, int] = field(default_factory=dict)     # strategy -> restarts (mirrored from hosts)
-    last_seen: dict[str, int] = field(default_factory=dict)    # worker -> ms of the last answered probe
+    answered: dict[str, int] = field(default_factory=dict)     # worker -> when its host last answered
+    last_seen: dict[str, int] = field(default_factory=dict)    # worker -> the same, epoch ms (for people)
     rr_cursor: str | None = None                               # worker chosen last by round-robin
     next_epoch: int = 1
-    loop_renewal: int | None = None                            # ms of the reconcile loop's last lease renewal
-    host_events: dict[str, int] = field(default_factory=dict)  # worker -> ms of the newest host event recorded
+    loop_renewal: int | None = None                            # the reconcile loop's last lease renewal
+    host_events: dict[str, int] = field(default_factory=dict)  # worker -> host's ms of the newest event recorded
     # worker -> how to reach it (host, port, user, workdir, program), so leases keep being renewed even
     # while the fleet directory fails to validate
     addresses: dict[str, dict[str, Any]] = field(default_factory=dict)
-    checkpoints: dict[str, int] = field(default_factory=dict)  # strategy -> ms its checkpoint was copied
+    host_clocks: dict[str, HostClock] = field(default_factory=dict)  # worker -> its host's clock
+    checkpoints: dict[str, int] = field(default_factory=dict)  # strategy -> when its checkpoint was copied
+    reschedules: dict[str, tuple[int, int]] = field(default_factory=dict)  # strategy -> (failovers, last at)
     alerts: dict[str, str] = field(default_factory=dict)       # raised alerts (each told once), key -> message
     fleet_settings: dict[str, Any] = field(default_factory=dict)  # the last valid fleet's settings
 
@@ -77,6 +105,7 @@ class Memory:
         return {
             "version": FORMAT_VERSION,
             "lineage": self.lineage,
+            "clockBoot": self.clock_boot,
             "began": self.began,
             "nextEpoch": self.next_epoch,
             "roundRobinCursor": self.rr_cursor,
@@ -84,10 +113,13 @@ class Memory:
             "placements": {sid: p.to_json() for sid, p in sorted(self.placements.items())},
             "leases": dict(sorted(self.leases.items())),
             "restarts": dict(sorted(self.restarts.items())),
+            "answered": dict(sorted(self.answered.items())),
             "lastSeen": dict(sorted(self.last_seen.items())),
             "hostEvents": dict(sorted(self.host_events.items())),
             "addresses": dict(sorted(self.addresses.items())),
+            "hostClocks": {wid: c.to_json() for wid, c in sorted(self.host_clocks.items())},
             "checkpoints": dict(sorted(self.checkpoints.items())),
+            "reschedules": {sid: list(r) for sid, r in sorted(self.reschedules.items())},
             "alerts": dict(sorted(self.alerts.items())),
             "fleetSettings": self.fleet_settings,
         }
@@ -102,32 +134,61 @@ class Memory:
         if not isinstance(raw, dict):
             raise MemoryFormatError("expected a JSON object")
         version = raw.get("version")
-        if version != FORMAT_VERSION:
-            raise MemoryFormatError(f"unknown state format version {version!r} (this quantlab reads {FORMAT_VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise MemoryFormatError(f"unknown state format version {version!r} (this quantlab reads "
+                                    f"{', '.join(map(str, READABLE_VERSIONS))}); use a newer quantlab")
         try:
+            last_seen = {k: int(v) for k, v in raw.get("lastSeen", {}).items()}
             return cls(
                 lineage=raw["lineage"],
+                # Version 1 judged by the wall clock: no boot, so `rebase` takes it as granted now.
+                clock_boot=raw.get("clockBoot") if version == FORMAT_VERSION else None,
                 began=raw.get("began"),
                 serial=int(raw["serial"]),
                 placements={sid: Placement.from_json(sid, p) for sid, p in raw.get("placements", {}).items()},
                 leases={k: int(v) for k, v in raw.get("leases", {}).items()},
                 restarts={k: int(v) for k, v in raw.get("restarts", {}).items()},
-                last_seen={k: int(v) for k, v in raw.get("lastSeen", {}).items()},
+                answered={k: int(v) for k, v in raw.get("answered", last_seen).items()},
+                last_seen=last_seen,
                 rr_cursor=raw.get("roundRobinCursor"),
                 next_epoch=int(raw.get("nextEpoch", 1)),
                 loop_renewal=raw.get("loopRenewal"),
                 host_events={k: int(v) for k, v in raw.get("hostEvents", {}).items()},
                 addresses={k: dict(v) for k, v in raw.get("addresses", {}).items()},
+                host_clocks={k: HostClock.from_json(v) for k, v in raw.get("hostClocks", {}).items()},
                 checkpoints={k: int(v) for k, v in raw.get("checkpoints", {}).items()},
+                reschedules={k: (int(v[0]), int(v[1])) for k, v in raw.get("reschedules", {}).items()},
                 alerts={str(k): str(v) for k, v in raw.get("alerts", {}).items()},
                 fleet_settings=dict(raw.get("fleetSettings") or {}),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc
 
-    def grant_lease(self, worker: str, at_ms: int, ttl_s: float) -> None:
-        """A lease was (or may have been) granted on `worker` at `at_ms`, an upper bound of when."""
-        self.leases[worker] = max(self.leases.get(worker, 0), at_ms + int(ttl_s * 1000))
+    def bound_lease(self, worker: str, until_ms: int) -> None:
+        """A request that may grant (or extend) a lease on `worker` was sent; no lease it can grant
+        outlives `until_ms`. Bounds only grow: an earlier request may still be in flight."""
+        self.leases[worker] = max(self.leases.get(worker, 0), until_ms)
+
+    def rebase(self, now_ms: int, boot_id: str, ttl_s: float) -> "Memory":
+        """This state as seen by a controller on boot `boot_id` at `now_ms`. Judged times recorded on
+        another boot cannot be compared with ours: every lease is taken as granted now (with the
+        longer of `ttl_s` and the TTL recorded with the fleet's settings), every worker that ever
+        answered as answered now, and host clocks are forgotten (the next answer gives them again)."""
+        if self.clock_boot == boot_id:
+            return self
+        m = self.copy()
+        recorded = float((m.fleet_settings.get("monitor") or {}).get("lease_ttl_s") or 0)
+        ttl_ms = int(max(ttl_s, recorded) * 1000)
+        workers = set(m.leases) | {p.worker for p in m.placements.values()}
+        m.leases = {w: now_ms + ttl_ms for w in sorted(workers)} if ttl_ms > 0 else {}
+        m.answered = {w: now_ms for w in m.answered}
+        m.began = now_ms
+        m.loop_renewal = None
+        m.host_clocks = {}
+        m.checkpoints = {sid: 0 for sid in m.checkpoints}            # due at once
+        m.reschedules = {sid: (count, now_ms) for sid, (count, _) in m.reschedules.items()}
+        m.clock_boot = boot_id
+        return m
 
     def placements_on(self, worker: str) -> list[Placement]:
         return [p for p in self.placements.values() if p.worker == worker]

@@ -1,59 +1,496 @@
 """Telling people: a JSON POST to `notify.webhook` and/or the JSON on the stdin of `notify.command`
-(an argv, never run through a shell). A notification that cannot be delivered is logged and dropped;
-it never stops a tick."""
+(an argv, never run through a shell).
+
+Why in the background: the reconcile loop's tick also renews every strategy's lease, and those
+renewals are every strategy's lifeline — a lease that is not renewed in time stops its strategy. A
+webhook that answers one byte at a time, or a notify command that hangs, must never delay them. So
+`submit` only puts the notices on a bounded queue per sink (webhook, command) and returns at once;
+one daemon thread per sink delivers them, each notice within a total deadline (for a webhook: DNS,
+connect, send and the whole reply; for a command: the whole run, after which it is killed with its
+process group). The two sinks never wait for each other.
+
+A notice that cannot be delivered is logged once and given up; nothing here raises into the caller.
+Log lines name a webhook as `scheme://host[:port]` only: tokens live in the path, query or userinfo
+(Telegram, Slack). When a queue is full, the oldest routine notice is dropped (alerts are kept as
+long as there is anything else to drop), and one "notices-dropped" notice with the count follows as
+soon as there is room.
+"""
 from __future__ import annotations
 
+import base64
+import http.client
 import json
+import os
+import signal
+import socket
+import ssl
 import subprocess
-import urllib.error
-import urllib.parse
-import urllib.request
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from .spec import NotifySettings
 
-WEBHOOK_TIMEOUT_S = 5.0
-COMMAND_TIMEOUT_S = 10.0
+# Kinds that are alerts (told once when raised, once when they clear): kept when a queue overflows.
+ALERT_KINDS = frozenset({"worker-offline", "action-failed", "guard-blocked", "resolved", "failover-brake",
+                         "fleet-invalid", "instance-problem"})
+
+MAX_REPLY_BYTES = 64 * 1024      # a webhook's answer is read (it is part of the delivery) but not kept
+STDERR_SHOWN_CHARS = 200
+REASON_SHOWN_CHARS = 400
+# The watchdog ends a delivery at its deadline; these timeouts, this much later, only back it up
+# (a socket read, a command's descendant that left its group and still holds our stderr pipe).
+BACKSTOP_S = 1.0
+
+Log = Callable[[str], None]
+
 
 class Notifier:
-    def __init__(self, settings: NotifySettings, log: Callable[[str], None]):
-        self.settings = settings
-        self.log = log
+    """Delivers notices in the background; see the module docstring. Thread-safe."""
 
-    def send(self, notices: list[dict[str, Any]]) -> None:
-        """Deliver each notice; after the first webhook failure the rest of the batch skips it, so a
-        dead endpoint costs one timeout per tick, not one per notice."""
-        webhook_ok = bool(self.settings.webhook)
-        for notice in notices:
-            body = json.dumps(notice, sort_keys=True).encode()
-            if webhook_ok:
-                webhook_ok = self._post(body)
-            if self.settings.command:
-                self._run(body)
+    def __init__(self, settings: NotifySettings, log: Log, *, capacity: int = 200,
+                 webhook_deadline_s: float = 5.0, command_deadline_s: float = 10.0):
+        self._settings = settings
+        self._log = log
+        self._lock = threading.Lock()
+        self._closed = False
+        self._webhook = _Sink(_Webhook(), capacity, webhook_deadline_s, log)
+        self._command = _Sink(_Command(), capacity, command_deadline_s, log)
 
-    def _post(self, body: bytes) -> bool:
-        assert self.settings.webhook is not None
-        request = urllib.request.Request(self.settings.webhook, data=body, method="POST",
-                                         headers={"Content-Type": "application/json",
-                                                  "User-Agent": "quantlab-notify"})
+    @property
+    def dropped(self) -> int:
+        """Notices dropped on overflow so far, over both sinks (one notice dropped by both counts 2)."""
+        return self._webhook.dropped + self._command.dropped
+
+    def update(self, settings: NotifySettings) -> None:
+        """The fleet was reloaded: notices submitted from now on go where `settings` say. Notices
+        already queued still go where they were meant to go when submitted."""
+        with self._lock:
+            self._settings = settings
+
+    def submit(self, notices: list[dict[str, Any]]) -> None:
+        """Queue the notices for every configured sink and return at once. Never raises."""
         try:
-            with urllib.request.urlopen(request, timeout=WEBHOOK_TIMEOUT_S) as answer:
-                answer.read(1024)
-            return True
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            # The URL often carries a token: name only where it goes.
-            where = urllib.parse.urlsplit(self.settings.webhook)
-            self.log(f"notify: webhook {where.scheme}://{where.hostname} failed: {exc}")
-            return False
+            with self._lock:
+                settings, closed = self._settings, self._closed
+            if closed:
+                if notices and (settings.webhook or settings.command):
+                    _log_safely(self._log, f"notify: {len(notices)} notices not sent: the notifier is closed")
+                return
+            for notice in notices:
+                if settings.webhook:
+                    self._webhook.put(dict(notice), settings.webhook)
+                if settings.command:
+                    self._command.put(dict(notice), tuple(settings.command))
+        except Exception as exc:  # noqa: BLE001 - telling people must never break the caller
+            _log_safely(self._log, f"notify: could not queue notices: {type(exc).__name__}: {exc}")
 
-    def _run(self, body: bytes) -> None:
-        assert self.settings.command is not None
-        argv = list(self.settings.command)
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything submitted so far is delivered or given up (both sinks idle).
+        True when drained within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        drained = self._webhook.wait_idle(deadline)
+        return self._command.wait_idle(deadline) and drained
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued for at most `timeout` seconds, then stop: a delivery still under way
+        is cut short (its socket shut, its command's process group killed) and what is left is logged."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._closed = True
+        self.flush(max(0.0, deadline - time.monotonic()))
+        for sink in (self._webhook, self._command):
+            sink.stop()
+        for sink in (self._webhook, self._command):
+            sink.join(deadline)
+
+
+# --- one queue and its thread -------------------------------------------------------------------
+
+@dataclass
+class _Job:
+    notice: dict[str, Any]
+    target: Any          # the webhook URL or the command's argv, as configured when submitted
+
+
+class _Sink:
+    """One destination's bounded queue and the daemon thread that drains it, one job at a time."""
+
+    def __init__(self, destination: _Webhook | _Command, capacity: int, deadline_s: float, log: Log):
+        self._destination = destination
+        self._capacity = max(1, capacity)
+        self._deadline_s = deadline_s
+        self._log = log
+        self._queue: deque[_Job] = deque()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._busy = False                      # a job is being delivered
+        self._current: _Watchdog | None = None  # its watchdog, so that stop() can cut it short
+        self._stopped = False
+        self.dropped = 0
+        self._unreported: list[_Job] = []       # dropped since the last "notices-dropped" notice
+
+    # Called by the notifier (any thread).
+
+    def put(self, notice: dict[str, Any], target: Any) -> None:
+        with self._changed:
+            if self._stopped:
+                return
+            if len(self._queue) >= self._capacity:
+                self._drop_one()
+            self._queue.append(_Job(notice, target))
+            self._start_thread()
+            self._changed.notify_all()
+
+    def wait_idle(self, deadline: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(self._idle, timeout=max(0.0, deadline - time.monotonic()))
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            left, self._queue = len(self._queue) + (1 if self._unreported else 0), deque()
+            self._unreported = []
+            current = self._current
+            self._changed.notify_all()
+        if current is not None:
+            current.expire("cut short: the notifier is closing")
+        if left:
+            _log_safely(self._log, f"notify: {self._destination.name}: {left} notices not sent (closing)")
+
+    def join(self, deadline: float) -> None:
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+
+    # Under self._changed.
+
+    def _idle(self) -> bool:
+        return not self._queue and not self._busy and not self._unreported
+
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drain, name=f"quantlab-notify-{self._destination.name}",
+                                            daemon=True)
+            self._thread.start()
+
+    def _drop_one(self) -> None:
+        """Make room: the oldest routine notice goes; the oldest alert only when all are alerts."""
+        victim = next((job for job in self._queue if job.notice.get("kind") not in ALERT_KINDS), self._queue[0])
+        self._queue.remove(victim)
+        self.dropped += 1
+        if not self._unreported:
+            _log_safely(self._log, f"notify: the {self._destination.name} queue is full ({self._capacity}); "
+                                   "dropping the oldest routine notices")
+        self._unreported.append(victim)
+
+    def _take(self) -> tuple[_Job, _Watchdog] | None:
+        """The next job (None once stopped), with the watchdog that bounds its delivery."""
+        while not self._stopped and not self._queue and not self._unreported:
+            self._changed.wait()
+        if self._stopped:
+            return None
+        if self._unreported and len(self._queue) < self._capacity:
+            job = self._dropped_notice()
+        else:
+            job = self._queue.popleft()
+        self._busy = True
+        self._current = _Watchdog(self._deadline_s)
+        return job, self._current
+
+    def _dropped_notice(self) -> _Job:
+        newest = self._unreported[-1]
+        count, self._unreported = len(self._unreported), []
+        notice = {"t": newest.notice.get("t", int(time.time() * 1000)), "kind": "notices-dropped",
+                  "message": f"{count} notices were dropped (the notification queue was full)"}
+        return _Job(notice, newest.target)
+
+    # The sink's own thread.
+
+    def _drain(self) -> None:
+        while True:
+            with self._changed:
+                taken = self._take()
+            if taken is None:
+                return
+            self._deliver(*taken)
+            with self._changed:
+                self._busy, self._current = False, None
+                self._changed.notify_all()
+
+    def _deliver(self, job: _Job, watchdog: _Watchdog) -> None:
+        destination = self._destination
         try:
-            done = subprocess.run(argv, input=body, capture_output=True, timeout=COMMAND_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            self.log(f"notify: command {argv[0]} failed: {exc}")
-            return
-        if done.returncode != 0:
-            self.log(f"notify: command {argv[0]} exited {done.returncode}: "
-                     f"{done.stderr.decode(errors='replace').strip()[:200]}")
+            body = json.dumps(job.notice, sort_keys=True, default=str).encode()
+            with watchdog:
+                destination.deliver(job.target, body, watchdog)
+        except Exception as exc:  # noqa: BLE001 - every failure is one log line, never a crash
+            if watchdog.expired:
+                reason = watchdog.why or destination.timeout_reason(watchdog.seconds)
+            else:
+                reason = _scrub(f"{type(exc).__name__}: {exc}", destination.secrets(job.target))
+            _log_safely(self._log, f"notify: {destination.name} {destination.where(job.target)}: "
+                                   f"{job.notice.get('kind', 'a')} notice not delivered: {reason}")
+
+
+# --- the deadline of one delivery ---------------------------------------------------------------
+
+class _Watchdog:
+    """Ends one delivery at its deadline whatever it is blocked in: at expiry (or on stop) a timer
+    runs the registered cleanups — shut a socket down, kill a process group — which wake the
+    delivering thread. Used as a context manager around the delivery."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.expired = False
+        self.why: str | None = None            # set when cut short before the deadline
+        self._cleanups: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self.expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def on_expiry(self, cleanup: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.expired:
+                self._cleanups.append(cleanup)
+                return
+        _quietly(cleanup)          # already over: clean up at once
+
+    def expire(self, why: str | None = None) -> None:
+        with self._lock:
+            if self.expired:
+                return
+            self.expired, self.why = True, why
+            cleanups, self._cleanups = self._cleanups, []
+        for cleanup in cleanups:
+            _quietly(cleanup)
+
+    def check(self) -> None:
+        if self.expired:
+            raise TimeoutError("deadline reached")
+
+
+# --- the webhook ---------------------------------------------------------------------------------
+
+class _Webhook:
+    name = "webhook"
+
+    @staticmethod
+    def where(url: str) -> str:
+        return describe_url(url)
+
+    @staticmethod
+    def secrets(url: str) -> list[str]:
+        return url_secrets(url)
+
+    @staticmethod
+    def timeout_reason(seconds: float) -> str:
+        return f"no complete answer within {seconds:g}s"
+
+    @staticmethod
+    def deliver(url: str, body: bytes, watchdog: _Watchdog) -> None:
+        post_json(url, body, watchdog)
+
+
+def describe_url(url: str) -> str:
+    """`scheme://host[:port]` — never the path, query or userinfo, where tokens live."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme or '?'}://{host}" + (f":{port}" if port else "")
+
+
+def url_secrets(url: str) -> list[str]:
+    """Every piece of the URL that may carry a token, longest first (to scrub error messages)."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    pieces = [url, parts.path + ("?" + parts.query if parts.query else ""), parts.path, parts.query,
+              parts.fragment, userinfo, parts.username or "", parts.password or ""]
+    pieces += [unquote(p) for p in pieces]
+    pieces += [segment for segment in parts.path.split("/") if segment]
+    return sorted({p for p in pieces if len(p) > 1}, key=len, reverse=True)
+
+
+def post_json(url: str, body: bytes, watchdog: _Watchdog) -> None:
+    """POST `body`; DNS, connect, TLS, send and the whole reply all end by the watchdog's deadline.
+    Raises on any failure, a non-2xx status included."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("the webhook must be an http:// or https:// URL")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        sock = _connect(parts.hostname, port, watchdog)
+        if parts.scheme == "https":
+            sock = _start_tls(sock, parts.hostname, watchdog)
+        status, reason = _exchange(sock, parts, port, body)
+        watchdog.check()                  # a reply cut at the deadline may read as a short, complete one
+    except Exception:
+        if watchdog.expired:
+            raise TimeoutError("deadline reached") from None   # the watchdog's shutdown caused this error
+        raise
+    if not 200 <= status < 300:
+        raise ConnectionError(f"answered HTTP {status} {reason}".rstrip())
+
+
+def _connect(host: str, port: int, watchdog: _Watchdog) -> socket.socket:
+    error: Exception = OSError("no address for the host")
+    for family, kind, proto, _, address in _resolve(host, port, watchdog.remaining()):
+        sock = socket.socket(family, kind, proto)
+        watchdog.on_expiry(lambda s=sock: s.shutdown(socket.SHUT_RDWR))
+        # A shutdown does not interrupt connect(): its own timeout is the deadline.
+        sock.settimeout(max(0.01, watchdog.remaining()))
+        try:
+            sock.connect(address)
+            watchdog.check()
+        except TimeoutError:
+            sock.close()
+            raise TimeoutError(f"no connection within {watchdog.seconds:g}s") from None
+        except Exception as exc:
+            sock.close()
+            error = exc
+            continue
+        sock.settimeout(watchdog.remaining() + BACKSTOP_S)
+        return sock
+    raise error
+
+
+def _resolve(host: str, port: int, timeout: float) -> list[tuple]:
+    """getaddrinfo cannot be interrupted, so it runs in a helper thread we stop waiting for."""
+    answer: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting thread
+            answer.append(exc)
+
+    helper = threading.Thread(target=lookup, name="quantlab-notify-dns", daemon=True)
+    helper.start()
+    helper.join(timeout)
+    if not answer:
+        raise TimeoutError(f"no DNS answer within {timeout:.1f}s")
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    return answer[0]
+
+
+def _start_tls(sock: socket.socket, hostname: str, watchdog: _Watchdog) -> ssl.SSLSocket:
+    # The handshake runs after wrapping so that the watchdog can shut the TLS socket down mid-handshake.
+    tls = ssl.create_default_context().wrap_socket(sock, server_hostname=hostname, do_handshake_on_connect=False)
+    # socket.socket.shutdown: the raw shutdown, safe from another thread (SSLSocket's own is not).
+    watchdog.on_expiry(lambda: socket.socket.shutdown(tls, socket.SHUT_RDWR))
+    tls.do_handshake()
+    return tls
+
+
+def _exchange(sock: socket.socket, parts: SplitResult, port: int, body: bytes) -> tuple[int, str]:
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, port)       # (names the Host header without a default port)
+    connection.sock = sock                         # already connected (and bounded) by us
+    try:
+        connection.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body,
+                           _headers(parts))
+        response = connection.getresponse()
+        response.read(MAX_REPLY_BYTES)
+        return response.status, response.reason
+    finally:
+        connection.close()
+
+
+def _headers(parts: SplitResult) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "User-Agent": "quantlab-notify", "Connection": "close"}
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
+    return headers
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+class _Command:
+    name = "command"
+
+    @staticmethod
+    def where(argv: tuple[str, ...]) -> str:
+        return argv[0] if argv else "?"
+
+    @staticmethod
+    def secrets(argv: tuple[str, ...]) -> list[str]:
+        # Arguments may carry a token (a chat id, an API key): never echoed back in a log line.
+        return sorted({arg for arg in argv[1:] if len(arg) > 3}, key=len, reverse=True)
+
+    @staticmethod
+    def timeout_reason(seconds: float) -> str:
+        return f"still running after {seconds:g}s; killed with its process group"
+
+    @staticmethod
+    def deliver(argv: tuple[str, ...], body: bytes, watchdog: _Watchdog) -> None:
+        run_command(argv, body, watchdog)
+
+
+def run_command(argv: tuple[str, ...], body: bytes, watchdog: _Watchdog) -> None:
+    """Run argv (no shell) with `body` on stdin; at the deadline kill it and everything it started
+    (its own session, so one killpg reaches them all). Raises on any failure, a non-zero exit included."""
+    watchdog.check()
+    with subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, start_new_session=True) as process:
+        watchdog.on_expiry(lambda: _kill_group(process))
+        try:
+            # The watchdog's kill ends this; the timeout is a backstop for a descendant that left the
+            # group (setsid) and still holds our stderr pipe.
+            _, stderr = process.communicate(body, timeout=watchdog.remaining() + BACKSTOP_S)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            raise
+    watchdog.check()
+    if process.returncode != 0:
+        last_words = stderr.decode(errors="replace").strip()[-STDERR_SHOWN_CHARS:]
+        raise ChildProcessError(f"exited {process.returncode}" + (f": {last_words}" if last_words else ""))
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# --- small helpers ---------------------------------------------------------------------------------
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    """One log line: no token, no line break (a server's garbage ends in one), not too long."""
+    for secret in secrets:
+        text = text.replace(secret, "<redacted>")
+    return " ".join(text.split())[:REASON_SHOWN_CHARS]
+
+
+def _quietly(cleanup: Callable[[], None]) -> None:
+    try:
+        cleanup()
+    except Exception:  # noqa: BLE001 - a socket already closed, a process already gone
+        pass
+
+
+def _log_safely(log: Log, line: str) -> None:
+    try:
+        log(line)
+    except Exception:  # noqa: BLE001 - a broken log must not stop the sink's thread
+        pass

@@ -6,6 +6,9 @@ from typing import Any, Mapping
 
 # Instance statuses reported by the host agent. "alive" ones have a supervisor (or a runner) running.
 ALIVE_STATUSES = frozenset({"starting", "running", "paused", "restarting", "stopping"})
+# Every status this controller knows; any other value from a host makes that instance "unknown",
+# which the planner leaves alone (acting on what it cannot read could run a strategy twice).
+KNOWN_STATUSES = ALIVE_STATUSES | {"stopped", "error", "orphaned", "unknown"}
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class Instance:
     lease_left_s: float | None = None
     exit_code: int | None = None
     reason: str | None = None        # why it stopped or failed, in words
+    problems: tuple[str, ...] = ()   # files of the instance the agent could not use (written by the strategy)
 
     @property
     def paused(self) -> bool:
@@ -34,15 +38,50 @@ class Instance:
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> "Instance":
+        status, reason = str(raw.get("status", "stopped")), _text(raw.get("reason"))
+        if status not in KNOWN_STATUSES:
+            status, reason = "unknown", f"the host reported status {status[:40]!r}, which this controller does not know"
+        problems = raw.get("problems") or ()
         return cls(
-            strategy=str(raw["strategy"]), epoch=int(raw.get("epoch") or 0), spec_hash=raw.get("specHash"),
-            status=str(raw.get("status", "stopped")), alive=bool(raw.get("alive", False)),
-            started_at=raw.get("startedAt"), stopped_at=raw.get("stoppedAt"),
-            restarts=int(raw.get("restarts") or 0), error_count=int(raw.get("errorCount") or 0),
-            last_error=raw.get("lastError"), heartbeat_age_ms=raw.get("heartbeatAgeMs"),
-            beats=raw.get("beats"), lease_left_s=raw.get("leaseLeftSeconds"),
-            exit_code=raw.get("exitCode"), reason=raw.get("reason"),
+            strategy=str(raw["strategy"]), epoch=_int(raw.get("epoch")), spec_hash=_text(raw.get("specHash")),
+            status=status, alive=bool(raw.get("alive", False)) or status == "unknown",
+            started_at=_opt_int(raw.get("startedAt")), stopped_at=_opt_int(raw.get("stoppedAt")),
+            restarts=_int(raw.get("restarts")), error_count=_int(raw.get("errorCount")),
+            last_error=_text(raw.get("lastError")), heartbeat_age_ms=_opt_int(raw.get("heartbeatAgeMs")),
+            beats=_opt_int(raw.get("beats")), lease_left_s=_opt_float(raw.get("leaseLeftSeconds")),
+            exit_code=_opt_int(raw.get("exitCode")), reason=reason,
+            problems=tuple(_text(p) or "" for p in problems) if isinstance(problems, list) else (),
         )
+
+
+# Readers for values a host sends: a wrong type raises (the instance becomes "unknown"), never a
+# silent reinterpretation; text is clipped, so a strategy cannot flood the controller's output.
+def _int(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _opt_int(value: Any) -> int | None:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return None if value is None else _int(value)
+
+
+def _opt_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _text(value: Any, limit: int = 500) -> str | None:
+    if value is None:
+        return None
+    return str(value)[:limit]
 
 
 @dataclass(frozen=True)
@@ -60,6 +99,7 @@ class WorkerState:
     host_time: int | None = None          # ms, the host's wall clock when it answered
     clock_skew_ms: int | None = None      # host clock minus the controller's, about (within a round trip)
     versions: Mapping[str, str | None] = field(default_factory=dict)   # python, node
+    containment: str | None = None        # how a supervisor keeps what a strategy starts: subreaper, ...
 
     def alive_instances(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.alive]

@@ -89,7 +89,9 @@ class _Planner:
         self.next_epoch = self._first_free_epoch()
         # Workers not answering now that this state has never seen answer (see unaccounted_worker).
         self.never_answered = sorted(wid for wid in fleet.workers
-                                     if wid not in memory.last_seen and not self._reachable(wid))
+                                     if wid not in memory.answered and not self._reachable(wid))
+        self.brake = health.failover_brake(fleet, observed)
+        self.braked: list[str] = []                          # strategies whose failover the brake holds
 
     # --- where things are ----------------------------------------------------------------------
 
@@ -263,7 +265,7 @@ class _Planner:
         if not silent:
             return False
         began = self.memory.began or self.now
-        extra = self.monitor.lease_ttl_s + spec.scheduling.stop_timeout_s + health.failover_margin_s(self.monitor)
+        extra = self.monitor.lease_ttl_s + spec.scheduling.stop_timeout_s + self.monitor.failover_margin_s
         left = (began + extra * 1000 - self.now) / 1000
         if self.monitor.fencing and left <= 0:
             return False
@@ -301,6 +303,18 @@ class _Planner:
         if left > 0:
             self.work.waiting.append(Waiting(spec.id, cur.worker, f"{what}; lease may live "
                                              f"{format_duration(left)} more — not moved yet", left))
+            return None
+        if self.brake and cause == "worker-offline":
+            self.braked.append(spec.id)
+            self.work.waiting.append(Waiting(spec.id, cur.worker, f"{what}; failover held: {self.brake}", None))
+            return None
+        again = health.next_failover_at(spec.id, self.memory, self.now)
+        if again is not None:
+            count = self.memory.reschedules[spec.id][0]
+            wait_s = (again - self.now) / 1000
+            self.work.waiting.append(Waiting(spec.id, cur.worker, f"{what}; failed over {count} time(s) within the "
+                                             f"hour, so the next move waits {format_duration(wait_s)} more "
+                                             "(reschedule backoff)", wait_s))
             return None
         return _ToPlace(spec, cause, f"{what}, lease expired {format_duration(-left)} ago", cur)
 
@@ -491,6 +505,8 @@ class _Planner:
             cursor = placed[-1] if placed and isinstance(getattr(policy, "inner", None), RoundRobinPolicy) \
                 else self.memory.rr_cursor
         actions, blocked = self.guard(actions)
+        if self.braked and any(self.targeted(sid) for sid in self.braked):
+            blocked.append(Blocked("failover-brake", f"{self.brake}; held: {', '.join(sorted(self.braked))}"))
         return Plan(
             actions=tuple(actions), queued=tuple(sorted(queued, key=lambda q: q.strategy)),
             waiting=tuple(sorted(waiting, key=lambda w: w.strategy)), blocked=tuple(blocked),

@@ -7,7 +7,7 @@ from .spec.schemas import SCHEMA_FILES, schema_folder
 
 
 class FleetExists(Exception):
-    pass
+    """The folder cannot become a new fleet (not empty, not a folder, not writable); the message says why."""
 
 
 FLEET = """\
@@ -15,8 +15,10 @@ FLEET = """\
 apiVersion: quantlab/v1
 kind: Fleet
 policy: load-based              # or round-robin
-reconcile: {intervalSeconds: 30}
-monitor: {workerOfflineAfterSeconds: 90, leaseTtlSeconds: 180, autoRecover: true}
+# Leases are renewed every interval; a lost host's strategies start elsewhere about 55 s after it
+# went silent (see "The lease rule" in the README before changing these).
+reconcile: {intervalSeconds: 5}
+monitor: {workerOfflineAfterSeconds: 15, leaseTtlSeconds: 25, autoRecover: true}
 """
 
 WORKERS = """\
@@ -71,8 +73,20 @@ GITIGNORE = """\
 
 def create_fleet(directory: Path) -> list[Path]:
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
+    try:
+        return _write_fleet(directory)
+    except OSError as exc:
+        what = exc.strerror or str(exc)
+        where = exc.filename or directory
+        raise FleetExists(f"cannot create the fleet in {directory}: {where}: {what}; choose a folder you can "
+                          "write to") from None
+
+
+def _write_fleet(directory: Path) -> list[Path]:
+    if directory.is_dir() and any(directory.iterdir()):
         raise FleetExists(f"{directory} already exists and is not empty; choose a new folder")
+    if directory.exists() and not directory.is_dir():
+        raise FleetExists(f"{directory} exists and is not a folder; choose a new folder")
     files = {
         "fleet.yaml": FLEET, "workers.yaml": WORKERS, "strategies.yaml": STRATEGIES,
         "strategies/example.js": EXAMPLE_JS, ".gitignore": GITIGNORE,

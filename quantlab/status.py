@@ -20,8 +20,9 @@ def _instance(observed: ObservedState, worker: str | None, sid: str) -> Instance
     return state.instances.get(sid)
 
 
-def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: int,
+def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: int, wall_ms: int,
                  plan: Plan | None = None, revision: str | None = None) -> dict[str, Any]:
+    """`now_ms` is the controller's boot-time clock (what it judges by), `wall_ms` epoch ms (what it shows)."""
     queued = {q.strategy: q.reason for q in plan.queued} if plan else {}
     liveness = {wid: health.worker_liveness(wid, observed, memory, fleet.settings.monitor, now_ms)
                 for wid in fleet.workers}
@@ -75,10 +76,11 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
             "runningStrategies": running_on[wid], "maxStrategies": w.max_strategies,
             "cpu": state.cpu if state and state.reachable else None,
             "memory": state.mem_free_mb if state and state.reachable else None,
-            "lastSeen": memory.last_seen.get(wid) if not (state and state.reachable) else observed.taken_at,
+            "lastSeen": memory.last_seen.get(wid) if not (state and state.reachable) else wall_ms,
             "error": state.error if state else None, "cordoned": w.cordoned, "drain": w.drain,
             "clockSkewMs": state.clock_skew_ms if state and state.reachable else None,
             "versions": dict(state.versions) if state and state.reachable else {},
+            "containment": state.containment if state and state.reachable else None,
         })
     return {"strategies": strategies, "workers": workers}
 

@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -19,9 +20,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from .atomicfile import atomic_write
+from .atomicfile import MiB, NotARegularFile, atomic_write, read_regular
 from .memory import Memory, MemoryFormatError
 from .plan import Plan
+
+STATE_CAP_BYTES = 256 * MiB     # ~10,000 placements take a few MiB
+PLAN_CAP_BYTES = 64 * MiB
+
+
+@contextlib.contextmanager
+def open_regular(path: Path) -> Iterator[Any]:
+    """Open a file for reading lines, refusing (NotARegularFile) anything but a regular file
+    without blocking on it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotARegularFile(f"{path} is not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        yield handle
 
 
 class StateError(Exception):
@@ -52,11 +68,13 @@ class StateStore:
         except FileNotFoundError:
             self._saved, self._serial, self._saved_bytes = None, 0, None
             return Memory()
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot read the state file: {exc.strerror}") from exc
         if st.st_mode & 0o002:
             raise StateError(f"{self.path}: state file is world-writable; refusing to trust it. "
                              f"Check who changed it, then run: chmod 600 {self.path}")
         try:
-            data = self.path.read_bytes()
+            data = read_regular(self.path, STATE_CAP_BYTES)
             memory = Memory.from_json(json.loads(data))
         except json.JSONDecodeError as exc:
             raise StateError(f"{self.path}:{exc.lineno}: state file is not valid JSON ({exc.msg}); it was left "
@@ -65,6 +83,9 @@ class StateStore:
         except (MemoryFormatError, UnicodeDecodeError, OverflowError, RecursionError) as exc:
             raise StateError(f"{self.path}: {exc}; it was left untouched. Use the quantlab version that "
                              "wrote it, or move it away to start afresh") from exc
+        except NotARegularFile as exc:
+            raise StateError(f"{exc}; quantlab keeps its state there: move it away (`--state FILE` "
+                             "picks another place)") from exc
         except OSError as exc:
             raise StateError(f"{self.path}: cannot read the state file: {exc.strerror}") from exc
         self._saved, self._serial, self._saved_bytes = memory.content_json(), memory.serial, data
@@ -80,8 +101,7 @@ class StateStore:
             # Set once, on the first save; a later save of a memory without one keeps the file's.
             lineage = self._saved.get("lineage") if self._saved else None
             began = self._saved.get("began") if self._saved else None
-            memory = replace(memory, lineage=lineage or str(uuid.uuid4()),
-                             began=began or memory.began or int(time.time() * 1000))
+            memory = replace(memory, lineage=lineage or str(uuid.uuid4()), began=began or memory.began)
         content = memory.content_json()
         if content == self._saved:
             return replace(memory, serial=self._serial)
@@ -103,11 +123,11 @@ class StateStore:
         """Never overwrite a file this store did not read (an unreadable one, or one another process
         wrote since): that would lose its content or reuse its serial for different content."""
         try:
-            on_disk: bytes | None = self.path.read_bytes()
+            on_disk: bytes | None = read_regular(self.path, STATE_CAP_BYTES)
         except FileNotFoundError:
             on_disk = None
         except OSError as exc:
-            raise StateError(f"{self.path}: cannot read the state file: {exc.strerror}") from exc
+            raise StateError(f"{self.path}: cannot read the state file: {exc}") from exc
         if on_disk != self._saved_bytes:
             raise StateError(f"{self.path}: the state file is not the one this run read (it was changed by "
                              "another process, or could not be read); it was left untouched. Run the command "
@@ -119,8 +139,15 @@ class StateStore:
     def lock(self, timeout: float = 0.0, command: str | None = None) -> Iterator[None]:
         """Hold the state lock (flock on a sibling file). Fails at once, naming the holder, unless
         `timeout` says how long to wait."""
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateError(f"{self.lock_path}: cannot create the state lock: {exc.strerror}; check that "
+                             f"{self.lock_path.parent} is a writable folder") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StateError(f"{self.lock_path} is not a regular file; move it away")
         deadline = time.monotonic() + timeout
         acquired = False
         try:
@@ -209,7 +236,7 @@ class EventLog:
         files = [self.path.with_name(f"{self.path.name}.{n}") for n in range(self.keep, 0, -1)] + [self.path]
         for file in files:
             try:
-                with open(file, "rb") as handle:
+                with open_regular(file) as handle:
                     for raw in handle:
                         try:
                             event = json.loads(raw)
@@ -219,6 +246,8 @@ class EventLog:
                             yield event
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                raise StateError(f"cannot read the events log: {exc}; move it away") from None
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -245,7 +274,7 @@ class CheckpointStore:
 
     def load(self, strategy: str) -> dict[str, Any] | None:
         try:
-            value = json.loads(self._path(strategy).read_bytes())
+            value = json.loads(read_regular(self._path(strategy), PLAN_CAP_BYTES))
         except (OSError, ValueError):
             return None
         return value if isinstance(value, dict) else None
@@ -259,9 +288,11 @@ def write_plan(path: str | Path, plan: Plan) -> None:
 
 def read_plan(path: str | Path) -> Plan:
     try:
-        return Plan.from_json(json.loads(Path(path).read_bytes()))
+        return Plan.from_json(json.loads(read_regular(Path(path), PLAN_CAP_BYTES)))
     except FileNotFoundError:
         raise StateError(f"{path}: plan file not found") from None
+    except NotARegularFile as exc:
+        raise StateError(f"{exc}; give the file `quantlab plan --out FILE` wrote") from exc
     except OSError as exc:
         raise StateError(f"{path}: cannot read the plan file: {exc.strerror}") from exc
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:

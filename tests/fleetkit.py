@@ -92,8 +92,9 @@ def memory(placements: dict[str, tuple[str, int]] | None = None, *, specs: dict[
         out[sid] = Placement(sid, wid, epoch, spec.spec_hash if spec else "sha256:old", placed_at=NOW - 3_600_000,
                              launched=spec.launch_fields() if spec else None)
     epochs = [e for _, e in (placements or {}).values()]
+    # NOW is both clocks here: `last_seen` (shown) and `answered` (judged) get the same values.
     return Memory(lineage="test-lineage", serial=1, placements=out, leases=dict(leases or {}),
-                  last_seen=dict(last_seen or {}), rr_cursor=rr_cursor,
+                  last_seen=dict(last_seen or {}), answered=dict(last_seen or {}), rr_cursor=rr_cursor,
                   next_epoch=next_epoch or (max(epochs) + 1 if epochs else 1))
 
 

@@ -121,11 +121,12 @@ class SshTransport:
     """One host over SSH. Thread-safe: commands share one connection, each on its own channel."""
 
     def __init__(self, endpoint: Endpoint, settings: SshSettings, accept_new_host_keys: bool = False,
-                 config: paramiko.SSHConfig | None = None):
+                 config: paramiko.SSHConfig | None = None, handshakes: threading.Semaphore | None = None):
         self.endpoint = endpoint
         self.settings = settings
         self.accept_new = accept_new_host_keys
         self.config = config
+        self.handshakes = handshakes
         self.name = str(endpoint)
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
@@ -134,14 +135,15 @@ class SshTransport:
 
     @classmethod
     def for_host(cls, alias: str, port: int | None, user: str | None, settings: SshSettings,
-                 accept_new_host_keys: bool = False) -> "SshTransport":
+                 accept_new_host_keys: bool = False,
+                 handshakes: threading.Semaphore | None = None) -> "SshTransport":
         try:
             config = load_ssh_config(settings.config)
             endpoint = resolve(alias, port, user, settings, config)
         except (OSError, ValueError, paramiko.SSHException, paramiko.config.ConfigParseError) as exc:
             raise TransportError(alias, "config", f"cannot use ssh_config {settings.config}: {exc}; fix that "
                                                   "file or the Fleet's ssh.config") from None
-        return cls(endpoint, settings, accept_new_host_keys, config)
+        return cls(endpoint, settings, accept_new_host_keys, config, handshakes)
 
     # --- connection ----------------------------------------------------------------------------
 
@@ -171,6 +173,8 @@ class SshTransport:
                               self.settings, self.config)
                 if before:
                     hop = dataclasses.replace(hop, proxy_jump=",".join(before))
+                # Not throttled: this handshake runs while ours holds a slot, and waiting for a second
+                # slot could deadlock once every slot is held that way.
                 self._jump = SshTransport(hop, self.settings, self.accept_new, self.config)
             jump = self._jump._connected().get_transport()
             assert jump is not None
@@ -195,7 +199,14 @@ class SshTransport:
             raise self._error("unreachable", f"cannot connect to {ep.hostname}:{ep.port}: {exc.strerror}") from None
 
     def _connect(self) -> paramiko.SSHClient:
-        """TCP, banner, key exchange and authentication, all within the connect timeout."""
+        """TCP, banner, key exchange and authentication, all within the connect timeout (which starts
+        once a handshake slot is free: waiting for one is waiting for other hosts, not this one)."""
+        if self.handshakes is None:
+            return self._handshake()
+        with self.handshakes:
+            return self._handshake()
+
+    def _handshake(self) -> paramiko.SSHClient:
         ep = self.endpoint
         deadline = time.monotonic() + ep.connect_timeout
         sock = self._open_socket(deadline)

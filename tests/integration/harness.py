@@ -182,6 +182,15 @@ class FleetDir:
 
     # --- writing -----------------------------------------------------------------------------------
 
+    def short_lease(self, ttl: float, *, cron_period: float | None = None) -> "FleetDir":
+        """A lease of `ttl` seconds, with the other settings of the lease rule made short enough for
+        it: a controller restart and a probe deadline of at most half a second."""
+        self.settings["monitor"].update(leaseTtlSeconds=ttl, controllerRestartSeconds=0.5)
+        self.settings["reconcile"]["probeDeadlineSeconds"] = min(0.5, self.settings["reconcile"]["intervalSeconds"])
+        if cron_period is not None:
+            self.settings["reconcile"]["cronPeriodSeconds"] = cron_period
+        return self
+
     def worker(self, wid: str, apis: Iterable[str] = ("paper",), max_strategies: int = 4, **extra: Any) -> "FleetDir":
         doc: dict[str, Any] = {"apiVersion": "quantlab/v1", "kind": "Worker", "id": wid, "host": "local",
                                "capabilities": {"maxStrategies": max_strategies, "supportedApis": list(apis)}}

@@ -76,7 +76,7 @@ def test_a_start_refused_before_it_ran_leaves_no_placement(fleet):
     assert [(o.action.action, o.ok) for o in outcomes] == [("start", True)]
 
 
-def test_a_probe_whose_answer_was_lost_may_have_renewed_leases(fleet):
+def test_a_probe_whose_answer_was_lost_is_bounded_by_what_was_recorded_before_it_was_sent(fleet):
     fleet.worker("w1").strategy("solo").write()
     transport = LosesAnswers()
     ctl = controller(fleet, transport)
@@ -84,14 +84,35 @@ def test_a_probe_whose_answer_was_lost_may_have_renewed_leases(fleet):
     before = ctl.store.load().leases["w1"]
 
     transport.lose = {"probe": True}
-    with ctl.store.lock():
-        memory = ctl.store.load()
-        gathered, memory = ctl.gather_and_remember(ctl.load_fleet(), memory)
+    loaded = ctl.load_fleet()
+    with ctl.ledger.hold(loaded.settings.monitor.lease_ttl_s):
+        gathered = ctl.renew(loaded)
+        memory = ctl.ledger.memory
     assert not gathered.observed.workers["w1"].reachable
-    assert gathered.maybe_renewed.keys() == {"w1"}
-    # The host did renew (the agent ran): the controller must assume so, or it could fail over
-    # while this copy still holds a lease.
-    assert memory.leases["w1"] > before
+    # The host did renew (the agent ran): the bound recorded before the request went out must
+    # cover the lease it granted, or the controller could fail over while this copy still holds it.
     lease = fleet.read_json("solo", "lease.json")
-    assert memory.leases["w1"] >= lease["expiresAt"]
+    assert memory.leases["w1"] >= before                        # bounds only grow
+    assert memory.leases["w1"] >= lease["deadline"] * 1000      # both: this machine's boot-time clock
 
+
+def test_a_renewal_that_arrives_after_its_not_after_grants_nothing(fleet):
+    """A request delayed past its not-after (a frozen sshd that resumed, a slow link) was already
+    counted as lapsed by the controller: the agent refuses it and the lease stays as it was."""
+    fleet.worker("w1").strategy("solo").write()
+    transport = LosesAnswers()
+    ctl = controller(fleet, transport)
+    tick(ctl)
+    lease = fleet.read_json("solo", "lease.json")
+    placed = ctl.store.load().placements["solo"]
+    agent = ctl.hosts(ctl.load_fleet()).agent_for(ctl.load_fleet().workers["w1"], "probe")
+    host = agent.call("probe", {"workers": []}, 10)["host"]
+    late = {"bootId": host["bootId"], "boottime": host["boottime"] - 0.5}
+    other_boot = {"bootId": "another-boot", "boottime": host["boottime"] + 60}
+    for not_after in (late, other_boot):
+        answer = agent.call("probe", {"workers": [{"id": "w1", "workdir": str(fleet.workdir("w1"))}],
+                                      "renew": {"w1": {"solo": placed.epoch}}, "leaseTtlSeconds": 300,
+                                      "notAfter": not_after}, 10)
+        assert answer["workers"]["w1"]["renewed"] == []
+        assert answer["host"]["renewRefused"], answer["host"]
+        assert fleet.read_json("solo", "lease.json") == lease

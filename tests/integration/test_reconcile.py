@@ -13,9 +13,8 @@ from harness import alive, hold_for, supervisors, wait_for
 
 @pytest.mark.slow
 def test_lease_not_renewed_stops_the_strategy(fleet):
-    ttl = 2.0
-    fleet.settings["monitor"]["leaseTtlSeconds"] = ttl
-    fleet.worker("w1").strategy("fenced").write()
+    ttl = 3.0
+    fleet.short_lease(ttl).worker("w1").strategy("fenced").write()
     applied = fleet.apply()
     assert f"strategies stop in {ttl:g} s unless `quantlab reconcile` runs" in applied.stderr, applied.describe()
     fleet.beating("fenced", beats=1)
@@ -84,9 +83,8 @@ def test_parallel_reconciles_one_fails_fast_naming_the_holder(fleet, tmp_path):
 
 @pytest.mark.slow
 def test_daemon_converges_renews_follows_changes_survives_bad_yaml(fleet, tmp_path):
-    ttl = 2.0
-    fleet.settings["monitor"]["leaseTtlSeconds"] = ttl
-    fleet.worker("w1").strategy("d1", heartbeat_ms=200).strategy("d2", heartbeat_ms=200).write()
+    ttl = 3.0
+    fleet.short_lease(ttl).worker("w1").strategy("d1", heartbeat_ms=200).strategy("d2", heartbeat_ms=200).write()
     log = tmp_path / "daemon.log"
     daemon = fleet.spawn("reconcile", log=log)
 
@@ -180,10 +178,10 @@ def test_controller_killed_mid_apply_then_reconcile_converges_without_duplicates
 @pytest.mark.slow
 def test_refused_mass_stop_is_not_carried_out_by_fencing(fleet):
     """The fleet dir loses every strategy (a bad checkout): the loop refuses the mass stop, and keeps
-    renewing their leases, so the strategies outlive several TTLs instead of fencing themselves."""
-    ttl = 1.5
-    fleet.settings["monitor"]["leaseTtlSeconds"] = ttl
-    fleet.worker("w1")
+    renewing their leases, so the strategies outlive several TTLs instead of fencing themselves.
+    Run as from cron, back to back: the lease rule asks for a lease over two cron periods."""
+    ttl = 6.0
+    fleet.short_lease(ttl, cron_period=1.5).worker("w1")
     for sid in ("s1", "s2", "s3"):
         fleet.strategy(sid)
     fleet.write()
@@ -193,7 +191,7 @@ def test_refused_mass_stop_is_not_carried_out_by_fencing(fleet):
     fleet.strategies.clear()
     fleet.write()
     started = time.monotonic()
-    while time.monotonic() - started < 3 * ttl:
+    while time.monotonic() - started < 2 * ttl:
         tick = fleet.ql("reconcile", "--once", check=1)      # exit 1: a guard refused
         assert "blocked (mass-stop)" in tick.stdout, tick.describe()
         for sid, pid in pids.items():

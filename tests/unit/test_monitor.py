@@ -15,7 +15,7 @@ def test_supervisor_events_become_notices_and_offline_workers_alerts():
     events = [{"t": NOW - 5, "event": "error", "strategy": "a", "worker": "w-1", "detail": "gave up after 5 restarts"},
               {"t": NOW - 4, "event": "restart", "strategy": "a", "worker": "w-1"},
               {"t": NOW - 3, "event": "lease-expired", "strategy": "a", "worker": "w-1", "detail": "lease expired"}]
-    notices, raised = watch(FLEET, observed, mem, events, NOW)
+    notices, raised = watch(FLEET, observed, mem, events, NOW, NOW)
     assert [(n["kind"], n["strategy"]) for n in notices] == [("strategy-error", "a"), ("lease-expired", "a")]
     assert list(raised) == ["offline:w-2"]
     assert raised["offline:w-2"]["kind"] == "worker-offline"

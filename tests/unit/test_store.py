@@ -28,7 +28,7 @@ from typing import Callable
 
 import pytest
 
-from quantlab.memory import Memory, Placement
+from quantlab.memory import HostClock, Memory, Placement
 from quantlab.plan import ACTIONS, Action, Adopt, Blocked, Note, Plan, Queued, Waiting
 from quantlab.store import EventLog, LockHeld, StateError, StateStore, read_plan, write_plan
 
@@ -70,6 +70,10 @@ def full_memory() -> Memory:
         leases={"worker-003": 1_700_000_000_500, "worker-002": 1_700_000_000_400},
         restarts={"grid-btc-sub1": 2, "trend-eth-01": 0},
         last_seen={"worker-003": 1_700_000_001_000, "worker-002": 1_700_000_000_900},
+        answered={"worker-003": 81_000, "worker-002": 80_900},
+        clock_boot="0d7a0f1e-5b7c-4c2e-9a53-4c1ea1b6d3c1",
+        host_clocks={"worker-003": HostClock("host-boot", 8123.25, 80_950)},
+        reschedules={"trend-eth-01": (2, 70_000)},
         rr_cursor="worker-003",
         next_epoch=8,
         loop_renewal=1_700_000_000_777,
@@ -164,7 +168,7 @@ def test_round_trip_under_the_lock_loads_back_equal(tmp_path):
     assert loaded.placements["grid-btc-sub1"].launched["params"]["grid"] == [20, 24]
     assert loaded.placements["trend-eth-01"].launched is None
     raw = json.loads(path.read_text())
-    assert raw["version"] == 1 and raw["serial"] == 1 and raw["lineage"] == saved.lineage
+    assert raw["version"] == 2 and raw["serial"] == 1 and raw["lineage"] == saved.lineage
 
 
 def test_lineage_is_set_once_and_serial_counts_content_changes_exactly(tmp_path):
@@ -235,7 +239,7 @@ VALID = {"version": 1, "lineage": "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "seria
 REFUSED = {
     "corrupt-json": (b'{\n "version": 1,\n "serial": 3,\n oops\n}\n', [":4:", "not valid JSON", "backup"]),
     "truncated-json": (json.dumps(VALID, indent=1).encode()[:40], ["not valid JSON"]),
-    "unknown-version": (json.dumps({**VALID, "version": 2}).encode(), ["unknown state format version 2"]),
+    "unknown-version": (json.dumps({**VALID, "version": 3}).encode(), ["unknown state format version 3"]),
     "no-version": (json.dumps({"serial": 3}).encode(), ["unknown state format version None"]),
     "array": (b"[1, 2, 3]\n", ["expected a JSON object"]),
     "string": (b'"state"\n', ["expected a JSON object"]),
