@@ -357,6 +357,7 @@ class Controller:
                    progress: Progress | None, background_renewals: bool) -> ApplyResult:
         renewing = self.renewing(fleet) if background_renewals and plan.actions else contextlib.nullcontext()
         with renewing:
+            # First the checkpoints that are due, so that a move in this plan carries the newest one.
+            self.copy_checkpoints(fleet)
             outcomes = self.execute(fleet, plan, command, progress)
-        self.copy_checkpoints(fleet)
         return ApplyResult(fleet, plan, gathered, outcomes)

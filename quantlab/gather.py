@@ -117,17 +117,33 @@ class _Call:
     request: dict[str, Any]
     renew: dict[str, dict[str, int]]       # worker -> strategy -> epoch, for this host
     deadline: int                          # mono ms
+    later: dict[str, dict[str, int]] = field(default_factory=dict)   # renewals once a cold host answers
+    future: Future = field(default_factory=Future)
     answer: dict[str, Any] | None = None
     answered_at: int = 0
     host_clock: HostClock | None = None
     renewals_sent: bool = False
 
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.future.exception() if self.future.done() else None
+
 
 class Prober:
     """Probes the hosts of a fleet, one round at a time, on one lane of their connections. It keeps
-    across rounds which host still has a probe outstanding, which hosts answered before (a first
-    probe may need a new connection, so its deadline includes the connect timeout) and the newest
-    clock of each host."""
+    across rounds which host still has a probe outstanding, which hosts are warm (answered on this
+    lane before, with a clock read recently) and the newest clock of each host.
+
+    Only a warm host is sent renewals at once: its request goes out over a live connection, so the
+    bound recorded before the round is the bound of a request that does reach it. A cold host is
+    first probed plainly (that may take a new connection, so its deadline includes the connect
+    timeout); if it answers, its renewals follow in a second phase of the same round, their bound
+    recorded first. A host that stops answering turns cold, so its bound is not pushed forward on
+    every round of an outage (it would never surely expire)."""
 
     def __init__(self, hosts: Hosts, clock: Clock, lane: Lane = "probe"):
         self.hosts, self.clock, self.lane = hosts, clock, lane
@@ -140,44 +156,55 @@ class Prober:
               checkpoints: dict[str, dict[str, int]] | None = None, deadline_s: float | None = None,
               before_send: Callable[[dict[str, int]], None] | None = None) -> Gathered:
         """Probe every host of `fleet` once. `renew` and `checkpoints` (worker -> strategy -> epoch)
-        name the leases to extend and the checkpoints to copy. `before_send` gets, before anything
-        is sent, the bound (worker -> mono ms) past which no lease of this round can live; it must
-        record it durably (the call may reach the host even if its answer never comes back)."""
+        name the leases to extend and the checkpoints to copy. `before_send` gets, before any
+        renewal is sent, the bound (worker -> mono ms) past which no lease it asks for can live; it
+        must record it durably (the call may reach the host even if its answer never comes back)."""
         started_s = time.monotonic()
         t0 = self.clock.mono()
         settings = fleet.settings
         wanted = renew if renew and settings.monitor.fencing else {}
-        ttl_ms = int(settings.monitor.lease_ttl_s * 1000)
+        budget = deadline_s if deadline_s is not None else settings.probe_deadline_s
         result = Gathered(ObservedState({}, t0), started=t0)
         states: dict[str, WorkerState] = {}
-        calls: list[tuple[_Call, Future]] = []
-        bounds: dict[str, int] = {}
+        first: list[_Call] = []
         for key, members in self.hosts.groups(list(fleet.workers.values())).items():
             busy = self._busy(key, t0)
             if busy is not None:
                 for w in members:
                     states[w.id] = WorkerState(w.id, False, error=busy)
                 continue
-            budget = deadline_s if deadline_s is not None else settings.probe_deadline_s
-            if key not in self._warm and key.host != "local":
-                budget += settings.ssh.connect_timeout_s      # a first probe may need a new connection
+            renew_here = {w.id: wanted[w.id] for w in members if wanted.get(w.id)}
+            warm = self._is_warm(key)
+            seconds = budget if warm or key.host == "local" else budget + settings.ssh.connect_timeout_s
             call = _Call(key, members, self._request(members, memory, checkpoints),
-                         {w.id: wanted[w.id] for w in members if wanted.get(w.id)}, t0 + int(budget * 1000))
-            bounds.update({wid: call.deadline + ttl_ms for wid in call.renew})
-            calls.append((call, Future()))
-        if bounds and before_send is not None:
-            before_send(bounds)
-        for call, future in calls:
-            self._dispatch(call, future, memory, settings.monitor.lease_ttl_s)
-        if calls:
-            last = max(call.deadline for call, _ in calls)
-            wait([f for _, f in calls], timeout=max(0.0, (last - self.clock.mono()) / 1000) + 0.05)
-        for call, future in calls:
-            self._collect(call, future, result, states)
+                         renew_here if warm else {}, t0 + int(seconds * 1000))
+            call.later = {} if warm else renew_here
+            first.append(call)
+        self._phase(first, memory, settings, before_send)
+        second = [_Call(c.key, c.members, c.request, c.later, self.clock.mono() + int(budget * 1000))
+                  for c in first if c.later and c.done and c.error is None and c.host_clock is not None]
+        self._phase(second, memory, settings, before_send)
+        renewed = {c.key: c for c in second}
+        for call in first:
+            self._collect(renewed.get(call.key, call), result, states)
         result.observed = ObservedState(dict(sorted(states.items())), self.clock.mono())
         result.host_events.sort(key=lambda e: (e.get("t", 0), e["worker"], e["strategy"]))
         result.seconds = time.monotonic() - started_s
         return result
+
+    def _phase(self, calls: list["_Call"], memory: Memory, settings: Any,
+               before_send: Callable[[dict[str, int]], None] | None) -> None:
+        """Send `calls` (their renewals' bound recorded first) and wait for them until the last deadline."""
+        if not calls:
+            return
+        ttl_ms = int(settings.monitor.lease_ttl_s * 1000)
+        bounds = {wid: call.deadline + ttl_ms for call in calls for wid in call.renew}
+        if bounds and before_send is not None:
+            before_send(bounds)
+        for call in calls:
+            self._dispatch(call, memory, settings.monitor.lease_ttl_s)
+        last = max(call.deadline for call in calls)
+        wait([call.future for call in calls], timeout=max(0.0, (last - self.clock.mono()) / 1000) + 0.05)
 
     # --- one host ------------------------------------------------------------------------------
 
@@ -198,27 +225,24 @@ class Prober:
             "checkpoints": {w.id: (checkpoints or {})[w.id] for w in members if w.id in (checkpoints or {})},
         }
 
-    def _dispatch(self, call: _Call, future: Future, memory: Memory, ttl_s: float) -> None:
+    def _dispatch(self, call: _Call, memory: Memory, ttl_s: float) -> None:
         with self._lock:
-            self._outstanding[call.key] = (future, self.clock.mono())
+            self._outstanding[call.key] = (call.future, self.clock.mono())
 
         def run() -> None:
             try:
-                self._call_host(call, memory, ttl_s)
-                future.set_result(call)
+                self._call_host(call, ttl_s)
+                call.future.set_result(call)
             except BaseException as exc:  # noqa: BLE001 - handed to the round, which says it per host
-                future.set_exception(exc)
+                with self._lock:
+                    self._warm.discard(call.key)
+                call.future.set_exception(exc)
         threading.Thread(target=run, name=f"probe-{call.key}", daemon=True).start()
 
-    def _known_clock(self, call: _Call, memory: Memory) -> HostClock | None:
+    def _is_warm(self, key: HostKey) -> bool:
         with self._lock:
-            found = self._clocks.get(call.key)
-        if found is None:
-            remembered = [memory.host_clocks[w.id] for w in call.members if w.id in memory.host_clocks]
-            found = max(remembered, key=lambda c: c.at, default=None)
-        if found is None or self.clock.mono() - found.at > HOST_CLOCK_MAX_AGE_MS:
-            return None
-        return found
+            clock = self._clocks.get(key)
+            return key in self._warm and clock is not None and self.clock.mono() - clock.at <= HOST_CLOCK_MAX_AGE_MS
 
     def _ask(self, call: _Call, request: dict[str, Any]) -> dict[str, Any]:
         left = (call.deadline - self.clock.mono()) / 1000
@@ -233,39 +257,35 @@ class Prober:
         call.answer = answer
         return answer
 
-    def _call_host(self, call: _Call, memory: Memory, ttl_s: float) -> None:
+    def _call_host(self, call: _Call, ttl_s: float) -> None:
         if not call.renew:
             self._ask(call, call.request)
             return
-        host_clock = self._known_clock(call, memory) or self._read_clock(call)
+        with self._lock:
+            host_clock = self._clocks[call.key]
         for attempt in (1, 2):
-            if host_clock is None or self.clock.mono() >= call.deadline:
-                return          # too late to renew anything this round: what was seen is the answer
+            if self.clock.mono() >= call.deadline:
+                raise AgentError(str(call.key), "no time left in this round to send its renewals")
             request = {**call.request, "renew": call.renew, "leaseTtlSeconds": ttl_s,
                        "notAfter": not_after(host_clock, call.deadline)}
             call.renewals_sent = True
             answer = self._ask(call, request)
-            if not (answer.get("host") or {}).get("renewRefused") or attempt == 2:
+            if not (answer.get("host") or {}).get("renewRefused") or attempt == 2 or call.host_clock is None:
                 return
             host_clock = call.host_clock       # rebooted, or our copy of its clock was off: once more
 
-    def _read_clock(self, call: _Call) -> HostClock | None:
-        """A probe without renewals, for the host's clock (first contact, or a clock read long ago)."""
-        self._ask(call, call.request)
-        return call.host_clock
-
     # --- the round's result --------------------------------------------------------------------
 
-    def _collect(self, call: _Call, future: Future, result: Gathered, states: dict[str, WorkerState]) -> None:
+    def _collect(self, call: _Call, result: Gathered, states: dict[str, WorkerState]) -> None:
         members = call.members
-        if not future.done():
+        if not call.done:
             budget = (call.deadline - result.started) / 1000
             for w in members:
-                states[w.id] = WorkerState(w.id, False, error=f"no answer within the probe deadline of {budget:g}s; "
+                states[w.id] = WorkerState(w.id, False, error=f"no answer within the probe deadline of {budget:.3g}s; "
                                                              "the host may be overloaded or frozen")
             return
         try:
-            future.result()
+            call.future.result()
             answer = call.answer
             if answer is None:
                 raise AgentError(str(call.key), "no answer")

@@ -89,6 +89,11 @@ def resolve(alias: str, port: int | None, user: str | None, settings: SshSetting
     )
 
 
+def _seconds(value: float) -> str:
+    """A time budget for people: what is left of a deadline is 1.997 s, but the deadline said 2."""
+    return f"{round(value, 1):g}"
+
+
 def fingerprint(key: paramiko.PKey) -> str:
     digest = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
@@ -292,8 +297,8 @@ class SshTransport:
                         self._drop()
                 if attempt == 2 or time.monotonic() >= deadline:
                     if "Timeout" in str(exc) or time.monotonic() >= deadline:
-                        raise self._error("timeout", f"no session opened within {budget:.3g}s ({exc}); the host "
-                                                     "may be overloaded or frozen") from None
+                        raise self._error("timeout", f"no session opened within {_seconds(budget)}s ({exc}); the "
+                                                     "host may be overloaded or frozen") from None
                     raise self._error("io", f"cannot open a session: {exc or type(exc).__name__}") from None
         raise AssertionError("unreachable")
 
@@ -329,7 +334,7 @@ class SshTransport:
 
     def _timed_out(self, argv: list[str], timeout: float) -> TransportError:
         return self._error("timeout", f"{argv[0]} {argv[2] if len(argv) > 2 else ''} did not finish "
-                                      f"within {timeout:g}s; the host may be overloaded or frozen")
+                                      f"within {_seconds(timeout)}s; the host may be overloaded or frozen")
 
     def _start(self, channel: paramiko.Channel, argv: list[str], stdin: bytes, deadline: float,
                timeout: float) -> None:

@@ -103,6 +103,17 @@ class SshFleet:
     def ssh(self) -> dict[str, Any]:
         return self.settings["ssh"]
 
+    def short_lease(self, ttl: float, *, cron_period: float | None = None, offline_after: float = 1) -> "SshFleet":
+        """A lease of `ttl` seconds, with the other terms of the lease rule short enough for it: a
+        controller restart and a probe deadline of half a second, and `cron_period` when the test
+        runs `reconcile --once` back to back."""
+        self.settings["monitor"] = {"workerOfflineAfterSeconds": offline_after, "leaseTtlSeconds": ttl,
+                                    "controllerRestartSeconds": 0.5, "autoRecover": True}
+        self.settings["reconcile"]["probeDeadlineSeconds"] = 0.5
+        if cron_period is not None:
+            self.settings["reconcile"]["cronPeriodSeconds"] = cron_period
+        return self
+
     def worker(self, wid: str, host: str, *, region: str | None = None, on: str | None = None,
                apis: Iterable[str] = ("bybit",), max_strategies: int = 4, workdir: str | None = None,
                **extra: Any) -> "SshFleet":

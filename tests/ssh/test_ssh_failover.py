@@ -15,7 +15,8 @@ from sshfleet import wait_for
 
 pytestmark = pytest.mark.ssh
 
-TTL = 2.0
+TTL = 6.0
+CRON_PERIOD = 2.0      # the tests run `reconcile --once` back to back, each well under this
 
 
 def checkpoint_beats(fl, sid: str) -> int:
@@ -28,7 +29,7 @@ def checkpoint_beats(fl, sid: str) -> int:
 @pytest.mark.slow
 def test_lost_jp_host_fails_over_to_the_other_jp_host_with_its_checkpoint(ssh_fleet):
     fl = ssh_fleet(3, connect_timeout=1, command_timeout=3)
-    fl.settings["monitor"] = {"workerOfflineAfterSeconds": 1, "leaseTtlSeconds": TTL, "autoRecover": True}
+    fl.short_lease(TTL, cron_period=CRON_PERIOD)
     fl.worker("jp-1", "host-01", region="JP").worker("jp-2", "host-02", region="JP")
     fl.worker("us-1", "host-03", region="US")
     fl.strategy("grid-jp", region="JP", stopTimeoutSeconds=1)
@@ -111,7 +112,7 @@ def test_a_start_whose_answer_was_lost_then_its_host_went_dark_never_runs_twice(
     from quantlab.loop import ReconcileLoop
 
     fl = ssh_fleet(2, connect_timeout=1, command_timeout=3)
-    fl.settings["monitor"] = {"workerOfflineAfterSeconds": 1, "leaseTtlSeconds": TTL, "autoRecover": True}
+    fl.short_lease(TTL, cron_period=CRON_PERIOD)
     fl.worker("jp-1", "host-01", region="JP").worker("jp-2", "host-02", region="JP")
     fl.strategy("warm-1", region="JP", stopTimeoutSeconds=1).strategy("warm-2", region="JP", stopTimeoutSeconds=1)
     fl.write()

@@ -96,12 +96,12 @@ def test_frozen_host_new_connection_is_bounded_by_the_connect_timeout(ssh_fleet)
 
 
 @pytest.mark.slow
-def test_frozen_host_kept_connection_is_bounded_by_the_command_timeout(ssh_fleet):
+def test_frozen_host_kept_connection_is_bounded_by_the_probe_deadline(ssh_fleet):
     fl = three_workers(ssh_fleet)
     ctl = fl.controller()
     try:
         fleet = ctl.load_fleet()
-        memory = ctl.store.load()
+        memory = ctl.read_memory(None)
         hosts = ctl.hosts(fleet)
         cold = gather(fleet, memory, hosts, ctl.clock)
         warm = gather(fleet, memory, hosts, ctl.clock)
@@ -156,7 +156,7 @@ def test_host_freezing_between_channel_open_and_command_is_bounded(ssh_fleet):
     fl = three_workers(ssh_fleet)
     ctl = fl.controller()
     fleet = ctl.load_fleet()
-    memory = ctl.store.load()
+    memory = ctl.read_memory(None)
     made = {}
 
     def factory(key):
@@ -187,7 +187,7 @@ def test_kept_connection_to_a_restarted_sshd_is_remade_transparently(ssh_fleet):
     ctl = fl.controller()
     try:
         fleet = ctl.load_fleet()
-        memory = ctl.store.load()
+        memory = ctl.read_memory(None)
         hosts = ctl.hosts(fleet)
         assert all(s.reachable for s in gather(fleet, memory, hosts, ctl.clock).observed.workers.values())
         host = fl.hosts["host-02"]

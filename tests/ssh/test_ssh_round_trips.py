@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from quantlab.gather import gather, renewals
+from quantlab.gather import Prober, gather, renewals
 from quantlab.hosts import AGENT_PATH, RUNNER_PATH, HostKey, Hosts
 from quantlab.planner import PlanOptions
 from quantlab.transport.ssh import SshTransport
@@ -47,25 +47,26 @@ class CountingSsh(SshTransport):
 
 
 class Counting:
-    """A transport_factory for Hosts that keeps the transports it made, by host alias."""
+    """A transport_factory for Hosts that keeps the transports it made, by host alias (one per lane:
+    probes and actions each have their own connection)."""
 
     def __init__(self, fleet):
         self.settings = fleet.settings.ssh
-        self.made: dict[str, CountingSsh] = {}
+        self.made: dict[str, list[CountingSsh]] = {}
 
     def __call__(self, key: HostKey) -> CountingSsh:
         transport = CountingSsh.for_host(key.host, key.port, key.user, self.settings)
-        self.made[key.host] = transport
+        self.made.setdefault(key.host, []).append(transport)
         return transport
 
     def runs(self) -> dict[str, int]:
-        return {host: len(t.runs) for host, t in sorted(self.made.items())}
+        return {host: sum(len(t.runs) for t in ts) for host, ts in sorted(self.made.items())}
 
     def puts(self) -> dict[str, list[str]]:
-        return {host: list(t.puts) for host, t in sorted(self.made.items())}
+        return {host: [p for t in ts for p in t.puts] for host, ts in sorted(self.made.items())}
 
     def connects(self) -> dict[str, int]:
-        return {host: t.connects for host, t in sorted(self.made.items())}
+        return {host: sum(t.connects for t in ts) for host, ts in sorted(self.made.items())}
 
 
 def identity(path: Path) -> tuple[int, int, int]:
@@ -119,14 +120,14 @@ def test_agent_is_uploaded_once_not_on_every_gather(ssh_fleet):
             fresh_hosts.close()
 
         # Apply through the controller with the counting transports: the runner and the strategy
-        # file go to the two JP workers once; the gathers after it upload nothing.
+        # file go to the two JP workers once; the renewals after it upload nothing.
         ctl._hosts = hosts
         before = {h: len(p) for h, p in counting.puts().items()}
-        with ctl.store.lock(0):
-            memory = ctl.store.load()
-            gathered, memory = ctl.gather_and_remember(fleet, memory)
-            plan = ctl.plan(fleet, memory, gathered, PlanOptions())
-            memory, outcomes = ctl.execute(fleet, memory, plan, "test")
+        ttl = fleet.settings.monitor.lease_ttl_s
+        with ctl.ledger.hold(ttl):
+            gathered = ctl.renew(fleet)
+            plan = ctl.plan(fleet, ctl.ledger.memory, gathered, PlanOptions())
+            outcomes = ctl.execute(fleet, plan, "test")
         assert outcomes and all(o.ok for o in outcomes), [(o.action.strategy, o.detail) for o in outcomes]
         placed = {o.action.strategy: o.action.worker for o in outcomes}
         assert set(placed.values()) == {"jp-1", "jp-2"}
@@ -139,12 +140,13 @@ def test_agent_is_uploaded_once_not_on_every_gather(ssh_fleet):
         assert new_puts["host-03"] == []
         fl.wait_runners(placed)
         after_apply = counting.puts()
-        with ctl.store.lock(0):
+        with ctl.ledger.hold(ttl):
             for _ in range(3):
-                gathered, memory = ctl.gather_and_remember(fleet, memory)
+                gathered = ctl.renew(fleet)
                 assert all(s.reachable for s in gathered.observed.workers.values())
         assert counting.puts() == after_apply
-        assert counting.connects() == {h: 1 for h in all_hosts}
+        # One connection per lane: probes on one, the starts on the other (JP hosts only).
+        assert counting.connects() == {"host-01": 2, "host-02": 2, "host-03": 1}
         assert {w: identity(p) for w, p in agents.items()} == shipped
         for wid in agents:
             assert [p.name for p in (fl.workdir(wid) / "agent").glob("agent-*.py")] == [agents[wid].name]
@@ -174,24 +176,28 @@ def test_one_command_per_host_per_probe(ssh_fleet):
 
     ctl = fl.controller()
     fleet = ctl.load_fleet()
-    memory = ctl.store.load()
+    memory = ctl.read_memory(fleet)
     counting = Counting(fleet)
     hosts = Hosts(fleet, counting)
+    prober = Prober(hosts, ctl.clock)
     try:
         for tick in range(1, 4):
-            started = {h: len(t.runs) for h, t in counting.made.items()}
-            # Leases renewed on the way, as the reconcile loop does: still one command per host.
-            gathered = gather(fleet, memory, hosts, ctl.clock, renewals(memory))
-            ran = {h: len(t.runs) - started.get(h, 0) for h, t in counting.made.items()}
-            assert ran == {"host-01": 1, "host-02": 1}, f"tick {tick}: {ran}"
+            started = counting.runs()
+            # Leases renewed on the way, as the reconcile loop does. A host first heard from in this
+            # process gets a plain probe (connection, clock), then its renewals; after that, one
+            # command per host per round.
+            gathered = prober.round(fleet, memory, renew=renewals(memory), before_send=lambda bounds: None)
+            ran = {h: n - started.get(h, 0) for h, n in counting.runs().items()}
+            assert ran == ({"host-01": 2, "host-02": 2} if tick == 1 else {"host-01": 1, "host-02": 1}), \
+                f"tick {tick}: {ran}"
             seen = {sid: wid for wid, s in gathered.observed.workers.items() for sid in s.instances}
             assert seen == placed
             assert all(i.status == "running" for s in gathered.observed.workers.values() for i in s.instances.values())
             assert sorted(w for ws in gathered.renewed.values() for w in ws) == sorted(placed)
-        probe = counting.made["host-01"].runs[-1]
+        probe = counting.made["host-01"][0].runs[-1]
         assert probe[:5] == ["python3", "-I", "-S", f"{fl.workdir('a-1')}/{AGENT_PATH}", "probe"], probe
         assert counting.connects() == {"host-01": 1, "host-02": 1}
-        assert all(t.puts == [] for t in counting.made.values())
+        assert all(t.puts == [] for ts in counting.made.values() for t in ts)
     finally:
         hosts.close()
         ctl.close()

@@ -715,5 +715,23 @@ def test_reading_garbage_as_a_plan_raises_a_clear_state_error(tmp_path, content)
 def test_reading_a_missing_or_unreadable_plan_raises_a_clear_state_error(tmp_path):
     with pytest.raises(StateError, match="plan file not found"):
         read_plan(tmp_path / "nope.json")
-    with pytest.raises(StateError, match="cannot read the plan file"):
+    with pytest.raises(StateError, match="is a directory"):
         read_plan(tmp_path)                        # a folder
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo)                                # nobody ever writes to it: an open would block
+    with pytest.raises(StateError, match="is a FIFO, not a regular file"):
+        read_plan(fifo)
+    with pytest.raises(StateError, match="is a character device"):
+        read_plan(Path("/dev/zero"))               # never ends
+
+
+def test_a_state_file_that_is_not_a_regular_file_is_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "state.json"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(StateError, match="is a FIFO, not a regular file.*move it away"):
+        StateStore(fifo).load()
+    lock = tmp_path / "other.json.lock"
+    os.mkfifo(lock, 0o600)
+    with pytest.raises(StateError, match="not a regular file"):
+        with StateStore(tmp_path / "other.json").lock():
+            pass
