@@ -25,10 +25,10 @@ def _kind(mode: int) -> str:
 def read_regular(path: Path, cap: int) -> bytes:
     """The bytes of `path`, which must be a regular file (a symlink to one is fine) of at most
     `cap` bytes. FileNotFoundError when it is missing; NotARegularFile for anything else wrong."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except IsADirectoryError:
-        raise NotARegularFile(f"{path} is a directory, not a file") from None
+    mode = os.stat(path).st_mode            # before any open: opening a device can have effects
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(f"{path} is {_kind(mode)}, not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

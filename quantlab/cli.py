@@ -40,8 +40,12 @@ class Output(str, Enum):
     json = "json"
 
 
-FleetOpt = Annotated[Optional[Path], typer.Option("--fleet", help="Fleet directory [default: $QUANTLAB_FLEET or ./fleet]")]
-StateOpt = Annotated[Optional[Path], typer.Option("--state", help="State file [default: FLEET/.quantlab/state.json]")]
+# readable=False on every path: quantlab checks paths itself, with a message that says what to do
+# and exit 1 (typer's own check would exit 2 before anything could explain it).
+FleetOpt = Annotated[Optional[Path], typer.Option("--fleet", readable=False,
+                                                  help="Fleet directory [default: $QUANTLAB_FLEET or ./fleet]")]
+StateOpt = Annotated[Optional[Path], typer.Option("--state", readable=False,
+                                                  help="State file [default: FLEET/.quantlab/state.json]")]
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="text or json")]
 TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", help="Limit to this strategy or worker id (repeatable)")]
 LockOpt = Annotated[float, typer.Option("--lock-timeout", min=0, help="Wait this many seconds for the state lock")]
@@ -124,7 +128,8 @@ def plan(
     fleet: FleetOpt = None,
     state: StateOpt = None,
     output: OutputOpt = Output.text,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Save the plan for `quantlab apply PLANFILE`")] = None,
+    out_file: Annotated[Optional[Path], typer.Option("--out", readable=False,
+                                                     help="Save the plan for `quantlab apply PLANFILE`")] = None,
     detailed_exitcode: DetailedOpt = False,
     rebalance: Annotated[bool, typer.Option("--rebalance", help="Also propose moves toward even load")] = False,
     max_moves: Annotated[int, typer.Option("--max-moves", min=0, help="At most this many rebalance moves")] = 1,
@@ -183,7 +188,7 @@ class _ApplyProgress:
 @app.command()
 @_handled
 def apply(
-    planfile: Annotated[Optional[Path], typer.Argument(help="A plan saved by `quantlab plan --out`")] = None,
+    planfile: Annotated[Optional[Path], typer.Argument(readable=False, help="A plan saved by `quantlab plan --out`")] = None,
     fleet: FleetOpt = None,
     state: StateOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
@@ -421,7 +426,7 @@ def _unrecorded_host_events(ctl: Controller) -> list[dict[str, Any]]:
 
 
 @app.command()
-def init(directory: Annotated[Path, typer.Argument(help="Folder for the new fleet")]) -> None:
+def init(directory: Annotated[Path, typer.Argument(readable=False, help="Folder for the new fleet")]) -> None:
     """A new fleet directory with an example of each kind."""
     from .scaffold import FleetExists, create_fleet
 

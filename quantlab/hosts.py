@@ -16,10 +16,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from .atomicfile import MiB, read_regular
 from .spec import Fleet, StrategySpec, WorkerSpec
 from .transport.base import Completed, Transport, TransportError
 
 EXIT_MISSING = 3            # the agent's answer when files a request names are absent
+STRATEGY_FILE_CAP = 16 * MiB   # the loader refuses larger strategy files
 
 
 def _shipped(name: str) -> tuple[bytes, str]:
@@ -184,8 +186,14 @@ class Hosts:
         return self.agent(host_key(worker), [worker], lane)
 
     def upload_strategy(self, worker: WorkerSpec, spec: StrategySpec) -> None:
-        self.transport(host_key(worker)).put_file(spec.strategy_path.read_bytes(),
-                                                  f"{self.workdir(worker)}/{strategy_remote_path(spec)}")
+        try:
+            data = read_regular(spec.strategy_path, STRATEGY_FILE_CAP)
+        except OSError as exc:
+            raise AgentError(worker.id, f"cannot read {spec.strategy_file}: {exc}") from None
+        if hashlib.sha256(data).hexdigest() != spec.file_sha256:
+            # Uploaded by content hash: other bytes under that name would run code nobody validated.
+            raise AgentError(worker.id, f"{spec.strategy_file} changed since the fleet was read; run again")
+        self.transport(host_key(worker)).put_file(data, f"{self.workdir(worker)}/{strategy_remote_path(spec)}")
 
     def upload_runner(self, worker: WorkerSpec) -> None:
         self.transport(host_key(worker)).put_file(RUNNER_SOURCE, f"{self.workdir(worker)}/{RUNNER_PATH}")

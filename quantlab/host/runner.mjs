@@ -1,26 +1,33 @@
 // quantlab reference runner: drives one JavaScript strategy (st_init / st_heartbeat / st_exit).
 // Contract: SPEC.md, "Hosts, the agent and the runner". Node.js 18+, stdlib only.
 // The supervisor judges health from the heartbeat file alone, so every path below keeps it honest.
+// The same file runs twice: as the runner on the main thread, and as its watchdog in a worker thread.
 import fs from 'node:fs';
 import path from 'node:path';
 import { format } from 'node:util';
 import { pathToFileURL } from 'node:url';
+import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 
 const EX_CONFIG = 78; // sysexits.h: the strategy or its configuration is wrong; retrying will not help
 const HOOKS = ['st_init', 'st_heartbeat', 'st_exit'];
 const MAX_ERROR_TEXT = 500;
+const LEASE_MAX_BYTES = 4096;
+const WATCHDOG_POLL_MS = 200;
+const LOG_PATIENCE_MS = 100; // how long the watchdog lets a stderr write hold up a stop or a kill
 
 const run = { beats: 0, errorCount: 0, lastError: null, paused: process.env.QUANTLAB_PAUSED === '1',
-  started: false, stopping: false, timer: null, inFlight: null };
+  started: false, stopping: false, timer: null, inFlight: null, lease: null, leaseExpiresAt: null, watchdog: null };
 let cfg, hooks, ctx;
 
-// Handlers go in first: Node's defaults would kill us on SIGUSR2 and open the inspector on SIGUSR1.
-process.on('SIGTERM', requestStop);
-process.on('SIGINT', requestStop);
-process.on('SIGUSR1', () => setPaused(true));
-process.on('SIGUSR2', () => setPaused(false));
-// The loop ran dry: a hook is awaiting a promise that nothing can settle. Without this, Node exits 0.
-process.on('beforeExit', () => die(1, 'a strategy hook returned a promise that can never settle'));
+if (isMainThread) {
+  // Handlers go in first: Node's defaults would kill us on SIGUSR2 and open the inspector on SIGUSR1.
+  process.on('SIGTERM', requestStop);
+  process.on('SIGINT', requestStop);
+  process.on('SIGUSR1', () => setPaused(true));
+  process.on('SIGUSR2', () => setPaused(false));
+  // The loop ran dry: a hook is awaiting a promise that nothing can settle. Without this, Node exits 0.
+  process.on('beforeExit', () => die(1, 'a strategy hook returned a promise that can never settle'));
+}
 
 function die(code, message) {
   process.stderr.write(`quantlab-runner: ${message}\n`);
@@ -53,6 +60,7 @@ function readConfig() {
     heartbeatFile: required('QUANTLAB_HEARTBEAT_FILE'),
     leaseFile: env.QUANTLAB_LEASE_FILE || null,
     heartbeatMs: number('QUANTLAB_HEARTBEAT_MS', 60000, (v) => Number.isFinite(v) && v > 0),
+    stopTimeoutMs: number('QUANTLAB_STOP_TIMEOUT_MS', 10000, (v) => Number.isFinite(v) && v > 0),
     epoch: number('QUANTLAB_EPOCH', 0, Number.isInteger),
     params,
     workerId: env.QUANTLAB_WORKER_ID || null,
@@ -120,7 +128,7 @@ async function loadHooks(file) {
   return found;
 }
 
-// --- state, lease and heartbeat files ------------------------------------------------------------
+// --- state and heartbeat files ------------------------------------------------------------------
 
 function loadState(dir) {
   const file = path.join(dir, 'state.json');
@@ -143,16 +151,6 @@ function saveState() {
   } catch (err) {
     // A checkpoint that cannot be saved is a real fault (e.g. a BigInt or a cycle in ctx.state).
     recordError('state not saved', err);
-  }
-}
-
-function readLease(previous) {
-  if (!cfg.leaseFile) return null;
-  try {
-    const { expiresAt } = JSON.parse(fs.readFileSync(cfg.leaseFile, 'utf8'));
-    return typeof expiresAt === 'number' ? expiresAt : null;
-  } catch (err) {
-    return err.code === 'ENOENT' ? null : previous; // unreadable for a moment: keep the last known deadline
   }
 }
 
@@ -185,10 +183,10 @@ function scheduleTick() {
 
 async function tick() {
   if (run.stopping) return;
-  ctx.leaseExpiresAt = readLease(ctx.leaseExpiresAt);
-  if (ctx.leaseExpiresAt !== null && Date.now() > ctx.leaseExpiresAt) {
-    // The supervisor fences first; this covers a runner whose supervisor is gone (killed, OOM).
-    process.stderr.write('quantlab-runner: lease expired and nobody stopped us: stopping\n');
+  // Checked here too, synchronously: after the host was frozen (a paused VM resumed), this timer may
+  // fire before the watchdog had a chance to look, and a beat past the lease is a second copy trading.
+  if (leaseExpired(run.lease)) {
+    process.stderr.write('quantlab-runner: lease expired before this heartbeat: stopping without it\n');
     requestStop();
     return;
   }
@@ -213,28 +211,47 @@ async function beat() {
   writeHeartbeat();
 }
 
+// One way to stop, whatever asked for it: SIGTERM, SIGINT, or the watchdog (lease, parent gone).
 function requestStop() {
   if (run.stopping) return; // a second signal must not run st_exit twice
   run.stopping = true;
   clearTimeout(run.timer);
+  run.watchdog?.postMessage({ type: 'stopping' }); // from now on it kills us once the grace is over
   if (run.started) shutdown(); // otherwise main() notices once loading or st_init is over
 }
 
 async function shutdown() {
-  await run.inFlight; // let a running beat finish: st_exit must not overlap it
-  ctx.leaseExpiresAt = readLease(ctx.leaseExpiresAt);
+  await settleBeat(cfg.stopTimeoutMs / 2);
   try { await hooks.st_exit(ctx); } catch (err) { report('st_exit failed', err); }
   saveState();
   process.exit(0);
 }
 
+// st_exit must not overlap a running beat, but a beat that never returns must not cost us st_exit:
+// wait for it at most `patience` ms, which leaves st_exit the rest of the grace.
+async function settleBeat(patience) {
+  if (!run.inFlight) return;
+  let timer;
+  const gaveUp = new Promise((resolve) => { timer = setTimeout(resolve, patience, 'gave up'); });
+  const outcome = await Promise.race([run.inFlight, gaveUp]);
+  clearTimeout(timer);
+  if (outcome === 'gave up') {
+    process.stderr.write(`quantlab-runner: st_heartbeat still running after ${patience} ms: calling st_exit anyway\n`);
+  }
+}
+
 async function main() {
   cfg = readConfig();
   fs.rmSync(cfg.heartbeatFile, { force: true }); // a file left by an earlier run must not pass for ours
+  // The lease in the file at start holds from the first moment, also while the strategy loads.
+  const lease = cfg.leaseFile ? readLeaseFile(cfg.leaseFile, cfg.epoch) : null;
+  run.lease = lease;
+  run.leaseExpiresAt = lease?.expiresAt ?? null;
+  run.watchdog = startWatchdog(lease);
   hooks = await loadHooks(cfg.file);
   if (run.stopping) process.exit(0); // stopped before the strategy ran at all: nothing to clean up
   const { id, params, workerId, region, proxy, epoch } = cfg;
-  ctx = { id, params, workerId, region, proxy, epoch, leaseExpiresAt: readLease(null), state: loadState(cfg.stateDir),
+  ctx = { id, params, workerId, region, proxy, epoch, leaseExpiresAt: run.leaseExpiresAt, state: loadState(cfg.stateDir),
     // One line per call, so a log collector never splits one message into several.
     log: (...args) => process.stdout.write(`${new Date().toISOString()} ${format(...args).replace(/\r?\n/g, '\\n')}\n`) };
   try {
@@ -250,4 +267,168 @@ async function main() {
   scheduleTick();
 }
 
-main().catch((err) => { report('runner failed', err); process.exit(1); });
+// --- the lease ------------------------------------------------------------------------------------
+// The agent writes {"epoch", "deadline", "expiresAt"}: `deadline` is seconds on the host's boot-time
+// clock and is what fences; `expiresAt` is the same moment in wall-clock ms, for ctx.leaseExpiresAt.
+
+// A lease {deadline, expiresAt} for our epoch, or null when the file tells us nothing (missing for a
+// moment, unreadable, not a regular file, too big, another epoch's, or no lease at all).
+function readLeaseFile(file, epoch) {
+  let lease;
+  try { lease = JSON.parse(readSmallRegularFile(file, LEASE_MAX_BYTES)); } catch { return null; }
+  if (lease?.epoch !== epoch) return null; // another placement's lease says nothing about ours
+  const deadline = finiteOrNull(lease.deadline);
+  const expiresAt = finiteOrNull(lease.expiresAt);
+  return deadline === null && expiresAt === null ? null : { deadline, expiresAt };
+}
+
+function readSmallRegularFile(file, maxBytes) {
+  const { O_RDONLY, O_NOFOLLOW = 0, O_NONBLOCK = 0 } = fs.constants;
+  const fd = fs.openSync(file, O_RDONLY | O_NOFOLLOW | O_NONBLOCK); // a FIFO in its place must not block us
+  try {
+    if (!fs.fstatSync(fd).isFile()) throw new Error(`${file} is not a regular file`);
+    const buffer = Buffer.alloc(maxBytes + 1);
+    const length = fs.readSync(fd, buffer, 0, buffer.length, 0);
+    if (length > maxBytes) throw new Error(`${file} is larger than ${maxBytes} bytes`);
+    return buffer.toString('utf8', 0, length);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function finiteOrNull(value) {
+  return typeof value === 'number' && Number.isFinite(value) ? value : null;
+}
+
+// A lease only ever moves forward: whichever of the two ends later (fail closed on anything else).
+function laterLease(known, seen) {
+  if (!seen) return known;
+  if (!known) return seen;
+  // Once a boot-time deadline is known, only a later one moves it: the wall clock can never extend it.
+  if (known.deadline !== null) return seen.deadline !== null && seen.deadline > known.deadline ? seen : known;
+  if (seen.deadline !== null) return seen;
+  return seen.expiresAt > known.expiresAt ? seen : known; // neither has a deadline, so both have expiresAt
+}
+
+function leaseExpired(lease) {
+  if (!lease) return false; // no lease: fencing is off
+  const now = bootSeconds();
+  if (lease.deadline !== null && now !== null) return now > lease.deadline;
+  return lease.expiresAt !== null && Date.now() > lease.expiresAt; // no boot-time clock here: the wall clock
+}
+
+// Linux CLOCK_BOOTTIME, the clock the agent writes deadlines on: it never jumps and counts through suspend.
+function bootSeconds() {
+  try {
+    const seconds = Number(fs.readFileSync('/proc/uptime', 'utf8').split(' ')[0]);
+    return Number.isFinite(seconds) ? seconds : null;
+  } catch {
+    return null;
+  }
+}
+
+// The kernel's answer, in case process.ppid is cached in a worker thread by some Node version.
+function currentParentPid() {
+  let ppid;
+  try {
+    const stat = fs.readFileSync('/proc/self/stat', 'utf8');
+    ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]); // "pid (comm) state ppid ..."
+  } catch { /* no /proc here */ }
+  return Number.isInteger(ppid) ? ppid : process.ppid;
+}
+
+// --- the watchdog ---------------------------------------------------------------------------------
+// A worker thread that enforces the lease and watches the parent even while a hook blocks the main
+// thread (a busy loop) or never returns. It asks the main thread to stop (so st_exit runs if it can)
+// and kills the whole process once a stop has taken longer than QUANTLAB_STOP_TIMEOUT_MS.
+
+function startWatchdog(lease) {
+  const { leaseFile, epoch, stopTimeoutMs } = cfg;
+  const watchdog = new Worker(new URL(import.meta.url), {
+    workerData: { leaseFile, epoch, lease, stopTimeoutMs, parentPid: currentParentPid() },
+  });
+  watchdog.on('message', onWatchdogMessage);
+  watchdog.on('error', (err) => { report('the lease watchdog failed', err); requestStop(); }); // fail closed
+  watchdog.unref(); // it must never be what keeps the process alive (after .on, which would ref it again)
+  return watchdog;
+}
+
+function onWatchdogMessage(message) {
+  if (message.type === 'lease') {
+    run.lease = message.lease;
+    run.leaseExpiresAt = message.lease.expiresAt;
+    if (ctx) ctx.leaseExpiresAt = message.lease.expiresAt;
+  } else if (message.type === 'stop') {
+    requestStop();
+  }
+}
+
+class Watchdog {
+  constructor({ leaseFile, epoch, lease, stopTimeoutMs, parentPid }) {
+    Object.assign(this, { leaseFile, epoch, lease, stopTimeoutMs, parentPid });
+    this.stopping = false;
+  }
+
+  start() {
+    parentPort.on('message', (message) => { if (message.type === 'stopping') this.armKill(); });
+    setInterval(() => this.poll(), WATCHDOG_POLL_MS);
+    this.poll();
+  }
+
+  poll() {
+    if (this.stopping) return; // only the kill timer matters now
+    this.refreshLease();
+    const reason = this.reasonToStop();
+    if (reason) this.stop(`${reason}: stopping (st_exit gets ${this.stopTimeoutMs} ms)`);
+  }
+
+  reasonToStop() {
+    if (leaseExpired(this.lease)) return 'lease expired and nobody stopped us';
+    if (currentParentPid() !== this.parentPid) return `parent process ${this.parentPid} is gone`;
+    return null;
+  }
+
+  refreshLease() {
+    if (!this.leaseFile) return;
+    const later = laterLease(this.lease, readLeaseFile(this.leaseFile, this.epoch));
+    if (later === this.lease) return;
+    this.lease = later;
+    parentPort.postMessage({ type: 'lease', lease: later }); // keeps ctx.leaseExpiresAt (and tick's check) current
+  }
+
+  stop(reason) {
+    this.armKill();
+    logThen(reason, () => parentPort.postMessage({ type: 'stop' }));
+  }
+
+  armKill() {
+    if (this.stopping) return;
+    this.stopping = true;
+    const kill = () => killProcessGroup();
+    setTimeout(() => logThen(`still running ${this.stopTimeoutMs} ms after the stop began: killing`, kill),
+      this.stopTimeoutMs);
+  }
+}
+
+// The whole process, not just this thread, and what it started in its group (the supervisor makes
+// the runner a group leader; where it is not one, only the process).
+function killProcessGroup() {
+  try { process.kill(-process.pid, 'SIGKILL'); } catch { /* not a group leader */ }
+  process.kill(process.pid, 'SIGKILL');
+}
+
+// Write one line to stderr, then act. The write goes straight to fd 2 (a worker's process.stderr is
+// relayed by the main thread, which may be blocked), and off this thread: stderr may be a full pipe
+// that nobody reads (a frozen supervisor), so the action never waits for it longer than a moment.
+function logThen(message, action) {
+  let done = false;
+  const once = () => { if (!done) { done = true; action(); } };
+  setTimeout(once, LOG_PATIENCE_MS);
+  fs.write(2, `quantlab-runner: ${message}\n`, once);
+}
+
+if (isMainThread) {
+  main().catch((err) => { report('runner failed', err); process.exit(1); });
+} else {
+  new Watchdog(workerData).start();
+}

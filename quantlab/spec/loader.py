@@ -2,6 +2,11 @@
 
 Fast path: libyaml parses each file and the schemas validate the plain documents. Line marks are
 needed only to point at a problem, so a file is composed into marked nodes only when it has one.
+
+Fails closed: a folder or file that cannot be read is a problem, never a smaller fleet. Nothing in
+the directory may hang or exhaust the reader: files are opened without blocking, regular files
+only, size-capped, and each document is measured (values reached, nesting) before anything
+expands its aliases.
 """
 from __future__ import annotations
 
@@ -11,10 +16,12 @@ import hashlib
 import math
 import os
 import re
+import reprlib
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -35,6 +42,18 @@ from .models import (
 from .schemas import api_version, apply_defaults, schema_at, schemas_by_kind, validator_for
 
 YAML_SUFFIXES = (".yaml", ".yml")
+
+# Limits that keep a strange fleet directory from hanging or exhausting the controller.
+MAX_FILE_BYTES = 16 * 2**20        # one YAML or strategy file; real ones are a few KiB
+# Values one YAML file may expand to, counting a value again each time an alias reaches it (an
+# alias bomb expands 9 levels of 9 into 387 million). Real files hold a few thousand; walking a
+# million takes a fraction of a second and bounds what the schema check and JSON encoding see.
+MAX_VALUES_PER_FILE = 1_000_000
+MAX_DEPTH = 64                     # nesting levels in one document; real ones use about 4
+# Params reach the runner in one environment variable, and Linux caps one at 128 KiB.
+MAX_PARAMS_BYTES = 96 * 1024
+CLIP = 80                          # characters of a value echoed in a message
+MAX_MESSAGE = 1000                 # characters of a whole message
 
 
 @dataclass(frozen=True, order=True)
@@ -72,16 +91,21 @@ def _construct_mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) 
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":
             continue  # `<<: *anchor` is resolved by construct_mapping; explicit keys override it
+        if not isinstance(key_node, yaml.ScalarNode):
+            # Refused before it is built: building a deeply nested key would recurse.
+            raise yaml.constructor.ConstructorError(
+                None, None, "a list or mapping cannot be a key", key_node.start_mark)
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str):
             # JSON (and so the schemas) knows only string keys; `on:`/`no:` are booleans in YAML.
-            what = (f"key {key_node.value!r} reads as {_type_name(key)} {key!r}, not a string: quote it"
-                    if isinstance(key_node, yaml.ScalarNode) else "a list or mapping cannot be a key")
-            raise yaml.constructor.ConstructorError(None, None, what, key_node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None,
+                f"key {_shown(key_node.value)} reads as {_type_name(key)} {_shown(key)}, not a string: quote it",
+                key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None,
-                f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
+                f"duplicate key {_shown(key)} (first at line {seen[key].start_mark.line + 1})",
                 key_node.start_mark,
             )
         seen[key] = key_node
@@ -102,13 +126,23 @@ def _construct_float(loader: Any, node: yaml.ScalarNode) -> float:
     value = yaml.SafeLoader.construct_yaml_float(loader, node)
     if not math.isfinite(value):  # JSON has no NaN or Infinity, and NaN passes every bound
         raise yaml.constructor.ConstructorError(
-            None, None, f"{node.value!r} is not a JSON number; write a number or quote it", node.start_mark)
+            None, None, f"{_shown(node.value)} is not a JSON number; write a number or quote it", node.start_mark)
     return value
+
+
+def _construct_int(loader: Any, node: yaml.ScalarNode) -> int:
+    try:
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+    except ValueError:  # Python refuses to read an integer of more than 4300 digits
+        raise yaml.constructor.ConstructorError(
+            None, None, f"integer {_shown(node.value)} is too long to read; quote it or shorten it",
+            node.start_mark) from None
 
 
 _FleetLoader.add_constructor("tag:yaml.org,2002:binary", _refuse)
 _FleetLoader.add_constructor("tag:yaml.org,2002:set", _refuse)
 _FleetLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+_FleetLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 _DOC_START = re.compile(r"^---(\s|$)")
 _TOP_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:")
@@ -137,14 +171,36 @@ def _line_of(node: yaml.Node | None, path: list[Any]) -> int:
 
 # --- Messages ------------------------------------------------------------------------------------
 
+def _clip(text: str, limit: int = CLIP) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+_SHORT_REPR = reprlib.Repr()  # for lists and mappings: a few items, a few levels
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict, _SHORT_REPR.maxstring = 2, 4, 4, 40
+
+
+def _shown(value: Any) -> str:
+    """repr(value) for a message, clipped: a value may be megabytes long."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= CLIP else f"{value[:CLIP]!r}… ({len(value)} characters)"
+    if isinstance(value, (dict, list)):
+        return _clip(_SHORT_REPR.repr(value))
+    return _clip(repr(value))
+
+
 def _dotted(path: list[Any]) -> str:
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{_clip(str(part))}" if out else _clip(str(part))
     return out
 
 
 def _did_you_mean(word: str, options: list[str]) -> str:
+    if len(word) > CLIP:  # no field name is that long, and comparing a huge value is slow
+        return ""
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -167,26 +223,28 @@ def _schema_message(error: Any, schema: dict[str, Any]) -> tuple[list[Any], str]
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         return path, f"missing required field {_dotted(path + [missing])!r}"
     if v == "const":
-        return path, f"{where} must be {error.validator_value!r}, got {value!r}"
+        return path, f"{where} must be {error.validator_value!r}, got {_shown(value)}"
     if v == "enum":
         options = [str(o) for o in error.validator_value]
-        return path, f"{where}: {value!r} is not one of {', '.join(options)}{_did_you_mean(str(value), options)}"
+        suggestion = "" if isinstance(value, (dict, list)) else _did_you_mean(str(value), options)
+        return path, f"{where}: {_shown(value)} is not one of {', '.join(options)}{suggestion}"
     if v == "type":
         expected = error.validator_value
         expected = " or ".join(expected) if isinstance(expected, list) else expected
         note = ""
         if isinstance(value, bool) and "string" in str(expected):
             note = " (YAML reads yes/no/on/off/NO as booleans: quote the value)"
-        return path, f"{where}: expected {expected}, got {_type_name(value)} {value!r}{note}"
+        return path, f"{where}: expected {expected}, got {_type_name(value)} {_shown(value)}{note}"
     if v == "pattern":
-        return path, f"{where}: {value!r} does not match {error.validator_value}{hint}"
+        return path, f"{where}: {_shown(value)} does not match {error.validator_value}{hint}"
     if v in ("minimum", "exclusiveMinimum"):
         word = "at least" if v == "minimum" else "more than"
-        return path, f"{where}: {value!r} is too small (must be {word} {error.validator_value})"
+        return path, f"{where}: {_shown(value)} is too small (must be {word} {error.validator_value})"
     if v in ("maximum", "exclusiveMaximum"):
         word = "at most" if v == "maximum" else "less than"
-        return path, f"{where}: {value!r} is too large (must be {word} {error.validator_value})"
-    return path, f"{where}: {error.message}{hint}"
+        return path, f"{where}: {_shown(value)} is too large (must be {word} {error.validator_value})"
+    # jsonschema's own wording quotes the whole value
+    return path, f"{where}: {_clip(error.message, 4 * CLIP)}{hint}"
 
 
 def _schema_messages(error: Any, schema: dict[str, Any]) -> Iterator[tuple[list[Any], str]]:
@@ -213,23 +271,26 @@ def _check_document(data: Any) -> list[tuple[list[Any], str]]:
     version = api_version()
     if data.get("apiVersion") != version:
         got = data.get("apiVersion")
-        what = "missing apiVersion" if got is None else f"unknown apiVersion {got!r}"
+        what = "missing apiVersion" if got is None else f"unknown apiVersion {_shown(got)}"
         return [(["apiVersion"] if got is not None else [], f"{what}; expected {version}")]
     kind = data.get("kind")
     if not isinstance(kind, str) or kind not in kinds:
         if kind is None:
             return [([], f"missing kind; expected one of {', '.join(kinds)}")]
-        return [(["kind"], f"unknown kind {kind!r}{_did_you_mean(str(kind), list(kinds))}; "
+        suggestion = "" if isinstance(kind, (dict, list)) else _did_you_mean(str(kind), list(kinds))
+        return [(["kind"], f"unknown kind {_shown(kind)}{suggestion}; "
                            f"expected one of {', '.join(kinds)}")]
-    label = f"{kind} {data['id']}: " if isinstance(data.get("id"), str) else f"{kind}: "
+    label = f"{kind} {_clip(data['id'])}: " if isinstance(data.get("id"), str) else f"{kind}: "
     errors = sorted(validator_for(kind).iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
     return [(path, label + message) for e in errors for path, message in _schema_messages(e, kinds[kind])]
 
 
 # --- Files ---------------------------------------------------------------------------------------
 
-def _yaml_paths(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
+def _yaml_paths(root: Path, unreadable: Callable[[OSError], None]) -> Iterator[Path]:
+    """Every *.yaml/*.yml below `root`, hidden folders skipped; `unreadable` hears of each folder
+    that cannot be listed (os.walk would otherwise skip it without a word)."""
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
         names = sorted(filenames) + [d for d in dirnames if d.endswith(YAML_SUFFIXES)]
@@ -246,6 +307,90 @@ def _resolve(path: Path) -> Path:
         return Path(os.path.abspath(path))
 
 
+class _Refused(Exception):
+    """A fleet file that exists but must not be read."""
+
+
+class _NotRegular(_Refused):
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind  # "a FIFO (named pipe)", "a directory", ...
+
+
+class _TooLarge(_Refused):
+    pass
+
+
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def _check_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise _NotRegular(_KINDS.get(stat.S_IFMT(mode), "a special file"))
+
+
+def _read_regular(path: Path, cap: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of the regular file at `path` (symlinks followed), read without ever blocking.
+
+    A FIFO would block the open and a device would never end, so the type is checked before the
+    open, the open does not wait, and the type is checked again on the open file (the name may
+    have been swapped in between). Raises OSError, _NotRegular, or _TooLarge above `cap` bytes.
+    """
+    _check_regular(os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        info = os.fstat(fd)
+        _check_regular(info.st_mode)
+        if info.st_size > cap:
+            raise _TooLarge()
+        data = _read_at_most(fd, cap + 1, size_hint=info.st_size + 1)
+    finally:
+        os.close(fd)
+    if len(data) > cap:  # the file grew after fstat
+        raise _TooLarge()
+    return data
+
+
+def _read_at_most(fd: int, limit: int, size_hint: int) -> bytes:
+    chunks = []
+    total = 0
+    want = min(size_hint, limit)
+    while total < limit:
+        chunk = os.read(fd, want)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        want = min(2**20, limit - total)
+    return b"".join(chunks)
+
+
+def _oversized(document: Any, budget: int) -> tuple[int, list[Any], str | None]:
+    """Walk one parsed document without recursion, before anything else expands it.
+
+    Every value reached counts against `budget`, also each time an alias reaches a shared one
+    again. Returns (budget left, path of the top-level key at fault, why it is refused or None).
+    """
+    top = document.items() if isinstance(document, dict) else [(None, document)]
+    budget -= len(top)
+    # (a list or mapping, its nesting level, the top-level key it is under); the document is level 1
+    stack = [(value, 1 if key is None else 2, key) for key, value in top if isinstance(value, (dict, list))]
+    while stack:
+        value, depth, key = stack.pop()
+        if depth > MAX_DEPTH:
+            return budget, [] if key is None else [key], f"nested deeper than {MAX_DEPTH} levels; flatten it"
+        children = value.values() if isinstance(value, dict) else value
+        budget -= len(children)
+        if budget < 0:
+            return budget, [] if key is None else [key], (
+                f"expands to more than {MAX_VALUES_PER_FILE:,} values in this file (each use of an alias "
+                "repeats everything its anchor holds); use fewer aliases or less data")
+        depth += 1
+        stack.extend((child, depth, key) for child in children if isinstance(child, (dict, list)))
+    return budget, [], None
+
+
 @dataclass
 class _File:
     """One YAML file: its text, and its documents' line marks composed only when asked."""
@@ -260,7 +405,7 @@ class _File:
         if self._nodes is None:
             try:
                 self._nodes = list(yaml.compose_all(self.text, Loader=_FleetLoader))
-            except yaml.YAMLError:
+            except (yaml.YAMLError, RecursionError):
                 self._nodes = []
         return self._nodes
 
@@ -331,63 +476,35 @@ class _Reader:
 
     def problem(self, where: Location | tuple[str, int], message: str) -> None:
         file, line = (where.file, where.line) if isinstance(where, Location) else where
-        self.problems.append(Problem(file, line, message))
+        self.problems.append(Problem(file, line, _clip(message, MAX_MESSAGE)))
 
     def read_all(self) -> None:
-        for path in _yaml_paths(self.root):
+        for path in _yaml_paths(self.root, self.unreadable_folder):
             self.read_file(path)
+
+    def unreadable_folder(self, exc: OSError) -> None:
+        # Never a silently smaller fleet: its strategies would be stopped as "removed from fleet".
+        folder = str(exc.filename) if exc.filename is not None else str(self.root)
+        self.problem((folder, 0), f"cannot read folder: {exc.strerror}; fix its permissions")
 
     def read_file(self, path: Path) -> None:
         shown = str(path)
         rel = path.relative_to(self.root).as_posix()
         self.files.append(rel)
-        if path.is_symlink() and not _resolve(path).is_relative_to(self.real_root):
-            self.problem((shown, 0), "symlink points outside the fleet directory; copy the file in instead")
-            return
-        try:
-            raw = path.read_bytes()
-        except IsADirectoryError:
-            self.problem((shown, 0), "is a directory, not a YAML file; rename it")
-            return
-        except FileNotFoundError:
-            self.problem((shown, 0), "cannot read: broken symlink; fix or remove it")
-            return
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                self.problem((shown, 0), "cannot read: symlink loop; fix or remove it")
-                return
-            self.problem((shown, 0), f"cannot read: {exc.strerror}; check its permissions")
+        raw = self.read_bytes(path, shown)
+        if raw is None:
             return
         self.digests[rel] = hashlib.sha256(raw).hexdigest()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
-            self.problem((shown, line), f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8")
+        parsed = self.parse(raw, shown)
+        if parsed is None:
             return
-        try:
-            documents = list(yaml.load_all(text, Loader=_FleetLoader))
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            what = "; ".join(str(x) for x in (exc.context, exc.problem) if x)
-            lines = text.splitlines()
-            if mark and mark.line < len(lines) and lines[mark.line][mark.column:mark.column + 1] == "\t":
-                # libyaml does not name the character it cannot read
-                what += " (a tab character: YAML indents with spaces only)"
-            self.problem((shown, mark.line + 1 if mark else 0), f"YAML syntax error: {what}")
-            return
-        except yaml.reader.ReaderError as exc:  # a control character; libyaml counts bytes
-            line = raw[: exc.position].count(b"\n") + 1
-            code = ord(exc.character) if isinstance(exc.character, str) else exc.character
-            self.problem((shown, line), f"YAML error: unacceptable character #x{code:04x}: {exc.reason}")
-            return
-        except yaml.YAMLError as exc:
-            self.problem((shown, 0), f"YAML error: {exc}")
-            return
+        text, documents = parsed
         if not documents:
             self.problem((shown, 1), "empty file: add a document (apiVersion, kind, ...) or remove the file")
             return
         file = _File(shown, text, len(documents))
+        if not self.small_enough(file, documents):
+            return
         for index, data in enumerate(documents):
             problems = _check_document(data)
             for path, message in problems:
@@ -396,18 +513,99 @@ class _Reader:
                 kind = data["kind"]
                 self.docs.append(_Doc(kind, apply_defaults(data, schemas_by_kind()[kind]), file, index))
 
+    def read_bytes(self, path: Path, shown: str) -> bytes | None:
+        """The file's bytes, or None once the reason it cannot be used is reported."""
+        if os.path.islink(path) and not _resolve(path).is_relative_to(self.real_root):
+            self.problem((shown, 0), "symlink points outside the fleet directory; copy the file in instead")
+            return None
+        try:
+            return _read_regular(path)
+        except _NotRegular as exc:
+            if exc.kind == "a directory":
+                self.problem((shown, 0), "is a directory, not a YAML file; rename it")
+            else:
+                self.problem((shown, 0), f"is {exc.kind}, not a regular file; remove it or rename it")
+        except _TooLarge:
+            self.problem((shown, 0), f"larger than {MAX_FILE_BYTES // 2**20} MiB; split it into smaller files")
+        except FileNotFoundError:
+            if os.path.islink(path):
+                self.problem((shown, 0), "cannot read: broken symlink; fix or remove it")
+            else:
+                self.problem((shown, 0), "cannot read: it disappeared while being read; run again")
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                self.problem((shown, 0), "cannot read: symlink loop; fix or remove it")
+            else:
+                self.problem((shown, 0), f"cannot read: {exc.strerror}; check its permissions")
+        return None
+
+    def parse(self, raw: bytes, shown: str) -> tuple[str, list[Any]] | None:
+        """(text, documents), or None once the reason it cannot be parsed is reported."""
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            self.problem((shown, line), f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8")
+            return None
+        try:
+            return text, list(yaml.load_all(text, Loader=_FleetLoader))
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            what = "; ".join(str(x) for x in (exc.context, exc.problem) if x)
+            lines = text.splitlines()
+            if mark and mark.line < len(lines) and lines[mark.line][mark.column:mark.column + 1] == "\t":
+                # libyaml does not name the character it cannot read
+                what += " (a tab character: YAML indents with spaces only)"
+            self.problem((shown, mark.line + 1 if mark else 0), f"YAML syntax error: {what}")
+        except yaml.reader.ReaderError as exc:  # a control character; libyaml counts bytes
+            line = raw[: exc.position].count(b"\n") + 1
+            code = ord(exc.character) if isinstance(exc.character, str) else exc.character
+            self.problem((shown, line), f"YAML error: unacceptable character #x{code:04x}: {exc.reason}")
+        except yaml.YAMLError as exc:
+            self.problem((shown, 0), f"YAML error: {exc}")
+        except RecursionError:  # the pure-Python parser recurses once per nesting level
+            self.problem((shown, 0), f"nested too deeply to read (at most {MAX_DEPTH} levels); flatten it")
+        return None
+
+    def small_enough(self, file: _File, documents: list[Any]) -> bool:
+        """False once a document that expands too far or nests too deep is reported. The first
+        one ends the file: nothing else in it is expanded."""
+        budget = MAX_VALUES_PER_FILE
+        for index, data in enumerate(documents):
+            budget, path, reason = _oversized(data, budget)
+            if reason is not None:
+                where = file.line(index, path) if path else file.doc_start(index)
+                self.problem((file.shown, where), f"{_dotted(path) or 'document'}: {reason}")
+                return False
+        return True
+
 
 # --- Cross-references and models -----------------------------------------------------------------
+
+def _unusable_strategy_file(exc: OSError | _Refused, path: Path) -> str:
+    """Why the strategy file at `path` (as written) cannot be used, and what to do."""
+    if isinstance(exc, _NotRegular):
+        return f"is not a regular file but {exc.kind}; point strategyFile at a regular file"
+    if isinstance(exc, _TooLarge):
+        return (f"is larger than {MAX_FILE_BYTES // 2**20} MiB (strategy files are hashed and copied to "
+                "their worker); keep bulky data out of it")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+        broken = " (symlink loop)" if exc.errno == errno.ELOOP else (
+            " (broken symlink)" if os.path.islink(path) else "")
+        return f"not found{broken}; expected {path}"
+    return f"cannot be read: {exc.strerror}; check its permissions"
+
 
 class _Builder:
     def __init__(self, reader: _Reader):
         self.r = reader
-        self.file_sha: dict[Path, str | None] = {}
+        # Each strategy file is read once: its sha256, or why it cannot be used.
+        self.file_sha: dict[Path, str | OSError | _Refused] = {}
 
     def strategy_file(self, doc: _Doc) -> tuple[Path, str] | None:
         written = doc.data["strategyFile"]
         where = doc.loc("strategyFile")
-        label = f"Strategy {doc.data['id']}: strategyFile {written!r}"
+        label = f"Strategy {doc.data['id']}: strategyFile {_shown(written)}"
         if os.path.isabs(written):
             self.r.problem(where, f"{label} must be relative to the fleet directory")
             return None
@@ -421,29 +619,34 @@ class _Builder:
             self.r.problem(where, f"{label} is inside the hidden folder {hidden[0]!r} (quantlab keeps state and "
                                   "secrets of local workers in .quantlab/); keep strategy files in a plain folder")
             return None
-        if not real.exists():
-            broken = " (broken symlink)" if path.is_symlink() else ""
-            self.r.problem(where, f"{label} not found{broken}; expected {path}")
-            return None
-        if not real.is_file():
-            self.r.problem(where, f"{label} is not a regular file")
-            return None
         if real not in self.file_sha:
             try:
-                self.file_sha[real] = hashlib.sha256(real.read_bytes()).hexdigest()
-            except OSError as exc:
-                self.r.problem(where, f"{label} cannot be read: {exc.strerror}")
-                self.file_sha[real] = None
+                self.file_sha[real] = hashlib.sha256(_read_regular(real)).hexdigest()
+            except (OSError, _Refused) as exc:
+                self.file_sha[real] = exc
         sha = self.file_sha[real]
-        if sha is None:
+        if not isinstance(sha, str):
+            self.r.problem(where, f"{label} {_unusable_strategy_file(sha, path)}")
             return None
         self.r.digests[real.relative_to(self.r.real_root).as_posix()] = sha
         return real, sha
 
+    def params_json(self, doc: _Doc) -> str | None:
+        encoded = canonical_json(doc.data["params"])
+        size = len(encoded.encode("utf-8"))
+        if size > MAX_PARAMS_BYTES:
+            self.r.problem(doc.loc("params"), (
+                f"Strategy {doc.data['id']}: params are {size:,} bytes as JSON, more than "
+                f"{MAX_PARAMS_BYTES // 1024} KiB: they reach the strategy in one environment variable and "
+                "Linux caps one at 128 KiB; keep bulky data in a file beside the strategy and read it from there"))
+            return None
+        return encoded
+
     def strategy(self, doc: _Doc) -> StrategySpec | None:
         d = doc.data
+        params_json = self.params_json(doc)
         found = self.strategy_file(doc)
-        if found is None:
+        if found is None or params_json is None:
             return None
         path, sha = found
         req, sch = d["requirements"], d["scheduling"]
@@ -453,7 +656,7 @@ class _Builder:
             strategy_file=d["strategyFile"],
             strategy_path=path,
             file_sha256=sha,
-            params_json=canonical_json(d["params"]),
+            params_json=params_json,
             desired_state=d["desiredState"],
             heartbeat_ms=d["heartbeatMs"],
             requirements=Requirements(
@@ -559,12 +762,26 @@ class _Builder:
             seen[key] = (doc, w)
 
 
+def _unusable_fleet_dir(root: Path) -> str | None:
+    """Why `root` cannot be a fleet directory, or None. A folder that cannot be listed is
+    reported by the walk, like any folder below it."""
+    try:
+        info = os.stat(root)
+    except (FileNotFoundError, NotADirectoryError):
+        return "fleet directory not found; pass --fleet DIR or set QUANTLAB_FLEET"
+    except OSError as exc:
+        return f"cannot read fleet directory: {exc.strerror}; fix its permissions or pass another --fleet DIR"
+    if not stat.S_ISDIR(info.st_mode):
+        return "fleet directory is not a directory; pass --fleet DIR or set QUANTLAB_FLEET"
+    return None
+
+
 def load_fleet(root: str | Path) -> Fleet:
     """Load and validate the fleet directory at `root`; raises FleetInvalid with every problem."""
     root = Path(root)
-    if not root.is_dir():
-        what = "is not a directory" if root.exists() else "not found"
-        raise FleetInvalid([Problem(str(root), 0, f"fleet directory {what}; pass --fleet DIR or set QUANTLAB_FLEET")])
+    unusable = _unusable_fleet_dir(root)
+    if unusable is not None:
+        raise FleetInvalid([Problem(str(root), 0, unusable)])
     reader = _Reader(root)
     reader.read_all()
     builder = _Builder(reader)

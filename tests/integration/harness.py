@@ -52,7 +52,10 @@ def runner_counts(marker: str) -> Counter:
 
 
 def supervisors(marker: str) -> list[Proc]:
-    return [p for p in processes(marker) if "supervise" in p.argv]
+    """One per instance: a supervisor runs as two processes (keeper and supervisor proper) in one
+    process group led by the keeper."""
+    found = [p for p in processes(marker) if "supervise" in p.argv]
+    return [p for p in found if p.pid == p.pgid]
 
 
 # --- the CLI -----------------------------------------------------------------------------------------

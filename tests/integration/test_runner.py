@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,11 @@ RUNNER = REPO / "quantlab" / "host" / "runner.mjs"
 EXAMPLES = REPO / "fleet" / "strategies"
 HEARTBEAT_MS = 50
 TIMEOUT = 5.0  # generous upper bound for any single wait; a passing wait returns far sooner
+# An intermediate parent for the runner: starts it, writes its pid to argv[1], waits for it.
+PARENT = [sys.executable, "-c", "import subprocess, sys\n"
+          "child = subprocess.Popen(sys.argv[2:])\n"
+          "open(sys.argv[1], 'w').write(str(child.pid))\n"
+          "child.wait()"]
 
 
 def _node_or_reason() -> tuple[str | None, str]:
@@ -61,7 +67,8 @@ def wait_for(predicate: Callable[[], object], timeout: float = TIMEOUT, what: st
 class Runner:
     """One runner process plus the files the supervisor would give it."""
 
-    def __init__(self, node: str, base: Path, strategy: Path, params: dict | None = None, **env: str):
+    def __init__(self, node: str, base: Path, strategy: Path, params: dict | None = None,
+                 under_parent: bool = False, **env: str):
         self.base = base
         self.state_dir = base / "state"
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -84,17 +91,26 @@ class Runner:
         }
         self.node = node
         self.proc: subprocess.Popen | None = None
+        # under_parent: self.proc is an intermediate parent, and the runner its child (pid in this file).
+        self.child_pid_file = base / "runner.pid" if under_parent else None
 
     def start(self, keep_heartbeat: bool = False) -> "Runner":
         # Like the supervisor, forget the previous run's heartbeat so a wait cannot see an old file.
         if not keep_heartbeat:
             self.heartbeat_file.unlink(missing_ok=True)
+        argv = [self.node, str(RUNNER)]
+        if self.child_pid_file is not None:
+            argv = [*PARENT, str(self.child_pid_file), *argv]
         with open(self.stdout_file, "ab") as out, open(self.stderr_file, "ab") as err:
-            self.proc = subprocess.Popen(
-                [self.node, str(RUNNER)], env=self.env, stdout=out, stderr=err,
-                stdin=subprocess.DEVNULL, cwd=self.base,
-            )
+            self.proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=err,
+                                         stdin=subprocess.DEVNULL, cwd=self.base)
         return self
+
+    def child_pid(self) -> int | None:
+        try:
+            return int(self.child_pid_file.read_text())
+        except (AttributeError, FileNotFoundError, ValueError):
+            return None
 
     def heartbeat(self) -> dict | None:
         try:
@@ -143,10 +159,63 @@ class Runner:
     def stderr(self) -> str:
         return self.stderr_file.read_text()
 
+    def wait_gone(self, by: float) -> float:
+        """Wait until the runner has exited, at the latest when the boot-time clock reaches `by`;
+        return the boot time at which it was seen gone."""
+        assert self.proc is not None
+        wait_for(lambda: self.proc.poll() is not None, by - boot_seconds(), "the runner to exit")
+        return boot_seconds()
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=TIMEOUT)
+        pid = self.child_pid()
+        if pid is not None and not pid_gone(pid) and str(RUNNER) in _cmdline(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def pid_gone(pid: int) -> bool:
+    """True once `pid` has exited. It is not our child, so a zombie nobody reaps counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def boot_seconds() -> float:
+    """The host's boot-time clock (CLOCK_BOOTTIME), the one the agent writes lease deadlines on."""
+    return float(Path("/proc/uptime").read_text().split()[0])
+
+
+def write_lease(path: Path, seconds_ahead: float, *, epoch: int = 7, expires_at: int | None = None) -> float:
+    """Grant a lease the way the agent does (one atomic replace); return its boot-time deadline."""
+    deadline = boot_seconds() + seconds_ahead
+    if expires_at is None:
+        expires_at = int((time.time() + seconds_ahead) * 1000)
+    replace_file(path, json.dumps({"epoch": epoch, "deadline": deadline, "expiresAt": expires_at}))
+    return deadline
+
+
+def replace_file(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def holds_until(predicate: Callable[[], object], until: float, what: str) -> None:
+    """Polling invariant: predicate() stays truthy until the boot-time clock reaches `until`."""
+    while boot_seconds() < until:
+        assert predicate(), f"{what} stopped holding {until - boot_seconds():.2f}s too early"
+        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -155,8 +224,8 @@ def runners(node, tmp_path):
     started: list[Runner] = []
 
     def make(strategy: Path, params: dict | None = None, *, base: Path | None = None,
-             keep_heartbeat: bool = False, **env: str) -> Runner:
-        r = Runner(node, base or tmp_path / f"run{len(started)}", strategy, params, **env)
+             keep_heartbeat: bool = False, under_parent: bool = False, **env: str) -> Runner:
+        r = Runner(node, base or tmp_path / f"run{len(started)}", strategy, params, under_parent, **env)
         started.append(r)
         return r.start(keep_heartbeat)
 
@@ -263,7 +332,7 @@ export function st_exit(ctx) {}
 def test_ctx_fields_reach_the_strategy(runners, tmp_path):
     lease = tmp_path / "lease.json"
     first = int(time.time() * 1000) + 3_600_000            # an hour ahead: the lease is valid
-    lease.write_text(json.dumps({"expiresAt": first}))
+    write_lease(lease, 3600, epoch=42, expires_at=first)
     params = {"symbol": "BTCUSDT", "account": "wjcgm@bbt-sub1", "grid": [1, 2.5], "nested": {"a": None}}
     r = runners(store(tmp_path / "files", CTX_RECORDER, ".mjs"), params,
                 QUANTLAB_STRATEGY_ID="grid-btc-sub1", QUANTLAB_EPOCH="42", QUANTLAB_WORKER_ID="worker-003",
@@ -274,27 +343,18 @@ def test_ctx_fields_reach_the_strategy(runners, tmp_path):
         "proxy": "http://127.0.0.1:8890", "leaseExpiresAt": first,
     }
     # The supervisor renews the lease: the strategy sees the new deadline on a later beat.
-    lease.write_text(json.dumps({"expiresAt": first + 180_000}))
+    write_lease(lease, 3780, epoch=42, expires_at=first + 180_000)
     wait_for(lambda: r.state().get("lease") == first + 180_000, what="the renewed lease in ctx")
-    lease.write_text(json.dumps({"expiresAt": None}))
-    wait_for(lambda: "lease" in r.state() and r.state()["lease"] is None, what="a null lease in ctx")
+    # Neither "no lease" nor another epoch's lease takes back the one the runner enforces.
+    replace_file(lease, json.dumps({"epoch": 42, "expiresAt": None}))
+    holds_until(lambda: r.state().get("lease") == first + 180_000, boot_seconds() + 0.5, "the renewed lease")
+    write_lease(lease, 7200, epoch=41)
+    holds_until(lambda: r.state().get("lease") == first + 180_000, boot_seconds() + 0.5, "the renewed lease")
     # ctx.log: one line per call, ISO timestamp first.
     line = r.stdout().splitlines()[0]
     stamp, rest = line.split(" ", 1)
     assert stamp.endswith("Z") and "T" in stamp and rest.startswith("lease ")
     assert line.endswith(" two\\nlines")  # a newline in the text stays on one line, escaped
-
-
-def test_a_runner_whose_lease_ran_out_stops_itself(runners, tmp_path):
-    """Defence in depth: the supervisor fences, but a runner orphaned by a killed supervisor must not
-    trade on past its lease either."""
-    lease = tmp_path / "lease.json"
-    lease.write_text(json.dumps({"expiresAt": int(time.time() * 1000) + 3_600_000}))
-    r = runners(store(tmp_path / "files", CTX_RECORDER, ".mjs"), QUANTLAB_LEASE_FILE=str(lease))
-    r.wait_beats(2)
-    lease.write_text(json.dumps({"expiresAt": int(time.time() * 1000) - 1}))
-    assert r.wait_exit(5) == 0
-    assert "lease expired" in r.stderr()
 
 
 def test_empty_proxy_and_missing_lease_file_are_null(runners, tmp_path):
@@ -329,6 +389,209 @@ def test_params_arrive_verbatim_and_nothing_executes(runners, tmp_path):
     r.wait_beats(1)
     assert json.loads(out.read_text()) == params
     assert not marker.exists()
+
+
+# --- the lease watchdog ------------------------------------------------------------------------------
+# The supervisor fences first; these cover a runner whose supervisor is gone (killed, OOM, frozen), so
+# no supervisor is in the picture: the runner alone must stop, however stuck its strategy is.
+
+GRACE_MS = 500      # QUANTLAB_STOP_TIMEOUT_MS in these tests
+GRACE = GRACE_MS / 1000
+LEASE_AHEAD = 1.5   # seconds from writing the lease to its deadline
+SLACK = 1.5         # the watchdog's poll, process start and exit, and a busy machine
+
+LEASE_PROBE = """
+import fs from 'node:fs';
+let calls = 0;
+const note = (ctx, line) => fs.appendFileSync(ctx.params.notes, line + '\\n');
+// Never settles, yet keeps the event loop alive: like a request on a socket that never answers.
+const forever = () => new Promise(() => { setInterval(() => {}, 1000); });
+export function st_init(ctx) { note(ctx, 'init'); }
+export function st_heartbeat(ctx) {
+  calls += 1;
+  ctx.state.lease = ctx.leaseExpiresAt;
+  if (calls < 2 || !ctx.params.stuckBeat) return;
+  note(ctx, 'stuck');
+  if (ctx.params.stuckBeat === 'busy') for (;;) {}
+  return forever();
+}
+export function st_exit(ctx) {
+  note(ctx, 'exit');
+  if (ctx.params.stuckExit) return forever();
+}
+"""
+
+needs_boot_clock = pytest.mark.skipif(not Path("/proc/uptime").exists(), reason="needs Linux /proc/uptime")
+
+
+def start_probe(runners, tmp_path: Path, *, stuck_beat: str | None = None, stuck_exit: bool = False,
+                leased: bool = True, expires_at: int | None = None, **env: str) -> tuple[Runner, float | None]:
+    """Start LEASE_PROBE with a short grace and (if leased) a lease ending LEASE_AHEAD from now.
+    Returns the runner and the lease's boot-time deadline."""
+    lease = tmp_path / "lease.json"
+    deadline = write_lease(lease, LEASE_AHEAD, expires_at=expires_at) if leased else None
+    params = {"notes": str(tmp_path / "notes"), "stuckBeat": stuck_beat, "stuckExit": stuck_exit}
+    env = {"QUANTLAB_STOP_TIMEOUT_MS": str(GRACE_MS), "QUANTLAB_LEASE_FILE": str(lease), **env}
+    return runners(store(tmp_path / "files", LEASE_PROBE, ".mjs"), params, **env), deadline
+
+
+def notes(tmp_path: Path) -> list[str]:
+    path = tmp_path / "notes"
+    return path.read_text().split() if path.exists() else []
+
+
+def wait_stuck(tmp_path: Path) -> None:
+    wait_for(lambda: "stuck" in notes(tmp_path), what="st_heartbeat to get stuck")
+
+
+@needs_boot_clock
+@pytest.mark.parametrize("heartbeat_ms", [HEARTBEAT_MS, 60_000], ids=["beating", "heartbeat-longer-than-lease"])
+def test_a_runner_whose_lease_ran_out_stops_itself(runners, tmp_path, heartbeat_ms):
+    """Defence in depth: a runner orphaned by a killed supervisor must not trade on past its lease,
+    also when its next heartbeat is due long after the lease ends. The boot-time deadline fences: the
+    wall-clock expiresAt is an hour stale here and changes nothing."""
+    stale = int(time.time() * 1000) - 3_600_000
+    r, deadline = start_probe(runners, tmp_path, expires_at=stale, QUANTLAB_HEARTBEAT_MS=str(heartbeat_ms))
+    wait_for(r.heartbeat, what="st_init to finish")
+    gone_at = r.wait_gone(by=deadline + SLACK)
+    assert gone_at > deadline, "stopped before its lease ran out"
+    assert r.proc.returncode == 0
+    assert notes(tmp_path) == ["init", "exit"]
+    assert "quantlab-runner: lease expired" in r.stderr()
+
+
+@needs_boot_clock
+def test_a_runner_frozen_past_its_lease_beats_no_more_when_it_resumes(runners, tmp_path):
+    """A host frozen as a whole (a paused VM) resumes after its lease ended, with a heartbeat long
+    due: the runner must stop without calling st_heartbeat again, before its watchdog even looks."""
+    r, deadline = start_probe(runners, tmp_path)
+    wait_for(lambda: (hb := r.heartbeat()) and hb["beats"] >= 2, what="a few beats")
+    r.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: boot_seconds() > deadline + 0.3, timeout=LEASE_AHEAD + 5, what="the lease to end")
+        beats = r.heartbeat()["beats"]
+    finally:
+        r.proc.send_signal(signal.SIGCONT)
+    r.wait_gone(by=boot_seconds() + GRACE + SLACK)
+    assert r.heartbeat()["beats"] == beats, "st_heartbeat ran after the lease had ended"
+    assert notes(tmp_path)[-1] == "exit"
+
+
+@needs_boot_clock
+def test_lease_expiry_kills_a_heartbeat_stuck_in_a_busy_loop(runners, tmp_path):
+    r, deadline = start_probe(runners, tmp_path, stuck_beat="busy")
+    wait_stuck(tmp_path)
+    gone_at = r.wait_gone(by=deadline + GRACE + SLACK)
+    assert gone_at > deadline, "stopped before its lease ran out"
+    assert r.proc.returncode == -signal.SIGKILL  # the main thread never got to st_exit
+    assert notes(tmp_path) == ["init", "stuck"]
+    assert "quantlab-runner: lease expired" in r.stderr()
+    assert "killing" in r.stderr()
+
+
+@needs_boot_clock
+def test_lease_expiry_runs_st_exit_past_a_heartbeat_that_never_settles(runners, tmp_path):
+    r, deadline = start_probe(runners, tmp_path, stuck_beat="promise")
+    wait_stuck(tmp_path)
+    gone_at = r.wait_gone(by=deadline + GRACE + SLACK)
+    assert gone_at > deadline, "stopped before its lease ran out"
+    assert notes(tmp_path) == ["init", "stuck", "exit"]
+    assert r.proc.returncode == 0  # st_exit returned within the grace: no kill needed
+    assert "quantlab-runner: lease expired" in r.stderr()
+    assert "st_heartbeat still running" in r.stderr()
+
+
+@needs_boot_clock
+def test_a_renewal_in_time_keeps_it_running_until_the_new_deadline(runners, tmp_path):
+    r, first = start_probe(runners, tmp_path)
+    r.wait_beats(1)
+    renewed_expires_at = int((time.time() + 2 * LEASE_AHEAD) * 1000)
+    second = write_lease(tmp_path / "lease.json", 2 * LEASE_AHEAD, expires_at=renewed_expires_at)
+    assert boot_seconds() < first, "the test machine was too slow to renew in time"
+    # Two watchdog polls past the first deadline, it still runs and beats.
+    holds_until(lambda: r.proc.poll() is None, first + 0.5, "the renewed runner")
+    wait_for(lambda: r.state().get("lease") == renewed_expires_at, what="the renewed lease in ctx")
+    gone_at = r.wait_gone(by=second + SLACK)
+    assert gone_at > second, "stopped before its renewed lease ran out"
+    assert r.proc.returncode == 0
+    assert "quantlab-runner: lease expired" in r.stderr()
+
+
+def _another_epoch(lease: Path) -> None:
+    write_lease(lease, 3600, epoch=8)
+
+
+def _no_lease(lease: Path) -> None:
+    replace_file(lease, json.dumps({"epoch": 7, "expiresAt": None}))
+
+
+def _missing(lease: Path) -> None:
+    lease.unlink()
+
+
+def _not_json(lease: Path) -> None:
+    replace_file(lease, '{"epoch": 7, "deadline": ')
+
+
+def _oversized(lease: Path) -> None:
+    text = json.dumps({"epoch": 7, "deadline": boot_seconds() + 3600, "expiresAt": None})
+    replace_file(lease, text + " " * 5000)
+
+
+def _fifo(lease: Path) -> None:
+    lease.unlink()
+    os.mkfifo(lease)  # an open() that waits for a writer would freeze the watchdog
+
+
+@needs_boot_clock
+@pytest.mark.parametrize("replace", [_another_epoch, _no_lease, _missing, _not_json, _oversized, _fifo],
+                         ids=lambda f: f.__name__.strip("_").replace("_", "-"))
+def test_a_lease_file_that_is_not_a_renewal_does_not_extend_it(runners, tmp_path, replace):
+    r, deadline = start_probe(runners, tmp_path)
+    r.wait_beats(1)
+    replace(tmp_path / "lease.json")
+    gone_at = r.wait_gone(by=deadline + SLACK)
+    assert gone_at > deadline, "stopped before its lease ran out"
+    assert r.proc.returncode == 0
+    assert "quantlab-runner: lease expired" in r.stderr()
+
+
+def test_a_runner_whose_parent_died_stops_itself_even_in_a_busy_loop(runners, tmp_path):
+    """The supervisor also sets PR_SET_PDEATHSIG; this covers a parent that died before it could."""
+    r, _ = start_probe(runners, tmp_path, stuck_beat="busy", leased=False, under_parent=True)
+    wait_stuck(tmp_path)
+    pid = r.child_pid()
+    assert pid is not None
+    r.proc.kill()
+    r.proc.wait(timeout=TIMEOUT)
+    wait_for(lambda: pid_gone(pid), GRACE + SLACK, "the orphaned runner to stop")
+    assert "quantlab-runner: parent process" in r.stderr() and "is gone" in r.stderr()
+    assert notes(tmp_path) == ["init", "stuck"]
+
+
+@pytest.mark.parametrize("stuck_exit", [False, True], ids=["st_exit-returns", "st_exit-never-returns"])
+def test_sigterm_while_a_heartbeat_never_settles(runners, tmp_path, stuck_exit):
+    r, _ = start_probe(runners, tmp_path, stuck_beat="promise", stuck_exit=stuck_exit, leased=False)
+    wait_stuck(tmp_path)
+    r.signal(signal.SIGTERM)
+    r.wait_gone(by=boot_seconds() + GRACE + SLACK)
+    assert notes(tmp_path) == ["init", "stuck", "exit"]
+    assert "st_heartbeat still running" in r.stderr()
+    if stuck_exit:
+        assert r.proc.returncode == -signal.SIGKILL
+        assert "killing" in r.stderr()
+    else:
+        assert r.proc.returncode == 0
+
+
+def test_a_promise_nothing_can_settle_still_ends_the_runner(runners, tmp_path):
+    """The watchdog thread must not keep the process alive once the strategy's loop has run dry."""
+    source = ("export function st_init() {}\n"
+              "export function st_heartbeat() { return new Promise(() => {}); }\n"
+              "export function st_exit() {}\n")
+    r = runners(store(tmp_path / "files", source, ".mjs"))
+    assert r.wait_exit() == 1
+    assert "a strategy hook returned a promise that can never settle" in r.stderr()
 
 
 # --- heartbeat errors ---------------------------------------------------------------------------------

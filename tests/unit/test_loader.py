@@ -1,14 +1,28 @@
 """The loader's models and hashes: immutable specs, what spec_hash and fleet_hash react to, and how
-problems are ordered. The corpus of broken fleets lives in test_loader_corpus.py."""
+problems are ordered; and the limits that keep a strange fleet directory (aliases, deep nesting,
+huge or special files, unreadable folders) from hanging the loader or shrinking the fleet. The
+corpus of broken fleets lives in test_loader_corpus.py."""
 from __future__ import annotations
 
 import dataclasses
+import io
+import multiprocessing
 import os
+import resource
+import shutil
+import socket
+import stat
+import sys
+import tempfile
+import traceback
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pytest
+import yaml
 
 from quantlab.spec import Fleet, FleetInvalid, Problem, load_fleet
+from quantlab.spec import loader
 
 WORKERS = """\
 apiVersion: quantlab/v1
@@ -241,7 +255,10 @@ def test_no_usable_fleet_directory(tmp_path: Path, make, fragment: str) -> None:
     ("scheduling: {stopTimeoutSeconds: .nan}\n", "is not a JSON number"),
     ("params: {1: a, b: c}\n", "key '1' reads as integer 1, not a string"),
     ("? \n: 1\n", "reads as null None"),
-], ids=["python-tag", "unknown-tag", "undefined-alias", "deep-nesting", "set", "nan", "int-key", "null-key"])
+    ("params: {a: " + "1" * 5000 + "}\n", "is too long to read"),
+    ("? " + "[" * 600 + "]" * 600 + "\n: 1\n", "a list or mapping cannot be a key"),
+], ids=["python-tag", "unknown-tag", "undefined-alias", "deep-nesting", "set", "nan", "int-key", "null-key",
+        "int-of-5000-digits", "deeply-nested-key"])
 def test_odd_yaml_is_a_problem_not_a_crash(tmp_path: Path, text: str, fragment: str) -> None:
     base = "".join(line for line in STRATEGY.splitlines(keepends=True)
                    if not line.startswith(("params:", "scheduling:")))
@@ -252,3 +269,360 @@ def test_odd_yaml_is_a_problem_not_a_crash(tmp_path: Path, text: str, fragment: 
     (problem,) = info.value.problems
     assert problem.file == str(root / "strategies.yaml") and problem.line == 9
     assert fragment in problem.message
+
+
+# --- Limits: nesting, aliases, sizes, long values ------------------------------------------------
+
+def _strategy_with(text: str) -> str:
+    """STRATEGY with its params line (line 6) replaced by `text`."""
+    return STRATEGY.replace("params: {symbol: BTCUSDT, grid: {levels: 10, spacing: 0.004}}\n", text)
+
+
+@pytest.mark.parametrize("levels,refused", [(62, False), (63, True)], ids=["64-deep", "65-deep"])
+def test_nesting_is_capped_at_64_levels(tmp_path: Path, levels: int, refused: bool) -> None:
+    # The document is level 1 and params level 2: 62 nested lists in params.a reach level 64.
+    root = make_fleet(tmp_path / "fleet", _strategy_with("params: {a: " + "[" * levels + "]" * levels + "}\n"))
+    if not refused:
+        assert load_fleet(root).strategies["s1"].params["a"]
+        return
+    with pytest.raises(FleetInvalid) as info:
+        load_fleet(root)
+    assert [str(p) for p in info.value.problems] == [
+        f"{root / 'strategies.yaml'}:6: params: nested deeper than 64 levels; flatten it"]
+
+
+def test_an_alias_that_contains_itself_is_a_problem(tmp_path: Path) -> None:
+    root = make_fleet(tmp_path / "fleet", _strategy_with("params: {loop: &loop [1, *loop]}\n"))
+    with pytest.raises(FleetInvalid) as info:
+        load_fleet(root)
+    (problem,) = info.value.problems
+    assert problem.line == 6 and "nested deeper than 64 levels" in problem.message
+
+
+def test_the_value_budget_counts_every_use_of_an_alias(tmp_path: Path) -> None:
+    # 1,000 uses of one list of 1,000: a small file, a million values once expanded.
+    text = "params:\n  row: &row [" + ", ".join(["0"] * 1000) + "]\n  rows: [" + ", ".join(["*row"] * 1000) + "]\n"
+    root = make_fleet(tmp_path / "fleet", _strategy_with(text))
+    with pytest.raises(FleetInvalid) as info:
+        load_fleet(root)
+    (problem,) = info.value.problems
+    assert problem.line == 6 and "expands to more than 1,000,000 values" in problem.message
+
+
+def test_deep_nesting_without_libyaml_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # PyYAML's pure-Python parser (used when libyaml is missing) recurses once per level.
+    monkeypatch.setattr(loader, "_FleetLoader", yaml.SafeLoader)
+    root = make_fleet(tmp_path / "fleet", _strategy_with("params: {a: " + "[" * 1500 + "]" * 1500 + "}\n"))
+    with pytest.raises(FleetInvalid) as info:
+        load_fleet(root)
+    (problem,) = info.value.problems
+    assert problem.file == str(root / "strategies.yaml") and "nested too deeply to read" in problem.message
+
+
+@pytest.mark.parametrize("extra_bytes,refused", [(0, False), (1, True)], ids=["96-KiB", "96-KiB-and-1"])
+def test_params_are_capped_at_96_KiB_of_json(tmp_path: Path, extra_bytes: int, refused: bool) -> None:
+    # canonical JSON: {"a":"…"} is 8 bytes around the string; "é" is 2 bytes in UTF-8.
+    value = "é" * 1000 + "x" * (96 * 1024 - 8 - 2000 + extra_bytes)
+    root = make_fleet(tmp_path / "fleet", _strategy_with(f"params: {{a: '{value}'}}\n"))
+    if not refused:
+        assert load_fleet(root).strategies["s1"].params["a"] == value
+        return
+    with pytest.raises(FleetInvalid) as info:
+        load_fleet(root)
+    assert [(p.line, p.message.split(":")[:2]) for p in info.value.problems] == [
+        (6, ["Strategy s1", " params are 98,305 bytes as JSON, more than 96 KiB"])]
+
+
+LONG = "x" * 1_000_000
+
+
+@pytest.mark.parametrize("edit,line,fragment", [
+    (lambda t: t.replace("heartbeatMs: 60000", f"heartbeatMs: '{LONG}'"), 8, "(1000000 characters)"),
+    (lambda t: t.replace("desiredState: running", f"desiredState: {LONG}"), 7, "(1000000 characters)"),
+    (lambda t: t.replace("id: s1", f"id: {LONG}"), 3, "(1000000 characters)"),
+    (lambda t: t.replace("kind: Strategy", f"kind: {LONG}"), 2, "(1000000 characters)"),
+    (lambda t: t + f"? {LONG}\n: 1\n", 11, "unknown field 'xxxxxxxx"),
+    (lambda t: t.replace("name: Grid BTC", f"name: [{', '.join(['x'] * 100_000)}]"), 4, "['x', 'x', 'x', 'x', ...]"),
+    (lambda t: t.replace("strategies/grid.js", f"strategies/{LONG}.js"), 5, "(1000014 characters)"),
+    (lambda t: t.replace("heartbeatMs: 60000", "heartbeatMs: " + "9" * 4000), 8, "… (4000 characters) is too large"),
+], ids=["type", "enum", "pattern", "kind", "unknown-field", "long-list", "strategy-file", "huge-integer"])
+def test_long_values_are_clipped_in_messages(tmp_path: Path, edit: Callable[[str], str], line: int,
+                                             fragment: str) -> None:
+    root = make_fleet(tmp_path / "fleet", edit(STRATEGY))
+    with pytest.raises(FleetInvalid) as info:
+        load_fleet(root)
+    (problem,) = info.value.problems
+    assert problem.line == line
+    assert len(problem.message) < 400 and fragment in problem.message, problem.message[:1000]
+
+
+def test_a_message_is_clipped_as_a_whole() -> None:
+    reader = loader._Reader(Path("."))
+    reader.problem(("a.yaml", 1), "y" * 50_000)
+    (problem,) = reader.problems
+    assert problem.message == "y" * loader.MAX_MESSAGE + "… (50000 characters)"
+
+
+def _sparse_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def test_a_yaml_file_over_16_MiB_is_refused_unread(fleet_dir: Path) -> None:
+    _sparse_file(fleet_dir / "huge.yaml", 16 * 2**20 + 1)
+    with pytest.raises(FleetInvalid) as info:
+        load_fleet(fleet_dir)
+    assert [str(p) for p in info.value.problems] == [
+        f"{fleet_dir / 'huge.yaml'}: larger than 16 MiB; split it into smaller files"]
+
+
+def test_a_yaml_file_of_exactly_16_MiB_is_read(fleet_dir: Path) -> None:
+    text = WORKERS.replace("w1", "w2")
+    (fleet_dir / "big.yaml").write_text(text + "#" * (16 * 2**20 - len(text) - 1) + "\n")
+    assert set(load_fleet(fleet_dir).workers) == {"w1", "w2"}
+
+
+def test_a_strategy_file_over_16_MiB_is_refused(fleet_dir: Path) -> None:
+    _sparse_file(fleet_dir / "strategies" / "grid.js", 16 * 2**20 + 1)
+    with pytest.raises(FleetInvalid) as info:
+        load_fleet(fleet_dir)
+    (problem,) = info.value.problems
+    assert problem.line == 5 and "strategyFile 'strategies/grid.js' is larger than 16 MiB" in problem.message
+
+
+# --- Strange entries in the fleet directory ------------------------------------------------------
+# Loads that could hang or exhaust memory before these fixes run in a forked child with a
+# deadline and a memory cap. As root, permission bits do not stop reads: the child then drops to
+# an unprivileged user, and the fleet lives in a folder that user can reach.
+
+NOBODY = 65534
+CHILD_DEADLINE = 30.0
+
+
+def _load_in_child(root: Path, unprivileged: bool = False) -> tuple[str, Any]:
+    """("valid", strategy ids) | ("invalid", problems) | ("crash", traceback) of load_fleet(root)."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child_load, args=(send, root, unprivileged), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(CHILD_DEADLINE):
+            pytest.fail(f"load_fleet({root}) did not finish within {CHILD_DEADLINE:g} s")
+        return receive.recv()
+    finally:
+        child.kill()
+        child.join(CHILD_DEADLINE)
+        receive.close()
+
+
+def _child_load(send: Any, root: Path, unprivileged: bool) -> None:
+    try:
+        _cap_memory(2**30)
+        if unprivileged:
+            _drop_root()
+        fleet = load_fleet(root)
+        send.send(("valid", sorted(fleet.strategies)))
+    except FleetInvalid as exc:
+        send.send(("invalid", exc.problems))
+    except BaseException:
+        send.send(("crash", traceback.format_exc()))
+
+
+def _cap_memory(extra: int) -> None:
+    # A device read to its end must fail fast here instead of filling the machine's memory.
+    with open("/proc/self/statm") as statm:
+        in_use = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (in_use + extra, in_use + extra))
+
+
+def _drop_root() -> None:
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+
+def _problems(result: tuple[str, Any]) -> list[str]:
+    kind, detail = result
+    assert kind == "invalid", detail
+    return [str(p) for p in detail]
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A temporary folder an unprivileged user can reach (pytest's tmp_path is private to root).
+    Permissions the test took away are given back before it is removed."""
+    folder = Path(tempfile.mkdtemp(prefix="quantlab-loader-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        _make_removable(folder)
+        shutil.rmtree(folder)
+
+
+def _make_removable(folder: Path) -> None:
+    folder.chmod(0o700)
+    for dirpath, dirnames, _ in os.walk(folder):   # top-down: each folder is opened before it is listed
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o700)
+
+
+@pytest.fixture
+def open_fleet(open_tmp: Path) -> Path:
+    root = make_fleet(open_tmp / "fleet")
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    assert _load_in_child(root, unprivileged=True) == ("valid", ["s1"])     # readable as it stands
+    return root
+
+
+def _make_fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _make_char_device(path: Path) -> None:
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 5))      # /dev/zero: never ends
+    except PermissionError:
+        pytest.skip("creating a device needs root (CAP_MKNOD)")
+
+
+def _make_socket(path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+
+
+SPECIAL = [(_make_fifo, "a FIFO (named pipe)"), (_make_char_device, "a character device"),
+           (_make_socket, "a socket")]
+SPECIAL_IDS = ["fifo", "char-device", "socket"]
+
+
+@pytest.mark.parametrize("make,kind", SPECIAL, ids=SPECIAL_IDS)
+def test_a_special_file_named_yaml_is_refused_without_opening_it(open_tmp: Path, make, kind: str) -> None:
+    root = make_fleet(open_tmp / "fleet")
+    make(root / "odd.yaml")
+    assert _problems(_load_in_child(root)) == [
+        f"{root / 'odd.yaml'}: is {kind}, not a regular file; remove it or rename it"]
+
+
+@pytest.mark.parametrize("make,kind", SPECIAL, ids=SPECIAL_IDS)
+def test_a_special_strategy_file_is_refused_without_opening_it(open_tmp: Path, make, kind: str) -> None:
+    root = make_fleet(open_tmp / "fleet")
+    (root / "strategies" / "grid.js").unlink()
+    make(root / "strategies" / "grid.js")
+    assert _problems(_load_in_child(root)) == [
+        f"{root / 'strategies.yaml'}:5: Strategy s1: strategyFile 'strategies/grid.js' is not a regular file "
+        f"but {kind}; point strategyFile at a regular file"]
+
+
+def test_a_symlink_inside_the_fleet_to_a_special_file_is_refused(open_tmp: Path) -> None:
+    root = make_fleet(open_tmp / "fleet")
+    os.mkfifo(root / "strategies" / "pipe")
+    os.symlink("strategies/pipe", root / "linked.yaml")
+    assert _problems(_load_in_child(root)) == [
+        f"{root / 'linked.yaml'}: is a FIFO (named pipe), not a regular file; remove it or rename it"]
+
+
+def test_an_unreadable_folder_is_a_problem_not_a_smaller_fleet(open_fleet: Path) -> None:
+    more = open_fleet / "more"
+    more.mkdir(mode=0o755)
+    (more / "s2.yaml").write_text(STRATEGY.replace("id: s1", "id: s2").replace("acc1", "acc2"))
+    (more / "s2.yaml").chmod(0o644)
+    assert _load_in_child(open_fleet, unprivileged=True) == ("valid", ["s1", "s2"])
+    more.chmod(0o000)
+    assert _problems(_load_in_child(open_fleet, unprivileged=True)) == [
+        f"{more}: cannot read folder: Permission denied; fix its permissions"]
+
+
+def test_a_folder_that_can_be_listed_but_not_entered_is_a_problem(open_fleet: Path) -> None:
+    more = open_fleet / "more"
+    more.mkdir(mode=0o755)
+    (more / "s2.yaml").write_text(STRATEGY.replace("id: s1", "id: s2"))
+    more.chmod(0o644)          # names can be listed, files cannot be opened
+    assert _problems(_load_in_child(open_fleet, unprivileged=True)) == [
+        f"{more / 's2.yaml'}: cannot read: Permission denied; check its permissions"]
+
+
+def test_an_unreadable_yaml_file_is_a_problem(open_fleet: Path) -> None:
+    (open_fleet / "workers.yaml").chmod(0o000)
+    assert _problems(_load_in_child(open_fleet, unprivileged=True)) == [
+        f"{open_fleet / 'workers.yaml'}: cannot read: Permission denied; check its permissions"]
+
+
+def test_an_unreadable_hidden_folder_is_still_skipped(open_fleet: Path) -> None:
+    (open_fleet / ".quantlab").mkdir(mode=0o000)
+    assert _load_in_child(open_fleet, unprivileged=True) == ("valid", ["s1"])
+
+
+@pytest.mark.parametrize("target", ["strategies/grid.js", "strategies"], ids=["file", "folder"])
+def test_an_unreadable_strategy_file_is_a_problem(open_fleet: Path, target: str) -> None:
+    (open_fleet / target).chmod(0o000)
+    # The walk for YAML files also meets the unreadable folder, and says so.
+    folder = [f"{open_fleet / 'strategies'}: cannot read folder: Permission denied; fix its permissions"]
+    assert _problems(_load_in_child(open_fleet, unprivileged=True)) == (folder if target == "strategies" else []) + [
+        f"{open_fleet / 'strategies.yaml'}:5: Strategy s1: strategyFile 'strategies/grid.js' cannot be read: "
+        "Permission denied; check its permissions"]
+
+
+def test_an_unreadable_fleet_directory_is_one_problem(open_fleet: Path) -> None:
+    open_fleet.chmod(0o000)
+    assert _problems(_load_in_child(open_fleet, unprivileged=True)) == [
+        f"{open_fleet}: cannot read folder: Permission denied; fix its permissions"]
+
+
+def test_a_fleet_directory_that_cannot_be_reached_is_one_problem(open_fleet: Path) -> None:
+    open_fleet.parent.chmod(0o000)
+    assert _problems(_load_in_child(open_fleet, unprivileged=True)) == [
+        f"{open_fleet}: cannot read fleet directory: Permission denied; fix its permissions or pass another "
+        "--fleet DIR"]
+
+
+def test_a_special_file_as_fleet_directory_is_one_problem(open_tmp: Path) -> None:
+    os.mkfifo(open_tmp / "fleet")
+    assert _problems(_load_in_child(open_tmp / "fleet")) == [
+        f"{open_tmp / 'fleet'}: fleet directory is not a directory; pass --fleet DIR or set QUANTLAB_FLEET"]
+
+
+def test_cli_validate_reports_an_unreadable_fleet_directory_in_one_line(open_fleet: Path) -> None:
+    from quantlab.cli import app
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child_validate, args=(send, app, open_fleet), daemon=True)
+    open_fleet.chmod(0o000)
+    child.start()
+    send.close()
+    try:
+        assert receive.poll(CHILD_DEADLINE), "quantlab validate did not finish"
+        code, stderr = receive.recv()
+    finally:
+        child.kill()
+        child.join(CHILD_DEADLINE)
+        receive.close()
+    assert code == 1, stderr
+    assert stderr.splitlines()[0] == f"{open_fleet}: cannot read folder: Permission denied; fix its permissions"
+    assert "Traceback" not in stderr and len(stderr.splitlines()) == 2, stderr
+
+
+def _child_validate(send: Any, app: Any, root: Path) -> None:
+    empty = Path(tempfile.mkdtemp())
+    try:
+        sys.stdout = sys.stderr = io.StringIO()
+        try:                  # the error path's lazy imports happen as root (the stdlib may be root-only)
+            app(["validate", "--fleet", str(empty)])
+        except SystemExit:
+            pass
+        empty.rmdir()
+        sys.stderr = io.StringIO()
+        _drop_root()
+        try:
+            app(["validate", "--fleet", str(root)])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        send.send((code, sys.stderr.getvalue()))
+    except BaseException:
+        send.send((-1, traceback.format_exc()))
