@@ -198,8 +198,7 @@ class Controller:
         recorded before it is sent, and what the hosts said recorded after. `fallback`: `fleet`
         comes from the state file (the fleet directory does not validate)."""
         memory = self.ledger.memory
-        gathered = self.prober(fleet).round(fleet, memory, renew=renewals(memory),
-                                            before_send=self.ledger.bound_leases)
+        gathered = self.prober(fleet).round(fleet, memory, renew=renewals(memory), leases=self.ledger)
         addresses = {} if fallback else self.addresses(fleet)
         now = self.clock.mono()
 

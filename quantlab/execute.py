@@ -218,22 +218,24 @@ class Executor:
 
         # The intent is recorded before the host is asked: should this run die, or the answer be lost,
         # the next one knows a copy may run there, and that no lease it got outlives until + TTL.
-        def intend(m: Memory) -> None:
-            record(m, intended)
-            if ttl_ms:
-                m.bound_lease(target, until + ttl_ms)
-        self.rec.update(intend)
+        ledger = self.rec.ledger
+        booking = ledger.request_leases({target: until + ttl_ms} if ttl_ms else {}, lambda m: record(m, intended))
         # A move continues where the strategy left off: its last checkpoint goes to the new worker.
         checkpoint = self.rec.checkpoints.load(a.strategy) if a.action == "move" and self.rec.checkpoints else None
         try:
             result = self._start(target, spec, a.epoch, a.paused, until, checkpoint)
         except TransportError as exc:
             if not exc.maybe_ran:                   # it never reached the host: nothing was started
+                ledger.settle_lease(booking, target, None)
                 self.rec.update(lambda m: record(m, previous))
-            raise                                   # else it may run there: keep the record (and bound)
+            else:                                   # it may run there: keep the record and the bound
+                ledger.settle_lease(booking, target, until + ttl_ms)
+            raise
         except (AgentError, OSError):
+            ledger.settle_lease(booking, target, None)
             self.rec.update(lambda m: record(m, previous))   # the host said no: nothing was started
             raise
+        ledger.settle_lease(booking, target, self.rec.clock.mono() + ttl_ms)
         if checkpoint:
             result += f", checkpoint of {len(checkpoint.get('files', {}))} file(s) restored"
         failover = a.action == "move" and a.cause in UNREACHABLE_SOURCE

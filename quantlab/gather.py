@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Protocol
 
 from .clock import Clock
 from .hosts import AgentError, HostKey, Hosts, Lane
@@ -48,6 +48,14 @@ class Gathered:
     @property
     def silent(self) -> list[str]:
         return [wid for wid, s in self.observed.workers.items() if not s.reachable]
+
+
+class LeaseRequests(Protocol):
+    """Where renewals are booked before they are sent and settled after (ledger.Ledger)."""
+
+    def request_leases(self, bounds: dict[str, int]) -> int: ...
+
+    def settle_lease(self, booking: int, worker: str, until: int | None) -> None: ...
 
 
 def renewals(memory: Memory) -> dict[str, dict[str, int]]:
@@ -119,6 +127,8 @@ class _Call:
     deadline: int                          # mono ms
     later: dict[str, dict[str, int]] = field(default_factory=dict)   # renewals once a cold host answers
     future: Future = field(default_factory=Future)
+    booking: int | None = None             # the lease requests this call's renewals were booked under
+    sent_at: int = 0                       # mono ms
     answer: dict[str, Any] | None = None
     answered_at: int = 0
     host_clock: HostClock | None = None
@@ -154,24 +164,25 @@ class Prober:
 
     def round(self, fleet: Fleet, memory: Memory, *, renew: dict[str, dict[str, int]] | None = None,
               checkpoints: dict[str, dict[str, int]] | None = None, deadline_s: float | None = None,
-              before_send: Callable[[dict[str, int]], None] | None = None) -> Gathered:
+              leases: LeaseRequests | None = None) -> Gathered:
         """Probe every host of `fleet` once. `renew` and `checkpoints` (worker -> strategy -> epoch)
-        name the leases to extend and the checkpoints to copy. `before_send` gets, before any
-        renewal is sent, the bound (worker -> mono ms) past which no lease it asks for can live; it
-        must record it durably (the call may reach the host even if its answer never comes back)."""
+        name the leases to extend and the checkpoints to copy. Renewals need `leases`: before any is
+        sent, the bound (worker -> mono ms) past which no lease it asks for can live is booked there
+        (durably: the call may reach the host even if its answer never comes back), and each is
+        settled once its fate is known."""
         started_s = time.monotonic()
         t0 = self.clock.mono()
         settings = fleet.settings
-        wanted = renew if renew and settings.monitor.fencing else {}
+        wanted = renew if renew and settings.monitor.fencing and leases is not None else {}
         budget = deadline_s if deadline_s is not None else settings.probe_deadline_s
         result = Gathered(ObservedState({}, t0), started=t0)
         states: dict[str, WorkerState] = {}
         first: list[_Call] = []
+        carried: list[_Call] = []       # still outstanding from an earlier round: their answer counts here
         for key, members in self.hosts.groups(list(fleet.workers.values())).items():
-            busy = self._busy(key, t0)
-            if busy is not None:
-                for w in members:
-                    states[w.id] = WorkerState(w.id, False, error=busy)
+            outstanding = self._outstanding_call(key)
+            if outstanding is not None:
+                carried.append(outstanding)
                 continue
             renew_here = {w.id: wanted[w.id] for w in members if wanted.get(w.id)}
             warm = self._is_warm(key)
@@ -180,42 +191,46 @@ class Prober:
                          renew_here if warm else {}, t0 + int(seconds * 1000))
             call.later = {} if warm else renew_here
             first.append(call)
-        self._phase(first, memory, settings, before_send)
+        self._phase(first, settings, leases, carried, t0 + int(budget * 1000))
         second = [_Call(c.key, c.members, c.request, c.later, self.clock.mono() + int(budget * 1000))
                   for c in first if c.later and c.done and c.error is None and c.host_clock is not None]
-        self._phase(second, memory, settings, before_send)
+        self._phase(second, settings, leases)
         renewed = {c.key: c for c in second}
         for call in first:
             self._collect(renewed.get(call.key, call), result, states)
+        for call in carried:
+            self._collect(call, result, states, t0)
         result.observed = ObservedState(dict(sorted(states.items())), self.clock.mono())
         result.host_events.sort(key=lambda e: (e.get("t", 0), e["worker"], e["strategy"]))
         result.seconds = time.monotonic() - started_s
         return result
 
-    def _phase(self, calls: list["_Call"], memory: Memory, settings: Any,
-               before_send: Callable[[dict[str, int]], None] | None) -> None:
-        """Send `calls` (their renewals' bound recorded first) and wait for them until the last deadline."""
-        if not calls:
+    def _phase(self, calls: list["_Call"], settings: Any, leases: LeaseRequests | None,
+               carried: list["_Call"] = (), carried_until: int = 0) -> None:
+        """Send `calls` (their renewals booked first) and wait for them until the last deadline (and
+        for `carried`, calls of earlier rounds, until `carried_until`)."""
+        if not calls and not carried:
             return
         ttl_ms = int(settings.monitor.lease_ttl_s * 1000)
         bounds = {wid: call.deadline + ttl_ms for call in calls for wid in call.renew}
-        if bounds and before_send is not None:
-            before_send(bounds)
+        booking = leases.request_leases(bounds) if bounds and leases is not None else None
         for call in calls:
-            self._dispatch(call, memory, settings.monitor.lease_ttl_s)
-        last = max(call.deadline for call in calls)
-        wait([call.future for call in calls], timeout=max(0.0, (last - self.clock.mono()) / 1000) + 0.05)
+            if call.renew:
+                call.booking = booking
+            self._dispatch(call, settings.monitor.lease_ttl_s, leases)
+        last = max([call.deadline for call in calls] + ([carried_until] if carried else []))
+        wait([call.future for call in [*calls, *carried]], timeout=max(0.0, (last - self.clock.mono()) / 1000) + 0.05)
 
     # --- one host ------------------------------------------------------------------------------
 
-    def _busy(self, key: HostKey, now: int) -> str | None:
+    def _outstanding_call(self, key: HostKey) -> _Call | None:
+        """The probe of `key` an earlier round sent and is still waiting for: at most one at a time."""
         with self._lock:
             found = self._outstanding.get(key)
-            if found is None or found[0].done():
+            if found is None or found.done:
                 self._outstanding.pop(key, None)
                 return None
-        return (f"its previous probe (sent {(now - found[1]) / 1000:.1f}s ago) has not answered yet; "
-                "the host may be overloaded or frozen")
+            return found
 
     def _request(self, members: list[WorkerSpec], memory: Memory,
                  checkpoints: dict[str, dict[str, int]] | None) -> dict[str, Any]:
@@ -225,19 +240,38 @@ class Prober:
             "checkpoints": {w.id: (checkpoints or {})[w.id] for w in members if w.id in (checkpoints or {})},
         }
 
-    def _dispatch(self, call: _Call, memory: Memory, ttl_s: float) -> None:
+    def _dispatch(self, call: _Call, ttl_s: float, leases: LeaseRequests | None) -> None:
+        call.sent_at = self.clock.mono()
         with self._lock:
-            self._outstanding[call.key] = (call.future, self.clock.mono())
+            self._outstanding[call.key] = call
 
         def run() -> None:
             try:
                 self._call_host(call, ttl_s)
-                call.future.set_result(call)
             except BaseException as exc:  # noqa: BLE001 - handed to the round, which says it per host
                 with self._lock:
                     self._warm.discard(call.key)
+                self._settle(call, leases, int(ttl_s * 1000), exc)
                 call.future.set_exception(exc)
+                return
+            self._settle(call, leases, int(ttl_s * 1000), None)
+            call.future.set_result(call)
         threading.Thread(target=run, name=f"probe-{call.key}", daemon=True).start()
+
+    @staticmethod
+    def _settle(call: _Call, leases: LeaseRequests | None, ttl_ms: int, failure: BaseException | None) -> None:
+        """Each renewal's fate: granted (its lease ends by the answer's arrival + TTL), not reached
+        (nothing), or unknown (the answer was lost after the request went out: the whole bound)."""
+        if leases is None or call.booking is None:
+            return
+        for wid in call.renew:
+            if failure is None:
+                answer = ((call.answer or {}).get("workers") or {}).get(wid) or {}
+                until = call.answered_at + ttl_ms if answer.get("renewed") else None
+            else:
+                reached = call.renewals_sent and getattr(failure, "maybe_ran", True)
+                until = call.deadline + ttl_ms if reached else None
+            leases.settle_lease(call.booking, wid, until)
 
     def _is_warm(self, key: HostKey) -> bool:
         with self._lock:
@@ -276,13 +310,16 @@ class Prober:
 
     # --- the round's result --------------------------------------------------------------------
 
-    def _collect(self, call: _Call, result: Gathered, states: dict[str, WorkerState]) -> None:
+    def _collect(self, call: _Call, result: Gathered, states: dict[str, WorkerState], now: int | None = None) -> None:
+        """`call`'s answer into this round's result (`now`: given for a call carried from an earlier round)."""
         members = call.members
         if not call.done:
-            budget = (call.deadline - result.started) / 1000
+            if now is not None:
+                why = f"its probe sent {(now - call.sent_at) / 1000:.1f}s ago has not answered yet"
+            else:
+                why = f"no answer within the probe deadline of {(call.deadline - result.started) / 1000:.3g}s"
             for w in members:
-                states[w.id] = WorkerState(w.id, False, error=f"no answer within the probe deadline of {budget:.3g}s; "
-                                                             "the host may be overloaded or frozen")
+                states[w.id] = WorkerState(w.id, False, error=f"{why}; the host may be overloaded or frozen")
             return
         try:
             call.future.result()
@@ -354,9 +391,14 @@ def remember_into(m: Memory, gathered: Gathered, addresses: dict[str, dict[str, 
     """Record a round: who answered when (and the host clocks they answered with), restart counts
     mirrored from the supervisors, the newest host events recorded, and how to reach every worker.
     Lease bounds are not here: they are recorded before a request is sent."""
-    m.answered.update(gathered.answered_at)
-    m.last_seen.update(gathered.seen_wall)
-    m.host_clocks.update(gathered.host_clocks)
+    # Rounds may overlap, and an older one may be recorded after a newer one: times only move forward.
+    for wid, at in gathered.answered_at.items():
+        m.answered[wid] = max(m.answered.get(wid, 0), at)
+    for wid, at in gathered.seen_wall.items():
+        m.last_seen[wid] = max(m.last_seen.get(wid, 0), at)
+    for wid, host_clock in gathered.host_clocks.items():
+        if wid not in m.host_clocks or m.host_clocks[wid].at < host_clock.at:
+            m.host_clocks[wid] = host_clock
     for sid, p in m.placements.items():
         state = gathered.observed.worker(p.worker)
         inst = state.instances.get(sid) if state is not None and state.reachable else None

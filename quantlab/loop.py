@@ -13,13 +13,14 @@ SIGINT/SIGTERM let the running rounds finish, then the daemon exits 0.
 """
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Callable
+from typing import Any, Callable
 
 from .controller import Controller
 from .execute import Outcome
@@ -46,7 +47,7 @@ class ReconcileLoop:
         self.lock_timeout = lock_timeout
         self._invalid_reported: str | None = None
         self._skip_reported: str | None = None
-        self._scheduler = None
+        self._interval: float | None = None           # the interval the fleet asks for, as last loaded
         self._fleet: Fleet | None = None              # the last fleet that validated
         self._latest: Gathered | None = None          # the newest renewal round
         self._rounds = threading.Condition()
@@ -90,7 +91,9 @@ class ReconcileLoop:
             return None
         self._skip_reported = None
         with self._rounds:
-            self._latest = gathered
+            # Rounds may overlap (a slow host holds one open past the next one's start): keep the newest.
+            if self._latest is None or gathered.started >= self._latest.started:
+                self._latest = gathered
             self._rounds.notify_all()
         return gathered
 
@@ -108,7 +111,7 @@ class ReconcileLoop:
             problems = (self._invalid_reported or "").count("\n") + 1
             return self._done(started, False, f"fleet invalid ({problems} problem(s)); renewed leases on "
                                               f"{len(gathered.renewed)} workers, {down} not answering")
-        self._follow_interval(fleet.settings.reconcile_interval_s)
+        self._interval = fleet.settings.reconcile_interval_s       # the main thread follows it
         result = self.ctl.apply(PlanOptions(), command="reconcile", fleet=fleet, gathered=gathered,
                                 lock_timeout=self.lock_timeout, background_renewals=False)
         return self._summary(started, gathered, result.plan, result.outcomes)
@@ -191,30 +194,37 @@ class ReconcileLoop:
         finally:
             self._acted_at = self.ctl.clock.mono()
 
-    def _follow_interval(self, seconds: float) -> None:
-        if self._scheduler is None:
-            return
+    def _follow_interval(self, scheduler: Any, current: float) -> float:
+        """Reschedule both jobs when the fleet's interval changed. Called from the main thread only:
+        a job that calls into the scheduler can deadlock with its shutdown."""
+        seconds = self._interval
+        if seconds is None or seconds == current:
+            return current
         from apscheduler.triggers.interval import IntervalTrigger
         for job_id in ("renew", "reconcile"):
-            job = self._scheduler.get_job(job_id)
-            if job is not None and job.trigger.interval.total_seconds() != seconds:
-                job.reschedule(IntervalTrigger(seconds=seconds))
-                if job_id == "renew":
-                    self.log(f"reconcile interval is now {seconds:g}s")
+            scheduler.reschedule_job(job_id, trigger=IntervalTrigger(seconds=seconds))
+        self.log(f"reconcile interval is now {seconds:g}s")
+        return seconds
 
     def run_forever(self, interval: float, stop: threading.Event | None = None) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.interval import IntervalTrigger
 
+        # An act round that is still acting when its next run is due is skipped by design; APScheduler
+        # would warn about it every interval.
+        logging.getLogger("apscheduler.executors.default").setLevel(logging.ERROR)
+        logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+
         stop = stop or threading.Event()
         self._load()
         scheduler = BackgroundScheduler(timezone=timezone.utc)
-        self._scheduler = scheduler
         now = datetime.now(timezone.utc)
-        for job_id, fn, first in (("renew", self._renew_job, now),
-                                  ("reconcile", self._act_job, now + timedelta(milliseconds=10))):
-            scheduler.add_job(fn, IntervalTrigger(seconds=interval), id=job_id, max_instances=1, coalesce=True,
-                              next_run_time=first, misfire_grace_time=None)
+        # Two renewal rounds may run at once: a round still waiting for a slow host must not make the
+        # next one late for the others (each host has at most one probe outstanding anyway).
+        for job_id, fn, first, overlap in (("renew", self._renew_job, now, 2),
+                                           ("reconcile", self._act_job, now + timedelta(milliseconds=10), 1)):
+            scheduler.add_job(fn, IntervalTrigger(seconds=interval), id=job_id, max_instances=overlap,
+                              coalesce=True, next_run_time=first, misfire_grace_time=None)
         previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -223,11 +233,10 @@ class ReconcileLoop:
         scheduler.start()
         try:
             while not stop.wait(0.5):
-                pass
+                interval = self._follow_interval(scheduler, interval)
             self.log("stopping: letting the running rounds finish")
         finally:
             scheduler.shutdown(wait=True)
-            self._scheduler = None
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.ctl.close()

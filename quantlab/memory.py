@@ -80,7 +80,7 @@ class Memory:
     began: int | None = None                                   # when this lineage's first state was saved
     placements: dict[str, Placement] = field(default_factory=dict)
     leases: dict[str, int] = field(default_factory=dict)       # worker -> until when a lease granted there
-                                                               # may live (the latest request's bound)
+                                                               # may live (kept by ledger.LeaseBook)
     restarts: dict[str, int] = field(default_factory=dict)     # strategy -> restarts (mirrored from hosts)
     answered: dict[str, int] = field(default_factory=dict)     # worker -> when its host last answered
     last_seen: dict[str, int] = field(default_factory=dict)    # worker -> the same, epoch ms (for people)
@@ -163,11 +163,6 @@ class Memory:
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc
-
-    def bound_lease(self, worker: str, until_ms: int) -> None:
-        """A request that may grant (or extend) a lease on `worker` was sent; no lease it can grant
-        outlives `until_ms`. Bounds only grow: an earlier request may still be in flight."""
-        self.leases[worker] = max(self.leases.get(worker, 0), until_ms)
 
     def rebase(self, now_ms: int, boot_id: str, ttl_s: float) -> "Memory":
         """This state as seen by a controller on boot `boot_id` at `now_ms`. Judged times recorded on

@@ -91,6 +91,16 @@ class StateStore:
         self._saved, self._serial, self._saved_bytes = memory.content_json(), memory.serial, data
         return memory
 
+    def changed_since_saved(self) -> bool:
+        """Whether the file is other than what this store last read or wrote (another process wrote it)."""
+        try:
+            on_disk: bytes | None = read_regular(self.path, STATE_CAP_BYTES)
+        except FileNotFoundError:
+            on_disk = None
+        except OSError:
+            return True
+        return on_disk != self._saved_bytes
+
     # --- writing -------------------------------------------------------------------------------
 
     def save(self, memory: Memory) -> Memory:

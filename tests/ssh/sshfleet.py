@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import signal
 import subprocess
 import sys
 import time
@@ -96,6 +97,7 @@ class SshFleet:
         self.workers: dict[str, dict[str, Any]] = {}
         self.worker_hosts: dict[str, str] = {}          # worker id -> cluster host name its workdir is on
         self.strategies: dict[str, dict[str, Any]] = {}
+        self.daemons: list[subprocess.Popen] = []
 
     # --- writing -----------------------------------------------------------------------------------
 
@@ -159,6 +161,29 @@ class SshFleet:
             assert result.returncode == check, f"expected exit {check}\n{result.describe()}"
         return result
 
+    def spawn(self, *args: Any, log: Path) -> subprocess.Popen:
+        """Start `python -m quantlab ARGS --fleet DIR` in its own session (the reconcile daemon),
+        its output into `log`; killed by `reap()` at teardown."""
+        # PYTHONFAULTHANDLER: a test that finds it hung can SIGABRT it for every thread's stack (stop()).
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([PYTHON, "-m", "quantlab", *map(str, args), "--fleet", str(self.dir)],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env={**cli_env(), "PYTHONFAULTHANDLER": "1"}, cwd=REPO, start_new_session=True)
+        self.daemons.append(proc)
+        return proc
+
+    @staticmethod
+    def stop(daemon: subprocess.Popen, log: Path, timeout: float = 30.0) -> int:
+        """SIGTERM the daemon and wait for it to exit; returns its exit code. A daemon that does not
+        exit in time is aborted (its threads' stacks land in its log) and the test fails with the log."""
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            return daemon.wait(timeout)
+        except subprocess.TimeoutExpired:
+            daemon.send_signal(signal.SIGABRT)
+            daemon.wait(10)
+            raise AssertionError(f"the daemon did not stop within {timeout:g}s of SIGTERM:\n{log.read_text()[-20000:]}")
+
     def apply(self) -> dict[str, str]:
         """`apply --yes`; every action must succeed. Returns strategy -> worker of the starts."""
         result = self.cli("apply", "--yes", "--output", "json")
@@ -170,8 +195,11 @@ class SshFleet:
         return self.cli("status", "--output", "json").json()
 
     def placements(self) -> dict[str, str]:
-        """strategy -> worker, as the state file records them."""
-        state = json.loads((self.dir / ".quantlab" / "state.json").read_text())
+        """strategy -> worker, as the state file records them (none before there is a state file)."""
+        path = self.dir / ".quantlab" / "state.json"
+        if not path.exists():
+            return {}
+        state = json.loads(path.read_text())
         return {sid: p["worker"] for sid, p in state["placements"].items()}
 
     def controller(self) -> Any:
@@ -230,4 +258,11 @@ class SshFleet:
     # --- teardown ------------------------------------------------------------------------------------
 
     def reap(self) -> list[Proc]:
+        for proc in self.daemons:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            proc.wait(timeout=10)
         return kill_all(self.markers)
