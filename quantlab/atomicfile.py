@@ -14,7 +14,7 @@ class NotARegularFile(OSError):
     """The path exists but cannot be read as a file: the message says what it is and what to do."""
 
 
-def _kind(mode: int) -> str:
+def describe_kind(mode: int) -> str:
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
@@ -27,12 +27,12 @@ def read_regular(path: Path, cap: int) -> bytes:
     `cap` bytes. FileNotFoundError when it is missing; NotARegularFile for anything else wrong."""
     mode = os.stat(path).st_mode            # before any open: opening a device can have effects
     if not stat.S_ISREG(mode):
-        raise NotARegularFile(f"{path} is {_kind(mode)}, not a regular file")
+        raise NotARegularFile(f"{path} is {describe_kind(mode)}, not a regular file")
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise NotARegularFile(f"{path} is {_kind(info.st_mode)}, not a regular file")
+            raise NotARegularFile(f"{path} is {describe_kind(info.st_mode)}, not a regular file")
         if info.st_size > cap:
             raise NotARegularFile(f"{path} is larger than {cap // MiB} MiB ({info.st_size} bytes)")
         chunks, total = [], 0

@@ -258,7 +258,10 @@ def apply(
         for b in result.blocked:
             err.print(f"[red]Refused by the {escape(b.guard)} guard:[/] {escape(b.reason)}")
         _lease_warning(ctl, done.fleet, ctl.ledger.memory)
-    if failed or result.blocked:
+    if ctl.events.failure:
+        err.print(f"[red]Error:[/] {escape(ctl.events.failure)}; what was done is in the state file, "
+                  "but not in the history")
+    if failed or result.blocked or ctl.events.failure:
         raise typer.Exit(1)
 
 
@@ -413,12 +416,13 @@ def events(
 def _unrecorded_host_events(ctl: Controller) -> list[dict[str, Any]]:
     """What the supervisors logged on the hosts since the last run that writes state recorded it
     (restarts, errors, a lease that ran out while no reconcile ran). Read only: the next apply or
-    reconcile records them for good. Nothing when the fleet or the state cannot be read."""
+    reconcile records them for good. Nothing when the fleet does not validate or a host does not
+    answer; a state file that cannot be read is an error (StateError) like for every command."""
     try:
         loaded = ctl.load_fleet()
         memory = ctl.read_memory(loaded)
         gathered = ctl.observe(loaded, memory)
-    except (FleetInvalid, StateError, TransportError, AgentError):
+    except (FleetInvalid, TransportError, AgentError):
         return []
     finally:
         ctl.close()

@@ -87,6 +87,7 @@ class Controller:
     _hosts: Hosts | None = field(default=None, init=False)
     _prober: Prober | None = field(default=None, init=False)
     _notifier: Notifier | None = field(default=None, init=False)
+    _events_failure_said: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.store = StateStore(self.state_path)
@@ -163,10 +164,16 @@ class Controller:
         """Nothing is written beside a folder that is not a fleet: a reconcile run by cron from the
         wrong working directory must say so, not start a state of its own there."""
         root = self.fleet_dir
-        if not root.is_dir():
-            what = "is not a directory" if root.exists() else "not found"
-            raise StateError(f"{root}: fleet directory {what}; pass --fleet DIR or set QUANTLAB_FLEET")
-        if self.state_path.exists() or self.state_path.parent != root / ".quantlab":
+        try:
+            os.listdir(root)
+        except FileNotFoundError:
+            raise StateError(f"{root}: fleet directory not found; pass --fleet DIR or set QUANTLAB_FLEET") from None
+        except NotADirectoryError:
+            raise StateError(f"{root}: fleet directory is not a directory; pass --fleet DIR or set "
+                             "QUANTLAB_FLEET") from None
+        except OSError as exc:
+            raise StateError(f"{root}: cannot read the fleet directory: {exc.strerror}; fix its permissions") from None
+        if os.path.lexists(self.state_path) or self.state_path.parent != root / ".quantlab":
             return
         for _, dirs, files in os.walk(root):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -270,7 +277,7 @@ class Controller:
                 self.checkpoints.save(sid, checkpoint)
             elif self.checkpoints.forget(sid):
                 # Too large to copy now: an older copy must not be restored as if it were current.
-                self.events.append({"t": self.clock.wall(), "event": "checkpoint-dropped", "strategy": sid,
+                self.record_event({"t": self.clock.wall(), "event": "checkpoint-dropped", "strategy": sid,
                                     "actor": "monitor", "detail": "checkpoint folder over 1 MiB: not copied; "
                                     "a move will start it without its state"})
         now = self.clock.mono()
@@ -281,12 +288,18 @@ class Controller:
         if not notices:
             return
         for notice in notices:
-            self.events.append({**notice, "event": "notify", "actor": "monitor"})
+            self.record_event({**notice, "event": "notify", "actor": "monitor"})
         self.notifier(settings).submit([{**n, "fleet": str(self.fleet_dir)} for n in notices])
+
+    def record_event(self, event: dict[str, Any]) -> None:
+        """Into the events log; a log that cannot be written is said once, and stops nothing."""
+        if not self.events.append(event) and self.events.failure != self._events_failure_said:
+            self.log(f"warning: {self.events.failure}; history is not recorded until it is fixed")
+            self._events_failure_said = self.events.failure
 
     def record_host_events(self, gathered: Gathered) -> None:
         for event in gathered.host_events:
-            self.events.append({**event, "actor": f"supervisor@{event['worker']}"})
+            self.record_event({**event, "actor": f"supervisor@{event['worker']}"})
 
     def check_plan_file(self, saved: Plan, fleet: Fleet, memory: Memory) -> None:
         """A saved plan applies only to the state and fleet it was made from."""

@@ -56,10 +56,8 @@ class Recorder:
         self.ledger.update(change)
 
     def event(self, **fields: Any) -> None:
-        try:
-            self.events.append({"t": self.clock.wall(), "actor": self.actor, **self.revision, **fields})
-        except OSError:
-            pass        # history is best effort: a full disk must not stop the actions themselves
+        # History is best effort: an events log that cannot be written never stops the actions.
+        self.events.append({"t": self.clock.wall(), "actor": self.actor, **self.revision, **fields})
 
 
 Progress = Callable[[str, Action, "Outcome | None"], None]

@@ -129,6 +129,7 @@ class _Call:
     future: Future = field(default_factory=Future)
     booking: int | None = None             # the lease requests this call's renewals were booked under
     sent_at: int = 0                       # mono ms
+    gives_up_at: int = 0                   # mono ms; later than the deadline for a first probe
     answer: dict[str, Any] | None = None
     answered_at: int = 0
     host_clock: HostClock | None = None
@@ -150,16 +151,18 @@ class Prober:
 
     Only a warm host is sent renewals at once: its request goes out over a live connection, so the
     bound recorded before the round is the bound of a request that does reach it. A cold host is
-    first probed plainly (that may take a new connection, so its deadline includes the connect
-    timeout); if it answers, its renewals follow in a second phase of the same round, their bound
-    recorded first. A host that stops answering turns cold, so its bound is not pushed forward on
-    every round of an outage (it would never surely expire)."""
+    first probed plainly (that may take a new connection: the call may take the connect timeout
+    more, though only a first round waits that long); if it answers in time, its renewals follow in
+    a second phase of the same round, their bound recorded first. A host that stops answering turns
+    cold, so its bound is not pushed forward on every round of an outage (it would never surely
+    expire)."""
 
     def __init__(self, hosts: Hosts, clock: Clock, lane: Lane = "probe"):
         self.hosts, self.clock, self.lane = hosts, clock, lane
-        self._outstanding: dict[HostKey, tuple[Future, int]] = {}
+        self._outstanding: dict[HostKey, _Call] = {}
         self._warm: set[HostKey] = set()
         self._clocks: dict[HostKey, HostClock] = {}
+        self._rounds = 0
         self._lock = threading.Lock()
 
     def round(self, fleet: Fleet, memory: Memory, *, renew: dict[str, dict[str, int]] | None = None,
@@ -186,11 +189,18 @@ class Prober:
                 continue
             renew_here = {w.id: wanted[w.id] for w in members if wanted.get(w.id)}
             warm = self._is_warm(key)
-            seconds = budget if warm or key.host == "local" else budget + settings.ssh.connect_timeout_s
             call = _Call(key, members, self._request(members, memory, checkpoints),
-                         renew_here if warm else {}, t0 + int(seconds * 1000))
-            call.later = {} if warm else renew_here
+                         renew_here if warm else {}, t0 + int(budget * 1000))
+            if not warm:
+                # A first probe may need a new connection (and the agent shipped): it may take longer
+                # than the round waits for it, and its answer then counts in a later round. Only a
+                # process's first round waits for it (plan, status, a run from cron, a daemon's start).
+                call.gives_up_at = call.deadline + int(settings.ssh.connect_timeout_s * 1000)
+                if self._rounds == 0:
+                    call.deadline = call.gives_up_at
+                call.later = renew_here
             first.append(call)
+        self._rounds += 1
         self._phase(first, settings, leases, carried, t0 + int(budget * 1000))
         second = [_Call(c.key, c.members, c.request, c.later, self.clock.mono() + int(budget * 1000))
                   for c in first if c.later and c.done and c.error is None and c.host_clock is not None]
@@ -279,7 +289,7 @@ class Prober:
             return key in self._warm and clock is not None and self.clock.mono() - clock.at <= HOST_CLOCK_MAX_AGE_MS
 
     def _ask(self, call: _Call, request: dict[str, Any]) -> dict[str, Any]:
-        left = (call.deadline - self.clock.mono()) / 1000
+        left = (max(call.deadline, call.gives_up_at) - self.clock.mono()) / 1000
         agent = self.hosts.agent(call.key, call.members, self.lane)
         answer = agent.call("probe", request, max(0.1, left))
         call.answered_at = self.clock.mono()

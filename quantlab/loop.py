@@ -124,10 +124,11 @@ class ReconcileLoop:
             self.log(f"  {o.action.action} {o.action.strategy} {o.action.worker or o.action.target}: {mark}")
         for b in plan.blocked:
             self.log(f"  blocked ({b.guard}): {b.reason}")
+        unrecorded = self.ctl.events.failure
         message = (f"probed {len(gathered.observed.workers)} workers in {gathered.seconds:.2f}s"
                    f"{f' ({down} not answering)' if down else ''}; {plan_summary(plan)}"
-                   f"{f' {len(failed)} failed.' if failed else ''}")
-        return self._done(started, not failed and not plan.blocked, message, outcomes)
+                   f"{f' {len(failed)} failed.' if failed else ''}{f' {unrecorded}.' if unrecorded else ''}")
+        return self._done(started, not failed and not plan.blocked and not unrecorded, message, outcomes)
 
     def _done(self, started: float, ok: bool, message: str, outcomes: list[Outcome] | None = None) -> Tick:
         tick = Tick(ok, time.monotonic() - started, message, outcomes or [])

@@ -36,7 +36,7 @@ from .spec import NotifySettings
 
 # Kinds that are alerts (told once when raised, once when they clear): kept when a queue overflows.
 ALERT_KINDS = frozenset({"worker-offline", "action-failed", "guard-blocked", "resolved", "failover-brake",
-                         "fleet-invalid", "instance-problem"})
+                         "fleet-invalid", "instance-problem", "renew-refused"})
 
 MAX_REPLY_BYTES = 64 * 1024      # a webhook's answer is read (it is part of the delivery) but not kept
 STDERR_SHOWN_CHARS = 200
@@ -44,6 +44,7 @@ REASON_SHOWN_CHARS = 400
 # The watchdog ends a delivery at its deadline; these timeouts, this much later, only back it up
 # (a socket read, a command's descendant that left its group and still holds our stderr pipe).
 BACKSTOP_S = 1.0
+CUT_SHORT_GRACE_S = 1.0         # how long close() waits, after its deadline, for a cut-short delivery to log
 
 Log = Callable[[str], None]
 
@@ -104,8 +105,9 @@ class Notifier:
         self.flush(max(0.0, deadline - time.monotonic()))
         for sink in (self._webhook, self._command):
             sink.stop()
+        # A moment more for a delivery just cut short to say so, before the process may end.
         for sink in (self._webhook, self._command):
-            sink.join(deadline)
+            sink.join(max(deadline, time.monotonic()) + CUT_SHORT_GRACE_S)
 
 
 # --- one queue and its thread -------------------------------------------------------------------

@@ -101,7 +101,8 @@ def status_tables(report: dict, now_ms: int) -> list:
               "running": "green", "paused": "magenta", "pending": "yellow", "queued": "yellow",
               "error": "red", "stopped": "dim"}
     workers = Table(title="Workers", title_justify="left", expand=False)
-    for name in ("WORKER", "HOST", "REGION", "STATUS", "STRATEGIES", "CPU", "FREE MEM", "LAST SEEN", "NOTE"):
+    for name in ("WORKER", "HOST", "REGION", "STATUS", "STRATEGIES", "CPU", "FREE MEM", "LAST SEEN", "CONTAINMENT",
+                 "NOTE"):
         workers.add_column(name)
     for w in report["workers"]:
         flags = " cordoned" if w["cordoned"] else ""
@@ -113,7 +114,8 @@ def status_tables(report: dict, now_ms: int) -> list:
             f"[{colors.get(w['status'], 'white')}]{w['status']}[/]{flags}",
             f"{len(w['runningStrategies'])}/{w['maxStrategies']}",
             "—" if w["cpu"] is None else f"{w['cpu']:.2f}",
-            "—" if w["memory"] is None else f"{w['memory']} MB", seen, escape(_worker_note(w)))
+            "—" if w["memory"] is None else f"{w['memory']} MB", seen, w.get("containment") or "—",
+            escape(_worker_note(w)))
     strategies = Table(title="Strategies", title_justify="left", expand=False)
     for name in ("STRATEGY", "STATUS", "WORKER", "HEARTBEAT", "ERRORS", "RESTARTS", "REVISION", "LEASE", "NOTE"):
         strategies.add_column(name)
@@ -123,7 +125,7 @@ def status_tables(report: dict, now_ms: int) -> list:
         if not s["upToDate"] and s["desiredSpecHash"]:
             revision += " [yellow](changed)[/]"
         lease = "—" if s["leaseLeftSeconds"] is None else _age(s["leaseLeftSeconds"] * 1000)
-        note = s["lastError"] or s["reason"] or ""
+        note = "; ".join(s.get("problems") or ()) or s["lastError"] or s["reason"] or ""
         strategies.add_row(
             s["id"], f"[{colors.get(s['status'], 'white')}]{status}[/]", s["workerId"] or "—",
             _age(s["heartbeatAgeMs"]), "—" if s["errorCount"] is None else str(s["errorCount"]),

@@ -39,7 +39,7 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
             entry.update(status=_STATUS_OF.get(inst.status, inst.status), startedAt=inst.started_at,
                          stoppedAt=inst.stopped_at, errorCount=inst.error_count, lastError=inst.last_error,
                          restarts=inst.restarts, heartbeatAgeMs=inst.heartbeat_age_ms,
-                         leaseLeftSeconds=inst.lease_left_s, reason=inst.reason)
+                         leaseLeftSeconds=inst.lease_left_s, reason=inst.reason, problems=list(inst.problems))
             healthy = health.instance_healthy(inst, spec)[0] if spec else False
         elif placed is not None:
             # Not seen now: its worker is not answering, or the copy is gone.

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from .atomicfile import MiB, NotARegularFile, atomic_write, read_regular
+from .atomicfile import MiB, NotARegularFile, atomic_write, describe_kind, read_regular
 from .memory import Memory, MemoryFormatError
 from .plan import Plan
 
@@ -70,6 +70,7 @@ class StateStore:
             return Memory()
         except OSError as exc:
             raise StateError(f"{self.path}: cannot read the state file: {exc.strerror}") from exc
+        self._refuse_if_not_a_file(st.st_mode)
         if st.st_mode & 0o002:
             raise StateError(f"{self.path}: state file is world-writable; refusing to trust it. "
                              f"Check who changed it, then run: chmod 600 {self.path}")
@@ -100,6 +101,19 @@ class StateStore:
         except OSError:
             return True
         return on_disk != self._saved_bytes
+
+    def _refuse_if_not_a_file(self, mode: int | None = None) -> None:
+        """A state path that is a device, FIFO or folder is a mistake to report, never to write beside."""
+        if mode is None:
+            try:
+                mode = self.path.stat().st_mode
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                raise StateError(f"{self.path}: cannot read the state file: {exc.strerror}") from exc
+        if not stat.S_ISREG(mode):
+            raise StateError(f"{self.path} is {describe_kind(mode)}, not a regular file; quantlab keeps its state "
+                             "there: move it away, or pass --state FILE for another place")
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -149,6 +163,7 @@ class StateStore:
     def lock(self, timeout: float = 0.0, command: str | None = None) -> Iterator[None]:
         """Hold the state lock (flock on a sibling file). Fails at once, naming the holder, unless
         `timeout` says how long to wait."""
+        self._refuse_if_not_a_file()
         try:
             self.lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
@@ -213,11 +228,20 @@ class EventLog:
     def __init__(self, path: str | Path, max_bytes: int = 5 * 1024 * 1024, keep: int = 3):
         self.path = Path(path)
         self.max_bytes, self.keep = max_bytes, keep
+        self.failure: str | None = None       # why the last append failed, if it did
         self._lock = threading.Lock()          # apply records outcomes from one thread per host
 
-    def append(self, event: dict[str, Any]) -> None:
+    def append(self, event: dict[str, Any]) -> bool:
+        """Add one event; False (and `failure` says why) when it could not be written. History is
+        best effort: a full disk or a FIFO in the log's place must never stop what it records."""
         with self._lock:
-            self._append(event)
+            try:
+                self._append(event)
+            except OSError as exc:
+                self.failure = f"{self.path}: cannot write the events log: {exc}"
+                return False
+            self.failure = None
+            return True
 
     def _append(self, event: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -228,8 +252,11 @@ class EventLog:
                 self._rotate()
         except FileNotFoundError:
             pass
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        # O_NONBLOCK: a FIFO put in the log's place fails the open instead of hanging it.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotARegularFile(f"{self.path} is not a regular file")
             os.write(fd, line)
         finally:
             os.close(fd)
