@@ -273,9 +273,8 @@ def _lease_warning(ctl: Controller, fleet: Fleet, memory: Any) -> None:
     monitor = fleet.settings.monitor
     if not monitor.fencing or not memory.placements:
         return
-    recent = 3 * fleet.settings.reconcile_interval_s * 1000
-    if memory.loop_renewal is not None and \
-            ctl.clock.mono() - memory.loop_renewal <= max(recent, monitor.lease_ttl_s * 500):
+    recent_ms = 1000 * max(3 * fleet.settings.reconcile_interval_s, monitor.lease_ttl_s / 2)
+    if memory.loop_renewal is not None and ctl.clock.mono() - memory.loop_renewal <= recent_ms:
         return
     err.print(f"[yellow]Warning:[/] strategies stop in {monitor.lease_ttl_s:g} s unless `quantlab reconcile` runs: "
               "no reconcile loop has renewed their leases recently (see Fencing in the README).")

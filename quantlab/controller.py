@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import logging
 import os
 import socket
 import sys
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -45,6 +47,13 @@ def default_state_path(fleet_dir: Path) -> Path:
 
 class StalePlan(StateError):
     pass
+
+
+def quiet_scheduler_logs() -> None:
+    """A round still running when its next run is due is skipped by design (an act round that acts
+    long, a third renewal round while two wait for slow hosts); APScheduler would warn each time."""
+    logging.getLogger("apscheduler.executors.default").setLevel(logging.ERROR)
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
 class PlanChanged(StateError):
@@ -87,6 +96,8 @@ class Controller:
     _hosts: Hosts | None = field(default=None, init=False)
     _prober: Prober | None = field(default=None, init=False)
     _notifier: Notifier | None = field(default=None, init=False)
+    _act_lane: Prober | None = field(default=None, init=False)
+    _lazy_lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _events_failure_said: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -104,26 +115,37 @@ class Controller:
         return fleet_revision(self.fleet_dir)
 
     def hosts(self, fleet: Fleet) -> Hosts:
-        if self._hosts is None:
-            self._hosts = Hosts(fleet, accept_new_host_keys=self.accept_new_host_keys)
-        else:
-            self._hosts.update(fleet)
-        return self._hosts
+        with self._lazy_lock:             # the renewal and act threads of a daemon both come here
+            if self._hosts is None:
+                self._hosts = Hosts(fleet, accept_new_host_keys=self.accept_new_host_keys)
+            else:
+                self._hosts.update(fleet)
+            return self._hosts
 
     def prober(self, fleet: Fleet) -> Prober:
         """The probe lane's prober, kept for the life of this controller (it remembers which host
         still has a probe outstanding, and each host's clock)."""
         hosts = self.hosts(fleet)
-        if self._prober is None or self._prober.hosts is not hosts:
-            self._prober = Prober(hosts, self.clock)
-        return self._prober
+        with self._lazy_lock:
+            if self._prober is None or self._prober.hosts is not hosts:
+                self._prober = Prober(hosts, self.clock)
+            return self._prober
+
+    def _act_prober(self, fleet: Fleet) -> Prober:
+        """Probes on the act lane (checkpoint copies), kept like the probe lane's."""
+        hosts = self.hosts(fleet)
+        with self._lazy_lock:
+            if self._act_lane is None or self._act_lane.hosts is not hosts:
+                self._act_lane = Prober(hosts, self.clock, lane="act")
+            return self._act_lane
 
     def notifier(self, settings: FleetSettings) -> Notifier:
-        if self._notifier is None:
-            self._notifier = Notifier(settings.notify, self.log)
-        else:
-            self._notifier.update(settings.notify)
-        return self._notifier
+        with self._lazy_lock:
+            if self._notifier is None:
+                self._notifier = Notifier(settings.notify, self.log)
+            else:
+                self._notifier.update(settings.notify)
+            return self._notifier
 
     def close(self, flush_s: float = 5.0) -> None:
         """Close the connections; deliver what notices are queued for at most `flush_s`."""
@@ -133,7 +155,7 @@ class Controller:
         if self._hosts is not None:
             self._hosts.close()
             self._hosts = None
-            self._prober = None
+            self._prober = self._act_lane = None
 
     def actor(self, command: str) -> str:
         try:
@@ -204,7 +226,7 @@ class Controller:
         """A renewal round: every lease of a current placement is renewed, the bound of each request
         recorded before it is sent, and what the hosts said recorded after. `fallback`: `fleet`
         comes from the state file (the fleet directory does not validate)."""
-        memory = self.ledger.memory
+        memory = self.ledger.refresh(fleet.settings.monitor.lease_ttl_s)
         gathered = self.prober(fleet).round(fleet, memory, renew=renewals(memory), leases=self.ledger)
         addresses = {} if fallback else self.addresses(fleet)
         now = self.clock.mono()
@@ -251,8 +273,10 @@ class Controller:
             except Exception as exc:  # noqa: BLE001 - a round that fails is logged; the next one runs
                 self.log(f"renewal round failed: {exc!r}")
         interval = fleet.settings.reconcile_interval_s
+        quiet_scheduler_logs()
         scheduler = BackgroundScheduler(timezone=timezone.utc)
-        scheduler.add_job(job, IntervalTrigger(seconds=interval), id="renew", max_instances=1, coalesce=True,
+        # Two rounds may overlap, as in the daemon: one waiting for a slow host never makes the next late.
+        scheduler.add_job(job, IntervalTrigger(seconds=interval), id="renew", max_instances=2, coalesce=True,
                           misfire_grace_time=None,
                           next_run_time=datetime.now(timezone.utc) + timedelta(seconds=interval))
         scheduler.start()
@@ -261,17 +285,19 @@ class Controller:
         finally:
             scheduler.shutdown(wait=True)
 
-    def copy_checkpoints(self, fleet: Fleet) -> None:
-        """Copy the checkpoints that are due, on the act lane (they may be large: never in a renewal)."""
-        due = checkpoints_due(fleet, self.ledger.memory, self.clock.mono())
+    def copy_checkpoints(self, fleet: Fleet, answered: Gathered, skip: set[str]) -> None:
+        """Copy the checkpoints that are due, on the act lane (they may be large: never in a renewal),
+        from the workers that answered the latest renewal round (a silent one would only hold this up),
+        leaving out the strategies in `skip` (just started: nothing to copy yet)."""
+        due = {wid: {sid: epoch for sid, epoch in wanted.items() if sid not in skip}
+               for wid, wanted in checkpoints_due(fleet, self.ledger.memory, self.clock.mono()).items()
+               if wid in answered.answered_at and wid in fleet.workers}
+        due = {wid: wanted for wid, wanted in due.items() if wanted}
         if not due:
             return
-        workers = {w: fleet.workers[w] for w in due if w in fleet.workers}
-        subset = Fleet(fleet.root, fleet.settings, fleet.strategies, MappingProxyType(workers), fleet.fleet_hash,
-                       fleet.files)
-        deadline = fleet.settings.ssh.command_timeout_s
-        gathered = Prober(self.hosts(fleet), self.clock, lane="act").round(
-            subset, self.ledger.memory, checkpoints=due, deadline_s=deadline)
+        subset = Fleet(fleet.root, fleet.settings, fleet.strategies,
+                       MappingProxyType({w: fleet.workers[w] for w in due}), fleet.fleet_hash, fleet.files)
+        gathered = self._act_prober(fleet).round(subset, self.ledger.memory, checkpoints=due)
         for sid, checkpoint in gathered.checkpoints.items():
             if checkpoint is not None:
                 self.checkpoints.save(sid, checkpoint)
@@ -369,7 +395,6 @@ class Controller:
                    progress: Progress | None, background_renewals: bool) -> ApplyResult:
         renewing = self.renewing(fleet) if background_renewals and plan.actions else contextlib.nullcontext()
         with renewing:
-            # First the checkpoints that are due, so that a move in this plan carries the newest one.
-            self.copy_checkpoints(fleet)
             outcomes = self.execute(fleet, plan, command, progress)
+            self.copy_checkpoints(fleet, gathered, {a.strategy for a in plan.actions})
         return ApplyResult(fleet, plan, gathered, outcomes)

@@ -15,12 +15,13 @@ from typing import Any, Callable
 
 from .clock import Clock
 from .gather import not_after
+from .health import lease_surely_expired_at
 from .hosts import RUNNER_PATH, AgentError, HostKey, Hosts, host_key, strategy_remote_path
 from .ledger import Ledger
 from .memory import Memory, Placement
 from .plan import Action, Plan
 from .spec import Fleet, StrategySpec, WorkerSpec, worker_launch
-from .store import CheckpointStore, EventLog
+from .store import CheckpointStore, EventLog, StateError
 from .transport.base import TransportError
 
 # A move off one of these is not preceded by a stop: the planner moves only once the old copy's lease
@@ -91,7 +92,7 @@ class Executor:
     def _worker(self, worker_id: str) -> WorkerSpec:
         worker = self.fleet.workers.get(worker_id)
         if worker is None:
-            raise AgentError(worker_id, "worker is not in the fleet any more")
+            raise AgentError(worker_id, "worker is not in the fleet any more", maybe_ran=False)
         return worker
 
     def _start(self, worker_id: str, spec: StrategySpec, epoch: int, paused: bool, until: int,
@@ -115,10 +116,11 @@ class Executor:
                     self.hosts.upload_strategy(worker, spec)
             answer = agent.call("start", request, max(0.1, (until - self.rec.clock.mono()) / 1000))
         result = answer.get("result")
-        if result == "refused":
-            raise AgentError(agent.label, f"start of {spec.id} refused: {answer.get('reason')}; nothing was started")
+        if result in ("refused", "busy"):
+            raise AgentError(agent.label, f"start of {spec.id} {result}: {answer.get('reason')}; nothing was started",
+                             maybe_ran=False)
         if result not in ("started", "already-running"):
-            raise AgentError(agent.label, f"start of {spec.id} answered {answer}")
+            raise AgentError(agent.label, f"start of {spec.id} answered {answer}")    # what it did is unknown
         return str(result)
 
     def _simple(self, command: str, worker_id: str, strategy: str, epoch: int | None, grace: float,
@@ -127,6 +129,10 @@ class Executor:
         request = {"workdir": self.hosts.workdir(worker), "strategy": strategy, "epoch": epoch,
                    "stopTimeoutSeconds": grace, "reason": reason, **extra}
         answer = self.hosts.agent_for(worker).call(command, request, self.settings.ssh.command_timeout_s + grace + 5)
+        if answer.get("result") == "busy":
+            # Its instance lock is held (by the strategy, perhaps): nothing was done, and a move must not
+            # start a second copy on the strength of a stop that did not happen.
+            raise AgentError(worker_id, f"{command} of {strategy} not done: {answer.get('reason')}", maybe_ran=False)
         if answer.get("result") == "unconfirmed":
             raise AgentError(worker_id, f"{command} of {strategy} was not confirmed: {answer}")
         return answer
@@ -181,25 +187,46 @@ class Executor:
         return p.epoch if p is not None and p.worker == worker else None
 
     def run_phase(self, a: Action) -> Outcome:
-        spec = self.fleet.strategies.get(a.strategy)
+        """The second phase: pauses, resumes, and every start (start, restart, a move's new copy)."""
         if a.action in ("pause", "resume"):
-            assert a.worker is not None
-            result = str(self._simple(a.action, a.worker, a.strategy, a.epoch, 0, a.reason).get("result"))
-            paused = a.action == "pause"
+            return self._set_paused(a)
+        return self._start_copy(a)
 
-            def mark(m: Memory) -> None:
-                p = m.placements.get(a.strategy)
-                if p is not None:
-                    m.placements[a.strategy] = dataclasses.replace(p, paused=paused)
-            self.rec.update(mark)
-            return Outcome(a, True, result)
+    def _set_paused(self, a: Action) -> Outcome:
+        assert a.worker is not None
+        result = str(self._simple(a.action, a.worker, a.strategy, a.epoch, 0, a.reason).get("result"))
+        paused = a.action == "pause"
+
+        def mark(m: Memory) -> None:
+            p = m.placements.get(a.strategy)
+            if p is not None:
+                m.placements[a.strategy] = dataclasses.replace(p, paused=paused)
+        self.rec.update(mark)
+        return Outcome(a, True, result)
+
+    def _lease_still_alive(self, a: Action) -> bool:
+        """A failover is planned once the old copy's lease has surely run out; a renewal that got
+        through since (its host came back) may have revived it: then the move waits for the next plan."""
+        assert a.source is not None
+        spec = self.fleet.strategies[a.strategy]
+        expiry = lease_surely_expired_at(a.strategy, a.source, self.rec.memory, self.settings.monitor,
+                                         spec.scheduling.stop_timeout_s)
+        return expiry > self.rec.clock.mono()
+
+    def _start_copy(self, a: Action) -> Outcome:
+        spec = self.fleet.strategies.get(a.strategy)
         if spec is None:
-            raise AgentError(a.strategy, "strategy is not in the fleet any more")
+            raise AgentError(a.strategy, "strategy is not in the fleet any more", maybe_ran=False)
         target = a.target if a.action == "move" else a.worker
         assert target is not None and a.epoch is not None
         worker = self._worker(target)
         if self.settings.monitor.fencing and target not in self.rec.memory.host_clocks:
-            raise AgentError(target, "its host has not answered a probe with its clock yet; the start waits for it")
+            raise AgentError(target, "its host has not answered a probe with its clock yet; the start waits for it",
+                             maybe_ran=False)
+        if a.action == "move" and a.cause in UNREACHABLE_SOURCE and self.settings.monitor.fencing \
+                and self._lease_still_alive(a):
+            raise AgentError(target, f"the copy on {a.source} may hold a lease again (its host answered a renewal "
+                                     "since this plan was made); nothing was started", maybe_ran=False)
         ttl_ms = int(self.settings.monitor.lease_ttl_s * 1000)
         until = self.rec.clock.mono() + int(start_timeout_s(self.fleet, spec) * 1000)
         previous = self.rec.memory.placements.get(a.strategy)
@@ -222,18 +249,14 @@ class Executor:
         checkpoint = self.rec.checkpoints.load(a.strategy) if a.action == "move" and self.rec.checkpoints else None
         try:
             result = self._start(target, spec, a.epoch, a.paused, until, checkpoint)
-        except TransportError as exc:
-            if not exc.maybe_ran:                   # it never reached the host: nothing was started
+        except (TransportError, AgentError, OSError) as exc:
+            if getattr(exc, "maybe_ran", True):     # it may run there: keep the record and the bound
+                ledger.settle_lease(booking, target, until + ttl_ms)
+            else:                                   # it never ran, or the host said no: nothing started
                 ledger.settle_lease(booking, target, None)
                 self.rec.update(lambda m: record(m, previous))
-            else:                                   # it may run there: keep the record and the bound
-                ledger.settle_lease(booking, target, until + ttl_ms)
             raise
-        except (AgentError, OSError):
-            ledger.settle_lease(booking, target, None)
-            self.rec.update(lambda m: record(m, previous))   # the host said no: nothing was started
-            raise
-        ledger.settle_lease(booking, target, self.rec.clock.mono() + ttl_ms)
+        ledger.settle_lease(booking, target, min(self.rec.clock.mono(), until) + ttl_ms)
         if checkpoint:
             result += f", checkpoint of {len(checkpoint.get('files', {}))} file(s) restored"
         failover = a.action == "move" and a.cause in UNREACHABLE_SOURCE
@@ -254,7 +277,7 @@ class Executor:
         self.progress("begin", a, None)
         try:
             outcome = fn(a)
-        except (TransportError, AgentError, OSError) as exc:
+        except (TransportError, AgentError, OSError, StateError) as exc:
             outcome = Outcome(a, False, str(exc))
         outcome.seconds = time.monotonic() - started
         return outcome

@@ -2,7 +2,8 @@
 
 The probes are the leases' lifeline, so a round never waits for a host past that host's deadline:
 a host that has not answered by then counts as not answering this round, and the round goes on
-without it. At most one probe per host is outstanding; while one still is, the host is skipped.
+without it. At most one probe per host is outstanding; while one still is, the next round sends
+none to that host and counts that one's answer, should it come in time.
 
 Every renewal carries a not-after instant on the host's boot-time clock: the round's deadline for
 that host, mapped through the host clock of an earlier answer. The agent refuses a request that
@@ -118,30 +119,28 @@ def _worker_state(worker: WorkerSpec, raw: dict[str, Any], host: dict[str, Any],
 
 @dataclass
 class _Call:
-    """One host's probe in a round: what was sent, and what came back."""
+    """One host's probe, sent by one round: what it asks, and what came back. A cold host's call is
+    two requests in one thread: a plain probe (connection, the host's clock), then its renewals."""
 
     key: HostKey
     members: list[WorkerSpec]
     request: dict[str, Any]
     renew: dict[str, dict[str, int]]       # worker -> strategy -> epoch, for this host
-    deadline: int                          # mono ms
-    later: dict[str, dict[str, int]] = field(default_factory=dict)   # renewals once a cold host answers
+    wait_until: int                        # mono ms: how long the round that sent it waits for it
+    gives_up_at: int                       # mono ms: when the call itself gives up
+    warm: bool                             # renew at once (else: plain probe first)
     future: Future = field(default_factory=Future)
-    booking: int | None = None             # the lease requests this call's renewals were booked under
-    sent_at: int = 0                       # mono ms
-    gives_up_at: int = 0                   # mono ms; later than the deadline for a first probe
+    sent_at: int = 0
+    renewal_deadline: int = 0              # mono ms: the renewal's not-after (on the controller's clock)
+    booking: int | None = None             # the lease requests its renewals were booked under
+    renewals_sent: bool = False
     answer: dict[str, Any] | None = None
     answered_at: int = 0
     host_clock: HostClock | None = None
-    renewals_sent: bool = False
 
     @property
     def done(self) -> bool:
         return self.future.done()
-
-    @property
-    def error(self) -> BaseException | None:
-        return self.future.exception() if self.future.done() else None
 
 
 class Prober:
@@ -149,13 +148,12 @@ class Prober:
     across rounds which host still has a probe outstanding, which hosts are warm (answered on this
     lane before, with a clock read recently) and the newest clock of each host.
 
-    Only a warm host is sent renewals at once: its request goes out over a live connection, so the
-    bound recorded before the round is the bound of a request that does reach it. A cold host is
-    first probed plainly (that may take a new connection: the call may take the connect timeout
-    more, though only a first round waits that long); if it answers in time, its renewals follow in
-    a second phase of the same round, their bound recorded first. A host that stops answering turns
-    cold, so its bound is not pushed forward on every round of an outage (it would never surely
-    expire)."""
+    A warm host is sent its renewals at once: the request goes out over a live connection, so the
+    bound booked before the round is the bound of a request that does reach it. A cold host is first
+    probed plainly (that may take a new connection: the call may take the connect timeout more,
+    though only a process's first round waits that long); once it answers, its renewals follow in the
+    same thread, booked first. A host that stops answering turns cold, so its bound is not pushed
+    forward on every round of an outage (it would never surely expire)."""
 
     def __init__(self, hosts: Hosts, clock: Clock, lane: Lane = "probe"):
         self.hosts, self.clock, self.lane = hosts, clock, lane
@@ -177,121 +175,87 @@ class Prober:
         t0 = self.clock.mono()
         settings = fleet.settings
         wanted = renew if renew and settings.monitor.fencing and leases is not None else {}
-        budget = deadline_s if deadline_s is not None else settings.probe_deadline_s
+        budget_ms = int((deadline_s if deadline_s is not None else settings.probe_deadline_s) * 1000)
+        first_round = self._rounds == 0
+        self._rounds += 1
+        sent, carried = self._claim(fleet, memory, checkpoints, wanted, t0, budget_ms,
+                                    int(settings.ssh.connect_timeout_s * 1000), first_round)
+        ttl_ms = int(settings.monitor.lease_ttl_s * 1000)
+        bounds = {wid: call.renewal_deadline + ttl_ms for call in sent if call.warm for wid in call.renew}
+        booking = leases.request_leases(bounds) if bounds and leases is not None else None
+        for call in sent:
+            call.booking = booking if call.warm else None
+            self._dispatch(call, ttl_ms, budget_ms, leases)
+        calls = sent + carried
+        last = max([c.wait_until for c in sent] + [t0 + budget_ms], default=t0 + budget_ms)
+        wait([c.future for c in calls], timeout=max(0.0, (last - self.clock.mono()) / 1000) + 0.05)
         result = Gathered(ObservedState({}, t0), started=t0)
         states: dict[str, WorkerState] = {}
-        first: list[_Call] = []
-        carried: list[_Call] = []       # still outstanding from an earlier round: their answer counts here
-        for key, members in self.hosts.groups(list(fleet.workers.values())).items():
-            outstanding = self._outstanding_call(key)
-            if outstanding is not None:
-                carried.append(outstanding)
-                continue
-            renew_here = {w.id: wanted[w.id] for w in members if wanted.get(w.id)}
-            warm = self._is_warm(key)
-            call = _Call(key, members, self._request(members, memory, checkpoints),
-                         renew_here if warm else {}, t0 + int(budget * 1000))
-            if not warm:
-                # A first probe may need a new connection (and the agent shipped): it may take longer
-                # than the round waits for it, and its answer then counts in a later round. Only a
-                # process's first round waits for it (plan, status, a run from cron, a daemon's start).
-                call.gives_up_at = call.deadline + int(settings.ssh.connect_timeout_s * 1000)
-                if self._rounds == 0:
-                    call.deadline = call.gives_up_at
-                call.later = renew_here
-            first.append(call)
-        self._rounds += 1
-        self._phase(first, settings, leases, carried, t0 + int(budget * 1000))
-        second = [_Call(c.key, c.members, c.request, c.later, self.clock.mono() + int(budget * 1000))
-                  for c in first if c.later and c.done and c.error is None and c.host_clock is not None]
-        self._phase(second, settings, leases)
-        renewed = {c.key: c for c in second}
-        for call in first:
-            self._collect(renewed.get(call.key, call), result, states)
-        for call in carried:
-            self._collect(call, result, states, t0)
+        for call in calls:
+            self._collect(call, result, states, carried=call in carried)
         result.observed = ObservedState(dict(sorted(states.items())), self.clock.mono())
         result.host_events.sort(key=lambda e: (e.get("t", 0), e["worker"], e["strategy"]))
         result.seconds = time.monotonic() - started_s
         return result
 
-    def _phase(self, calls: list["_Call"], settings: Any, leases: LeaseRequests | None,
-               carried: list["_Call"] = (), carried_until: int = 0) -> None:
-        """Send `calls` (their renewals booked first) and wait for them until the last deadline (and
-        for `carried`, calls of earlier rounds, until `carried_until`)."""
-        if not calls and not carried:
-            return
-        ttl_ms = int(settings.monitor.lease_ttl_s * 1000)
-        bounds = {wid: call.deadline + ttl_ms for call in calls for wid in call.renew}
-        booking = leases.request_leases(bounds) if bounds and leases is not None else None
-        for call in calls:
-            if call.renew:
-                call.booking = booking
-            self._dispatch(call, settings.monitor.lease_ttl_s, leases)
-        last = max([call.deadline for call in calls] + ([carried_until] if carried else []))
-        wait([call.future for call in [*calls, *carried]], timeout=max(0.0, (last - self.clock.mono()) / 1000) + 0.05)
+    def _claim(self, fleet: Fleet, memory: Memory, checkpoints: dict[str, dict[str, int]] | None,
+               wanted: dict[str, dict[str, int]], t0: int, budget_ms: int, connect_ms: int,
+               first_round: bool) -> tuple[list[_Call], list[_Call]]:
+        """A new call for every host without one outstanding (claimed at once, so that an overlapping
+        round never sends a second), and the outstanding ones, whose answers count in this round."""
+        sent: list[_Call] = []
+        carried: list[_Call] = []
+        with self._lock:
+            for key, members in self.hosts.groups(list(fleet.workers.values())).items():
+                outstanding = self._outstanding.get(key)
+                if outstanding is not None and not outstanding.done:
+                    carried.append(outstanding)
+                    continue
+                warm = key in self._warm and key in self._clocks and \
+                    self.clock.mono() - self._clocks[key].at <= HOST_CLOCK_MAX_AGE_MS
+                renew = {w.id: wanted[w.id] for w in members if wanted.get(w.id)}
+                gives_up = t0 + budget_ms + (0 if warm else connect_ms)
+                # A first round waits for a cold host's plain probe and then for its renewals.
+                patience = gives_up + (budget_ms if renew and not warm else 0)
+                call = _Call(key, members, self._request(members, memory, checkpoints), renew,
+                             wait_until=patience if first_round else t0 + budget_ms, gives_up_at=gives_up,
+                             warm=warm, sent_at=t0, renewal_deadline=t0 + budget_ms)
+                self._outstanding[key] = call
+                sent.append(call)
+        return sent, carried
 
     # --- one host ------------------------------------------------------------------------------
-
-    def _outstanding_call(self, key: HostKey) -> _Call | None:
-        """The probe of `key` an earlier round sent and is still waiting for: at most one at a time."""
-        with self._lock:
-            found = self._outstanding.get(key)
-            if found is None or found.done:
-                self._outstanding.pop(key, None)
-                return None
-            return found
 
     def _request(self, members: list[WorkerSpec], memory: Memory,
                  checkpoints: dict[str, dict[str, int]] | None) -> dict[str, Any]:
         return {
             "workers": [{"id": w.id, "workdir": self.hosts.workdir(w), "program": w.runner[0]} for w in members],
-            "eventsSince": {w.id: memory.host_events.get(w.id, memory.last_seen.get(w.id, 0)) for w in members},
+            "eventsSince": {w.id: memory.host_events.get(w.id, 0) for w in members},
             "checkpoints": {w.id: (checkpoints or {})[w.id] for w in members if w.id in (checkpoints or {})},
         }
 
-    def _dispatch(self, call: _Call, ttl_s: float, leases: LeaseRequests | None) -> None:
-        call.sent_at = self.clock.mono()
-        with self._lock:
-            self._outstanding[call.key] = call
-
+    def _dispatch(self, call: _Call, ttl_ms: int, budget_ms: int, leases: LeaseRequests | None) -> None:
         def run() -> None:
+            failure: BaseException | None = None
             try:
-                self._call_host(call, ttl_s)
+                self._call_host(call, ttl_ms, budget_ms, leases)
             except BaseException as exc:  # noqa: BLE001 - handed to the round, which says it per host
+                failure = exc
                 with self._lock:
                     self._warm.discard(call.key)
-                self._settle(call, leases, int(ttl_s * 1000), exc)
-                call.future.set_exception(exc)
-                return
-            self._settle(call, leases, int(ttl_s * 1000), None)
-            call.future.set_result(call)
+            finally:
+                try:
+                    self._settle(call, leases, ttl_ms, failure)
+                finally:
+                    if failure is None:
+                        call.future.set_result(call)
+                    else:
+                        call.future.set_exception(failure)
         threading.Thread(target=run, name=f"probe-{call.key}", daemon=True).start()
 
-    @staticmethod
-    def _settle(call: _Call, leases: LeaseRequests | None, ttl_ms: int, failure: BaseException | None) -> None:
-        """Each renewal's fate: granted (its lease ends by the answer's arrival + TTL), not reached
-        (nothing), or unknown (the answer was lost after the request went out: the whole bound)."""
-        if leases is None or call.booking is None:
-            return
-        for wid in call.renew:
-            if failure is None:
-                answer = ((call.answer or {}).get("workers") or {}).get(wid) or {}
-                until = call.answered_at + ttl_ms if answer.get("renewed") else None
-            else:
-                reached = call.renewals_sent and getattr(failure, "maybe_ran", True)
-                until = call.deadline + ttl_ms if reached else None
-            leases.settle_lease(call.booking, wid, until)
-
-    def _is_warm(self, key: HostKey) -> bool:
-        with self._lock:
-            clock = self._clocks.get(key)
-            return key in self._warm and clock is not None and self.clock.mono() - clock.at <= HOST_CLOCK_MAX_AGE_MS
-
-    def _ask(self, call: _Call, request: dict[str, Any]) -> dict[str, Any]:
-        left = (max(call.deadline, call.gives_up_at) - self.clock.mono()) / 1000
+    def _ask(self, call: _Call, request: dict[str, Any], until: int) -> dict[str, Any]:
         agent = self.hosts.agent(call.key, call.members, self.lane)
-        answer = agent.call("probe", request, max(0.1, left))
+        answer = agent.call("probe", request, max(0.1, (until - self.clock.mono()) / 1000))
         call.answered_at = self.clock.mono()
         clock = _host_clock(answer.get("host") if isinstance(answer.get("host"), dict) else {}, call.answered_at)
         if clock is not None:
@@ -301,73 +265,109 @@ class Prober:
         call.answer = answer
         return answer
 
-    def _call_host(self, call: _Call, ttl_s: float) -> None:
-        if not call.renew:
-            self._ask(call, call.request)
-            return
+    def _call_host(self, call: _Call, ttl_ms: int, budget_ms: int, leases: LeaseRequests | None) -> None:
+        if not call.warm or not call.renew:
+            self._ask(call, call.request, call.gives_up_at)
+            if not call.renew or call.host_clock is None:
+                return
+            # A cold host answered: its renewals now, booked first, with a deadline of their own.
+            call.renewal_deadline = self.clock.mono() + budget_ms
+            call.booking = leases.request_leases({wid: call.renewal_deadline + ttl_ms for wid in call.renew})
         with self._lock:
             host_clock = self._clocks[call.key]
         for attempt in (1, 2):
-            if self.clock.mono() >= call.deadline:
+            if self.clock.mono() >= call.renewal_deadline:
                 raise AgentError(str(call.key), "no time left in this round to send its renewals")
-            request = {**call.request, "renew": call.renew, "leaseTtlSeconds": ttl_s,
-                       "notAfter": not_after(host_clock, call.deadline)}
+            request = {**call.request, "renew": call.renew, "leaseTtlSeconds": ttl_ms / 1000,
+                       "notAfter": not_after(host_clock, call.renewal_deadline)}
             call.renewals_sent = True
-            answer = self._ask(call, request)
+            answer = self._ask(call, request, call.renewal_deadline)
             if not (answer.get("host") or {}).get("renewRefused") or attempt == 2 or call.host_clock is None:
                 return
             host_clock = call.host_clock       # rebooted, or our copy of its clock was off: once more
 
+    @staticmethod
+    def _settle(call: _Call, leases: LeaseRequests | None, ttl_ms: int, failure: BaseException | None) -> None:
+        """Each renewal's fate: granted (its lease ends by the answer's arrival + TTL, and never past
+        the not-after + TTL the agent enforces), not reached (nothing), or unknown — the answer was
+        lost after the request went out, or cannot be read — (the whole bound)."""
+        if leases is None or call.booking is None:
+            return
+        bound = call.renewal_deadline + ttl_ms
+        for wid in call.renew:
+            until: int | None = bound
+            if failure is None:
+                try:
+                    renewed = ((call.answer or {}).get("workers") or {}).get(wid, {}).get("renewed")
+                    until = min(call.answered_at + ttl_ms, bound) if renewed else None
+                except AttributeError:
+                    until = bound
+            elif not (call.renewals_sent and getattr(failure, "maybe_ran", True)):
+                until = None
+            leases.settle_lease(call.booking, wid, until)
+
     # --- the round's result --------------------------------------------------------------------
 
-    def _collect(self, call: _Call, result: Gathered, states: dict[str, WorkerState], now: int | None = None) -> None:
-        """`call`'s answer into this round's result (`now`: given for a call carried from an earlier round)."""
+    def _collect(self, call: _Call, result: Gathered, states: dict[str, WorkerState], carried: bool) -> None:
+        """`call`'s answer into this round's result; any failure is this host's alone."""
         members = call.members
         if not call.done:
-            if now is not None:
-                why = f"its probe sent {(now - call.sent_at) / 1000:.1f}s ago has not answered yet"
+            if carried:
+                why = f"its probe sent {(result.started - call.sent_at) / 1000:.1f}s ago has not answered yet"
             else:
-                why = f"no answer within the probe deadline of {(call.deadline - result.started) / 1000:.3g}s"
+                why = f"no answer within the probe deadline of {(call.wait_until - call.sent_at) / 1000:.3g}s"
             for w in members:
                 states[w.id] = WorkerState(w.id, False, error=f"{why}; the host may be overloaded or frozen")
             return
         try:
             call.future.result()
-            answer = call.answer
-            if answer is None:
-                raise AgentError(str(call.key), "no answer")
-            host = answer.get("host") or {}
-            at_wall = self.clock.wall()
-            answered = {w.id: _worker_state(w, (answer.get("workers") or {}).get(w.id) or {}, host, at_wall)
-                        for w in members}
-        except Exception as exc:  # noqa: BLE001
-            # Any failure is this host's alone (a bad ssh_config line, a garbled answer): never the round's.
+            self._record(call, result, states)
+        except Exception as exc:  # noqa: BLE001 - a bad ssh_config line, a garbled answer: this host's only
             for w in members:
                 states[w.id] = WorkerState(w.id, False, error=str(exc) if str(exc) else type(exc).__name__)
+                for per_worker in (result.answered_at, result.seen_wall, result.host_clocks, result.refused,
+                                   result.renewed):
+                    per_worker.pop(w.id, None)
             return
         with self._lock:
             self._warm.add(call.key)
+
+    def _record(self, call: _Call, result: Gathered, states: dict[str, WorkerState]) -> None:
+        answer = call.answer
+        if not isinstance(answer, dict):
+            raise AgentError(str(call.key), "no answer")
+        host = answer.get("host") if isinstance(answer.get("host"), dict) else {}
+        workers = answer.get("workers") if isinstance(answer.get("workers"), dict) else {}
+        at_wall = self.clock.wall()
         refused = host.get("renewRefused") if call.renewals_sent else None
-        for w in members:
-            raw = (answer.get("workers") or {}).get(w.id) or {}
-            states[w.id] = answered[w.id]
+        events: list[dict[str, Any]] = []
+        checkpoints: dict[str, Any] = {}
+        for w in call.members:
+            raw = workers.get(w.id) if isinstance(workers.get(w.id), dict) else {}
+            state = _worker_state(w, raw, host, at_wall)
+            states[w.id] = state
             result.answered_at[w.id] = call.answered_at
             result.seen_wall[w.id] = at_wall
             if call.host_clock is not None:
                 result.host_clocks[w.id] = call.host_clock
             if refused and w.id in call.renew:
                 result.refused[w.id] = str(refused)[:300]
-            if raw.get("renewed"):
-                result.renewed[w.id] = [sid for sid in raw["renewed"] if sid in answered[w.id].instances]
+            renewed = raw.get("renewed") if isinstance(raw.get("renewed"), list) else []
+            if renewed:
+                result.renewed[w.id] = [sid for sid in renewed if sid in state.instances]
             asked = call.request["checkpoints"].get(w.id, {})
             for sid, inst in (raw.get("instances") or {}).items():
-                if sid not in answered[w.id].instances:
+                if sid not in state.instances:
                     continue
                 if sid in asked and "checkpoint" in inst and inst.get("epoch") == asked[sid]:
-                    result.checkpoints[sid] = inst["checkpoint"]
-                for event in inst.get("events") or ():
+                    checkpoints[sid] = inst["checkpoint"]
+                for event in inst.get("events") if isinstance(inst.get("events"), list) else ():
                     if isinstance(event, dict) and isinstance(event.get("t", 0), (int, float)):
-                        result.host_events.append({**event, "worker": w.id, "strategy": sid})
+                        # A strategy can write its events.log: no event is newer than the answer.
+                        t = min(event.get("t", 0), host.get("answeredAt") or event.get("t", 0))
+                        events.append({**event, "t": t, "worker": w.id, "strategy": sid})
+        result.host_events.extend(events)
+        result.checkpoints.update(checkpoints)
 
 
 def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Clock, **kwargs: Any) -> Gathered:
@@ -386,14 +386,6 @@ def checkpoints_due(fleet: Fleet, memory: Memory, now_ms: int) -> dict[str, dict
         if now_ms - memory.checkpoints.get(sid, 0) >= CHECKPOINT_EVERY_MS:
             out.setdefault(memory.placements[sid].worker, {})[sid] = epoch
     return out
-
-
-def remember(memory: Memory, gathered: Gathered, addresses: dict[str, dict[str, Any]],
-             loop_at: int | None = None) -> Memory:
-    """The memory after a round by a run that writes state (see `remember_into`); `memory` is left as it was."""
-    m = memory.copy()
-    remember_into(m, gathered, addresses, loop_at)
-    return m
 
 
 def remember_into(m: Memory, gathered: Gathered, addresses: dict[str, dict[str, Any]],

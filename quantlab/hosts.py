@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -36,10 +37,14 @@ RUNNER_PATH = f"agent/runner-{RUNNER_HASH}.mjs"
 
 
 class AgentError(Exception):
-    """The host answered, but the agent could not do what was asked; the message says what to do."""
+    """The host answered, but the agent could not do what was asked; the message says what to do.
+    `maybe_ran`: what was asked may have happened all the same (the agent failed midway, or its
+    answer cannot be read), so its effects — a strategy started, a lease granted — must be assumed.
+    Only an answer that says so, or a call that never ran, proves that nothing happened."""
 
-    def __init__(self, host: str, message: str):
+    def __init__(self, host: str, message: str, maybe_ran: bool = True):
         self.host = host
+        self.maybe_ran = maybe_ran
         super().__init__(f"{host}: {message}")
 
 
@@ -78,13 +83,14 @@ class Agent:
 
     def run(self, command: str, request: dict[str, Any], timeout: float, args: tuple[str, ...] = ()) -> Completed:
         payload = json.dumps(request).encode()
+        deadline = time.monotonic() + timeout
         done = self.transport.run(self._argv(command, args), payload, timeout)
         if self._agent_missing(done):
-            self.ship()
-            done = self.transport.run(self._argv(command, args), payload, timeout)
+            self.ship()             # then the same call again, within what is left of its time
+            done = self.transport.run(self._argv(command, args), payload, max(0.1, deadline - time.monotonic()))
         if done.returncode in (126, 127) or (done.returncode != 0 and b"python3: not found" in done.stderr):
             raise AgentError(self.label, f"cannot run {self.python} on the host (exit {done.returncode}); "
-                                         "install Python 3.8+ there")
+                                         "install Python 3.8+ there", maybe_ran=False)
         return done
 
     def _agent_missing(self, done: Completed) -> bool:
@@ -189,10 +195,11 @@ class Hosts:
         try:
             data = read_regular(spec.strategy_path, STRATEGY_FILE_CAP)
         except OSError as exc:
-            raise AgentError(worker.id, f"cannot read {spec.strategy_file}: {exc}") from None
+            raise AgentError(worker.id, f"cannot read {spec.strategy_file}: {exc}", maybe_ran=False) from None
         if hashlib.sha256(data).hexdigest() != spec.file_sha256:
             # Uploaded by content hash: other bytes under that name would run code nobody validated.
-            raise AgentError(worker.id, f"{spec.strategy_file} changed since the fleet was read; run again")
+            raise AgentError(worker.id, f"{spec.strategy_file} changed since the fleet was read; run again",
+                             maybe_ran=False)
         self.transport(host_key(worker)).put_file(data, f"{self.workdir(worker)}/{strategy_remote_path(spec)}")
 
     def upload_runner(self, worker: WorkerSpec) -> None:

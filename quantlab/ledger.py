@@ -1,13 +1,12 @@
-"""The state as one controller process holds it: the state file's lock, the memory in it, and the
-book of the lease requests this process sent.
+"""The state as one controller process holds it: the memory in the state file, the book of the lease
+requests this process sent, and the state lock.
 
-A process may run several rounds at once — the renewal round on its own timer beside an act round
-that plans and carries out a plan — so the file lock is counted: the first round to start takes it
-(and reads the file afresh, since another process may have written it meanwhile), the last to end
-gives it back. Between rounds the lock is free, so `apply` can run beside a reconcile daemon.
-
-Every change is one small update — copy, change, save — under a thread lock, so the two rounds'
-records never overwrite each other, and each is on disk before the request it prepares is sent.
+Two locks, for two jobs. The state lock (`hold`) says who may plan and act: one `apply` or act round
+at a time, across processes; a process may hold it for several of its rounds at once (counted), and
+gives it back between them. Writing the state needs only the short write lock: every change is one
+update — read the file again if another process wrote it, apply the change, save — so a daemon's
+renewal rounds, which never take the state lock, go on while `apply` acts, and the two processes
+never lose each other's changes.
 """
 from __future__ import annotations
 
@@ -72,10 +71,15 @@ class Ledger:
         self.clock = clock
         self.leases = LeaseBook()
         self._memory: Memory | None = None
+        self._ttl_s = 0.0                        # the fleet's lease TTL, as last told (for rebase)
         self._holders = 0
         self._exit: contextlib.ExitStack | None = None
-        self._hold_lock = threading.Lock()       # taking and giving back the file lock
+        self._hold_lock = threading.Lock()       # taking and giving back the state lock
         self._update_lock = threading.RLock()    # one change to the memory at a time
+        # Lease bookings saved together: threads that book while a save is under way wait for the next.
+        self._booked = 0
+        self._saved_through = 0
+        self._commit_lock = threading.Lock()
 
     def read(self, ttl_s: float) -> Memory:
         """The state as it is on disk, judged on this process's clock; nothing is locked or written
@@ -83,16 +87,36 @@ class Ledger:
         still knows which version of the file it wrote last."""
         return StateStore(self.store.path).load().rebase(self.clock.mono(), self.clock.boot_id, ttl_s)
 
+    def refresh(self, ttl_s: float) -> Memory:
+        """The newest memory: the file read again when another process wrote it since. `ttl_s`: the
+        fleet's lease TTL, used when the state comes from another boot (see Memory.rebase)."""
+        with self._update_lock:
+            self._ttl_s = ttl_s or self._ttl_s
+            self._read()
+            return self.memory
+
+    def _read(self) -> None:
+        """Unless the file is still what this process last read or wrote (then the memory it holds,
+        with the lease book's tighter settlements, is the newer of the two)."""
+        if self._memory is not None and not self.store.changed_since_saved():
+            return
+        loaded = self.store.load()
+        self.leases.read_from(loaded.leases)
+        self._memory = loaded
+        rebased = loaded.rebase(self.clock.mono(), self.clock.boot_id, self._ttl_s)
+        if rebased is not loaded:
+            self.leases.read_from(rebased.leases)
+            self._memory = self.store.save(rebased)
+
     @contextlib.contextmanager
     def hold(self, ttl_s: float, timeout: float = 0.0, command: str | None = None) -> Iterator[Memory]:
-        """Hold the state lock for one round; yields the memory as of now. `ttl_s` is the fleet's
-        lease TTL, used when the state comes from another boot (see Memory.rebase)."""
+        """Hold the state lock for one round that plans and acts; yields the memory as of now."""
         with self._hold_lock:
             if self._holders == 0:
                 stack = contextlib.ExitStack()
                 stack.enter_context(self.store.lock(timeout, command=command))
                 try:
-                    self._read(ttl_s)
+                    self.refresh(ttl_s)
                 except BaseException:
                     stack.close()
                     raise
@@ -107,49 +131,48 @@ class Ledger:
                     self._exit.close()
                     self._exit = None
 
-    def _read(self, ttl_s: float) -> None:
-        """The memory as on disk, unless the file is still what this process last wrote (then the
-        memory it holds, with the lease book's tighter settlements, is the newer of the two)."""
-        if self._memory is not None and not self.store.changed_since_saved():
-            return
-        loaded = self.store.load()
-        self.leases.read_from(loaded.leases)
-        self._memory = loaded
-        rebased = loaded.rebase(self.clock.mono(), self.clock.boot_id, ttl_s)
-        if rebased is not loaded:
-            self.leases.read_from(rebased.leases)
-            self._memory = self.store.save(rebased)
-
-    @property
-    def held(self) -> bool:
-        return self._holders > 0
-
     @property
     def memory(self) -> Memory:
-        """The newest memory. Callers read it and never change it in place: `update` does."""
+        """The newest memory this process knows. Callers read it and never change it in place:
+        `update` does."""
         if self._memory is None:
-            raise StateError("internal error: the state is read before its lock is held")
+            raise StateError("internal error: the state is read before it was loaded")
         return self._memory
 
     def update(self, change: Callable[[Memory], None] | None = None) -> Memory:
-        """Apply `change` to a copy of the newest memory and save it, with the leases as the book
-        has them now."""
-        with self._update_lock:
+        """Apply `change` to a copy of the newest memory (the file read again if another process
+        wrote it) and save it, with the leases as the book has them now."""
+        with self._update_lock, self.store.writing():
+            self._read()
             memory = self.memory.copy()
             if change is not None:
                 change(memory)
             memory.leases = self.leases.leases()
+            memory.saved_at = self.clock.mono()
             self._memory = self.store.save(memory)
             return self._memory
 
-    def settle_lease(self, booking: int, worker: str, until: int | None) -> None:
-        """See LeaseBook.settle; saved with the next update (the file holds the looser bound until then)."""
-        self.leases.settle(booking, worker, until)
-
     def request_leases(self, bounds: dict[str, int], change: Callable[[Memory], None] | None = None) -> int:
-        """Book requests that may grant these leases (worker -> bound), and save them (with `change`)
-        before they are sent. Returns the booking, to settle each worker with `leases.settle`."""
-        with self._update_lock:
+        """Book requests that may grant these leases (worker -> bound) and save them (with `change`)
+        before they are sent. Returns the booking, to settle each worker with `settle_lease`. Several
+        threads booking at once share one save: each waits until a save made after its booking is on
+        disk, so a hundred hosts coming back at once cost a few saves, not a hundred."""
+        with self._commit_lock:
             booking = self.leases.requested(bounds)
+            self._booked += 1
+            mine = self._booked
+        if change is not None:
             self.update(change)
             return booking
+        with self._update_lock:                 # one saver at a time; the others find their booking saved
+            if self._saved_through < mine:
+                with self._commit_lock:
+                    covers = self._booked
+                self.update()
+                self._saved_through = max(self._saved_through, covers)
+        return booking
+
+    def settle_lease(self, booking: int, worker: str, until: int | None) -> None:
+        """See LeaseBook.settle; on disk with the next update (until then the file holds the booked
+        bound, which is never shorter)."""
+        self.leases.settle(booking, worker, until)

@@ -1,19 +1,19 @@
 """The reconcile loop, once (for cron) or as a daemon on APScheduler 3.
 
-The daemon runs two jobs, each `max_instances=1, coalesce=True`:
-- `renew`, every interval: a renewal round (probe every host, renew every current placement's
-  lease). It waits for nothing but the hosts, each bounded by its probe deadline, so neither
-  planning, acting, checkpoints nor notifications can delay it.
-- `reconcile`, every interval: an act round. It waits for a renewal round that began after the last
-  act round ended (so it plans from what its own actions left), then plans and carries the plan out
-  on the act lane, while `renew` keeps its own schedule.
+The daemon runs two jobs (`coalesce=True`):
+- `renew`, every interval, up to two at once: a renewal round (probe every host, renew every current
+  placement's lease). It waits for nothing but the hosts, each bounded by its probe deadline, and
+  takes no state lock, so neither planning, acting, checkpoints, notifications nor another process's
+  `apply` can delay it.
+- `reconcile`, every interval, one at a time: an act round. It waits for a renewal round that began
+  after the last act round ended (so it plans from what its own actions left), takes the state lock,
+  plans and carries the plan out on the act lane, while `renew` keeps its own schedule.
 A fleet directory that does not validate changes nothing: the act round reports it once and skips;
 renewals go on with the last valid fleet (or, at start, the workers the state file remembers).
 SIGINT/SIGTERM let the running rounds finish, then the daemon exits 0.
 """
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 import time
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
-from .controller import Controller
+from .controller import Controller, quiet_scheduler_logs
 from .execute import Outcome
 from .gather import Gathered
 from .plan import Plan
@@ -80,15 +80,12 @@ class ReconcileLoop:
 
     # --- rounds --------------------------------------------------------------------------------
 
-    def renew_round(self) -> Gathered | None:
+    def renew_round(self) -> Gathered:
+        """Renewals need no state lock (see ledger.py): they go on while another process acts."""
         ttl = self._fleet.settings.monitor.lease_ttl_s if self._fleet is not None else 0.0
-        try:
-            with self.ctl.ledger.hold(ttl, self.lock_timeout, "quantlab reconcile"):
-                fleet, fallback = self._renewal_fleet()
-                gathered = self.ctl.renew(fleet, loop=True, fallback=fallback)
-        except LockHeld as exc:
-            self._say_skipped(f"renewal skipped: {exc}")
-            return None
+        self.ctl.ledger.refresh(ttl)
+        fleet, fallback = self._renewal_fleet()
+        gathered = self.ctl.renew(fleet, loop=True, fallback=fallback)
         self._skip_reported = None
         with self._rounds:
             # Rounds may overlap (a slow host holds one open past the next one's start): keep the newest.
@@ -150,17 +147,14 @@ class ReconcileLoop:
         except StateError as exc:
             return self._done(started, False, f"error: {exc}")
         fleet = self._load()
-        ttl = fleet.settings.monitor.lease_ttl_s if fleet is not None else 0.0
         try:
-            with self.ctl.ledger.hold(ttl, self.lock_timeout, "quantlab reconcile"):
-                renewal_fleet, fallback = self._renewal_fleet()
-                gathered = self.ctl.renew(renewal_fleet, loop=True, fallback=fallback)
-                if fleet is None:
-                    return self.act_round(None, gathered, started)
-                with self.ctl.renewing(fleet, loop=True):
-                    return self.act_round(fleet, gathered, started)
+            gathered = self.renew_round()
+            if fleet is None:
+                return self.act_round(None, gathered, started)
+            with self.ctl.renewing(fleet, loop=True):
+                return self.act_round(fleet, gathered, started)
         except LockHeld as exc:
-            return self._done(started, False, f"skipped: {exc}")
+            return self._done(started, False, f"renewed leases, then skipped acting: {exc}")
         except StateError as exc:
             return self._done(started, False, f"error: {exc}")
 
@@ -170,7 +164,8 @@ class ReconcileLoop:
         try:
             self.renew_round()
         except StateError as exc:
-            self._say_skipped(f"renewal failed: {exc}")
+            # Renewals are booked on disk before they are sent: without a writable state, none goes out.
+            self._say_skipped(f"renewal round failed, nothing renewed: {exc}")
         except Exception:                      # noqa: BLE001 - one bad round must not end the daemon
             self.log("renewal round failed unexpectedly:\n" + traceback.format_exc())
 
@@ -211,10 +206,7 @@ class ReconcileLoop:
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.interval import IntervalTrigger
 
-        # An act round that is still acting when its next run is due is skipped by design; APScheduler
-        # would warn about it every interval.
-        logging.getLogger("apscheduler.executors.default").setLevel(logging.ERROR)
-        logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+        quiet_scheduler_logs()
 
         stop = stop or threading.Event()
         self._load()

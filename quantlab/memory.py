@@ -77,6 +77,7 @@ class Memory:
     lineage: str | None = None
     serial: int = 0
     clock_boot: str | None = None                              # the boot the judged times below are on
+    saved_at: int | None = None                                # when this state was written
     began: int | None = None                                   # when this lineage's first state was saved
     placements: dict[str, Placement] = field(default_factory=dict)
     leases: dict[str, int] = field(default_factory=dict)       # worker -> until when a lease granted there
@@ -106,6 +107,7 @@ class Memory:
             "version": FORMAT_VERSION,
             "lineage": self.lineage,
             "clockBoot": self.clock_boot,
+            "savedAt": self.saved_at,
             "began": self.began,
             "nextEpoch": self.next_epoch,
             "roundRobinCursor": self.rr_cursor,
@@ -143,6 +145,7 @@ class Memory:
                 lineage=raw["lineage"],
                 # Version 1 judged by the wall clock: no boot, so `rebase` takes it as granted now.
                 clock_boot=raw.get("clockBoot") if version == FORMAT_VERSION else None,
+                saved_at=raw.get("savedAt") if version == FORMAT_VERSION else None,
                 began=raw.get("began"),
                 serial=int(raw["serial"]),
                 placements={sid: Placement.from_json(sid, p) for sid, p in raw.get("placements", {}).items()},
@@ -166,16 +169,20 @@ class Memory:
 
     def rebase(self, now_ms: int, boot_id: str, ttl_s: float) -> "Memory":
         """This state as seen by a controller on boot `boot_id` at `now_ms`. Judged times recorded on
-        another boot cannot be compared with ours: every lease is taken as granted now (with the
-        longer of `ttl_s` and the TTL recorded with the fleet's settings), every worker that ever
-        answered as answered now, and host clocks are forgotten (the next answer gives them again)."""
+        another boot cannot be compared with ours, and how much time passed in between is unknown
+        (maybe none): every lease is taken as granted now (with the longer of `ttl_s` and the TTL
+        recorded with the fleet's settings), or as living as long from now as it had left when the
+        state was written, whichever is later; every worker that ever answered is taken as answered
+        now, and host clocks are forgotten (the next answer gives them again)."""
         if self.clock_boot == boot_id:
             return self
         m = self.copy()
         recorded = float((m.fleet_settings.get("monitor") or {}).get("lease_ttl_s") or 0)
         ttl_ms = int(max(ttl_s, recorded) * 1000)
         workers = set(m.leases) | {p.worker for p in m.placements.values()}
-        m.leases = {w: now_ms + ttl_ms for w in sorted(workers)} if ttl_ms > 0 else {}
+        left = {w: max(0, until - m.saved_at) for w, until in m.leases.items()} if m.saved_at is not None else {}
+        m.leases = {w: now_ms + max(ttl_ms, left.get(w, 0)) for w in sorted(workers)}
+        m.leases = {w: until for w, until in m.leases.items() if until > now_ms}
         m.answered = {w: now_ms for w in m.answered}
         m.began = now_ms
         m.loop_renewal = None
@@ -183,7 +190,5 @@ class Memory:
         m.checkpoints = {sid: 0 for sid in m.checkpoints}            # due at once
         m.reschedules = {sid: (count, now_ms) for sid, (count, _) in m.reschedules.items()}
         m.clock_boot = boot_id
+        m.saved_at = now_ms
         return m
-
-    def placements_on(self, worker: str) -> list[Placement]:
-        return [p for p in self.placements.values() if p.worker == worker]

@@ -31,6 +31,7 @@ class Instance:
     exit_code: int | None = None
     reason: str | None = None        # why it stopped or failed, in words
     problems: tuple[str, ...] = ()   # files of the instance the agent could not use (written by the strategy)
+    lease_ttl_s: float | None = None  # the lease TTL its supervisor was started with (None: not reported)
 
     @property
     def paused(self) -> bool:
@@ -51,6 +52,7 @@ class Instance:
             beats=_opt_int(raw.get("beats")), lease_left_s=_opt_float(raw.get("leaseLeftSeconds")),
             exit_code=_opt_int(raw.get("exitCode")), reason=reason,
             problems=tuple(_text(p) or "" for p in problems) if isinstance(problems, list) else (),
+            lease_ttl_s=_opt_float(raw.get("leaseTtlSeconds")),
         )
 
 

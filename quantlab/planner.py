@@ -247,6 +247,11 @@ class _Planner:
             self.work.actions.append(Action("restart", sid, f"worker {wid} changed: {what}", "worker-changed",
                                             worker=wid, epoch=cur.epoch, spec_hash=spec.spec_hash,
                                             paused=want_paused))
+        elif inst.lease_ttl_s is not None and inst.lease_ttl_s != self.monitor.lease_ttl_s:
+            # Its supervisor enforces the lease it was started with, whatever a renewal asks for.
+            self.work.actions.append(Action("restart", sid, f"leaseTtlSeconds {inst.lease_ttl_s:g} → "
+                                            f"{self.monitor.lease_ttl_s:g}", "lease-changed", worker=wid,
+                                            epoch=cur.epoch, spec_hash=spec.spec_hash, paused=want_paused))
         elif want_paused and not inst.paused:
             self.work.actions.append(Action("pause", sid, "desiredState: paused", "desired-paused",
                                             worker=wid, epoch=cur.epoch))

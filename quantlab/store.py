@@ -25,6 +25,7 @@ from .memory import Memory, MemoryFormatError
 from .plan import Plan
 
 STATE_CAP_BYTES = 256 * MiB     # ~10,000 placements take a few MiB
+WRITE_WAIT_S = 10.0             # a write lock is held for milliseconds; longer means a stuck process
 PLAN_CAP_BYTES = 64 * MiB
 
 
@@ -54,7 +55,10 @@ class StateStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.write_lock_path = self.path.with_name(self.path.name + ".writing")
         self._lock_fd: int | None = None
+        self._write_fd: int | None = None
+        self._write_mutex = threading.RLock()       # the threads of one process, before the flock
         self._saved: dict[str, Any] | None = None   # content as last read or written
         self._serial = 0
         self._saved_bytes: bytes | None = None      # the file's bytes as last read or written (None: no file)
@@ -119,8 +123,10 @@ class StateStore:
 
     def save(self, memory: Memory) -> Memory:
         """Write `memory` if its content changed; returns it with the serial (and lineage) it now has."""
-        if self._lock_fd is None:
-            raise StateError(f"{self.path}: internal error: saving without holding the lock")
+        with self.writing():
+            return self._save(memory)
+
+    def _save(self, memory: Memory) -> Memory:
         if memory.lineage is None:
             # Set once, on the first save; a later save of a memory without one keeps the file's.
             lineage = self._saved.get("lineage") if self._saved else None
@@ -132,7 +138,13 @@ class StateStore:
         self._check_unchanged_on_disk()
         memory = replace(memory, serial=self._serial + 1)
         data = json.dumps(memory.to_json(), indent=1, sort_keys=True).encode() + b"\n"
-        atomic_write(self.path, data)
+        try:
+            atomic_write(self.path, data)
+        except OSError as exc:
+            # Renewals are booked here before they are sent: while this fails, none goes out, and the
+            # strategies fence themselves when their leases end (the safe way round).
+            raise StateError(f"{self.path}: cannot write the state file: {exc.strerror or exc}; free space or "
+                             "fix permissions there — no lease can be renewed until it can be written") from None
         self._saved, self._serial, self._saved_bytes = content, memory.serial, data
         self._remove_stale_temp_files()
         return memory
@@ -159,31 +171,62 @@ class StateStore:
 
     # --- locking -------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def lock(self, timeout: float = 0.0, command: str | None = None) -> Iterator[None]:
-        """Hold the state lock (flock on a sibling file). Fails at once, naming the holder, unless
-        `timeout` says how long to wait."""
+    def _open_lock(self, path: Path) -> int:
         self._refuse_if_not_a_file()
         try:
-            self.lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise StateError(f"{self.lock_path}: cannot create the state lock: {exc.strerror}; check that "
-                             f"{self.lock_path.parent} is a writable folder") from None
+            raise StateError(f"{path}: cannot create the state lock: {exc.strerror}; check that "
+                             f"{path.parent} is a writable folder") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise StateError(f"{self.lock_path} is not a regular file; move it away")
+            raise StateError(f"{path} is not a regular file; move it away")
+        return fd
+
+    @staticmethod
+    def _flock(fd: int, timeout: float) -> bool:
+        """Take the flock on `fd`, polling until `timeout` has passed; False when it could not."""
         deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+
+    @contextlib.contextmanager
+    def writing(self, timeout: float = WRITE_WAIT_S) -> Iterator[None]:
+        """The short lock each write of the state takes — read what is there, change it, write it —
+        so that processes sharing the state (a daemon renewing while `apply` acts) never lose each
+        other's changes. Re-entrant within a thread; held for milliseconds, never across a network
+        call."""
+        with self._write_mutex:
+            if self._write_fd is not None:
+                yield
+                return
+            fd = self._open_lock(self.write_lock_path)
+            try:
+                if not self._flock(fd, timeout):
+                    raise StateError(f"{self.write_lock_path}: another process held the state's write lock for more "
+                                     f"than {timeout:g}s; is a quantlab process stuck? Check `ps` for one")
+                self._write_fd = fd
+                yield
+            finally:
+                self._write_fd = None
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = 0.0, command: str | None = None) -> Iterator[None]:
+        """Hold the state lock (flock on a sibling file): who may plan and act on the fleet, one run
+        at a time. Fails at once, naming the holder, unless `timeout` says how long to wait."""
+        fd = self._open_lock(self.lock_path)
         acquired = False
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise LockHeld(self._held_message(timeout)) from None
-                    time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+            if not self._flock(fd, timeout):
+                raise LockHeld(self._held_message(timeout))
             holder = {"pid": os.getpid(), "host": socket.gethostname(),
                       "command": command or " ".join(["quantlab"] + sys.argv[1:]),
                       "startedAt": int(time.time() * 1000)}
@@ -228,7 +271,7 @@ class EventLog:
     def __init__(self, path: str | Path, max_bytes: int = 5 * 1024 * 1024, keep: int = 3):
         self.path = Path(path)
         self.max_bytes, self.keep = max_bytes, keep
-        self.failure: str | None = None       # why the last append failed, if it did
+        self.failure: str | None = None       # why an append failed, if one did (kept: a run reports it)
         self._lock = threading.Lock()          # apply records outcomes from one thread per host
 
     def append(self, event: dict[str, Any]) -> bool:
@@ -240,7 +283,6 @@ class EventLog:
             except OSError as exc:
                 self.failure = f"{self.path}: cannot write the events log: {exc}"
                 return False
-            self.failure = None
             return True
 
     def _append(self, event: dict[str, Any]) -> None:

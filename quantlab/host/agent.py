@@ -4,18 +4,31 @@
 It imports nothing of the controller. The controller runs it with one subcommand per call, a JSON
 request on stdin and a JSON answer on stdout:
 
-  probe [--request FILE]
-                        every instance of every worker workdir named in the request, the host's load,
-                        runtimes and clocks; renews the leases the request names (epoch must match)
+  probe                 first renews the leases the request names (`renew`: epoch must match), then
+                        describes every instance of every worker workdir named in the request, the
+                        host's load, runtimes and clocks. Each worker's entry lists `renewed` (ids) and
+                        `refused` ({id: why}) for the renewals it was asked for.
   start                 start (or replace) one strategy under its own supervisor process
   stop | pause | resume one strategy
-  logs                  tail of a strategy's output (--follow keeps streaming)
+  logs                  tail of a strategy's output (the request's `follow` keeps streaming)
   supervise DIR         (internal) the supervisor of one instance; started by `start`
+
+`--request FILE` reads the request from a file instead of stdin (by hand, other tools).
 
 Renewals and starts carry a not-after instant on this host's boot-time clock (`notAfter`: bootId and
 boottime, from the clock this host reported in an earlier answer). A request that arrives after it,
 or on another boot, grants nothing, and no lease ever reaches past not-after + leaseTtlSeconds: the
-controller has counted the lease as lapsed from then on, whether or not its call returned.
+controller has counted the lease as lapsed from then on, whether or not its call returned. A lease
+that has run out stays out: the agent never renews it, and neither the supervisor nor the runner takes
+a later deadline once the one they know has passed (the strategy is fenced; a new start is needed).
+
+start, stop, pause and resume of one instance are serialised by a lock on `<instance>/.lock`. A file
+in the instance folder can be held by the strategy too, so it is never waited for without a deadline:
+when it cannot be had within 10 s (or the request's `lockTimeoutSeconds`; a start never waits past its
+not-after) the answer is {"result": "busy", "reason": ...} and nothing was done. Renewals take no lock.
+Once `start` has spawned the supervisor it always answers {"result": "started", "pid": N}; bookkeeping
+that failed after that (stop likewise) is listed in the answer's `problems`, and the supervisor
+rewrites supervisor.pid itself at once.
 
 Layout of a workdir:
   agent/                 this file and the reference runner, by content hash
@@ -217,6 +230,11 @@ STATUS_FIELDS = {"state": "text", "epoch": "int?", "specHash": "text?", "restart
 LEASE_FIELDS = {"epoch": "int?", "deadline": "number", "expiresAt": "number?"}
 CONTROL_FIELDS = {"stop": "text?"}
 SPEC_IDS = {"epoch": "int?", "specHash": "text?"}
+SPEC_LEASE = {"leaseTtlSeconds": "number?"}
+# What a copy is launched with: a start asking for the same epoch and all of these finds it running
+# and changes nothing; any difference (a new proxy, runner, lease TTL...) replaces the copy.
+LAUNCH_FIELDS = ("file", "runner", "params", "heartbeatMs", "scheduling", "region", "proxy", "account",
+                 "leaseTtlSeconds")
 
 
 def check_fields(value, fields):
@@ -552,9 +570,15 @@ def log_event(idir, event, detail=None, **extra):
     append_line(os.path.join(idir, "events.log"), line)
 
 
-def lock_instance(idir, wait=True):
-    """Serialise start/stop/pause/resume of one instance; released when the process exits. Without
-    `wait`, None when someone else holds it."""
+LOCK_WAIT_SECONDS = 10.0     # how long start/stop/pause/resume wait for an instance's lock by default
+LOCK_POLL_SECONDS = 0.05
+
+
+def lock_instance(idir, timeout=LOCK_WAIT_SECONDS):
+    """Serialise start/stop/pause/resume of one instance: (fd, None) once locked (released when the
+    process exits), or (None, why) when the lock is still held `timeout` seconds later. Never a
+    blocking flock: .lock is in the instance folder, so the strategy can hold it too, and a blocking
+    wait would pile up every later command of this instance for ever."""
     import fcntl
     os.makedirs(idir, mode=0o700, exist_ok=True)
     path = os.path.join(idir, ".lock")
@@ -570,15 +594,60 @@ def lock_instance(idir, wait=True):
         remove_entry(path)               # a link or a FIFO a strategy put there: make a real one
     else:
         fd = os.open(path, flags | os.O_EXCL, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except OSError:
-        if wait:
-            raise
-        os.close(fd)
-        return None
-    return fd
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd, None
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(LOCK_POLL_SECONDS)
+        except OSError as exc:           # e.g. no locks on this file system: say so, never block
+            os.close(fd)
+            return None, "the instance lock cannot be taken (%s: %s)" % (path, exc.strerror or exc)
+    holder = lock_holder(fd)
+    os.close(fd)
+    return None, "the instance lock is held (%s%s); gave up after %gs" % (
+        path, ", by pid %s" % holder if holder else "", max(0.0, timeout))
 
+
+def lock_holder(fd):
+    """Who holds the flock on the file of `fd`, as "pid (command)", from /proc/locks; None when it
+    cannot be told (not Linux, another namespace). Only for the message: never acted upon."""
+    try:
+        st = os.fstat(fd)
+        with open("/proc/locks", "rb") as handle:
+            lines = handle.read(1 << 20).decode("ascii", "replace").splitlines()
+    except OSError:
+        return None
+    # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:123456 0 EOF"; a waiter's line has "->" after the number.
+    wanted = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] != "->" and fields[5] == wanted and fields[4].isdigit():
+            try:
+                with open("/proc/%s/comm" % fields[4], "rb") as handle:
+                    return "%s (%s)" % (fields[4], handle.read(64).decode("utf-8", "replace").strip())
+            except OSError:
+                return fields[4]
+    return None
+
+
+def lock_budget(request):
+    """Seconds a command may wait for its instance's lock: LOCK_WAIT_SECONDS, or the request's own
+    `lockTimeoutSeconds`, and for a start never past its not-after (it would be refused then)."""
+    budget = request.get("lockTimeoutSeconds")
+    budget = float(budget) if _is_number(budget) and budget >= 0 else LOCK_WAIT_SECONDS
+    not_after = request.get("notAfter")
+    limit = not_after.get("boottime") if isinstance(not_after, dict) else None
+    if _is_number(limit) and float(request.get("leaseTtlSeconds") or 0) > 0:
+        budget = min(budget, max(0.0, limit - boottime()))
+    return budget
+
+
+def busy(why):
+    return {"result": "busy", "reason": why}, 0
 
 
 # --- probe ----------------------------------------------------------------------------------------
@@ -669,6 +738,8 @@ def read_heartbeat(path, problems=None):
         return None
     if found:                            # a report with wrong fields counts as no heartbeat
         return {name: beat[name] for name in ("errorCount", "lastError") if name in beat}
+    # For people only (status shows it): wall clock against the file's mtime, so a clock step shows
+    # here. Health is judged by the supervisor on its monotonic clock (HealthWatch), never from this.
     beat["ageMs"] = max(0, int((time.time() - mtime) * 1000))
     return beat
 
@@ -712,6 +783,12 @@ def describe_instance(idir, strategy, events_since):
     }
     if status.get("containment"):
         out["containment"] = status["containment"]
+    # The lease its supervisor enforces is the one it was started with: the controller restarts a
+    # copy whose TTL is not the fleet's.
+    launched, _, found = load_checked(os.path.join(idir, "spec.json"), SPEC_LEASE, SPEC_FILE_CAP)
+    problems.extend(found)
+    if launched and launched.get("leaseTtlSeconds") is not None:
+        out["leaseTtlSeconds"] = launched["leaseTtlSeconds"]
     if events_since is not None:
         out["events"] = read_events(idir, events_since, problems)
     if problems:
@@ -835,18 +912,33 @@ def write_lease(idir, epoch, ttl, limit):
 
 
 def renew_lease(idir, epoch, ttl, not_after):
-    """Extend the lease of the copy with this epoch, if it is the one running here and the request
-    is not late (checked right before writing: the agent itself may have been frozen meanwhile)."""
+    """Extend the lease of the copy with this epoch: None when renewed, else why not. Only the copy
+    running here, only a lease that has not run out yet (expired stays expired: its supervisor may
+    not have noticed yet, and the controller may already start a replacement elsewhere), and only
+    when the request is not late (checked right before writing: this agent may have been frozen)."""
     status, _ = read_status(idir, [])
-    if status.get("epoch") != epoch or status.get("state") in FINAL_STATES:
-        return False
+    if status.get("epoch") != epoch:
+        return "it runs epoch %s here, not %s" % (status.get("epoch"), epoch)
+    if status.get("state") in FINAL_STATES:
+        return "it is %s" % status["state"]
     if live_pid(os.path.join(idir, "supervisor.pid")) is None:
-        return False
-    limit, _ = lease_limit(not_after)
+        return "its supervisor is not running"
+    lease, _, problems = load_checked(os.path.join(idir, "lease.json"), LEASE_FIELDS)
+    if problems or lease is None or lease.get("epoch") != epoch:
+        # Fail closed: without the lease this copy holds, there is no telling whether it ran out.
+        return "its lease cannot be checked (%s)" % (
+            "; ".join(problems) if problems else "lease.json is missing" if lease is None
+            else "lease.json holds epoch %s's lease" % lease.get("epoch"))
+    if "deadline" in lease:               # no deadline: started without fencing, nothing can run out
+        overdue = boottime() - lease["deadline"]
+        if overdue > 0:
+            return ("its lease ran out at %.3f on the boot-time clock, %.3fs ago; a lease that ran out "
+                    "is never renewed" % (lease["deadline"], overdue))
+    limit, late = lease_limit(not_after)
     if limit is None:
-        return False
+        return late
     write_lease(idir, epoch, ttl, limit)
-    return True
+    return None
 
 
 def describe_unreadable(name, why, alive=True):
@@ -854,55 +946,89 @@ def describe_unreadable(name, why, alive=True):
     return {"strategy": name, "status": "unknown", "alive": alive, "reason": clip(why)}
 
 
+def instance_names(workdir):
+    try:
+        return sorted(os.listdir(os.path.join(workdir, "instances")))
+    except OSError:
+        return []
+
+
 def probe(request, args):
+    """Renewals first, for every worker of the request, and only then everything else: describing
+    instances, `node --version` (up to 10 s after a runtime upgrade) and credentials must never make a
+    renewal late."""
     ttl = request.get("leaseTtlSeconds")
-    if "--renew" in args:
-        ttl = float(args[args.index("--renew") + 1])
     not_after = request.get("notAfter")
     answer = {"host": host_facts(), "workers": {}}
-    if ttl is not None and request.get("renew"):
+    renewals = request.get("renew") or {}
+    if ttl is not None and renewals:
         _, refused = lease_limit(not_after)
         if refused:                   # said once for the host; every renewal below is refused too
             answer["host"]["renewRefused"] = refused
-    containment = host_containment()
-    cache = None
+    workers = []
     for spec in request.get("workers", []):
         wid, workdir = spec["id"], os.path.abspath(os.path.expanduser(spec["workdir"]))
+        worker = {"workdir": workdir, "instances": {}, "renewed": [], "refused": {}}
+        renew_worker(workdir, renewals.get(wid) or {}, ttl, not_after, worker)
+        workers.append((wid, spec, worker))
+    containment = host_containment()
+    cache = None
+    for wid, spec, worker in workers:
+        workdir = worker["workdir"]
         if cache is None:
             cache = os.path.join(workdir, "agent", "versions.json")
-        worker = {"workdir": workdir, "instances": {}, "renewed": [], "containment": containment}
+        worker["containment"] = containment
         worker["runtime"] = program_version(spec.get("program") or "node", cache)
         try:
             worker["credentials"] = sorted(n[:-4] for n in os.listdir(os.path.join(workdir, "secrets"))
                                            if n.endswith(".env"))
         except OSError:
             worker["credentials"] = []
-        renew = (request.get("renew") or {}).get(wid) or {}
         since = (request.get("eventsSince") or {}).get(wid)
         wanted = (request.get("checkpoints") or {}).get(wid) or {}
         root = os.path.join(workdir, "instances")
-        try:
-            names = sorted(os.listdir(root))
-        except OSError:
-            names = []
-        for name in names:
-            worker["instances"][name] = probe_instance(os.path.join(root, name), name, renew, ttl, not_after,
-                                                       since, wanted, worker["renewed"])
+        for name in instance_names(workdir):
+            worker["instances"][name] = probe_instance(os.path.join(root, name), name, since, wanted)
         answer["workers"][wid] = worker
     answer["host"]["answeredAt"] = now_ms()
     return answer
 
 
-def probe_instance(idir, name, renew, ttl, not_after, since, wanted, renewed):
-    """One instance of a probe: renew its lease when asked, describe it. Whatever goes wrong here is
-    this instance's alone: the host's answer never fails because of one instance."""
+def renew_worker(workdir, renew, ttl, not_after, worker):
+    """The renewals asked for one worker: each id goes to `renewed` or, with why, to `refused`.
+    Whatever goes wrong with one instance is that instance's alone."""
+    present = set(instance_names(workdir))
+    for name in sorted(renew):
+        idir = os.path.join(workdir, "instances", name)
+        try:
+            if ttl is None:
+                why = "the request carries no leaseTtlSeconds"
+            elif name not in present or not stat.S_ISDIR(os.lstat(idir).st_mode):
+                why = "no such instance here"
+            else:
+                why = renew_lease(idir, renew[name], float(ttl), not_after)
+        except Exception as exc:          # noqa: BLE001 - disk full, a file half gone, a bug: say so, go on
+            why = "the agent could not renew it: %s" % describe_error(exc)
+        if why is None:
+            worker["renewed"].append(name)
+        else:
+            worker["refused"][name] = clip(why)
+
+
+def describe_error(exc):
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return "%s: %s" % (type(exc).__name__, exc)
+
+
+def probe_instance(idir, name, since, wanted):
+    """Describe one instance of a probe. Whatever goes wrong here is this instance's alone: the
+    host's answer never fails because of one instance."""
     try:
         if not stat.S_ISDIR(os.lstat(idir).st_mode):
             described = describe_unreadable(name, "not an instance folder", alive=False)
             described["problems"] = ["%s: not a directory (%s)" % (name, file_kind(os.lstat(idir).st_mode))]
             return described
-        if ttl is not None and name in renew and renew_lease(idir, renew[name], float(ttl), not_after):
-            renewed.append(name)
         described = describe_instance(idir, name, since)
         if name in wanted and described["epoch"] == wanted[name]:
             described["checkpoint"] = pack_checkpoint(idir)
@@ -921,6 +1047,15 @@ def missing_files(request):
     return [n for n in names if not os.path.isfile(os.path.join(workdir, n))]
 
 
+def launched_as_asked(idir, request):
+    """Whether the copy in `idir` was started with the launch `request` asks for."""
+    try:
+        running = load_spec(os.path.join(idir, "spec.json"))
+    except ValueError:
+        return False
+    return all(running.get(name) == request.get(name) for name in LAUNCH_FIELDS)
+
+
 def start(request, args):
     request["workdir"] = os.path.abspath(os.path.expanduser(request["workdir"]))
     ttl = float(request.get("leaseTtlSeconds") or 0)
@@ -932,15 +1067,19 @@ def start(request, args):
     if missing:
         return {"result": "missing", "missing": missing}, EXIT_MISSING
     idir = instance_dir(request["workdir"], request["strategy"])
-    lock_instance(idir)
+    lock, held = lock_instance(idir, lock_budget(request))
+    if lock is None:
+        return busy(held)
+    problems = []                     # bookkeeping that failed; said in the answer, never fatal once spawned
     status, _ = read_status(idir, [])
     supervisor = live_pid(os.path.join(idir, "supervisor.pid"))
     same = status.get("epoch") == request["epoch"] and status.get("specHash") == request["specHash"]
-    if supervisor is not None and same and status.get("state") not in FINAL_STATES:
+    if supervisor is not None and same and status.get("state") not in FINAL_STATES \
+            and launched_as_asked(idir, request):
         return {"result": "already-running", "pid": supervisor}, 0
     if supervisor is not None or live_pid(os.path.join(idir, "runner.pid")) is not None:
         why = "replaced by a new start (epoch %s)" % request["epoch"]
-        stop_instance(idir, why, float(status.get("stopTimeoutSeconds") or 30))
+        stop_instance(idir, why, float(status.get("stopTimeoutSeconds") or 30), problems)
     end_strays(idir)                  # nothing of an earlier copy may run beside the new one
     keep_restarts = status.get("epoch") == request["epoch"] and status.get("specHash") == request["specHash"]
     if os.path.islink(os.path.join(idir, "state")):
@@ -948,7 +1087,8 @@ def start(request, args):
     os.makedirs(os.path.join(idir, "state"), mode=0o700, exist_ok=True)
     if request.get("checkpoint"):
         unpack_checkpoint(idir, request.pop("checkpoint"))   # a move: continue where it left off
-    for stale in ("heartbeat.json", "runner.pid", "control.json"):
+    # A stopped copy's pid files name nothing: the new supervisor must not take them for its own.
+    for stale in ("heartbeat.json", "runner.pid", "supervisor.pid", "control.json"):
         remove_entry(os.path.join(idir, stale))
     limit = None
     if ttl > 0:
@@ -970,10 +1110,29 @@ def start(request, args):
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
                                  start_new_session=True, cwd=idir)
     finally:
-        os.close(log)
-    write_pid(os.path.join(idir, "supervisor.pid"), child.pid)
-    log_event(idir, "start", "epoch %s" % request["epoch"], epoch=request["epoch"])
-    return {"result": "started", "pid": child.pid}, 0
+        try:
+            os.close(log)
+        except OSError:
+            pass
+    # From here on a copy runs: the answer must say "started" whatever else fails (a full disk, an
+    # events.log the strategy made unwritable), or the controller would believe nothing runs here.
+    # The supervisor writes supervisor.pid itself as soon as it runs, and keeps it.
+    bookkeeping(problems, "supervisor.pid", write_pid, os.path.join(idir, "supervisor.pid"), child.pid)
+    bookkeeping(problems, "events.log", log_event, idir, "start", "epoch %s" % request["epoch"],
+                epoch=request["epoch"])
+    answer = {"result": "started", "pid": child.pid}
+    if problems:
+        answer["problems"] = [clip(p, PROBLEM_CAP) for p in problems[:MAX_PROBLEMS]]
+    return answer, 0
+
+
+def bookkeeping(problems, name, action, *args, **kwargs):
+    """One write the agent keeps for itself (a pid file, an event, a status): a failure is added to
+    `problems` (for the answer) instead of raised, once the real work has been done."""
+    try:
+        action(*args, **kwargs)
+    except Exception as exc:          # noqa: BLE001 - a full disk, a directory in the way, anything
+        problems.append("%s: cannot write it: %s" % (name, describe_error(exc)))
 
 
 def signal_group(pid, sig):
@@ -1010,10 +1169,12 @@ def supervisor_children(keeper):
     return found
 
 
-def stop_instance(idir, reason, grace):
-    """Ask the supervisor to stop (st_exit runs, SIGKILL after the grace); clean up if it is gone."""
+def stop_instance(idir, reason, grace, problems):
+    """Ask the supervisor to stop (st_exit runs, SIGKILL after the grace); clean up if it is gone.
+    Writes that fail are added to `problems`: they never keep the copy from being stopped."""
     import signal
-    write_json(os.path.join(idir, "control.json"), {"stop": reason})
+    # Only tells the supervisor why; without it the stop still happens ("stopped by signal").
+    bookkeeping(problems, "control.json", write_json, os.path.join(idir, "control.json"), {"stop": reason})
     supervisor_pid = os.path.join(idir, "supervisor.pid")
     supervisor = live_pid(supervisor_pid)
     if supervisor is not None:
@@ -1026,7 +1187,10 @@ def stop_instance(idir, reason, grace):
         # Stuck past the grace: kill the supervisor proper and the runner; its keeper (still alive, so
         # every process the strategy started is below it) then kills the rest and exits.
         for pid in supervisor_children(supervisor):
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:               # gone meanwhile
+                pass
         stuck_runner = live_pid(os.path.join(idir, "runner.pid"))
         if stuck_runner is not None:
             signal_group(stuck_runner, signal.SIGKILL)
@@ -1038,14 +1202,15 @@ def stop_instance(idir, reason, grace):
         if not wait_gone(os.path.join(idir, "runner.pid"), grace):
             signal_group(runner, signal.SIGKILL)
             wait_gone(os.path.join(idir, "runner.pid"), 5)
-        log_event(idir, "stopped", reason + " (its supervisor was gone)")
+        bookkeeping(problems, "events.log", log_event, idir, "stopped", reason + " (its supervisor was gone)")
     left = end_strays(idir)
     status, usable = read_status(idir, [])
     if status.get("state") not in FINAL_STATES or not usable:
         status.update({"state": "stopped", "reason": reason, "stoppedAt": now_ms()})
-        write_json(os.path.join(idir, "status.json"), status)
+        bookkeeping(problems, "status.json", write_json, os.path.join(idir, "status.json"), status)
     if left:
-        log_event(idir, "instance-problem", "processes %s of this strategy survived SIGKILL" % left)
+        bookkeeping(problems, "events.log", log_event, idir, "instance-problem",
+                    "processes %s of this strategy survived SIGKILL" % left)
     return "stopped" if supervisor is not None or runner is not None else "not-running"
 
 
@@ -1053,7 +1218,9 @@ def stop(request, args):
     idir = instance_dir(request["workdir"], request["strategy"])
     if not os.path.isdir(idir):
         return {"result": "not-running"}, 0
-    lock_instance(idir)
+    lock, held = lock_instance(idir, lock_budget(request))
+    if lock is None:
+        return busy(held)
     status, _ = read_status(idir, [])
     epoch = request.get("epoch")
     if epoch is not None and status.get("epoch") not in (None, epoch):
@@ -1061,16 +1228,21 @@ def stop(request, args):
         return {"result": "epoch-mismatch", "running": status.get("epoch")}, 0
     # The longer of the two: the copy may have been started with more time for st_exit than asked now.
     grace = max(float(request.get("stopTimeoutSeconds") or 0), float(status.get("stopTimeoutSeconds") or 0)) or 30.0
-    answer = {"result": stop_instance(idir, request.get("reason") or "stopped by the controller", grace)}
+    problems = []
+    answer = {"result": stop_instance(idir, request.get("reason") or "stopped by the controller", grace, problems)}
     if request.get("checkpoint"):                # a move: the new worker gets the final state
         answer["checkpoint"] = pack_checkpoint(idir)
+    if problems:
+        answer["problems"] = [clip(p, PROBLEM_CAP) for p in problems[:MAX_PROBLEMS]]
     return answer, 0
 
 
 def set_paused(request, paused):
     import signal
     idir = instance_dir(request["workdir"], request["strategy"])
-    lock_instance(idir)
+    lock, held = lock_instance(idir, lock_budget(request))
+    if lock is None:
+        return busy(held)
     supervisor = live_pid(os.path.join(idir, "supervisor.pid"))
     if supervisor is None:
         return {"result": "not-running"}, 0
@@ -1233,7 +1405,7 @@ class Supervisor(object):
         self.containment = "process-group"
         self.noted = set()
         self.status_identity = None
-        self.next_tend = time.monotonic() + 1.0
+        self.next_tend = time.monotonic()      # the first upkeep at once: supervisor.pid may be missing
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -1248,6 +1420,15 @@ class Supervisor(object):
             return
         self.status_identity = file_identity(self.path("status.json"))
 
+    def event(self, name, detail=None, **extra):
+        """An events.log line. It is history: a full disk, or an events.log the strategy made
+        unwritable, must never change what the supervisor does (supervisor.log says so instead)."""
+        try:
+            log_event(self.dir, name, detail, epoch=self.spec.get("epoch"), **extra)
+        except OSError as exc:
+            sys.stderr.write("quantlab-supervisor: events.log: cannot write %s: %s\n" % (name, describe_error(exc)))
+            sys.stderr.flush()
+
     def note_problem(self, problem):
         """Say once (per distinct problem) what is wrong with a file of the instance: in events.log
         and as status.json's reason."""
@@ -1255,10 +1436,7 @@ class Supervisor(object):
         if problem in self.noted or len(self.noted) >= MAX_NOTED_PROBLEMS:
             return
         self.noted.add(problem)
-        try:
-            log_event(self.dir, "instance-problem", problem, epoch=self.spec.get("epoch"))
-        except OSError:
-            pass
+        self.event("instance-problem", problem)
         self.save_status(reason=problem)
 
     # signals only set flags; the loop acts on them (a handler never reads a file: it could block)
@@ -1299,22 +1477,30 @@ class Supervisor(object):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signal_numbers(SUPERVISOR_SIGNALS))
         self.log = OutputLog(self.path("output.log"))
         self.save_status(containment=self.containment)
+        self.tend_files()                  # supervisor.pid at once (`start` may have failed to write it)
         restarts = int(self.status.get("restarts", 0))
         while True:
+            # Fail closed: a runner life starts only under a live lease (a restart delay may have
+            # outlasted it: wait() looks only while it sleeps).
+            if self.lease_expired():
+                self.finish(self.lease_reason("no runner was started"))
+                return
             verdict, detail = self.run_runner(restarts)
             if verdict == "final":
+                return
+            if self.lease_expired():       # the last life's stop outlasted the lease: no restart
+                self.finish(self.lease_reason("no runner was started after: %s" % detail))
                 return
             restarts = int(self.status.get("restarts", 0))
             if not self.sched.get("autoRestart", True) or restarts >= self.sched.get("maxRestarts", 5):
                 why = "%s; gave up after %d restarts" % (detail, restarts)
                 self.save_status(state="error", reason=why, stoppedAt=now_ms())
-                log_event(self.dir, "error", why, epoch=self.spec["epoch"])
+                self.event("error", why)
                 return
             restarts += 1
             delay = self.backoff(restarts)
             self.save_status(state="restarting", restarts=restarts, reason=detail, lastRestartAt=now_ms())
-            log_event(self.dir, "restart", "%s; restart %d in %.1fs" % (detail, restarts, delay),
-                      epoch=self.spec["epoch"], restarts=restarts)
+            self.event("restart", "%s; restart %d in %.1fs" % (detail, restarts, delay), restarts=restarts)
             if not self.wait(delay):
                 return
 
@@ -1340,8 +1526,7 @@ class Supervisor(object):
     def finish(self, reason, exit_code=None):
         state = "stopped"
         self.save_status(state=state, reason=reason, stoppedAt=now_ms(), exitCode=exit_code)
-        event = "lease-expired" if reason.startswith("lease expired") else "stopped"
-        log_event(self.dir, event, reason, epoch=self.spec["epoch"])
+        self.event("lease-expired" if reason.startswith("lease expired") else "stopped", reason)
         if self.log is not None:       # `quantlab logs` says why the output ends here
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             self.log.write(("%s quantlab-supervisor: stopped: %s\n" % (stamp, reason)).encode())
@@ -1354,11 +1539,17 @@ class Supervisor(object):
         if self.proc is not None and self.proc.poll() is None:
             signal_group(self.proc.pid, signal.SIGUSR1 if self.paused else signal.SIGUSR2)
         self.save_status(state="paused" if self.paused else "running")
-        log_event(self.dir, "paused" if self.paused else "resumed", epoch=self.spec["epoch"])
+        self.event("paused" if self.paused else "resumed")
 
     def lease_expired(self):
+        """Whether the lease has run out. Expired stays expired: once the deadline this supervisor
+        knows has passed, it takes no later one, whoever wrote it. A renewal it reads only then
+        (it was frozen, or busy stopping its runner) may have come after the controller counted the
+        lease as lapsed and started a replacement elsewhere."""
         if self.ttl <= 0:
             return False
+        if self.lease_deadline is not None and boottime() > self.lease_deadline:
+            return True
         identity = file_identity(self.path("lease.json"))
         if identity != self.lease_identity:
             self.lease_identity = identity
@@ -1371,9 +1562,10 @@ class Supervisor(object):
                 self.lease_deadline = max(self.lease_deadline or 0, deadline)
         return self.lease_deadline is not None and boottime() > self.lease_deadline
 
-    def lease_reason(self):
-        return ("lease expired: the controller did not renew it for %gs (is `quantlab reconcile` "
-                "running?); stopped so that no second copy can run" % self.ttl)
+    def lease_reason(self, detail=None):
+        why = ("lease expired: the controller did not renew it for %gs (is `quantlab reconcile` "
+               "running?); stopped so that no second copy can run" % self.ttl)
+        return "%s; %s" % (why, detail) if detail else why
 
     def tend_files(self):
         """Once a second: put back the files this supervisor owns (status.json, the pid files the
@@ -1501,6 +1693,7 @@ class Supervisor(object):
         deadline = time.monotonic() + self.stop_timeout()
         while self.proc.poll() is None and time.monotonic() < deadline:
             self.log.pump(self.proc.stdout, 0.05)
+            self.lease_expired()           # keep taking renewals: a long st_exit must not make us miss them
         if self.proc.poll() is None:
             signal_group(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
@@ -1526,14 +1719,18 @@ class Supervisor(object):
 class HealthWatch(object):
     """The heartbeat file is the runner's only report: its age, error count and init signal. A file
     that cannot be used (not a regular file, too large, not JSON, wrong field types) counts as no
-    heartbeat, and the reason for a restart says what was wrong with it."""
+    heartbeat, and the reason for a restart says what was wrong with it.
+
+    A beat's age is measured on the monotonic clock from when this watch saw the file change (to
+    within one poll), never from the file's mtime: mtimes are wall-clock, and a step of the host's
+    wall clock would make every strategy look stale at once (or fresh for ever)."""
 
     def __init__(self, sup, started, restarts):
         self.sup = sup
         self.started = started
         self.restarts = restarts
         self.seen = None            # identity of the file as last read
-        self.last_good = None       # wall time of the last valid beat (its mtime), or when a bad file came first
+        self.last_good = None       # monotonic time a valid beat (or, first, a bad file) was seen to arrive
         self.bad = None             # what is wrong with the file as it is now
         self.first_beat = None
         self.errors = 0
@@ -1553,7 +1750,7 @@ class HealthWatch(object):
             if now - self.started > limit:
                 return "st_init did not finish within %gs (initTimeoutSeconds)" % limit
             return None
-        age = time.time() - self.last_good
+        age = now - self.last_good
         if not sup.paused and now - self.resumed_at > 3 * sup.heartbeat_s and age > 3 * sup.heartbeat_s:
             if self.bad:
                 return "no valid heartbeat for %.1fs (%s)" % (age, self.bad)
@@ -1572,18 +1769,18 @@ class HealthWatch(object):
         if identity == self.seen:
             return None
         self.seen = identity
-        beat, mtime, problems = load_checked(path, HEARTBEAT_FIELDS)
+        beat, _, problems = load_checked(path, HEARTBEAT_FIELDS)
         if problems:
             self.bad = "; ".join(problems)
             sup.note_problem(self.bad)
             if self.last_good is None:        # the runner wrote something: the no-heartbeat clock starts
-                self.last_good = time.time()
+                self.last_good = now
             return None
         if beat is None:                      # gone between the look and the read
             self.seen = None
             return None
         self.bad = None
-        self.last_good = mtime
+        self.last_good = now
         if self.first_beat is None:
             self.first_beat = now
             if sup.status.get("state") == "starting":
@@ -1604,8 +1801,7 @@ class HealthWatch(object):
         healthy_since = max(self.first_beat, self.last_error_at or 0)
         if now - healthy_since >= max(10 * sup.heartbeat_s, 1.0):
             sup.save_status(restarts=0)
-            log_event(sup.dir, "recovered", "healthy for %.0fs; restart count reset" % (now - healthy_since),
-                      epoch=sup.spec["epoch"])
+            sup.event("recovered", "healthy for %.0fs; restart count reset" % (now - healthy_since))
 
 
 class OutputLog(object):
@@ -1722,7 +1918,7 @@ class Keeper(object):
         try:
             log_event(self.sup.dir, "stopped" if state == "stopped" else "supervisor-lost", reason,
                       epoch=self.sup.spec.get("epoch"))
-            lock = lock_instance(self.sup.dir, wait=False)
+            lock, _ = lock_instance(self.sup.dir, timeout=0)
             if lock is None:
                 return
             try:
@@ -1812,7 +2008,7 @@ def run_supervisor(sup):
             sup.end_strategy_processes()
         finally:
             sup.save_status(state="error", reason="supervisor failed: %r" % (exc,), stoppedAt=now_ms())
-            log_event(sup.dir, "error", "supervisor failed: %r" % (exc,))
+            sup.event("error", "supervisor failed: %r" % (exc,))
         return 1
     end_descendants()                     # the last word: nothing of the strategy outlives its supervisor
     return 0
@@ -1853,13 +2049,17 @@ def main(argv):
     if command not in COMMANDS:
         sys.stderr.write("unknown command %r\n" % command)
         return EXIT_BAD_REQUEST
+    if args and (args[0] != "--request" or len(args) != 2):
+        # Everything else travels in the request (a renewal needs its notAfter, say).
+        sys.stderr.write("unexpected arguments %s: the only option is --request FILE\n" % " ".join(args))
+        return EXIT_BAD_REQUEST
     try:
-        if "--request" in args:        # the request from a file instead of stdin (by hand, other tools)
-            with open(args[args.index("--request") + 1], "rb") as handle:
+        if args:                       # the request from a file instead of stdin (by hand, other tools)
+            with open(args[1], "rb") as handle:
                 request = json.loads(handle.read())
         else:
             request = json.loads(sys.stdin.buffer.read() or b"{}")
-    except (OSError, IndexError) as exc:
+    except OSError as exc:
         sys.stderr.write("cannot read the request: %s\n" % exc)
         return EXIT_BAD_REQUEST
     except ValueError as exc:

@@ -254,6 +254,9 @@ async function main() {
   ctx = { id, params, workerId, region, proxy, epoch, leaseExpiresAt: run.leaseExpiresAt, state: loadState(cfg.stateDir),
     // One line per call, so a log collector never splits one message into several.
     log: (...args) => process.stdout.write(`${new Date().toISOString()} ${format(...args).replace(/\r?\n/g, '\\n')}\n`) };
+  // Fail closed, synchronously: the watchdog's first look may come after st_init (its thread starts
+  // slower than a small module loads), and a strategy whose lease ran out must not even initialise.
+  if (leaseExpired(run.lease)) die(0, 'lease expired before st_init: not starting the strategy');
   try {
     await hooks.st_init(ctx);
   } catch (err) {
@@ -390,6 +393,9 @@ class Watchdog {
 
   refreshLease() {
     if (!this.leaseFile) return;
+    // Expired stays expired: a renewal first seen after the known deadline passed (this process was
+    // frozen, or the renewal came late) may come after the controller started a replacement.
+    if (leaseExpired(this.lease)) return;
     const later = laterLease(this.lease, readLeaseFile(this.leaseFile, this.epoch));
     if (later === this.lease) return;
     this.lease = later;

@@ -197,12 +197,14 @@ class FleetSettings:
             return cls()
         notify = raw.get("notify") or {}
         interval = float(raw.get("reconcileIntervalSeconds", 5.0))
-        known = {f.name for f in dataclasses.fields(MonitorSettings)}
+        monitor_fields = {f.name for f in dataclasses.fields(MonitorSettings)}
+        ssh_fields = {f.name for f in dataclasses.fields(SshSettings)}
         return cls(policy=raw.get("policy", "load-based"), reconcile_interval_s=interval,
                    probe_deadline_s=float(raw.get("probeDeadlineSeconds") or default_probe_deadline(interval)),
                    cron_period_s=raw.get("cronPeriodSeconds"),
-                   monitor=MonitorSettings(**{k: v for k, v in raw.get("monitor", {}).items() if k in known}),
-                   ssh=SshSettings(**raw.get("ssh", {})),
+                   # Fields a newer or older release wrote are left out: this must never fail.
+                   monitor=MonitorSettings(**{k: v for k, v in raw.get("monitor", {}).items() if k in monitor_fields}),
+                   ssh=SshSettings(**{k: v for k, v in raw.get("ssh", {}).items() if k in ssh_fields}),
                    notify=NotifySettings(webhook=notify.get("webhook"),
                                          command=tuple(notify["command"]) if notify.get("command") else None))
 

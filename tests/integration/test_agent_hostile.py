@@ -56,35 +56,47 @@ class AgentHost:
         shutil.copy(RUNNER, path / "agent" / "runner-test.mjs")
         return path
 
-    def call(self, command: str, request: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    def run(self, command: str, request: dict[str, Any], *, timeout: float = CALL_TIMEOUT,
+            args: tuple[str, ...] = (), **popen: Any) -> subprocess.CompletedProcess:
+        """The agent's process as it ended (`popen`: more subprocess.run arguments, e.g. preexec_fn)."""
+        return subprocess.run([sys.executable, str(AGENT), command, *args], input=json.dumps(request).encode(),
+                              capture_output=True, timeout=timeout, cwd=REPO, **popen)
+
+    def call(self, command: str, request: dict[str, Any], *, timeout: float = CALL_TIMEOUT,
+             **popen: Any) -> tuple[dict[str, Any], float]:
         """(answer, seconds it took)."""
         began = time.monotonic()
-        done = subprocess.run([sys.executable, str(AGENT), command], input=json.dumps(request).encode(),
-                              capture_output=True, timeout=CALL_TIMEOUT, cwd=REPO)
+        done = self.run(command, request, timeout=timeout, **popen)
         took = time.monotonic() - began
         assert done.returncode in (0, 1), f"agent {command} exited {done.returncode}: {done.stderr.decode()}"
         return json.loads(done.stdout or b"null"), took
 
-    def start(self, workdir: Path, sid: str, source: str, *, heartbeat_ms: int = 200, epoch: int = 1,
-              params: dict[str, Any] | None = None, **scheduling: Any) -> dict[str, Any]:
+    def start_request(self, workdir: Path, sid: str, source: str, *, heartbeat_ms: int = 200, epoch: int = 1,
+                      params: dict[str, Any] | None = None, ttl: float = TTL, **scheduling: Any) -> dict[str, Any]:
+        """The start request a controller sends (the strategy file is put in place)."""
         (workdir / "files" / f"{sid}.mjs").write_text(source)
-        request = {
+        return {
             "worker": workdir.name, "workdir": str(workdir), "strategy": sid, "epoch": epoch,
             "specHash": f"hash-{sid}", "file": f"files/{sid}.mjs", "runnerFile": "agent/runner-test.mjs",
             "runner": ["node", "{runner}"], "params": params or {}, "heartbeatMs": heartbeat_ms,
             "scheduling": {"autoRestart": True, "maxRestarts": 100, "restartDelay": 100, "maxErrors": 10,
                            "stopTimeoutSeconds": 1, "initTimeoutSeconds": 10, **scheduling},
-            "region": None, "proxy": None, "account": None, "leaseTtlSeconds": TTL, "paused": False,
+            "region": None, "proxy": None, "account": None, "leaseTtlSeconds": ttl, "paused": False,
             "notAfter": not_after(),
         }
-        answer, _ = self.call("start", request)
+
+    def start(self, workdir: Path, sid: str, source: str, **options: Any) -> dict[str, Any]:
+        """Start, as start_request() builds it (`options`: its keywords); it must answer `started`."""
+        answer, _ = self.call("start", self.start_request(workdir, sid, source, **options))
         assert answer["result"] == "started", answer
         return answer
 
     def probe(self, workdirs: list[Path], renew: dict[str, dict[str, int]] | None = None,
-              checkpoints: dict[str, dict[str, int]] | None = None) -> tuple[dict[str, Any], float]:
-        request = {"workers": [{"id": w.name, "workdir": str(w), "program": "node"} for w in workdirs],
-                   "renew": renew or {}, "leaseTtlSeconds": TTL, "notAfter": not_after(),
+              checkpoints: dict[str, dict[str, int]] | None = None, *, ttl: float = TTL, ahead: float = 20.0,
+              program: str = "node") -> tuple[dict[str, Any], float]:
+        """`ahead`: the request's not-after, seconds from now on the boot-time clock."""
+        request = {"workers": [{"id": w.name, "workdir": str(w), "program": program} for w in workdirs],
+                   "renew": renew or {}, "leaseTtlSeconds": ttl, "notAfter": not_after(ahead),
                    "eventsSince": {w.name: 0 for w in workdirs}, "checkpoints": checkpoints or {}}
         return self.call("probe", request)
 
@@ -111,6 +123,13 @@ class AgentHost:
 
     def lease_deadline(self, workdir: Path, sid: str) -> float:
         return json.loads((self.folder(workdir, sid) / "lease.json").read_text())["deadline"]
+
+    def status(self, workdir: Path, sid: str) -> dict[str, Any]:
+        """status.json as the supervisor last wrote it ({} while it is being replaced)."""
+        try:
+            return json.loads((self.folder(workdir, sid) / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
 
     def supervisor_log(self, workdir: Path, sid: str) -> str:
         path = self.folder(workdir, sid) / "supervisor.log"

@@ -2,6 +2,7 @@
 controller's wall clock fails nothing over early (leases are judged on its boot-time clock)."""
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -131,3 +132,72 @@ def test_a_wall_clock_step_forward_fails_nothing_over_early(fleet):
     [waiting] = result.waiting
     assert waiting.strategy == "solo" and waiting.worker == placed
     assert waiting.seconds_left is None or waiting.seconds_left > loaded.settings.monitor.lease_ttl_s / 2, waiting
+
+
+# At its first beat, replaces its heartbeat file with valid JSON that is not an object, and never
+# returns from st_heartbeat (so the runner does not write the file again).
+HOSTILE_JS = r"""
+import fs from 'node:fs';
+export async function st_init(ctx) {}
+export async function st_heartbeat(ctx) {
+  fs.writeFileSync(process.env.QUANTLAB_HEARTBEAT_FILE + '.x', '[1, 2, 3]');
+  fs.renameSync(process.env.QUANTLAB_HEARTBEAT_FILE + '.x', process.env.QUANTLAB_HEARTBEAT_FILE);
+  setInterval(() => {}, 1000);
+  await new Promise(() => {});
+}
+export async function st_exit(ctx) {}
+"""
+
+
+def test_a_hostile_heartbeat_file_is_its_instance_problem_alone(fleet):
+    """Through the whole controller: the host still answers, the healthy strategy beside it keeps its
+    runner, and `status`, `events` and a notice say what is wrong with the hostile one."""
+    (fleet.root / "strategies" / "hostile.mjs").write_text(HOSTILE_JS)
+    told = fleet.root.parent / "told.jsonl"
+    script = fleet.root.parent / "notify.py"
+    script.write_text("import sys\nopen(sys.argv[1], 'a').write(sys.stdin.read() + '\\n')\n")
+    fleet.settings["notify"] = {"command": [PYTHON, str(script), str(told)]}
+    fleet.worker("w1").strategy("calm").strategy("hostile", heartbeat_ms=3000, file="strategies/hostile.mjs",
+                                                maxRestarts=0).write()
+    fleet.apply()
+    fleet.beating("calm")
+    calm_pid = fleet.runner_pid("calm")
+    wait_for(lambda: (h := fleet.read_json("hostile", "heartbeat.json")) is not None and isinstance(h, list), 20,
+             what="the hostile heartbeat file")
+
+    def said() -> dict | None:
+        fleet.ql("reconcile", "--once", check=None)
+        hostile = fleet.strategy_status("hostile")
+        return hostile if hostile.get("problems") else None
+    hostile = wait_for(said, 20, interval=0.2, what="status to show the hostile instance's problem")
+    assert any("heartbeat.json" in p for p in hostile["problems"]), hostile
+    status = fleet.status()
+    worker = next(w for w in status["workers"] if w["id"] == "w1")
+    assert worker["status"] == "busy" and worker["error"] is None, worker     # the host still answers
+    calm = next(s for s in status["strategies"] if s["id"] == "calm")
+    assert calm["status"] == "running" and calm["healthy"] and fleet.runner_pid("calm") == calm_pid, calm
+    assert any(e.get("kind") == "instance-problem" and e.get("strategy") == "hostile"
+               for e in fleet.events("--strategy", "hostile")), "no instance-problem event"
+    notices = [json.loads(line) for line in told.read_text().splitlines()]
+    assert any(n["kind"] == "instance-problem" and n["strategy"] == "hostile" for n in notices), notices
+
+
+def test_a_new_lease_ttl_restarts_the_copies_started_with_another(fleet):
+    """Each supervisor enforces the lease it was started with, so a changed leaseTtlSeconds is a
+    restart in place (same epoch), after which nothing more is to do."""
+    fleet.worker("w1").strategy("solo").write()
+    fleet.apply()
+    fleet.beating("solo", beats=1)
+    before = (fleet.runner_pid("solo"), fleet.placement("solo")["epoch"])
+    fleet.settings["monitor"]["leaseTtlSeconds"] = 200
+    fleet.write()
+    [action] = fleet.plan()["actions"]
+    assert (action["action"], action["cause"]) == ("restart", "lease-changed"), action
+    assert "leaseTtlSeconds 300 → 200" in action["reason"]
+    fleet.apply()
+    pid = wait_for(lambda: (p := fleet.runner_pid("solo")) not in (None, before[0]) and p, 15,
+                   what="the copy restarted under the new lease")
+    assert fleet.placement("solo")["epoch"] == before[1] and pid != before[0]
+    assert json.loads((fleet.idir("solo") / "spec.json").read_text())["leaseTtlSeconds"] == 200
+    fleet.beating("solo", beats=1)
+    assert fleet.plan()["actions"] == []

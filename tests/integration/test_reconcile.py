@@ -180,7 +180,7 @@ def test_refused_mass_stop_is_not_carried_out_by_fencing(fleet):
     """The fleet dir loses every strategy (a bad checkout): the loop refuses the mass stop, and keeps
     renewing their leases, so the strategies outlive several TTLs instead of fencing themselves.
     Run as from cron, back to back: the lease rule asks for a lease over two cron periods."""
-    ttl = 6.0
+    ttl = 5.0
     fleet.short_lease(ttl, cron_period=1.5).worker("w1")
     for sid in ("s1", "s2", "s3"):
         fleet.strategy(sid)

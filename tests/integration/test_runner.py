@@ -478,6 +478,41 @@ def test_a_runner_frozen_past_its_lease_beats_no_more_when_it_resumes(runners, t
 
 
 @needs_boot_clock
+def test_a_runner_frozen_past_its_lease_takes_no_later_renewal(runners, tmp_path):
+    """Expired stays expired: a renewal written while the runner was frozen past its lease (the agent
+    of the previous release did not check) must not bring it back. Its next beat is a minute away,
+    so only the watchdog can stop it, and it must not adopt the later deadline it reads first."""
+    r, deadline = start_probe(runners, tmp_path, QUANTLAB_HEARTBEAT_MS="60000")
+    wait_for(r.heartbeat, what="st_init to finish")
+    r.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: boot_seconds() > deadline + 0.3, timeout=LEASE_AHEAD + 5, what="the lease to end")
+        write_lease(tmp_path / "lease.json", 3600)
+    finally:
+        r.proc.send_signal(signal.SIGCONT)
+    r.wait_gone(by=boot_seconds() + GRACE + SLACK)
+    assert r.proc.returncode == 0
+    assert notes(tmp_path) == ["init", "exit"]
+    assert "quantlab-runner: lease expired" in r.stderr()
+
+
+@needs_boot_clock
+def test_a_runner_whose_lease_ran_out_before_st_init_never_calls_it(runners, tmp_path):
+    """Fail closed: the lease has run out by the time the strategy is loaded (a supervisor of the
+    previous release started this life late). st_init must not run, not even before the watchdog's
+    first look; the runner exits 0 and says why."""
+    lease = tmp_path / "lease.json"
+    write_lease(lease, -1.0)
+    params = {"notes": str(tmp_path / "notes")}
+    r = runners(store(tmp_path / "files", LEASE_PROBE, ".mjs"), params,
+                QUANTLAB_STOP_TIMEOUT_MS=str(GRACE_MS), QUANTLAB_LEASE_FILE=str(lease))
+    assert r.wait_exit() == 0
+    assert notes(tmp_path) == [], "a strategy hook ran without a lease"
+    assert r.heartbeat() is None
+    assert "quantlab-runner: lease expired before st_init: not starting the strategy" in r.stderr()
+
+
+@needs_boot_clock
 def test_lease_expiry_kills_a_heartbeat_stuck_in_a_busy_loop(runners, tmp_path):
     r, deadline = start_probe(runners, tmp_path, stuck_beat="busy")
     wait_stuck(tmp_path)

@@ -3,7 +3,7 @@
 Fleets upgrade in place: the supervisors the previous release started keep running under the new
 controller and agent, and an upgrade alone never restarts or fences a strategy. This test starts a
 fleet with the previous release's own code (extracted from the repository's history), then hands it
-to the release in this tree and checks, while the new reconcile loop runs for two lease lengths:
+to the release in this tree and checks, while the new reconcile loop runs for longer than a lease:
 
 - the same runner and supervisor processes run (nothing restarted), and no instance logs anything
   but its original start (no `lease-expired`, `stopped`, `restart` ...);
@@ -248,11 +248,11 @@ def test_running_fleet_upgrades_in_place(fleet, previous_release, tmp_path):
     assert_running_healthy(fleet)
     assert_nothing_to_do(fleet)
 
-    # --- the new reconcile loop, for two lease lengths ------------------------------------------------
+    # --- the new reconcile loop, for longer than a lease ----------------------------------------------
     daemon_log = tmp_path / "reconcile.log"
     daemon = fleet.spawn("reconcile", log=daemon_log)
     beats_before = {sid: fleet.heartbeat(sid)["beats"] for sid in STRATEGIES}
-    hold_for(2 * LEASE_TTL_S, lambda: daemon.poll() is None and undisturbed(fleet, before),
+    hold_for(1.25 * LEASE_TTL_S, lambda: daemon.poll() is None and undisturbed(fleet, before),
              "the old supervisors running undisturbed under the new reconcile loop", interval=0.2)
     for sid in STRATEGIES:
         renewed = lease(fleet, sid)

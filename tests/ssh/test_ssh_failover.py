@@ -15,8 +15,8 @@ from sshfleet import wait_for
 
 pytestmark = pytest.mark.ssh
 
-TTL = 6.0
-CRON_PERIOD = 2.0      # the tests run `reconcile --once` back to back, each well under this
+TTL = 5.0
+CRON_PERIOD = 1.5      # the tests run `reconcile --once` back to back, each well under this
 
 
 def checkpoint_beats(fl, sid: str) -> int:

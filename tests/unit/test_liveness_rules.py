@@ -134,3 +134,32 @@ def test_a_lease_is_judged_by_the_bound_recorded_before_its_request_was_sent():
     assert lease_surely_expired_at("a", "w-1", mem, fl.settings.monitor, 10) == NOW + 5_000 + int((30 + margin) * 1000)
     mem = memory({"a": ("w-1", 1)}, specs={"a": A}, leases={}, last_seen={"w-1": NOW})
     assert lease_surely_expired_at("a", "w-1", mem, fl.settings.monitor, 10) == NOW + 30_000 + int((30 + margin) * 1000)
+
+
+# --- what a running copy was started with ---------------------------------------------------------
+
+def test_a_copy_whose_lease_ttl_is_not_the_fleets_is_restarted():
+    """Its supervisor enforces the lease it was started with, whatever a renewal asks for: fencing
+    turned on must reach copies started without it, and a longer lease the ones started shorter."""
+    fl = fleet([A], [worker("w-1", region="JP")], ttl=60)
+    mem = memory({"a": ("w-1", 4)}, specs={"a": A}, last_seen={"w-1": NOW})
+    started_short = dataclasses.replace(running(A, 4), lease_ttl_s=25.0)
+    result = plan(fl, observed(fl, {"w-1": [started_short]}), mem, NOW)
+    assert summary(result) == [("restart", "a", "w-1")]
+    assert result.actions[0].cause == "lease-changed" and "leaseTtlSeconds 25 → 60" in result.actions[0].reason
+    assert result.actions[0].epoch == 4                             # the same copy, started again
+    unknown = dataclasses.replace(running(A, 4), lease_ttl_s=None)  # not reported: left alone
+    assert plan(fl, observed(fl, {"w-1": [unknown]}), mem, NOW).actions == ()
+
+
+# --- the state read on another boot ------------------------------------------------------------------
+
+def test_another_boot_keeps_what_each_lease_had_left_when_the_state_was_written():
+    """How long the controller was away is unknown (maybe no time at all): a start still in flight,
+    booked far ahead, keeps its whole remainder; a lease shorter than the TTL is taken as granted now."""
+    mem = memory({"a": ("w-1", 1)}, leases={"w-1": 500_000, "w-2": 110_000})
+    mem.clock_boot, mem.saved_at = "old-boot", 100_000
+    mem.fleet_settings = {"monitor": {"lease_ttl_s": 25.0}}
+    rebased = mem.rebase(NOW, "new-boot", 0.0)                     # fleet unknown: the recorded TTL
+    assert rebased.leases == {"w-1": NOW + 400_000, "w-2": NOW + 25_000}
+    assert rebased.saved_at == NOW and rebased.clock_boot == "new-boot"

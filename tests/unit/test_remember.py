@@ -2,7 +2,7 @@
 Plain data, a fixed clock."""
 from __future__ import annotations
 
-from quantlab.gather import CHECKPOINT_EVERY_MS, Gathered, checkpoints_due, not_after, remember, renewals
+from quantlab.gather import CHECKPOINT_EVERY_MS, Gathered, checkpoints_due, not_after, remember_into, renewals
 from quantlab.memory import HostClock
 from quantlab.observed import ObservedState, WorkerState
 from tests.fleetkit import NOW, fleet, memory, running, strategy, worker
@@ -36,7 +36,8 @@ def test_remember_records_who_answered_restarts_events_and_checkpoints():
         host_clocks={"w-1": clock},
         host_events=[{"t": NOW - 500, "worker": "w-1", "strategy": "a", "event": "restart"}],
         checkpoints={"a": {"files": {}, "t": NOW - 20}})
-    after = remember(mem, gathered, {"w-1": {"host": "local"}}, loop_at=NOW)
+    after = mem.copy()
+    remember_into(after, gathered, {"w-1": {"host": "local"}}, loop_at=NOW)
     assert after.answered == {"w-1": NOW - 10}                           # judged: the boot-time clock
     assert after.last_seen == {"w-1": 1_700_000_000_000}                 # shown: epoch ms
     assert after.host_clocks == {"w-1": clock}

@@ -299,23 +299,26 @@ def test_a_world_writable_state_file_is_refused_and_left_byte_for_byte(tmp_path)
     assert store.load().serial == 3
 
 
-def test_saving_without_the_lock_raises_and_writes_nothing(tmp_path):
+def test_a_save_takes_the_write_lock_and_never_overwrites_what_another_process_wrote(tmp_path):
+    """Writing needs only the short write lock (a daemon renewing while `apply` acts), and a store
+    never writes over a file it did not read last: the other process's change would be lost."""
     path = tmp_path / "state.json"
-    store = StateStore(path)
-    store.load()
-    with pytest.raises(StateError, match="lock"):
-        store.save(full_memory())
-    assert not path.exists()
-    with store.lock():
-        saved = store.save(full_memory())
-    data = path.read_bytes()
-    with pytest.raises(StateError, match="lock"):     # the lock ends with its block
-        store.save(Memory(lineage=saved.lineage, restarts={"x": 1}))
-    with StateStore(path).lock():                     # another store's lock is not this store's
-        with pytest.raises(StateError, match="lock"):
-            store.save(Memory(lineage=saved.lineage, restarts={"x": 2}))
-    assert path.read_bytes() == data
-
+    first, second = StateStore(path), StateStore(path)
+    first.load()
+    second.load()
+    saved = first.save(full_memory())                   # takes the write lock itself
+    with pytest.raises(StateError, match="not the one this run read"):
+        second.save(Memory(restarts={"x": 1}))
+    assert json.loads(path.read_text())["serial"] == saved.serial
+    again = second.load()
+    assert second.save(dataclasses.replace(again, restarts={"x": 1})).serial == saved.serial + 1
+    with first.writing():                               # held for a write: the other waits, bounded
+        started = time.monotonic()
+        with pytest.raises(StateError, match="write lock"):
+            with second.writing(timeout=0.2):
+                pass
+        assert time.monotonic() - started < 5
+    assert mode_of(second.write_lock_path) == 0o600
 
 def test_a_save_never_overwrites_a_version_it_did_not_read(tmp_path):
     path = tmp_path / "state.json"
@@ -523,8 +526,8 @@ def kill_writers_at_random(path: Path, rounds: int, rng: random.Random, spawn, m
             assert memory.lineage == lineage
         stats["in_flight"] += about == wrote + 1
         stats["landed_unreported"] += found == about != wrote
-        # Only the state, its lock and temp files the loader never reads.
-        others = sorted(set(os.listdir(path.parent)) - {"state.json", "state.json.lock"})
+        # Only the state, its two locks and temp files the loader never reads.
+        others = sorted(set(os.listdir(path.parent)) - {"state.json", "state.json.lock", "state.json.writing"})
         assert all(TEMP_NAME.match(name) for name in others), others
         stats["temps"] = len(others)
         stats["last"] = found
