@@ -231,6 +231,8 @@ LEASE_FIELDS = {"epoch": "int?", "deadline": "number", "expiresAt": "number?"}
 CONTROL_FIELDS = {"stop": "text?"}
 SPEC_IDS = {"epoch": "int?", "specHash": "text?"}
 SPEC_LEASE = {"leaseTtlSeconds": "number?"}
+LATE_FENCE = ("; it had ended more than stopTimeoutSeconds before (the host was frozen?), so the runner was "
+              "killed without st_exit: a replacement may already trade")
 # What a copy is launched with: a start asking for the same epoch and all of these finds it running
 # and changes nothing; any difference (a new proxy, runner, lease TTL...) replaces the copy.
 LAUNCH_FIELDS = ("file", "runner", "params", "heartbeatMs", "scheduling", "region", "proxy", "account",
@@ -1667,9 +1669,10 @@ class Supervisor(object):
                 self.finish(self.stop_reason, code)
                 return "final", self.stop_reason
             if self.lease_expired():
-                code = self.stop_runner()
+                late = self.lease_long_gone()
+                code = self.stop_runner(graceful=not late)
                 self.end_strategy_processes()
-                self.finish(self.lease_reason(), code)
+                self.finish(self.lease_reason() + (LATE_FENCE if late else ""), code)
                 return "final", "lease expired"
             code = self.proc.poll()
             if code is not None:
@@ -1683,11 +1686,20 @@ class Supervisor(object):
                 self.end_strategy_processes()
                 return "unhealthy", problem
 
-    def stop_runner(self):
-        """SIGTERM so st_exit runs, SIGKILL after stopTimeoutSeconds; returns the exit code."""
+    def lease_long_gone(self):
+        """The lease ended longer ago than the stop timeout (this host was frozen, or this process
+        starved): the controller may have started a replacement by now, and an st_exit that cancels
+        orders on the account would hit that copy's. Such a runner gets no st_exit."""
+        return self.lease_deadline is not None and boottime() > self.lease_deadline + self.stop_timeout()
+
+    def stop_runner(self, graceful=True):
+        """SIGTERM so st_exit runs, SIGKILL after stopTimeoutSeconds (at once when not `graceful`);
+        returns the exit code."""
         import signal
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
+        if not graceful:
+            signal_group(self.proc.pid, signal.SIGKILL)
         signal_group(self.proc.pid, signal.SIGCONT)
         signal_group(self.proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout()

@@ -220,7 +220,18 @@ function requestStop() {
   if (run.started) shutdown(); // otherwise main() notices once loading or st_init is over
 }
 
+// The lease ended longer ago than the stop timeout (the host was frozen, say): the controller may have
+// started a replacement by now, and an st_exit that cancels orders would hit that copy's.
+function leaseLongGone() {
+  const now = bootSeconds();
+  return run.lease?.deadline != null && now !== null && now > run.lease.deadline + cfg.stopTimeoutMs / 1000;
+}
+
 async function shutdown() {
+  if (leaseLongGone()) {
+    process.stderr.write('quantlab-runner: the lease ended more than the stop timeout ago: exiting without st_exit (a replacement may already trade)\n');
+    process.exit(0);
+  }
   await settleBeat(cfg.stopTimeoutMs / 2);
   try { await hooks.st_exit(ctx); } catch (err) { report('st_exit failed', err); }
   saveState();

@@ -232,7 +232,9 @@ class SshFleet:
     def runners_by_strategy(self) -> dict[str, list[Proc]]:
         out: dict[str, list[Proc]] = {}
         for p in self.runners():
-            out.setdefault(p.environ()["QUANTLAB_STRATEGY_ID"], []).append(p)
+            sid = p.environ().get("QUANTLAB_STRATEGY_ID")     # None: it ended since it was listed
+            if sid is not None:
+                out.setdefault(sid, []).append(p)
         return out
 
     def wait_runners(self, expected: dict[str, str], timeout: float = 15.0) -> dict[str, Proc]:

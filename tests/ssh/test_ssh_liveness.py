@@ -36,14 +36,14 @@ FAILOVER_BOUND = DEADLINE + TTL + STOP + MARGIN + INTERVAL + DEADLINE + START_S
 
 
 # Notes the wall-clock ms at which each st_heartbeat call begins, so a test can tell a call made
-# after a host resumed from one that was under way when it froze.
+# after a host resumed from one that was under way when it froze; and notes each st_exit.
 CALLS_JS = r"""
 import fs from 'node:fs';
 import path from 'node:path';
 const calls = path.join(process.env.QUANTLAB_STATE_DIR, 'calls.log');
 export async function st_init(ctx) {}
 export async function st_heartbeat(ctx) { fs.appendFileSync(calls, `${Date.now()}\n`); }
-export async function st_exit(ctx) {}
+export async function st_exit(ctx) { fs.appendFileSync(calls, 'exit\n'); }
 """
 
 
@@ -181,8 +181,9 @@ def test_a_renewal_that_arrives_after_its_not_after_grants_nothing(ssh_fleet, tm
     leases = {sid: lease_deadline(fl, lost, sid) for sid in on_lost}
     try:
         watch_failover(fl, placed, lost, frozen_at, healthy)
-        # Resume only once every lease granted there has surely run out (the replacements run now).
-        wait_for(lambda: boot_seconds() > max(leases.values()) + 1, TTL + 5, "the old leases to end")
+        # Resume only once every lease granted there ended more than a stop timeout ago (the
+        # replacements run now, and the old copies' st_exit could only hurt them).
+        wait_for(lambda: boot_seconds() > max(leases.values()) + STOP + 0.5, TTL + 5, "the old leases to end")
     finally:
         resumed_at = time.time()
         for pid in stopped:
@@ -202,8 +203,11 @@ def test_a_renewal_that_arrives_after_its_not_after_grants_nothing(ssh_fleet, tm
     for sid in on_lost:
         idir = fl.instance_dir(lost, sid)
         log = idir / "state" / "calls.log"
-        calls = [int(line) for line in log.read_text().split()] if log.exists() else []
-        assert all(t < resumed_at * 1000 for t in calls), f"{sid}'s st_heartbeat was called on the resumed host"
+        calls = log.read_text().split() if log.exists() else []
+        # Its lease ended long before it resumed: no beat, and no st_exit either (that could cancel the
+        # orders of the replacement, which trades by now).
+        assert "exit" not in calls, f"{sid}'s st_exit ran on the resumed host, beside its replacement"
+        assert all(int(t) < resumed_at * 1000 for t in calls), f"{sid}'s st_heartbeat was called on the resumed host"
 
         def fenced() -> bool:
             events = [json.loads(line) for line in (idir / "events.log").read_text().splitlines()]
