@@ -76,6 +76,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _THIS_DIR in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.ssh)
+            # With pytest-xdist (`-n 2 --dist loadgroup`), every SSH test runs in one worker, one after
+            # the other: their sshd hosts and timing bounds are not shared with each other.
+            item.add_marker(pytest.mark.xdist_group("ssh"))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
