@@ -51,6 +51,14 @@ class Gathered:
         return [wid for wid, s in self.observed.workers.items() if not s.reachable]
 
 
+class OutOfTime(AgentError):
+    """This side was too late to send a renewal in its round (a busy controller): nothing about the
+    host, which stays warm."""
+
+    def __init__(self, host: str):
+        super().__init__(host, "no time left in this round to send its renewals", maybe_ran=False)
+
+
 class LeaseRequests(Protocol):
     """Where renewals are booked before they are sent and settled after (ledger.Ledger)."""
 
@@ -241,8 +249,9 @@ class Prober:
                 self._call_host(call, ttl_ms, budget_ms, leases)
             except BaseException as exc:  # noqa: BLE001 - handed to the round, which says it per host
                 failure = exc
-                with self._lock:
-                    self._warm.discard(call.key)
+                if not isinstance(exc, OutOfTime):
+                    with self._lock:
+                        self._warm.discard(call.key)
             finally:
                 try:
                     self._settle(call, leases, ttl_ms, failure)
@@ -277,7 +286,7 @@ class Prober:
             host_clock = self._clocks[call.key]
         for attempt in (1, 2):
             if self.clock.mono() >= call.renewal_deadline:
-                raise AgentError(str(call.key), "no time left in this round to send its renewals")
+                raise OutOfTime(str(call.key))
             request = {**call.request, "renew": call.renew, "leaseTtlSeconds": ttl_ms / 1000,
                        "notAfter": not_after(host_clock, call.renewal_deadline)}
             call.renewals_sent = True
