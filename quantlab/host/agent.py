@@ -1496,13 +1496,13 @@ class Supervisor(object):
             restarts = int(self.status.get("restarts", 0))
             if not self.sched.get("autoRestart", True) or restarts >= self.sched.get("maxRestarts", 5):
                 why = "%s; gave up after %d restarts" % (detail, restarts)
+                self.event("error", why)       # before the status: whoever sees "error" finds its event
                 self.save_status(state="error", reason=why, stoppedAt=now_ms())
-                self.event("error", why)
                 return
             restarts += 1
             delay = self.backoff(restarts)
-            self.save_status(state="restarting", restarts=restarts, reason=detail, lastRestartAt=now_ms())
             self.event("restart", "%s; restart %d in %.1fs" % (detail, restarts, delay), restarts=restarts)
+            self.save_status(state="restarting", restarts=restarts, reason=detail, lastRestartAt=now_ms())
             if not self.wait(delay):
                 return
 
@@ -1527,8 +1527,8 @@ class Supervisor(object):
 
     def finish(self, reason, exit_code=None):
         state = "stopped"
-        self.save_status(state=state, reason=reason, stoppedAt=now_ms(), exitCode=exit_code)
         self.event("lease-expired" if reason.startswith("lease expired") else "stopped", reason)
+        self.save_status(state=state, reason=reason, stoppedAt=now_ms(), exitCode=exit_code)
         if self.log is not None:       # `quantlab logs` says why the output ends here
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             self.log.write(("%s quantlab-supervisor: stopped: %s\n" % (stamp, reason)).encode())

@@ -16,7 +16,8 @@ const WATCHDOG_POLL_MS = 200;
 const LOG_PATIENCE_MS = 100; // how long the watchdog lets a stderr write hold up a stop or a kill
 
 const run = { beats: 0, errorCount: 0, lastError: null, paused: process.env.QUANTLAB_PAUSED === '1',
-  started: false, stopping: false, timer: null, inFlight: null, lease: null, leaseExpiresAt: null, watchdog: null };
+  started: false, stopping: false, timer: null, inFlight: null, lease: null, leaseExpiresAt: null, watchdog: null,
+  nextState: null, saving: null };
 let cfg, hooks, ctx;
 
 if (isMainThread) {
@@ -154,6 +155,46 @@ function saveState() {
   }
 }
 
+// After a beat the checkpoint is made durable off the beat: an fsync on a busy disk can take seconds,
+// and the heartbeat must say whether the strategy is alive, not how fast the disk is. Saves coalesce:
+// one write at a time, and the next one takes the newest state.
+function saveStateInBackground() {
+  let text;
+  try {
+    text = JSON.stringify(ctx.state ?? {});
+  } catch (err) {
+    recordError('state not saved', err); // a BigInt or a cycle: this beat's fault, reported with it
+    return;
+  }
+  run.nextState = text;
+  if (!run.saving) run.saving = flushState();
+}
+
+async function flushState() {
+  while (run.nextState !== null) {
+    const text = run.nextState;
+    run.nextState = null;
+    try {
+      await writeAtomicDurable(path.join(cfg.stateDir, 'state.json'), text);
+    } catch (err) {
+      recordError('state not saved', err);
+    }
+  }
+  run.saving = null; // in the same turn as the loop's last look: no save can slip in between
+}
+
+async function writeAtomicDurable(file, text) {
+  const tmp = `${file}.tmp-${process.pid}-bg`; // never the name the synchronous save uses
+  try {
+    const handle = await fs.promises.open(tmp, 'w');
+    try { await handle.writeFile(text); await handle.sync(); } finally { await handle.close(); }
+    await fs.promises.rename(tmp, file);
+  } catch (err) {
+    await fs.promises.rm(tmp, { force: true });
+    throw err;
+  }
+}
+
 function writeHeartbeat() {
   const { beats, errorCount, lastError, paused } = run;
   try {
@@ -207,7 +248,7 @@ async function beat() {
   } catch (err) {
     recordError('st_heartbeat failed', err);
   }
-  saveState(); // also after a throw: whatever the strategy recorded before it failed did happen
+  saveStateInBackground(); // also after a throw: whatever the strategy recorded before it failed did happen
   writeHeartbeat();
 }
 
@@ -234,6 +275,7 @@ async function shutdown() {
   }
   await settleBeat(cfg.stopTimeoutMs / 2);
   try { await hooks.st_exit(ctx); } catch (err) { report('st_exit failed', err); }
+  await run.saving; // an older background save must not land after the last one
   saveState();
   process.exit(0);
 }

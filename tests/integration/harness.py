@@ -32,7 +32,7 @@ EXAMPLE_FLEET = REPO / "fleet"
 PYTHON = sys.executable
 
 # Fast settings for every test fleet (the spec allows sub-second durations).
-HEARTBEAT_MS = 150
+HEARTBEAT_MS = 300         # the supervisor restarts a runner silent for 3 x this: room for a busy disk (fsync) and CPU
 FAST_SCHEDULING = {"restartDelay": 100, "stopTimeoutSeconds": 2, "initTimeoutSeconds": 5}
 LONG_LEASE = 300
 INTERVAL = 0.5
@@ -345,7 +345,7 @@ class FleetDir:
         first = wait_for(lambda: self.heartbeat(sid), timeout, what=f"a heartbeat file of {sid}")
         hb = wait_for(lambda: (h := self.heartbeat(sid)) and h["beats"] >= first["beats"] + beats and h,
                       timeout, what=f"{sid}'s heartbeat beats to advance past {first['beats'] + beats - 1}")
-        assert alive(pid), f"{sid}'s runner {pid} died while beating"
+        assert alive(pid), f"{sid}'s runner {pid} died while beating; its host's events: {self.host_events(sid)}"
         return hb
 
     def runner_counts(self) -> Counter:

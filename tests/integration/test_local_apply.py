@@ -342,8 +342,8 @@ def test_move_carries_the_checkpoint_to_the_new_worker(fleet):
     assert fleet.placement("mover")["worker"] == "w-us"
     fleet.beating("mover", beats=1)
     # ctx.state.beats counts every beat of the strategy across restarts and moves.
-    state = json.loads((fleet.idir("mover") / "state" / "state.json").read_text())
-    assert state["beats"] > beats, state
+    state_file = fleet.idir("mover") / "state" / "state.json"
+    wait_for(lambda: json.loads(state_file.read_text())["beats"] > beats, 10, what="a checkpoint past the moved one")
 
 
 def test_saved_plan_applies_once_and_is_refused_when_stale(fleet, tmp_path):

@@ -30,7 +30,7 @@ def test_lease_not_renewed_stops_the_strategy(fleet):
     assert stopped["reason"].startswith("lease expired"), stopped
     assert "is `quantlab reconcile` running?" in stopped["reason"]
     wait_for(lambda: not alive(pid) and fleet.supervisor_pid("fenced") is None, 5, what="the processes to end")
-    assert len(fleet.lines("fenced", "exit.log")) == 1, "st_exit did not run"
+    assert len(fleet.lines("fenced", "exit.log")) == 1, ("st_exit did not run once", fleet.host_events("fenced"))
 
     s = fleet.strategy_status("fenced")
     assert s["status"] == "stopped" and s["healthy"] is False, s
@@ -95,8 +95,10 @@ def test_daemon_converges_renews_follows_changes_survives_bad_yaml(fleet, tmp_pa
 
     def unchanged():
         assert daemon.poll() is None, f"the daemon exited:\n{log.read_text()}"
-        return all(fleet.runner_pid(sid) == pid for sid, pid in pids.items()) and \
-            all(fleet.host_status(sid)["state"] == "running" for sid in pids)
+        for sid, pid in pids.items():
+            assert fleet.runner_pid(sid) == pid and fleet.host_status(sid)["state"] == "running", \
+                (sid, fleet.host_status(sid), fleet.host_events(sid), log.read_text())
+        return True
 
     # Keeps renewing: more than three TTLs later the same runners still run.
     hold_for(3 * ttl + 0.5, unchanged, "the first runners running under renewed leases")

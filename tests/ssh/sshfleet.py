@@ -30,7 +30,7 @@ from tests.support import Proc, cli_env, kill_all, proc_info, processes, wait_fo
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
-HEARTBEAT_MS = 200
+HEARTBEAT_MS = 300         # the supervisor restarts a runner silent for 3 x this: room for a busy disk (fsync) and CPU
 FAST_SCHEDULING = {"restartDelay": 200, "stopTimeoutSeconds": 2, "initTimeoutSeconds": 10}
 
 # A strategy that keeps quiet (nothing in output.log) and records what it was given in its state.
