@@ -17,7 +17,7 @@ from .controller import Controller, default_fleet_dir, default_state_path
 from .execute import Outcome
 from .hosts import AgentError
 from .plan import Action, Plan
-from .planner import PlanOptions
+from .planner import PlanOptions, UnknownTarget
 from .spec import Fleet, FleetInvalid, FleetSettings
 from .status import fleet_status, unhealthy
 from .store import StateError, read_plan, write_plan
@@ -30,6 +30,24 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            out.print(f"quantlab {version('quantlab')}")
+        except PackageNotFoundError:       # run from a source tree that was never installed
+            out.print("quantlab (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(show_version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                     help="Show quantlab's version and exit")] = False) -> None:
+    pass
+
+
 # Off a terminal (pipes, CI logs), tables get room instead of the 80-column default.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -82,7 +100,7 @@ def _handled(fn: Any) -> Any:
             return fn(*args, **kwargs)
         except FleetInvalid as exc:
             raise _invalid(exc) from None
-        except (StateError, TransportError, AgentError) as exc:
+        except (StateError, TransportError, AgentError, UnknownTarget) as exc:
             raise _fail(str(exc)) from None
     return wrapper
 

@@ -71,9 +71,25 @@ class _Work:
     placed_order: list[str] = field(default_factory=list)   # workers chosen, in order (round-robin)
 
 
+class UnknownTarget(ValueError):
+    """A --target names no strategy or worker that the fleet, the state or the hosts know."""
+
+
 def plan(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: int,
          options: PlanOptions = PlanOptions()) -> Plan:
+    unknown = unknown_targets(fleet, observed, memory, options.targets)
+    if unknown:
+        # A typo must not pass for "nothing to do": the operator would believe the target converged.
+        raise UnknownTarget(f"--target {', '.join(unknown)}: no strategy or worker has this id in the fleet, "
+                            f"the state or on the hosts; `quantlab status` lists them")
     return _Planner(fleet, observed, memory, now_ms, options).run()
+
+
+def unknown_targets(fleet: Fleet, observed: ObservedState, memory: Memory, targets: frozenset[str]) -> list[str]:
+    known = set(fleet.strategies) | set(fleet.workers) | set(memory.placements)
+    known |= {p.worker for p in memory.placements.values()}
+    known |= {i.strategy for w in observed.workers.values() for i in w.instances.values()}
+    return sorted(set(targets) - known)
 
 
 class _Planner:

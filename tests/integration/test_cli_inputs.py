@@ -147,6 +147,13 @@ def test_no_fleet_in_the_working_directory_is_said_and_nothing_is_created(tmp_pa
     assert sorted(os.listdir(cron_home)) == [], "something was created in the working directory"
 
 
+def test_version_needs_no_fleet(tmp_path):
+    from importlib.metadata import version
+    result = ql("--version", cwd=tmp_path)
+    assert (result.returncode, result.stdout.strip()) == (0, f"quantlab {version('quantlab')}"), result.describe()
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("command", WRITING_COMMANDS, ids=WRITING_IDS)
 def test_a_folder_without_fleet_files_is_said_and_gets_no_state(tmp_path, command):
     empty = tmp_path / "empty"

@@ -366,6 +366,10 @@ def test_saved_plan_applies_once_and_is_refused_when_stale(fleet, tmp_path):
     # Applied once, the state moved on: applying the same file again is refused.
     again = fleet.ql("apply", saved, "--yes", check=1)
     assert "the state changed since" in again.stderr, again.describe()
+    # A --target nothing knows is an error naming it, not an empty plan that looks converged.
+    for command in (("plan",), ("apply", "--yes")):
+        typo = fleet.ql(*command, "--target", "c", "--target", "cc", check=1)
+        assert "--target cc: no strategy or worker" in typo.stderr, typo.describe()
 
     # A saved plan that a guard holds back can be applied with the guard lifted, and only that way.
     fleet.strategies.clear()

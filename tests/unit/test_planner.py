@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from quantlab.planner import PlanOptions, plan
+from quantlab.planner import PlanOptions, UnknownTarget, plan
 from tests.fleetkit import JP_PROXY, NOW, fleet, memory, observed, running, strategy, summary, worker
 
 # The seed's fleet: two JP workers (one behind the 8890 proxy), one US.
@@ -373,6 +373,18 @@ def test_target_limits_the_plan_to_named_strategies_or_workers():
     assert summary(only_s2) == [("start", "s-2", "w-a")]
     only_wb = plan(fl, observed(fl), memory(), NOW, PlanOptions(targets=frozenset({"w-b"})))
     assert summary(only_wb) == [("start", "s-1", "w-b"), ("start", "s-3", "w-b")]
+
+
+def test_a_target_nothing_knows_is_an_error_naming_it_not_an_empty_plan():
+    fl = fleet([strategy("s-1")], [worker("w-a")])
+    with pytest.raises(UnknownTarget, match=r"--target s-9, w-z: no strategy or worker"):
+        plan(fl, observed(fl), memory(), NOW, PlanOptions(targets=frozenset({"s-1", "s-9", "w-z"})))
+    # Known from the state or the hosts only (removed from the fleet, or found running): still a target.
+    gone = fleet([], [worker("w-a")])
+    assert plan(gone, observed(gone), memory({"s-1": ("w-old", 3)}), NOW,
+                PlanOptions(targets=frozenset({"s-1", "w-old"}))) is not None
+    found = observed(gone, {"w-a": [running(strategy("s-2"), 4)]})
+    assert plan(gone, found, memory(), NOW, PlanOptions(targets=frozenset({"s-2"}))) is not None
 
 
 def test_same_input_gives_byte_identical_plan_json():
