@@ -157,7 +157,9 @@ def event_line(e: dict) -> str:
     where = e.get("worker") or (f"{e.get('from')} → {e.get('to')}" if e.get("to") else "")
     outcome = e.get("outcome")
     mark = "" if outcome is None else (" [green]ok[/]" if outcome == "ok" else " [red]failed[/]")
-    why = e.get("error") or e.get("detail") or e.get("reason") or ""
+    why = e.get("error") or e.get("detail") or e.get("reason") or e.get("message") or ""
+    if e.get("kind"):           # a notification: what kind it was, then its text
+        why = f"{e['kind']}: {why}"
     rev = f" @{e['revision']}" if e.get("revision") else ""
     return (f"{when}  {escape(what):<13} {escape(str(e.get('strategy') or '')):<18} {escape(str(where)):<24}"
             f"{mark} [dim]{escape(e.get('actor', ''))}{escape(rev)}[/] {escape(why)}")
