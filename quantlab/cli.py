@@ -28,6 +28,8 @@ app = typer.Typer(
     help="Keep a fleet of trading strategies running where the fleet directory says they should be.",
     no_args_is_help=True,
     add_completion=False,
+    # Plain help: the rich panels of this typer release print a "<bool>" placeholder on flags.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 
@@ -60,13 +62,13 @@ class Output(str, Enum):
 
 # readable=False on every path: quantlab checks paths itself, with a message that says what to do
 # and exit 1 (typer's own check would exit 2 before anything could explain it).
-FleetOpt = Annotated[Optional[Path], typer.Option("--fleet", readable=False,
+FleetOpt = Annotated[Optional[Path], typer.Option("--fleet", readable=False, metavar="DIR",
                                                   help="Fleet directory [default: $QUANTLAB_FLEET or ./fleet]")]
-StateOpt = Annotated[Optional[Path], typer.Option("--state", readable=False,
+StateOpt = Annotated[Optional[Path], typer.Option("--state", readable=False, metavar="FILE",
                                                   help="State file [default: FLEET/.quantlab/state.json]")]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="text or json")]
-TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", help="Limit to this strategy or worker id (repeatable)")]
-LockOpt = Annotated[float, typer.Option("--lock-timeout", min=0, help="Wait this many seconds for the state lock")]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", metavar="text|json", help="text or json")]
+TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", metavar="ID", help="Limit to this strategy or worker id (repeatable)")]
+LockOpt = Annotated[float, typer.Option("--lock-timeout", min=0, metavar="SECONDS", help="Wait this many seconds for the state lock")]
 HostKeysOpt = Annotated[bool, typer.Option("--accept-new-host-keys",
                                            help="Record the keys of SSH hosts never seen before (like OpenSSH accept-new)")]
 DetailedOpt = Annotated[bool, typer.Option("--detailed-exitcode", help="Exit 2 when there is something to do")]
@@ -146,11 +148,11 @@ def plan(
     fleet: FleetOpt = None,
     state: StateOpt = None,
     output: OutputOpt = Output.text,
-    out_file: Annotated[Optional[Path], typer.Option("--out", readable=False,
+    out_file: Annotated[Optional[Path], typer.Option("--out", readable=False, metavar="FILE",
                                                      help="Save the plan for `quantlab apply PLANFILE`")] = None,
     detailed_exitcode: DetailedOpt = False,
     rebalance: Annotated[bool, typer.Option("--rebalance", help="Also propose moves toward even load")] = False,
-    max_moves: Annotated[int, typer.Option("--max-moves", min=0, help="At most this many rebalance moves")] = 1,
+    max_moves: Annotated[int, typer.Option("--max-moves", min=0, metavar="N", help="At most this many rebalance moves")] = 1,
     target: TargetOpt = None,
     accept_new_host_keys: HostKeysOpt = False,
 ) -> None:
@@ -213,7 +215,7 @@ def apply(
     allow_mass_stop: Annotated[bool, typer.Option("--allow-mass-stop", help="Allow stopping more than half of what runs")] = False,
     target: TargetOpt = None,
     rebalance: Annotated[bool, typer.Option("--rebalance", help="Also move toward even load")] = False,
-    max_moves: Annotated[int, typer.Option("--max-moves", min=0)] = 1,
+    max_moves: Annotated[int, typer.Option("--max-moves", min=0, metavar="N", help="At most this many rebalance moves")] = 1,
     output: OutputOpt = Output.text,
     lock_timeout: LockOpt = 0.0,
     accept_new_host_keys: HostKeysOpt = False,
@@ -366,7 +368,7 @@ def reconcile(
 def logs(
     strategy: Annotated[str, typer.Argument(help="Strategy id")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new output")] = False,
-    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="How many lines of the tail")] = 200,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, metavar="N", help="How many lines of the tail")] = 200,
     fleet: FleetOpt = None,
     state: StateOpt = None,
     accept_new_host_keys: HostKeysOpt = False,
@@ -405,8 +407,8 @@ def logs(
 @app.command()
 @_handled
 def events(
-    since: Annotated[Optional[str], typer.Option("--since", help="Only newer events: 10m, 2h, 3d or an ISO time")] = None,
-    strategy: Annotated[Optional[str], typer.Option("--strategy", help="Only this strategy")] = None,
+    since: Annotated[Optional[str], typer.Option("--since", metavar="WHEN", help="Only newer events: 10m, 2h, 3d or an ISO time")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", metavar="ID", help="Only this strategy")] = None,
     fleet: FleetOpt = None,
     state: StateOpt = None,
     output: OutputOpt = Output.text,

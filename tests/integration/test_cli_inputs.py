@@ -154,6 +154,15 @@ def test_version_needs_no_fleet(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_help_shows_no_value_placeholder_on_flags(tmp_path):
+    commands = ["validate", "plan", "apply", "status", "reconcile", "logs", "events", "init"]
+    for command in [[], *([c] for c in commands)]:
+        shown = ql(*command, "--help", cwd=tmp_path)
+        assert shown.returncode == 0, shown.describe()
+        assert "<bool>" not in shown.stdout and "list[str]" not in shown.stdout, shown.describe()
+    assert "--target ID" in ql("apply", "--help", cwd=tmp_path).stdout
+
+
 @pytest.mark.parametrize("command", WRITING_COMMANDS, ids=WRITING_IDS)
 def test_a_folder_without_fleet_files_is_said_and_gets_no_state(tmp_path, command):
     empty = tmp_path / "empty"
