@@ -378,11 +378,14 @@ def logs(
     loaded = ctl.load_fleet()
     memory = ctl.read_memory(loaded)
     placed = memory.placements.get(strategy)
-    if placed is None:
-        raise _fail(f"{strategy} is not placed on any worker (see `quantlab status`)")
-    worker = loaded.workers.get(placed.worker)
+    where = placed.worker if placed is not None else ctl.last_worker(strategy)
+    if where is None:
+        raise _fail(f"{strategy} has never been placed on a worker (see `quantlab status`)")
+    worker = loaded.workers.get(where)
     if worker is None:
-        raise _fail(f"{strategy} was on worker {placed.worker}, which is not in the fleet any more")
+        raise _fail(f"{strategy} was on worker {where}, which is not in the fleet any more")
+    if placed is None:      # its log stays on the worker it last ran on
+        err.print(f"{escape(strategy)} is not running: its output on {escape(where)}, up to its stop")
     hosts = ctl.hosts(loaded)
     agent = hosts.agent_for(worker)
     request = {"workdir": hosts.workdir(worker), "strategy": strategy, "lines": lines, "follow": follow}

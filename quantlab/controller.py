@@ -317,6 +317,14 @@ class Controller:
             self.record_event({**notice, "event": "notify", "actor": "monitor"})
         self.notifier(settings).submit([{**n, "fleet": str(self.fleet_dir)} for n in notices])
 
+    def last_worker(self, strategy: str) -> str | None:
+        """The worker the history last names for `strategy` (where its stopped copy's log stays)."""
+        last = None
+        for event in self.events.read():
+            if event.get("strategy") == strategy and event.get("outcome") in (None, "ok") and "kind" not in event:
+                last = event.get("to") or event.get("worker") or last
+        return last
+
     def record_event(self, event: dict[str, Any]) -> None:
         """Into the events log; a log that cannot be written is said once, and stops nothing."""
         if not self.events.append(event) and self.events.failure != self._events_failure_said:

@@ -138,6 +138,10 @@ def test_removed_strategy_stops_and_mass_stop_is_guarded(fleet):
     fleet.apply()
     assert len(fleet.lines("s4", "exit.log")) == 1
     assert not alive(s4_pid)
+    # Its output stays on the worker, and `logs` still shows it, saying that it is stopped.
+    shown = fleet.ql("logs", "s4")
+    assert "s4 is not running: its output on w1, up to its stop" in shown.stderr, shown.describe()
+    assert "quantlab-supervisor: stopped:" in shown.stdout, shown.describe()
     assert fleet.host_status("s4")["state"] == "stopped"
     assert fleet.placement("s4") is None
 
