@@ -80,10 +80,23 @@ _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _FleetLoader(_BaseLoader):  # type: ignore[misc, valid-type]
-    """SafeLoader that refuses duplicate keys and keeps dates as plain strings (JSON has no dates).
+    """SafeLoader that notes duplicate keys (in `duplicates`: line, message) and keeps dates as plain
+    strings (JSON has no dates).
 
-    It also refuses what JSON cannot hold: non-string keys, NaN/Infinity, binary and set values.
+    It refuses what JSON cannot hold: non-string keys, NaN/Infinity, binary and set values.
     """
+
+
+def _load_all(text: str) -> tuple[list[Any], list[tuple[int, str]]]:
+    """yaml.load_all, and the duplicate keys it noted on the way."""
+    loader = _FleetLoader(text)
+    try:
+        documents = []
+        while loader.check_data():
+            documents.append(loader.get_data())
+        return documents, getattr(loader, "duplicates", [])
+    finally:
+        loader.dispose()
 
 
 def _construct_mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -103,11 +116,10 @@ def _construct_mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) 
                 f"key {_shown(key_node.value)} reads as {_type_name(key)} {_shown(key)}, not a string: quote it",
                 key_node.start_mark)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None,
-                f"duplicate key {_shown(key)} (first at line {seen[key].start_mark.line + 1})",
-                key_node.start_mark,
-            )
+            # Reported, and reading goes on (the last one counts), so that one run shows every
+            # problem of the fleet instead of stopping at the first duplicate.
+            loader.__dict__.setdefault("duplicates", []).append((key_node.start_mark.line + 1,
+                                      f"duplicate key {_shown(key)} (first at line {seen[key].start_mark.line + 1})"))
         seen[key] = key_node
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
@@ -548,7 +560,10 @@ class _Reader:
             self.problem((shown, line), f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8")
             return None
         try:
-            return text, list(yaml.load_all(text, Loader=_FleetLoader))
+            documents, duplicates = _load_all(text)
+            for line, message in duplicates:
+                self.problem((shown, line), f"YAML: {message}; keep one of them")
+            return text, documents
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             what = "; ".join(str(x) for x in (exc.context, exc.problem) if x)
