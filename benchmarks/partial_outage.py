@@ -148,6 +148,11 @@ class Grants:
         gaps = [b - a for seen in self.seen.values() for a, b in zip(seen, seen[1:])]
         return max(gaps, default=float("nan"))
 
+    def widest(self) -> tuple[str, float, float] | None:
+        """(strategy, deadline before, deadline after) of the largest gap."""
+        pairs = [(b - a, sid, a, b) for sid, seen in self.seen.items() for a, b in zip(seen, seen[1:])]
+        return max(pairs)[1:] if pairs else None
+
 
 def wait(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
@@ -168,10 +173,15 @@ def run_case(cluster: SshdCluster, case: Case, base: Path) -> Case:
     rounds: list[tuple[float, float, int]] = []      # (started, seconds, silent workers)
     renew_round = loop.renew_round
 
+    seen: list[tuple[float, float, dict[str, list[str]], dict[str, str]]] = []   # for explaining a gap
+
     def timed_round():
         started = time.monotonic()
         gathered = renew_round()
         rounds.append((started, time.monotonic() - started, len(gathered.silent)))
+        silent = {wid: s.error or "" for wid, s in gathered.observed.workers.items() if not s.reachable}
+        seen.append((time.clock_gettime(time.CLOCK_BOOTTIME) - (time.monotonic() - started), rounds[-1][1],
+                     dict(gathered.renewed), silent))
         return gathered
     loop.renew_round = timed_round
     stop = threading.Event()
@@ -213,6 +223,8 @@ def run_case(cluster: SshdCluster, case: Case, base: Path) -> Case:
                 time.sleep(4 * interval)
             case.round_times = [seconds for _, seconds, _ in rounds[before:]]
         case.largest_gap = grants.largest_gap()
+        if case.largest_gap > case.settings["interval"] + 1:
+            explain_gap(grants, placed, seen, case.settings["lease"])
     finally:
         stop.set()
         daemon.join(60)
@@ -220,6 +232,20 @@ def run_case(cluster: SshdCluster, case: Case, base: Path) -> Case:
             h.thaw()
         kill_all([str(w) + "/" for w in workdirs.values()])
     return case
+
+
+def explain_gap(grants: Grants, placed: dict[str, str], seen: list, ttl: float) -> None:
+    """To stderr: the renewal rounds around the largest gap, and what each said of that worker."""
+    widest = grants.widest()
+    if widest is None:
+        return
+    sid, before, after = widest
+    wid = placed[sid]
+    print(f"largest gap: {sid} on {wid}: granted at {before - ttl:.2f} and {after - ttl:.2f} (boot s)", file=sys.stderr)
+    for began, seconds, renewed, silent in seen:
+        if before - ttl - 6 <= began <= after - ttl + 1:
+            print(f"  round at {began:.2f} ({seconds:.2f} s): renewed {sid in renewed.get(wid, [])}"
+                  f"{'; silent: ' + silent[wid] if wid in silent else ''}", file=sys.stderr)
 
 
 def row(case: Case) -> str:
