@@ -682,6 +682,7 @@ class SshdCluster:
       login_path         ``SetEnv PATH=...`` for sessions (default: sshd's)
       extra_sshd_config  extra lines appended to every sshd_config
       name_format        host names, default ``host-{:02d}`` (1-based)
+      sftp               offer the sftp subsystem (hardened configurations leave it out)
     """
 
     def __init__(
@@ -694,6 +695,7 @@ class SshdCluster:
         login_path: str | None = None,
         extra_sshd_config: Iterable[str] = (),
         name_format: str = "host-{:02d}",
+        sftp: bool = True,
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.distinct_addresses = distinct_addresses
@@ -701,6 +703,7 @@ class SshdCluster:
         self.login_path = login_path
         self.extra_sshd_config = list(extra_sshd_config)
         self.name_format = name_format
+        self.sftp = sftp
         self.hosts: list[SshdHost] = []
         self.sshd = find_sshd()
         self.keygen = find_ssh_keygen()
@@ -823,8 +826,9 @@ class SshdCluster:
             "AllowTcpForwarding yes",
             "PermitTunnel no",
             "ClientAliveInterval 0",
-            "Subsystem sftp internal-sftp",
         ]
+        if self.sftp:
+            lines.append("Subsystem sftp internal-sftp")
         if sshd_version(self.sshd) >= (9, 8):
             # sshd >= 9.8 penalises sources that fail/abort often: our
             # refused/timeout tests all come from 127.0.0.1

@@ -29,6 +29,14 @@ from .base import Completed, TransportError
 
 KEEPALIVE_S = 15
 
+# Writes stdin to $1 atomically with mode $2, creating its folders (0700, like the sftp path does):
+# the upload for hosts whose sshd offers no sftp subsystem.
+_PUT_SCRIPT = (
+    'set -e; umask 077; dir=$(dirname -- "$1"); mkdir -p -- "$dir"; '
+    'tmp="$dir/.$(basename -- "$1").tmp-$$"; trap \'rm -f -- "$tmp"\' EXIT; '
+    'cat > "$tmp"; chmod "$2" "$tmp"; mv -f -- "$tmp" "$1"'
+)
+
 # paramiko's transport threads log (and print tracebacks for) every failed handshake; our errors say
 # what failed already, so keep its records out of the user's terminal unless logging is configured.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
@@ -135,6 +143,7 @@ class SshTransport:
         self.name = str(endpoint)
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
+        self._sftp_missing = False          # the server refused the sftp subsystem once: use commands
         self._jump: SshTransport | None = None
         self._lock = threading.Lock()
 
@@ -410,8 +419,23 @@ class SshTransport:
             return self._sftp
 
     def put_file(self, data: bytes, path: str, mode: int = 0o644) -> None:
+        if self._sftp_missing:
+            self._put_by_command(data, path, mode)
+            return
         try:
             sftp = self._sftp_client()
+        except (paramiko.SSHException, EOFError) as exc:
+            transport = self._client.get_transport() if self._client is not None else None
+            if transport is None or not transport.is_active():
+                with self._lock:
+                    self._drop()
+                raise self._error("io", f"upload of {path} failed: {exc}") from None
+            # The connection is fine but the server refused the sftp subsystem (hardened sshd
+            # configurations leave it out): send files over the command channel from now on.
+            self._sftp_missing = True
+            self._put_by_command(data, path, mode)
+            return
+        try:
             folder = os.path.dirname(path)
             self._makedirs(sftp, folder)
             tmp = f"{folder}/.{os.path.basename(path)}.tmp-{os.getpid()}" if folder else f".{path}.tmp-{os.getpid()}"
@@ -423,6 +447,15 @@ class SshTransport:
             with self._lock:
                 self._drop()
             raise self._error("io", f"upload of {path} failed: {exc}") from None
+
+    def _put_by_command(self, data: bytes, path: str, mode: int) -> None:
+        """The file as the stdin of a fixed sh script; the path and mode are its arguments, quoted
+        word by word, so nothing of them is parsed by a shell."""
+        argv = ["sh", "-c", _PUT_SCRIPT, "quantlab-put", path, format(mode, "o")]
+        done = self.run(argv, stdin=data, timeout=self.settings.command_timeout_s)
+        if done.returncode != 0:
+            why = done.stderr.decode(errors="replace").strip() or f"exit code {done.returncode}"
+            raise self._error("io", f"upload of {path} (without sftp) failed: {why}")
 
     @staticmethod
     def _makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:

@@ -177,3 +177,18 @@ def test_params_with_shell_metacharacters_reach_the_runner_verbatim(ssh_fleet):
     home = os.path.expanduser(f"~{fl.cluster.user}")
     leaked += [os.path.join(d, f) for d, _, files in os.walk(home) for f in files if "pwned" in f]
     assert not leaked
+
+
+def test_a_host_without_sftp_gets_its_files_over_the_command_channel(ssh_fleet):
+    # Hardened sshd configurations often leave out `Subsystem sftp`: the agent, the runner and the
+    # strategy file still reach the host, and the strategy runs.
+    fl = ssh_fleet(1, cluster_kwargs={"sftp": False})
+    assert "Subsystem" not in fl.cluster.hosts[0].config_path.read_text()
+    fl.worker("w-1", "host-01").strategy("no-sftp")
+    fl.write()
+    placed = fl.apply()
+    assert placed == {"no-sftp": "w-1"}
+    runner = fl.wait_runners(placed)["no-sftp"]
+    assert runner.argv[1].startswith(str(fl.workdir("w-1")) + "/agent/runner-"), runner.cmdline
+    uploaded = [p for p in (fl.workdir("w-1") / "files").iterdir()]
+    assert [p.suffix for p in uploaded] == [".mjs"] and not [p for p in uploaded if ".tmp-" in p.name]
