@@ -315,6 +315,9 @@ def status(
     loaded, memory, gathered, result = _look(ctl, PlanOptions())
     report = fleet_status(loaded, gathered.observed, memory, ctl.clock.mono(), ctl.clock.wall(), result,
                           result.fleet_revision)
+    warning = ctl.state_warning()
+    if warning is not None:
+        err.print(f"[yellow]Warning:[/] {escape(warning)}")
     if output is Output.json:
         print(json.dumps(report, indent=1))
     else:

@@ -34,7 +34,7 @@ from .plan import Plan
 from .planner import PlanOptions, plan as make_plan
 from .spec import Fleet, FleetSettings, Location, WorkerSpec, load_fleet
 from .store import CheckpointStore, EventLog, StateError, StateStore
-from .vcs import Revision, fleet_revision
+from .vcs import Revision, fleet_revision, tracked_by_git
 
 
 def default_fleet_dir() -> Path:
@@ -316,6 +316,14 @@ class Controller:
         for notice in notices:
             self.record_event({**notice, "event": "notify", "actor": "monitor"})
         self.notifier(settings).submit([{**n, "fleet": str(self.fleet_dir)} for n in notices])
+
+    def state_warning(self) -> str | None:
+        """A warning when the state folder (leases, checkpoints with positions) could be committed."""
+        folder = self.state_path.parent
+        if not folder.is_dir() or not tracked_by_git(self.fleet_dir, folder):
+            return None
+        return (f"{folder} is not ignored by git, and it holds leases and checkpoints (positions): add "
+                f"`{folder.name}/` to a .gitignore so that it is never committed")
 
     def last_worker(self, strategy: str) -> str | None:
         """The worker the history last names for `strategy` (where its stopped copy's log stays)."""

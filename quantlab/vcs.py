@@ -32,3 +32,14 @@ def fleet_revision(root: str | Path) -> Revision:
         return Revision(None)
     status = _git(root, "status", "--porcelain", "--", ".")
     return Revision(commit.strip(), bool(status and status.strip()))
+
+
+def tracked_by_git(root: str | Path, path: str | Path) -> bool:
+    """Whether `path` lies in the git work tree of `root` without being ignored there (so a `git add`
+    would take it). False outside git, and when git cannot tell."""
+    try:
+        done = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", "--", str(Path(path).resolve())],
+                              capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 1          # 0: ignored; 128: not in a work tree, or outside it

@@ -384,3 +384,14 @@ def test_saved_plan_applies_once_and_is_refused_when_stale(fleet, tmp_path):
     assert "cannot change a saved one" in refused.stderr
     fleet.ql("apply", saved, "--yes", "--allow-mass-stop")
     wait_for(lambda: fleet.runner_counts() == {}, 10, what="every runner to stop")
+
+
+def test_status_warns_when_the_state_folder_could_be_committed(fleet):
+    fleet.worker("w1").strategy("s1").write()
+    fleet.apply()
+    subprocess.run(["git", "init", "-q", str(fleet.root)], check=True, timeout=30)
+    warned = fleet.ql("status")
+    assert "is not ignored by git" in warned.stderr and "`.quantlab/`" in warned.stderr, warned.describe()
+    (fleet.root / ".gitignore").write_text(".quantlab/\n")
+    quiet = fleet.ql("status")
+    assert "not ignored by git" not in quiet.stderr, quiet.describe()
