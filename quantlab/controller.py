@@ -37,6 +37,10 @@ from .store import CheckpointStore, EventLog, StateError, StateStore
 from .vcs import Revision, fleet_revision, tracked_by_git
 
 
+# How long the checkpoint of a strategy removed from the fleet is kept, in case it is added back.
+CHECKPOINT_RETENTION_S = 7 * 86400
+
+
 def default_fleet_dir() -> Path:
     return Path(os.environ.get("QUANTLAB_FLEET") or "fleet")
 
@@ -309,6 +313,15 @@ class Controller:
         now = self.clock.mono()
         self.ledger.update(lambda m: m.checkpoints.update({sid: now for sid in gathered.checkpoints}))
 
+    def prune_checkpoints(self, fleet: Fleet) -> None:
+        """A strategy gone from the fleet and from every worker keeps its last checkpoint (it holds
+        positions) for CHECKPOINT_RETENTION_S, in case it comes back; then the copy is removed."""
+        keep = set(fleet.strategies) | set(self.ledger.memory.placements)
+        for sid in self.checkpoints.prune(keep, self.clock.wall() / 1000, CHECKPOINT_RETENTION_S):
+            self.record_event({"t": self.clock.wall(), "event": "checkpoint-removed", "strategy": sid,
+                               "actor": "monitor", "detail": f"removed from the fleet; its checkpoint was kept "
+                               f"{CHECKPOINT_RETENTION_S // 86400} days"})
+
     def notify(self, settings: FleetSettings, notices: list[dict[str, Any]]) -> None:
         """Record each notice as an event and hand it to the background notifier (never waits)."""
         if not notices:
@@ -413,4 +426,5 @@ class Controller:
         with renewing:
             outcomes = self.execute(fleet, plan, command, progress)
             self.copy_checkpoints(fleet, gathered, {a.strategy for a in plan.actions})
+            self.prune_checkpoints(fleet)
         return ApplyResult(fleet, plan, gathered, outcomes)

@@ -351,6 +351,24 @@ class CheckpointStore:
         except FileNotFoundError:
             return False
 
+    def prune(self, keep: set[str], now_s: float, retention_s: float) -> list[str]:
+        """Remove the copies of strategies not in `keep` (gone from the fleet and from every worker)
+        last written more than `retention_s` ago; the ids removed."""
+        removed = []
+        try:
+            entries = sorted(self.folder.glob("*.json"))
+        except OSError:
+            return removed
+        for path in entries:
+            try:
+                if path.stem in keep or now_s - path.lstat().st_mtime <= retention_s:
+                    continue
+                path.unlink()
+            except OSError:
+                continue               # tried again on the next round
+            removed.append(path.stem)
+        return removed
+
     def load(self, strategy: str) -> dict[str, Any] | None:
         try:
             value = json.loads(read_regular(self._path(strategy), PLAN_CAP_BYTES))

@@ -138,6 +138,17 @@ def test_removed_strategy_stops_and_mass_stop_is_guarded(fleet):
     fleet.apply()
     assert len(fleet.lines("s4", "exit.log")) == 1
     assert not alive(s4_pid)
+    # A checkpoint copy of a strategy gone from the fleet is kept a week (in case it comes back),
+    # then the next run removes it and says so; the copies of strategies still wanted stay.
+    copies = fleet.root / ".quantlab" / "checkpoints"
+    copies.mkdir(exist_ok=True)
+    week_ago = time.time() - 7 * 86400 - 60
+    for sid in ("s4", "s1"):
+        (copies / f"{sid}.json").write_text('{"files": {}, "t": 0}')
+        os.utime(copies / f"{sid}.json", (week_ago, week_ago))
+    fleet.apply()
+    assert not (copies / "s4.json").exists() and (copies / "s1.json").exists()
+    assert [e["strategy"] for e in fleet.events() if e["event"] == "checkpoint-removed"] == ["s4"]
     # Its output stays on the worker, and `logs` still shows it, saying that it is stopped.
     shown = fleet.ql("logs", "s4")
     assert "s4 is not running: its output on w1, up to its stop" in shown.stderr, shown.describe()

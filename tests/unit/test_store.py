@@ -30,7 +30,7 @@ import pytest
 
 from quantlab.memory import HostClock, Memory, Placement
 from quantlab.plan import ACTIONS, Action, Adopt, Blocked, Note, Plan, Queued, Waiting
-from quantlab.store import EventLog, LockHeld, StateError, StateStore, read_plan, write_plan
+from quantlab.store import CheckpointStore, EventLog, LockHeld, StateError, StateStore, read_plan, write_plan
 
 HELPER_PATH = Path(__file__).resolve().parents[1] / "helpers" / "state_child.py"
 _spec = importlib.util.spec_from_file_location("quantlab_test_state_child", HELPER_PATH)
@@ -738,3 +738,18 @@ def test_a_state_file_that_is_not_a_regular_file_is_refused_without_hanging(tmp_
     with pytest.raises(StateError, match="not a regular file"):
         with StateStore(tmp_path / "other.json").lock():
             pass
+
+
+def test_checkpoints_of_strategies_gone_are_kept_for_the_retention_then_removed(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    for sid in ("gone-old", "gone-new", "placed-old", "in-fleet-old"):
+        store.save(sid, {"files": {}, "t": 0})
+    now = time.time()
+    week = 7 * 86400
+    for sid in ("gone-old", "placed-old", "in-fleet-old"):
+        os.utime(tmp_path / "checkpoints" / f"{sid}.json", (now - week - 60,) * 2)
+    removed = store.prune({"placed-old", "in-fleet-old"}, now, week)
+    assert removed == ["gone-old"]
+    assert sorted(p.stem for p in (tmp_path / "checkpoints").iterdir()) == ["gone-new", "in-fleet-old", "placed-old"]
+    assert store.prune(set(), now, week) == ["in-fleet-old", "placed-old"]   # once nothing keeps them
+    assert CheckpointStore(tmp_path / "nowhere").prune(set(), now, week) == []
