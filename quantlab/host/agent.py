@@ -372,22 +372,48 @@ def process_start_time(pid):
     return fields[19].decode()
 
 
+# Beside each pid file: "<pid> <start time>", so that a reused pid is never taken for ours. The pid
+# file itself holds the pid alone, for people and their tools (`kill $(cat supervisor.pid)`).
+PID_IDENTITY = ".ident"
+
+
 def write_pid(path, pid):
-    write_atomic(path, ("%d %s\n" % (pid, process_start_time(pid) or "?")).encode())
+    # The identity first: a reader trusts it over the pid file.
+    write_atomic(path + PID_IDENTITY, ("%d %s\n" % (pid, process_start_time(pid) or "?")).encode())
+    write_atomic(path, ("%d\n" % pid).encode())
 
 
 def read_pid_file(path):
-    """(pid, start time) recorded in a pid file, or None when there is none; raises BadFile."""
-    found = read_instance_file(path)
+    """(pid, start time) recorded for a pid file, or None when there is none; raises BadFile. From
+    its identity file when there is one; else from the pid file itself, which a supervisor of an
+    earlier release writes as '<pid> <start time>' (a bare pid has an unknown start time)."""
+    found = read_instance_file(path + PID_IDENTITY)
+    if found is None:
+        found = read_instance_file(path)
     if found is None:
         return None
     parts = found[0].decode("ascii", "replace").split()
+    if len(parts) == 1:
+        parts.append("?")
     if len(parts) != 2 or not parts[0].isdigit() or not (parts[1].isdigit() or parts[1] == "?"):
         raise BadFile("not '<pid> <start time>'")
     pid = int(parts[0])
     if pid < 2 or pid > 1 << 22:             # 0, 1 or a group-wide number would signal far too much
         raise BadFile("not a usable pid (%d)" % pid)
     return pid, parts[1]
+
+
+def plain_pid(path, name, problems):
+    """The number in the pid file people read, or None (what is wrong with it goes to `problems`)."""
+    try:
+        found = read_instance_file(path)
+        parts = found[0].split() if found is not None else None
+        if parts is not None and (not parts or not parts[0].isdigit()):
+            raise BadFile("not a pid")
+    except BadFile as exc:
+        problems.append("%s: %s" % (name, exc))
+        return None
+    return int(parts[0]) if parts else None
 
 
 def live_pid(path, problems=None):
@@ -1090,7 +1116,8 @@ def start(request, args):
     if request.get("checkpoint"):
         unpack_checkpoint(idir, request.pop("checkpoint"))   # a move: continue where it left off
     # A stopped copy's pid files name nothing: the new supervisor must not take them for its own.
-    for stale in ("heartbeat.json", "runner.pid", "supervisor.pid", "control.json"):
+    for stale in ("heartbeat.json", "runner.pid", "runner.pid" + PID_IDENTITY, "supervisor.pid",
+                  "supervisor.pid" + PID_IDENTITY, "control.json"):
         remove_entry(os.path.join(idir, stale))
     limit = None
     if ttl > 0:
@@ -1585,8 +1612,10 @@ class Supervisor(object):
             self.tend_pid_file("runner.pid", self.proc.pid)
 
     def tend_pid_file(self, name, pid):
+        """Both files of a pid: its identity (what the agent trusts) and the plain number people
+        read and signal, which must never name another process."""
         problems = []
-        if live_pid(self.path(name), problems) == pid:
+        if live_pid(self.path(name), problems) == pid and plain_pid(self.path(name), name, problems) == pid:
             return
         if problems or file_identity(self.path(name)) is not None:
             self.note_problem((problems or ["%s: names another process" % name])[0] + "; rewritten")

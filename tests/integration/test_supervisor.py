@@ -52,6 +52,19 @@ def test_pause_and_resume_keep_the_process_and_skip_st_init(fleet):
     assert "paused" in events and "resumed" in events
 
 
+def test_pid_files_hold_one_number_and_the_agent_keeps_their_identity_beside(fleet):
+    fleet.worker("w1").strategy("plain").write()
+    fleet.apply()
+    fleet.beating("plain", beats=1)
+    folder = fleet.find_idir("plain")
+    for name, pid in (("supervisor.pid", fleet.supervisor_pid("plain")), ("runner.pid", fleet.runner_pid("plain"))):
+        assert (folder / name).read_text() == f"{pid}\n", name           # `kill $(cat supervisor.pid)` works
+        recorded, started = (folder / f"{name}.ident").read_text().split()
+        stat = open(f"/proc/{pid}/stat").read()
+        assert (int(recorded), started) == (pid, stat[stat.rindex(")") + 2:].split()[19]), name
+    assert fleet.strategy_status("plain")["status"] == "running"
+
+
 def test_killed_runner_is_restarted_with_backoff(fleet):
     # heartbeatMs 500: the supervisor resets the restart count after 10 healthy beats (5 s here),
     # which leaves `status` ample time to see restarts >= 1.
