@@ -268,7 +268,7 @@ def apply(
         raise typer.Exit(1)
     failed = [o for o in outcomes if not o.ok]
     if quiet:
-        print(json.dumps({"plan": result.to_json(), "ok": not failed and not result.blocked,
+        print(json.dumps({"plan": result.to_json(), "ok": not failed and not result.refused,
                           "outcomes": [_outcome_json(o) for o in outcomes]}, indent=1))
     else:
         if result.actions:
@@ -276,12 +276,15 @@ def apply(
             out.print(f"\nApply complete: {ok} done, {len(failed)} failed." if not failed else
                       f"\n[red]Apply finished with {len(failed)} failed[/] ({ok} done); the state file records each outcome.")
         for b in result.blocked:
-            err.print(f"[red]Refused by the {escape(b.guard)} guard:[/] {escape(b.reason)}")
+            if b in result.refused:
+                err.print(f"[red]Refused by the {escape(b.guard)} guard:[/] {escape(b.reason)}")
+            else:
+                err.print(f"[yellow]Held, {len(b.actions)} action(s):[/] {escape(b.reason)}")
         _lease_warning(ctl, done.fleet, ctl.ledger.memory)
     if ctl.events.failure:
         err.print(f"[red]Error:[/] {escape(ctl.events.failure)}; what was done is in the state file, "
                   "but not in the history")
-    if failed or result.blocked or ctl.events.failure:
+    if failed or result.refused or ctl.events.failure:
         raise typer.Exit(1)
 
 
@@ -364,6 +367,37 @@ def reconcile(
         # The interval of the last fleet that validated, as the state file remembers it.
         interval = FleetSettings.from_snapshot(ctl.read_memory(None).fleet_settings).reconcile_interval_s
     loop.run_forever(interval)
+
+
+@app.command()
+@_handled
+def suspend(
+    target: TargetOpt = None,
+    reason: Annotated[Optional[str], typer.Option("--reason", metavar="TEXT",
+                                                  help="Why, for status, plan and events")] = None,
+    fleet: FleetOpt = None,
+    state: StateOpt = None,
+) -> None:
+    """Start, stop and move nothing (for the targets, or at all) until resume; leases keep being renewed."""
+    ctl = _controller(fleet, state)
+    targets = list(target or ["*"])
+    ctl.suspend(targets, reason)
+    what = "everything" if targets == ["*"] else ", ".join(targets)
+    out.print(f"Suspended {escape(what)}: plans hold its starts, stops and moves (`quantlab resume` lifts it); "
+              "leases keep being renewed.")
+
+
+@app.command()
+@_handled
+def resume(target: TargetOpt = None, fleet: FleetOpt = None, state: StateOpt = None) -> None:
+    """Lift what suspend held (for the targets, or everything)."""
+    ctl = _controller(fleet, state)
+    lifted = ctl.resume(list(target) if target else None)
+    if not lifted:
+        out.print("Nothing was suspended" + (f" for {escape(', '.join(target))}." if target else "."))
+        return
+    out.print(f"Resumed {escape(', '.join('everything' if t == '*' else t for t in lifted))}: the next plan "
+              "acts on it again.")
 
 
 @app.command()

@@ -31,8 +31,8 @@ from .ledger import Ledger
 from .memory import Memory
 from .notify import Notifier
 from .plan import Plan
-from .planner import PlanOptions, plan as make_plan
-from .spec import Fleet, FleetSettings, Location, WorkerSpec, load_fleet
+from .planner import PlanOptions, UnknownTarget, plan as make_plan
+from .spec import Fleet, FleetInvalid, FleetSettings, Location, WorkerSpec, load_fleet
 from .store import CheckpointStore, EventLog, StateError, StateStore
 from .vcs import Revision, fleet_revision, tracked_by_git
 
@@ -329,6 +329,56 @@ class Controller:
         for notice in notices:
             self.record_event({**notice, "event": "notify", "actor": "monitor"})
         self.notifier(settings).submit([{**n, "fleet": str(self.fleet_dir)} for n in notices])
+
+    # --- suspend and resume ------------------------------------------------------------------
+
+    def suspend(self, targets: list[str], reason: str | None) -> None:
+        """Hold starts, stops and moves for `targets` ("*": everything) from the next plan on. Only
+        the short write lock is taken, so it holds at once, also while a round acts."""
+        _, strategies = self._memory_for_writing(targets)
+        by, at = self.actor("suspend"), self.clock.wall()
+        self.ledger.update(lambda m: m.suspended.update({t: {"by": by, "reason": reason, "at": at} for t in targets}))
+        for t in targets:
+            self.record_event(self._hold_event("suspended", t, strategies, by, at, reason))
+
+    def resume(self, targets: list[str] | None) -> list[str]:
+        """Lift the suspensions of `targets` (all of them when None); the targets lifted."""
+        memory, strategies = self._memory_for_writing(list(targets or ()))
+        lifted = sorted(memory.suspended if targets is None else set(targets) & set(memory.suspended))
+        by, at = self.actor("resume"), self.clock.wall()
+        self.ledger.update(lambda m: [m.suspended.pop(t, None) for t in lifted])
+        for t in lifted:
+            self.record_event(self._hold_event("resumed", t, strategies, by, at, None))
+        return lifted
+
+    def _memory_for_writing(self, targets: list[str]) -> tuple[Memory, set[str]]:
+        """The state, read with the lease TTL in force (so a state from another boot is judged right),
+        after checking that every target names a strategy or worker known here."""
+        self.require_fleet_dir()
+        try:
+            fleet: Fleet | None = self.load_fleet()
+        except FleetInvalid:
+            fleet = None                       # at 3 a.m. a broken commit must not stop a suspend
+        settings = fleet.settings if fleet else FleetSettings.from_snapshot(self.ledger.read(0.0).fleet_settings)
+        memory = self.ledger.refresh(settings.monitor.lease_ttl_s)
+        strategies = set(memory.placements) | set(fleet.strategies if fleet else ())
+        workers = {p.worker for p in memory.placements.values()} | set(fleet.workers if fleet else ())
+        unknown = sorted(set(targets) - strategies - workers - {"*"})
+        if unknown:
+            raise UnknownTarget(f"--target {', '.join(unknown)}: no strategy or worker has this id in the fleet "
+                                "or the state; `quantlab status` lists them")
+        return memory, strategies
+
+    @staticmethod
+    def _hold_event(name: str, target: str, strategies: set[str], by: str, at: int, reason: str | None) -> dict[str, Any]:
+        what = "everything" if target == "*" else target
+        event: dict[str, Any] = {"t": at, "event": name, "actor": by,
+                                 "detail": f"{what}{': ' + reason if reason else ''}"}
+        if target in strategies:
+            event["strategy"] = target
+        elif target != "*":
+            event["worker"] = target
+        return event
 
     def state_warning(self) -> str | None:
         """A warning when the state folder (leases, checkpoints with positions) could be committed."""

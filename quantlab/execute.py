@@ -366,6 +366,6 @@ def outcome_notices(plan: Plan, outcomes: list[Outcome], now_ms: int
         elif a.action == "move" and a.cause in UNREACHABLE_SOURCE:
             notices.append({"t": now_ms, "kind": "failover", "strategy": a.strategy, "worker": a.target,
                             "message": f"moved from {a.source} to {a.target}: {a.reason}"})
-    for b in plan.blocked:
+    for b in plan.refused:
         raised[f"guard:{b.guard}"] = {"t": now_ms, "kind": "guard-blocked", "message": b.reason}
     return notices, raised

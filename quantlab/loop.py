@@ -125,7 +125,7 @@ class ReconcileLoop:
         message = (f"probed {len(gathered.observed.workers)} workers in {gathered.seconds:.2f}s"
                    f"{f' ({down} not answering)' if down else ''}; {plan_summary(plan)}"
                    f"{f' {len(failed)} failed.' if failed else ''}{f' {unrecorded}.' if unrecorded else ''}")
-        return self._done(started, not failed and not plan.blocked and not unrecorded, message, outcomes)
+        return self._done(started, not failed and not plan.refused and not unrecorded, message, outcomes)
 
     def _done(self, started: float, ok: bool, message: str, outcomes: list[Outcome] | None = None) -> Tick:
         tick = Tick(ok, time.monotonic() - started, message, outcomes or [])

@@ -97,6 +97,8 @@ class Memory:
     reschedules: dict[str, tuple[int, int]] = field(default_factory=dict)  # strategy -> (failovers, last at)
     alerts: dict[str, str] = field(default_factory=dict)       # raised alerts (each told once), key -> message
     fleet_settings: dict[str, Any] = field(default_factory=dict)  # the last valid fleet's settings
+    # target (strategy or worker id, or "*" for everything) -> {"by", "reason", "at"}: held by `suspend`
+    suspended: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def copy(self) -> "Memory":
         return copy.deepcopy(self)
@@ -124,6 +126,8 @@ class Memory:
             "reschedules": {sid: list(r) for sid, r in sorted(self.reschedules.items())},
             "alerts": dict(sorted(self.alerts.items())),
             "fleetSettings": self.fleet_settings,
+            # Only when set: a state that never suspended anything stays as the previous release wrote it.
+            **({"suspended": dict(sorted(self.suspended.items()))} if self.suspended else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -163,6 +167,7 @@ class Memory:
                 reschedules={k: (int(v[0]), int(v[1])) for k, v in raw.get("reschedules", {}).items()},
                 alerts={str(k): str(v) for k, v in raw.get("alerts", {}).items()},
                 fleet_settings=dict(raw.get("fleetSettings") or {}),
+                suspended={str(k): dict(v) for k, v in raw.get("suspended", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc

@@ -85,6 +85,10 @@ class Waiting:
         return {"strategy": self.strategy, "worker": self.worker, "reason": self.reason, "secondsLeft": left}
 
 
+# The guard name of actions held by `quantlab suspend`: held on purpose, so not a refusal.
+SUSPENDED = "suspended"
+
+
 @dataclass(frozen=True)
 class Blocked:
     """A guard refused these actions; they run only when the guard is lifted (e.g. --allow-mass-stop)."""
@@ -145,6 +149,11 @@ class Plan:
     def has_changes(self) -> bool:
         """What `--detailed-exitcode` reports as 2: actions to take, or actions a guard holds back."""
         return bool(self.actions or any(b.actions for b in self.blocked))
+
+    @property
+    def refused(self) -> tuple[Blocked, ...]:
+        """What a guard refused (a run that meets one fails); actions `suspend` holds are on purpose."""
+        return tuple(b for b in self.blocked if b.guard != SUSPENDED)
 
     def counts(self) -> dict[str, int]:
         out = {name: 0 for name in ACTIONS}

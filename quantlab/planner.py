@@ -12,7 +12,7 @@ from . import health
 from .health import WorkerLiveness, format_duration
 from .memory import Memory
 from .observed import Instance, ObservedState
-from .plan import Action, Adopt, Blocked, Note, Plan, Queued, Waiting
+from .plan import SUSPENDED, Action, Adopt, Blocked, Note, Plan, Queued, Waiting
 from .scheduling import (
     Decision,
     FailoverPolicy,
@@ -525,7 +525,9 @@ class _Planner:
             placed = [a.target or a.worker for a in actions if a.action in ("start", "move")]
             cursor = placed[-1] if placed and isinstance(getattr(policy, "inner", None), RoundRobinPolicy) \
                 else self.memory.rr_cursor
+        actions, suspended = self.hold_suspended(actions)
         actions, blocked = self.guard(actions)
+        blocked = suspended + blocked
         if self.braked and any(self.targeted(sid) for sid in self.braked):
             blocked.append(Blocked("failover-brake", f"{self.brake}; held: {', '.join(sorted(self.braked))}"))
         return Plan(
@@ -555,6 +557,24 @@ class _Planner:
         if self.options.allow_mass_stop or running <= 1 or 2 * len(stops) <= running:
             return []
         return stops
+
+    def hold_suspended(self, actions: list[Action]) -> tuple[list[Action], list[Blocked]]:
+        """`quantlab suspend`: nothing starts, stops or moves for a suspended strategy or worker (or
+        at all, for "*") until `quantlab resume`; renewals are not actions and go on."""
+        holds = self.memory.suspended
+        if not holds:
+            return actions, []
+
+        def held_by(a: Action) -> str | None:
+            return next((k for k in ("*", a.strategy, *a.workers) if k and k in holds), None)
+        held = [a for a in actions if held_by(a)]
+        if not held:
+            return actions, []
+        why = "; ".join(f"{'everything' if k == '*' else k} suspended by {holds[k].get('by')}"
+                        f"{': ' + holds[k]['reason'] if holds[k].get('reason') else ''}"
+                        for k in sorted({held_by(a) for a in held}))
+        return ([a for a in actions if not held_by(a)],
+                [Blocked(SUSPENDED, f"{why}; `quantlab resume` lifts it", tuple(held))])
 
     def guard(self, actions: list[Action]) -> tuple[list[Action], list[Blocked]]:
         """Mass-stop guard: refuse stopping more than half of the running strategies at once."""

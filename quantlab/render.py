@@ -130,7 +130,10 @@ def status_tables(report: dict, now_ms: int) -> list:
             s["id"], f"[{colors.get(s['status'], 'white')}]{status}[/]", s["workerId"] or "—",
             _age(s["heartbeatAgeMs"]), "—" if s["errorCount"] is None else str(s["errorCount"]),
             str(s["restarts"] or 0), revision, lease, escape(note[:80]))
-    return [workers, strategies]
+    held = [f"[yellow bold]Suspended:[/] {'everything' if t == '*' else escape(t)} by {escape(str(h.get('by')))}"
+            f"{': ' + escape(str(h['reason'])) if h.get('reason') else ''} — nothing starts, stops or moves "
+            "there until `quantlab resume`; leases are renewed" for t, h in report.get("suspended", {}).items()]
+    return [*held, workers, strategies]
 
 
 # --- events --------------------------------------------------------------------------------------

@@ -82,7 +82,9 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
             "versions": dict(state.versions) if state and state.reachable else {},
             "containment": state.containment if state and state.reachable else None,
         })
-    return {"strategies": strategies, "workers": workers}
+    return {"strategies": strategies, "workers": workers,
+            # target ("*": everything) -> who suspended it, why and when (`quantlab suspend`)
+            "suspended": {t: dict(h) for t, h in sorted(memory.suspended.items())}}
 
 
 def unhealthy(report: dict[str, Any]) -> list[str]:

@@ -406,3 +406,38 @@ def test_status_warns_when_the_state_folder_could_be_committed(fleet):
     (fleet.root / ".gitignore").write_text(".quantlab/\n")
     quiet = fleet.ql("status")
     assert "not ignored by git" not in quiet.stderr, quiet.describe()
+
+
+def test_suspend_holds_changes_while_leases_renew_and_resume_lifts_it(fleet):
+    fleet.worker("w1", max_strategies=8)
+    for sid in ("s1", "s2", "s3"):
+        fleet.strategy(sid)
+    fleet.write()
+    fleet.apply()
+    s3_pid = fleet.beating("s3", beats=1) and fleet.runner_pid("s3")
+
+    unknown = fleet.ql("suspend", "--target", "nope", check=1)
+    assert "--target nope: no strategy or worker" in unknown.stderr, unknown.describe()
+    fleet.ql("suspend", "--target", "s3", "--reason", "exchange maintenance")
+    del fleet.strategies["s3"]
+    fleet.write()
+
+    # Held, on purpose: apply does nothing to s3, says so, and does not fail; its lease is renewed.
+    lease = fleet.read_json("s3", "lease.json")
+    held = fleet.ql("apply", "--yes")
+    assert "Held, 1 action(s):" in held.stderr and "s3 suspended by" in held.stderr, held.describe()
+    assert "exchange maintenance" in held.stderr
+    assert fleet.runner_pid("s3") == s3_pid
+    assert fleet.read_json("s3", "lease.json")["deadline"] > lease["deadline"]
+    plan = fleet.plan()
+    assert [b["guard"] for b in plan["blocked"]] == ["suspended"] and plan["actions"] == []
+    status = json.loads(fleet.ql("status", "--output", "json").stdout)
+    assert status["suspended"]["s3"]["reason"] == "exchange maintenance"
+    assert "Suspended: s3 by" in fleet.ql("status").stdout
+
+    lifted = fleet.ql("resume")
+    assert "Resumed s3" in lifted.stdout, lifted.describe()
+    fleet.apply()
+    assert fleet.runner_pid("s3") is None
+    events = [(e["event"], e.get("strategy")) for e in fleet.events() if e["event"] in ("suspended", "resumed")]
+    assert events == [("suspended", "s3"), ("resumed", "s3")]

@@ -387,6 +387,28 @@ def test_a_target_nothing_knows_is_an_error_naming_it_not_an_empty_plan():
     assert plan(gone, found, memory(), NOW, PlanOptions(targets=frozenset({"s-2"}))) is not None
 
 
+def test_suspend_holds_the_actions_of_its_targets_and_says_who_and_why():
+    fl = fleet([strategy(f"s-{i}") for i in range(3)], [worker("w-a"), worker("w-b")])
+    free = plan(fl, observed(fl), memory(), NOW)
+    assert len(free.actions) == 3 and free.blocked == ()
+
+    mem = memory()
+    mem.suspended = {"s-1": {"by": "ops@desk suspend", "reason": "exchange maintenance", "at": 0}}
+    held = plan(fl, observed(fl), mem, NOW)
+    assert sorted(a.strategy for a in held.actions) == ["s-0", "s-2"]
+    (block,) = held.blocked
+    assert block.guard == "suspended" and [a.strategy for a in block.actions] == ["s-1"]
+    assert "s-1 suspended by ops@desk suspend: exchange maintenance" in block.reason
+    assert held.refused == () and held.has_changes
+
+    on_worker = {a.strategy: a.worker for a in free.actions if a.worker == "w-b"}
+    mem.suspended = {"w-b": {"by": "ops", "reason": None, "at": 0}}
+    assert {a.strategy for a in plan(fl, observed(fl), mem, NOW).blocked[0].actions} == set(on_worker)
+    mem.suspended = {"*": {"by": "ops", "reason": None, "at": 0}}
+    everything = plan(fl, observed(fl), mem, NOW)
+    assert everything.actions == () and "everything suspended by ops" in everything.blocked[0].reason
+
+
 def test_same_input_gives_byte_identical_plan_json():
     strategies = [strategy(f"s-{i}", "bybit" if i % 2 else "okx", region="JP" if i % 3 == 0 else None)
                   for i in range(30)]
