@@ -387,6 +387,37 @@ def suspend(
               "leases keep being renewed.")
 
 
+@app.command("stop-all")
+@_handled
+def stop_all(
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Confirm: every strategy of the fleet stops")] = False,
+    reason: Annotated[Optional[str], typer.Option("--reason", metavar="TEXT",
+                                                  help="Why, for status and events")] = None,
+    fleet: FleetOpt = None,
+    state: StateOpt = None,
+    lock_timeout: Annotated[float, typer.Option("--lock-timeout", min=0, metavar="SECONDS",
+                                                help="Wait this long for a running round to finish")] = 60.0,
+) -> None:
+    """Emergency brake: suspend everything, renew no lease, stop every strategy reachable now."""
+    if not yes:
+        raise _fail("stop-all stops every strategy of the fleet (the fleet files stay as they are); "
+                    "pass --yes to do it")
+    ctl = _controller(fleet, state)
+    try:
+        outcomes = ctl.stop_all(reason, lock_timeout)
+    finally:
+        ctl.close()
+    failed = [o for o in outcomes if not o.ok]
+    for o in outcomes:
+        mark = "ok" if o.ok else f"[red]FAILED[/]: {escape(o.detail)}"
+        out.print(f"  stop {escape(o.action.strategy)} on {escape(str(o.action.worker))}: {mark}")
+    out.print(f"Stopped {len(outcomes) - len(failed)} of {len(outcomes)}. Everything is suspended and no lease "
+              "is renewed: a strategy not reached stops itself when its lease runs out. `quantlab resume` "
+              "brings them back.")
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command()
 @_handled
 def resume(target: TargetOpt = None, fleet: FleetOpt = None, state: StateOpt = None) -> None:

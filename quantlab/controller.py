@@ -30,7 +30,7 @@ from .hosts import Hosts
 from .ledger import Ledger
 from .memory import Memory
 from .notify import Notifier
-from .plan import Plan
+from .plan import Action, Plan
 from .planner import PlanOptions, UnknownTarget, plan as make_plan
 from .spec import Fleet, FleetInvalid, FleetSettings, Location, WorkerSpec, load_fleet
 from .store import CheckpointStore, EventLog, StateError, StateStore
@@ -351,6 +351,27 @@ class Controller:
             self.record_event(self._hold_event("resumed", t, strategies, by, at, None))
         return lifted
 
+    def stop_all(self, reason: str | None, lock_timeout: float, progress: Progress | None = None) -> list[Outcome]:
+        """The emergency brake. At once, without waiting for a running round: everything is suspended
+        (no plan starts, stops or moves anything) and no lease is renewed any more. Then, with the
+        state lock: every strategy reachable now is stopped, with st_exit, whatever the guards say.
+        The fleet files are untouched; `quantlab resume` brings everything back."""
+        _, strategies = self._memory_for_writing([])
+        by, at, why = self.actor("stop-all"), self.clock.wall(), reason or "emergency stop"
+        self.ledger.update(lambda m: m.suspended.update({"*": {"by": by, "reason": why, "at": at, "stopAll": True}}))
+        self.record_event(self._hold_event("suspended", "*", strategies, by, at, f"{why}; no lease is renewed"))
+        try:
+            fleet = self.load_fleet()
+        except FleetInvalid:
+            fleet = self.fallback_fleet(self.ledger.memory)
+        with self.ledger.hold(fleet.settings.monitor.lease_ttl_s, lock_timeout, "quantlab stop-all"):
+            memory = self.ledger.memory
+            stops = tuple(Action("stop", sid, f"quantlab stop-all: {why}", "stop-all", worker=p.worker, epoch=p.epoch)
+                          for sid, p in sorted(memory.placements.items()) if p.worker in fleet.workers)
+            plan = Plan(actions=stops, lineage=memory.lineage, state_serial=memory.serial,
+                        rr_cursor=memory.rr_cursor, next_epoch=memory.next_epoch, policy="stop-all")
+            return self.execute(fleet, plan, "stop-all", progress)
+
     def _memory_for_writing(self, targets: list[str]) -> tuple[Memory, set[str]]:
         """The state, read with the lease TTL in force (so a state from another boot is judged right),
         after checking that every target names a strategy or worker known here."""
@@ -422,7 +443,7 @@ class Controller:
         revision = {"revision": plan.fleet_revision, "dirty": plan.fleet_dirty}
         recorder = Recorder(self.ledger, self.events, self.actor(command), revision, self.clock, self.checkpoints)
         outcomes = Executor(fleet, self.hosts(fleet), recorder, progress).execute(plan)
-        for blocked in plan.blocked:
+        for blocked in plan.refused:             # a suspension is recorded once, by `suspend`
             recorder.event(event="blocked", guard=blocked.guard, reason=blocked.reason,
                            strategies=[a.strategy for a in blocked.actions])
         notices, raised = outcome_notices(plan, outcomes, self.clock.wall())

@@ -153,7 +153,7 @@ class Executor:
         worker = a.source if a.action == "move" else a.worker
         assert worker is not None
         reason = {"stale-copy": "stale copy: the current one runs elsewhere", "removed": "removed from fleet",
-                  "desired-stopped": "desiredState: stopped"}.get(a.cause, f"moving to {a.target}")
+                  "desired-stopped": "desiredState: stopped", "stop-all": a.reason}.get(a.cause, f"moving to {a.target}")
         epoch = a.epoch if a.action == "stop" else self._current_epoch(a.strategy, worker)
         answer = self._simple("stop", worker, a.strategy, epoch, self._grace(a.strategy), reason,
                               checkpoint=a.action == "move")

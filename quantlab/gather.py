@@ -71,6 +71,8 @@ def renewals(memory: Memory) -> dict[str, dict[str, int]]:
     """Leases to renew, by worker: every current placement. A strategy the fleet no longer wants
     keeps its lease until a stop ends it, so a stop the mass-stop guard refuses is not carried out
     by fencing instead; a copy that is not the current placement never gets one."""
+    if memory.suspended.get("*", {}).get("stopAll"):
+        return {}                     # `quantlab stop-all`: every lease runs out until `resume`
     out: dict[str, dict[str, int]] = {}
     for sid, p in memory.placements.items():
         out.setdefault(p.worker, {})[sid] = p.epoch

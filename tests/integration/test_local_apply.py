@@ -441,3 +441,36 @@ def test_suspend_holds_changes_while_leases_renew_and_resume_lifts_it(fleet):
     assert fleet.runner_pid("s3") is None
     events = [(e["event"], e.get("strategy")) for e in fleet.events() if e["event"] in ("suspended", "resumed")]
     assert events == [("suspended", "s3"), ("resumed", "s3")]
+
+
+def test_stop_all_stops_everything_at_once_renews_nothing_and_resume_brings_it_back(fleet):
+    fleet.worker("w1", max_strategies=8)
+    for sid in ("s1", "s2", "s3"):
+        fleet.strategy(sid)
+    fleet.write()
+    fleet.apply()
+    for sid in ("s1", "s2", "s3"):
+        fleet.beating(sid, beats=1)
+
+    refused = fleet.ql("stop-all", check=1)
+    assert "pass --yes" in refused.stderr and fleet.runner_counts() == {"s1": 1, "s2": 1, "s3": 1}
+
+    # Every copy stops with st_exit although that is all of them (no mass-stop guard here).
+    braked = fleet.ql("stop-all", "--yes", "--reason", "exchange incident")
+    assert "Stopped 3 of 3" in braked.stdout, braked.describe()
+    assert fleet.runner_counts() == {}
+    for sid in ("s1", "s2", "s3"):
+        assert len(fleet.lines(sid, "exit.log")) == 1, sid
+    # Nothing comes back while it holds: a plan holds nothing to start either (everything suspended).
+    plan = fleet.plan()
+    assert plan["actions"] == [] and [b["guard"] for b in plan["blocked"]] == ["suspended"]
+    assert "exchange incident" in plan["blocked"][0]["reason"]
+    fleet.apply()
+    assert fleet.runner_counts() == {}
+    assert json.loads(fleet.ql("status", "--output", "json").stdout)["suspended"]["*"]["stopAll"] is True
+
+    fleet.ql("resume")
+    fleet.apply()
+    for sid in ("s1", "s2", "s3"):
+        fleet.beating(sid, beats=1)
+    assert fleet.runner_counts() == {"s1": 1, "s2": 1, "s3": 1}

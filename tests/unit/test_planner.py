@@ -409,6 +409,16 @@ def test_suspend_holds_the_actions_of_its_targets_and_says_who_and_why():
     assert everything.actions == () and "everything suspended by ops" in everything.blocked[0].reason
 
 
+def test_stop_all_renews_no_lease_until_resume():
+    from quantlab.gather import renewals
+    mem = memory({"s-1": ("w-a", 1), "s-2": ("w-b", 2)})
+    assert renewals(mem) == {"w-a": {"s-1": 1}, "w-b": {"s-2": 2}}
+    mem.suspended = {"*": {"by": "ops", "reason": "incident", "at": 0}}
+    assert renewals(mem) == {"w-a": {"s-1": 1}, "w-b": {"s-2": 2}}     # a plain suspend renews
+    mem.suspended["*"]["stopAll"] = True
+    assert renewals(mem) == {}
+
+
 def test_same_input_gives_byte_identical_plan_json():
     strategies = [strategy(f"s-{i}", "bybit" if i % 2 else "okx", region="JP" if i % 3 == 0 else None)
                   for i in range(30)]
