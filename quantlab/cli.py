@@ -15,6 +15,7 @@ from rich.markup import escape
 from . import render
 from .controller import Controller, default_fleet_dir, default_state_path
 from .execute import Outcome
+from .explain import outcome, verdicts
 from .hosts import AgentError
 from .plan import Action, Plan
 from .planner import PlanOptions, UnknownTarget
@@ -367,6 +368,31 @@ def reconcile(
         # The interval of the last fleet that validated, as the state file remembers it.
         interval = FleetSettings.from_snapshot(ctl.read_memory(None).fleet_settings).reconcile_interval_s
     loop.run_forever(interval)
+
+
+@app.command()
+@_handled
+def explain(
+    strategy: Annotated[str, typer.Argument(help="Strategy id")],
+    fleet: FleetOpt = None,
+    state: StateOpt = None,
+    output: OutputOpt = Output.text,
+    accept_new_host_keys: HostKeysOpt = False,
+) -> None:
+    """Every worker's verdict for one strategy, their ranking, and what would change the outcome."""
+    ctl = _controller(fleet, state, accept_new_host_keys)
+    loaded, memory, gathered, result = _look(ctl, PlanOptions())
+    spec = loaded.strategies.get(strategy)
+    if spec is None:
+        raise _fail(f"{strategy} is not a strategy of {ctl.fleet_dir}; `quantlab status` lists them")
+    found = verdicts(loaded, gathered.observed, memory, ctl.clock.mono(), strategy)
+    report = {"strategy": strategy, "policy": loaded.settings.policy, "outcome": outcome(result, memory, strategy),
+              "workers": [v.to_json(spec) for v in found]}
+    if output is Output.json:
+        print(json.dumps(report, indent=1))
+        return
+    for line in render.explain_lines(report):
+        out.print(line)
 
 
 @app.command()

@@ -92,6 +92,24 @@ def unknown_targets(fleet: Fleet, observed: ObservedState, memory: Memory, targe
     return sorted(set(targets) - known)
 
 
+def build_pool(fleet: Fleet, observed: ObservedState, liveness: dict[str, WorkerLiveness],
+               staying: dict[str, list[str]]) -> WorkerPool:
+    """Every worker of the fleet as the scheduler sees it, with `staying` (worker -> strategies)
+    counted as its load."""
+    views = []
+    for wid, spec in fleet.workers.items():
+        state = observed.worker(wid)
+        failing = False
+        cpu, mem, creds, runtime_error = 0.0, None, frozenset(), None
+        if state is not None and state.reachable:
+            cpu, mem, creds, runtime_error = state.cpu or 0.0, state.mem_free_mb, state.credentials, state.error
+            restarts = sum(i.restarts for i in state.instances.values())
+            failing = restarts >= FAILING_RESTARTS or any(i.status == "error" for i in state.instances.values())
+        views.append(WorkerView(spec, liveness[wid].status, used=len(staying.get(wid, [])), cpu=cpu,
+                                mem_free_mb=mem, credentials=creds, failing=failing, runtime_error=runtime_error))
+    return WorkerPool(views)
+
+
 class _Planner:
     def __init__(self, fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: int, options: PlanOptions):
         self.fleet, self.observed, self.memory, self.now, self.options = fleet, observed, memory, now_ms, options
@@ -389,19 +407,7 @@ class _Planner:
     # --- placement -----------------------------------------------------------------------------
 
     def build_pool(self, staying: dict[str, list[str]]) -> WorkerPool:
-        views = []
-        for wid, spec in self.fleet.workers.items():
-            state = self.observed.worker(wid)
-            failing = False
-            cpu, mem, creds, runtime_error = 0.0, None, frozenset(), None
-            if state is not None and state.reachable:
-                cpu, mem, creds, runtime_error = state.cpu or 0.0, state.mem_free_mb, state.credentials, state.error
-                restarts = sum(i.restarts for i in state.instances.values())
-                failing = restarts >= FAILING_RESTARTS or any(i.status == "error" for i in state.instances.values())
-            views.append(WorkerView(spec, self.liveness[wid].status, used=len(staying.get(wid, [])), cpu=cpu,
-                                    mem_free_mb=mem, credentials=creds, failing=failing,
-                                    runtime_error=runtime_error))
-        return WorkerPool(views)
+        return build_pool(self.fleet, self.observed, self.liveness, staying)
 
     def place(self, item: _ToPlace, scheduler: Scheduler, policy: SchedulePolicy, pool: WorkerPool,
               staying: dict[str, list[str]]) -> None:

@@ -166,3 +166,21 @@ def event_line(e: dict) -> str:
     rev = f" @{e['revision']}" if e.get("revision") else ""
     return (f"{when}  {escape(what):<13} {escape(str(e.get('strategy') or '')):<18} {escape(str(where)):<24}"
             f"{mark} [dim]{escape(e.get('actor', ''))}{escape(rev)}[/] {escape(why)}")
+
+
+# --- explain -------------------------------------------------------------------------------------
+
+def explain_lines(report: dict) -> list[str]:
+    """`quantlab explain`: the outcome, then one line per worker, feasible ones by rank first."""
+    lines = [f"{escape(report['strategy'])} ({escape(report['policy'])}): {escape(report['outcome'])}", ""]
+    rows = sorted(report["workers"], key=lambda w: (w["rank"] is None, w["rank"] or 0, w["worker"]))
+    for w in rows:
+        if w["feasible"]:
+            lines.append(f"  [green]fits   [/] {escape(w['worker']):<20} rank {w['rank']}")
+            continue
+        refused = "; ".join(r["filter"] + (f" ({r['detail']})" if r["detail"] else "") for r in w["refusedBy"])
+        lines.append(f"  [red]refused[/] {escape(w['worker']):<20} {escape(refused)} — fits if "
+                     f"{escape('; and '.join(w['wouldFitIf']))}")
+    if not rows:
+        lines.append("  no workers in the fleet")
+    return lines

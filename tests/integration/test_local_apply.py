@@ -474,3 +474,19 @@ def test_stop_all_stops_everything_at_once_renews_nothing_and_resume_brings_it_b
     for sid in ("s1", "s2", "s3"):
         fleet.beating(sid, beats=1)
     assert fleet.runner_counts() == {"s1": 1, "s2": 1, "s3": 1}
+
+
+def test_explain_names_every_filter_and_what_would_change_it(fleet):
+    fleet.worker("w-jp", region="JP").worker("w-us", region="US")
+    fleet.strategy("us-only", requirements={"region": "US"}).strategy("eu-only", requirements={"region": "EU"})
+    fleet.write()
+    report = json.loads(fleet.ql("explain", "eu-only", "--output", "json").stdout)
+    assert report["outcome"].startswith("queued: no worker fits"), report
+    assert {w["worker"]: [r["filter"] for r in w["refusedBy"]] for w in report["workers"]} == \
+        {"w-jp": ["region"], "w-us": ["region"]}
+    assert report["workers"][0]["wouldFitIf"] == [
+        "the worker's metadata.region is EU (or the strategy drops requirements.region)"]
+    text = fleet.ql("explain", "us-only").stdout
+    assert "start on w-us" in text and "fits    w-us" in text and "refused w-jp" in text, text
+    missing = fleet.ql("explain", "nope", check=1)
+    assert "nope is not a strategy of" in missing.stderr
