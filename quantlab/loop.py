@@ -28,7 +28,8 @@ from .gather import Gathered
 from .plan import Plan
 from .planner import PlanOptions
 from .render import plan_summary
-from .spec import Fleet, FleetInvalid
+from .memory import Memory
+from .spec import Fleet, FleetInvalid, FleetSettings
 from .store import LockHeld, StateError
 
 
@@ -38,6 +39,16 @@ class Tick:
     seconds: float
     message: str
     outcomes: list[Outcome] = field(default_factory=list)
+
+
+def rebalance_options(settings: FleetSettings, memory: Memory, now_ms: int) -> PlanOptions:
+    """The loop's plan options: a rebalance when `reconcile.rebalance` is set and its interval has
+    passed, leaving alone what the last rebalance moved (nothing moves twice in a row)."""
+    every = settings.rebalance_every_s
+    last = memory.rebalanced_at
+    if every is None or (last is not None and 0 <= now_ms - last < every * 1000):
+        return PlanOptions()
+    return PlanOptions(rebalance=True, max_moves=settings.rebalance_max_moves, cooldown=frozenset(memory.rebalanced))
 
 
 class ReconcileLoop:
@@ -109,8 +120,16 @@ class ReconcileLoop:
             return self._done(started, False, f"fleet invalid ({problems} problem(s)); renewed leases on "
                                               f"{len(gathered.renewed)} workers, {down} not answering")
         self._interval = fleet.settings.reconcile_interval_s       # the main thread follows it
-        result = self.ctl.apply(PlanOptions(), command="reconcile", fleet=fleet, gathered=gathered,
+        options = rebalance_options(fleet.settings, self.ctl.ledger.memory, self.ctl.clock.mono())
+        result = self.ctl.apply(options, command="reconcile", fleet=fleet, gathered=gathered,
                                 lock_timeout=self.lock_timeout, background_renewals=False)
+        if options.rebalance:
+            moved = [o.action.strategy for o in result.outcomes if o.ok and o.action.cause == "rebalance"]
+            now = self.ctl.clock.mono()
+
+            def remember(m: Memory) -> None:
+                m.rebalanced_at, m.rebalanced = now, moved
+            self.ctl.ledger.update(remember)
         return self._summary(started, gathered, result.plan, result.outcomes)
 
     def _summary(self, started: float, gathered: Gathered, plan: Plan, outcomes: list[Outcome]) -> Tick:

@@ -99,6 +99,10 @@ class Memory:
     fleet_settings: dict[str, Any] = field(default_factory=dict)  # the last valid fleet's settings
     # target (strategy or worker id, or "*" for everything) -> {"by", "reason", "at"}: held by `suspend`
     suspended: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The loop's own rebalancing (reconcile.rebalance): when it last ran, on the judged clock, and
+    # what it moved then (those stay put at the next one)
+    rebalanced_at: int | None = None
+    rebalanced: list[str] = field(default_factory=list)
 
     def copy(self) -> "Memory":
         return copy.deepcopy(self)
@@ -128,6 +132,8 @@ class Memory:
             "fleetSettings": self.fleet_settings,
             # Only when set: a state that never suspended anything stays as the previous release wrote it.
             **({"suspended": dict(sorted(self.suspended.items()))} if self.suspended else {}),
+            **({"rebalancedAt": self.rebalanced_at, "rebalanced": sorted(self.rebalanced)}
+               if self.rebalanced_at is not None else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -168,6 +174,8 @@ class Memory:
                 alerts={str(k): str(v) for k, v in raw.get("alerts", {}).items()},
                 fleet_settings=dict(raw.get("fleetSettings") or {}),
                 suspended={str(k): dict(v) for k, v in raw.get("suspended", {}).items()},
+                rebalanced_at=raw.get("rebalancedAt") if version == FORMAT_VERSION else None,
+                rebalanced=[str(s) for s in raw.get("rebalanced", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc
@@ -194,6 +202,8 @@ class Memory:
         m.host_clocks = {}
         m.checkpoints = {sid: 0 for sid in m.checkpoints}            # due at once
         m.reschedules = {sid: (count, now_ms) for sid, (count, _) in m.reschedules.items()}
+        if m.rebalanced_at is not None:
+            m.rebalanced_at = now_ms                                  # the cooldown starts again
         m.clock_boot = boot_id
         m.saved_at = now_ms
         return m

@@ -38,6 +38,7 @@ class PlanOptions:
     max_moves: int = 1
     targets: frozenset[str] = frozenset()
     allow_mass_stop: bool = False
+    cooldown: frozenset[str] = frozenset()   # strategies a rebalance must not move (moved by the last one)
 
 
 @dataclass
@@ -485,7 +486,7 @@ class _Planner:
                 if src.liveness != "online":
                     continue
                 for sid in sorted(staying.get(src.id, [])):
-                    if not self._movable(sid, src.id):
+                    if not self._movable(sid, src.id) or sid in self.options.cooldown:
                         continue
                     spec = self.fleet.strategies[sid]
                     use = FailoverPolicy(RegionAffinityPolicy(LoadBasedPolicy()), src.id)

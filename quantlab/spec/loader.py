@@ -712,6 +712,8 @@ class _Builder:
             reconcile_interval_s=interval,
             probe_deadline_s=float(deadline) if deadline is not None else default_probe_deadline(interval),
             cron_period_s=float(loop["cronPeriodSeconds"]) if loop["cronPeriodSeconds"] is not None else None,
+            rebalance_every_s=float(loop["rebalance"]["intervalSeconds"]) if loop.get("rebalance") else None,
+            rebalance_max_moves=int((loop.get("rebalance") or {}).get("maxMoves", 1)),
             monitor=MonitorSettings(
                 worker_offline_after_s=float(mon["workerOfflineAfterSeconds"]),
                 lease_ttl_s=float(mon["leaseTtlSeconds"]), auto_recover=mon["autoRecover"],

@@ -182,6 +182,8 @@ class FleetSettings:
     source: Location | None = None
     probe_deadline_s: float = MAX_DEFAULT_PROBE_DEADLINE_S   # one host's probe, before it counts as silent
     cron_period_s: float | None = None                       # set when `reconcile --once` runs from cron
+    rebalance_every_s: float | None = None                   # the loop rebalances on its own (off: None)
+    rebalance_max_moves: int = 1
 
     def snapshot(self) -> dict[str, Any]:
         """What keeps leases renewed while the fleet dir does not validate (kept in the state file)."""

@@ -201,3 +201,30 @@ def test_refused_mass_stop_is_not_carried_out_by_fencing(fleet):
     for sid in pids:
         assert fleet.host_status(sid)["state"] == "running"
         assert fleet.lines(sid, "exit.log") == []
+
+
+def test_the_loop_rebalances_on_its_own_when_the_fleet_asks_for_it(fleet, tmp_path):
+    fleet.worker("w1", max_strategies=8)
+    for sid in ("r1", "r2", "r3", "r4"):
+        fleet.strategy(sid)
+    fleet.write()
+    fleet.apply()
+    for sid in ("r1", "r2", "r3", "r4"):
+        fleet.beating(sid, beats=1)
+    # A second worker joins; only the loop's own rebalance moves anything there (plans stay sticky).
+    fleet.worker("w2", max_strategies=8)
+    fleet.settings["reconcile"]["rebalance"] = {"intervalSeconds": 600, "maxMoves": 1}
+    fleet.write()
+    log = tmp_path / "daemon.log"
+    fleet.spawn("reconcile", log=log)
+    moved = wait_for(lambda: [s for s in ("r1", "r2", "r3", "r4") if (p := fleet.placement(s)) and p["worker"] == "w2"],
+                     20, what="the loop's first rebalance to move one strategy to w2")
+    assert len(moved) == 1, moved
+    fleet.beating(moved[0], beats=1)
+    # One move per rebalance, and the next is 600 s away: nothing else moves meanwhile.
+    hold_for(4 * 0.5 + 1, lambda: sum(1 for s in ("r1", "r2", "r3", "r4") if fleet.placement(s)["worker"] == "w2") == 1,
+             "a single rebalance move")
+    state = fleet.state()
+    assert state["rebalanced"] == moved and state["rebalancedAt"] is not None
+    moves = [(e["strategy"], e.get("cause"), e["actor"].split()[-1]) for e in fleet.events() if e["event"] == "move"]
+    assert moves == [(moved[0], "rebalance", "reconcile")], moves

@@ -525,3 +525,27 @@ def test_a_renamed_worker_keeps_its_running_copy():
     result = plan(fl, observed(fl, {"worker-new": [running(s, 7)]}), mem, NOW)
     assert result.actions == () and result.waiting == ()
     assert [(a.strategy, a.worker, a.epoch) for a in result.adopt] == [("s", "worker-new", 7)]
+
+
+def test_the_loops_rebalance_runs_on_its_interval_and_never_moves_a_strategy_twice_in_a_row():
+    from quantlab.loop import rebalance_options
+    from quantlab.spec import FleetSettings
+    every = FleetSettings(rebalance_every_s=600, rebalance_max_moves=2)
+    mem = memory()
+    assert rebalance_options(FleetSettings(), mem, NOW) == PlanOptions()              # off by default
+    assert rebalance_options(every, mem, NOW) == PlanOptions(rebalance=True, max_moves=2)
+    mem.rebalanced_at, mem.rebalanced = NOW, ["s-0"]
+    assert rebalance_options(every, mem, NOW + 599_000) == PlanOptions()
+    due = rebalance_options(every, mem, NOW + 600_000)
+    assert due.rebalance and due.cooldown == frozenset({"s-0"})
+
+    # The strategy the last rebalance moved stays where it is; another one moves instead.
+    specs = {f"s-{i}": strategy(f"s-{i}") for i in range(4)}
+    fl = fleet(specs.values(), [worker("w-a", cap=8), worker("w-b", cap=8)])
+    placements = {sid: ("w-a", i + 1) for i, sid in enumerate(specs)}
+    obs = observed(fl, {"w-a": [running(s, i + 1) for i, s in enumerate(specs.values())]})
+    first = plan(fl, obs, memory(placements, specs=specs), NOW, PlanOptions(rebalance=True, max_moves=1))
+    (move,) = first.actions
+    again = plan(fl, obs, memory(placements, specs=specs), NOW,
+                 PlanOptions(rebalance=True, max_moves=1, cooldown=frozenset({move.strategy})))
+    assert [a.strategy for a in again.actions] != [move.strategy] and len(again.actions) == 1
