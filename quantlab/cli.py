@@ -21,7 +21,7 @@ from .plan import Action, Plan
 from .planner import PlanOptions, UnknownTarget
 from .spec import Fleet, FleetInvalid, FleetSettings
 from .status import fleet_status, unhealthy
-from .store import StateError, read_plan, write_plan
+from .store import LockHeld, StateError, read_plan, write_plan
 from .transport.base import TransportError
 
 app = typer.Typer(
@@ -431,6 +431,9 @@ def stop_all(
     ctl = _controller(fleet, state)
     try:
         outcomes = ctl.stop_all(reason, lock_timeout)
+    except LockHeld as exc:
+        raise _fail(f"everything is suspended and no lease is renewed any more, but the stops did not run: {exc}. "
+                    "Run stop-all again to wait longer (--lock-timeout), or let the leases run out") from None
     finally:
         ctl.close()
     failed = [o for o in outcomes if not o.ok]

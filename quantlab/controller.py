@@ -337,7 +337,13 @@ class Controller:
         the short write lock is taken, so it holds at once, also while a round acts."""
         _, strategies = self._memory_for_writing(targets)
         by, at = self.actor("suspend"), self.clock.wall()
-        self.ledger.update(lambda m: m.suspended.update({t: {"by": by, "reason": reason, "at": at} for t in targets}))
+
+        def change(m: Memory) -> None:
+            for t in targets:
+                # A stop-all's "renew nothing" ends only with `resume`, never with another suspend.
+                kept = {"stopAll": True} if m.suspended.get(t, {}).get("stopAll") else {}
+                m.suspended[t] = {"by": by, "reason": reason, "at": at, **kept}
+        self.ledger.update(change)
         for t in targets:
             self.record_event(self._hold_event("suspended", t, strategies, by, at, reason))
 

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)     # 1: judged times were wall-clock ms; read, then rebased
+# Written instead of 2 while something is suspended: the previous release reads version 2 and would
+# ignore the suspension (act on what it holds, renew what stop-all let lapse, and drop it on save).
+SUSPENDED_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: judged times were wall-clock ms; read, then rebased
 
 
 class MemoryFormatError(ValueError):
@@ -110,7 +113,7 @@ class Memory:
     def content_json(self) -> dict[str, Any]:
         """Everything but the serial: two states with equal content are the same state."""
         return {
-            "version": FORMAT_VERSION,
+            "version": SUSPENDED_VERSION if self.suspended else FORMAT_VERSION,
             "lineage": self.lineage,
             "clockBoot": self.clock_boot,
             "savedAt": self.saved_at,
@@ -154,8 +157,8 @@ class Memory:
             return cls(
                 lineage=raw["lineage"],
                 # Version 1 judged by the wall clock: no boot, so `rebase` takes it as granted now.
-                clock_boot=raw.get("clockBoot") if version == FORMAT_VERSION else None,
-                saved_at=raw.get("savedAt") if version == FORMAT_VERSION else None,
+                clock_boot=raw.get("clockBoot") if version >= FORMAT_VERSION else None,
+                saved_at=raw.get("savedAt") if version >= FORMAT_VERSION else None,
                 began=raw.get("began"),
                 serial=int(raw["serial"]),
                 placements={sid: Placement.from_json(sid, p) for sid, p in raw.get("placements", {}).items()},
@@ -174,7 +177,7 @@ class Memory:
                 alerts={str(k): str(v) for k, v in raw.get("alerts", {}).items()},
                 fleet_settings=dict(raw.get("fleetSettings") or {}),
                 suspended={str(k): dict(v) for k, v in raw.get("suspended", {}).items()},
-                rebalanced_at=raw.get("rebalancedAt") if version == FORMAT_VERSION else None,
+                rebalanced_at=raw.get("rebalancedAt") if version >= FORMAT_VERSION else None,
                 rebalanced=[str(s) for s in raw.get("rebalanced", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:

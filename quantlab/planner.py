@@ -213,6 +213,10 @@ class _Planner:
         # Stops the mass-stop guard will refuse do not free their slots: nothing is placed in them.
         for a in self.refused_stops([a for a in self.work.actions if self.targeted(a.strategy, *a.workers)]):
             staying.setdefault(a.worker, []).append(a.strategy)
+        # Nor do stops a suspension holds.
+        for a in self.work.actions:
+            if a.action == "stop" and self.suspended_by(a) and a.strategy not in staying.get(a.worker, []):
+                staying.setdefault(a.worker, []).append(a.strategy)
 
         pool = self.build_pool(staying)
         scheduler = Scheduler(pool)
@@ -453,8 +457,9 @@ class _Planner:
         """Running healthy where it is, with no other action in this plan."""
         cur = self.current.get(sid)
         busy = {a.strategy for a in self.work.actions}
+        held = any(k in self.memory.suspended for k in ("*", sid, wid))   # a held move would free its slot
         return (cur is not None and cur.worker == wid and cur.instance is not None and cur.instance.alive
-                and sid not in busy)
+                and sid not in busy and not held)
 
     def drain(self, scheduler: Scheduler, pool: WorkerPool, staying: dict[str, list[str]]) -> None:
         """A draining worker gives up one strategy per plan, so a drain never empties a worker at once."""
@@ -565,15 +570,19 @@ class _Planner:
             return []
         return stops
 
+    def suspended_by(self, a: Action) -> str | None:
+        """The suspension that holds `a` ("*", its strategy or one of its workers), or None. A stale
+        copy's stop is never held: that copy is a second one, and must go."""
+        holds = self.memory.suspended
+        if not holds or a.cause == "stale-copy":
+            return None
+        return next((k for k in ("*", a.strategy, *a.workers) if k and k in holds), None)
+
     def hold_suspended(self, actions: list[Action]) -> tuple[list[Action], list[Blocked]]:
         """`quantlab suspend`: nothing starts, stops or moves for a suspended strategy or worker (or
         at all, for "*") until `quantlab resume`; renewals are not actions and go on."""
         holds = self.memory.suspended
-        if not holds:
-            return actions, []
-
-        def held_by(a: Action) -> str | None:
-            return next((k for k in ("*", a.strategy, *a.workers) if k and k in holds), None)
+        held_by = self.suspended_by
         held = [a for a in actions if held_by(a)]
         if not held:
             return actions, []

@@ -353,20 +353,32 @@ class CheckpointStore:
 
     def prune(self, keep: set[str], now_s: float, retention_s: float) -> list[str]:
         """Remove the copies of strategies not in `keep` (gone from the fleet and from every worker)
-        last written more than `retention_s` ago; the ids removed."""
+        `retention_s` after a run first found them gone, which a `<id>.gone` marker beside the copy
+        records (a strategy that comes back loses its marker); the ids removed."""
         removed = []
         try:
-            entries = sorted(self.folder.glob("*.json"))
+            copies = {p.stem: p for p in self.folder.glob("*.json")}
+            markers = {p.stem: p for p in self.folder.glob("*.gone")}
         except OSError:
             return removed
-        for path in entries:
+        for sid, marker in markers.items():
+            if sid in keep or sid not in copies:
+                marker.unlink(missing_ok=True)
+        for sid, path in sorted(copies.items()):
+            if sid in keep:
+                continue
+            marker = path.with_suffix(".gone")
             try:
-                if path.stem in keep or now_s - path.lstat().st_mtime <= retention_s:
+                if sid not in markers:
+                    atomic_write(marker, b"", mode=0o600)
+                    continue
+                if now_s - marker.lstat().st_mtime <= retention_s:
                     continue
                 path.unlink()
+                marker.unlink(missing_ok=True)
             except OSError:
                 continue               # tried again on the next round
-            removed.append(path.stem)
+            removed.append(sid)
         return removed
 
     def load(self, strategy: str) -> dict[str, Any] | None:

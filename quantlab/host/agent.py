@@ -383,18 +383,28 @@ def write_pid(path, pid):
     write_atomic(path, ("%d\n" % pid).encode())
 
 
+def _pid_words(path):
+    found = read_instance_file(path)
+    return found[0].decode("ascii", "replace").split() if found is not None else None
+
+
 def read_pid_file(path):
-    """(pid, start time) recorded for a pid file, or None when there is none; raises BadFile. From
-    its identity file when there is one; else from the pid file itself, which a supervisor of an
-    earlier release writes as '<pid> <start time>' (a bare pid has an unknown start time)."""
-    found = read_instance_file(path + PID_IDENTITY)
-    if found is None:
-        found = read_instance_file(path)
-    if found is None:
+    """(pid, start time) recorded for a pid file, or None when there is none; raises BadFile.
+
+    A supervisor of an earlier release writes '<pid> <start time>' into the pid file itself: that
+    counts (an identity file left beside it by a later release is stale). Otherwise the identity
+    file counts when it names the same pid (or the pid file is gone); a bare pid whose identity
+    is missing or names another pid has an unknown start time."""
+    plain = _pid_words(path)
+    parts = plain
+    if plain is None or len(plain) == 1:
+        ident = _pid_words(path + PID_IDENTITY)
+        if ident is not None and (plain is None or ident[:1] == plain):
+            parts = ident
+        elif plain is not None:
+            parts = plain + ["?"]
+    if parts is None:
         return None
-    parts = found[0].decode("ascii", "replace").split()
-    if len(parts) == 1:
-        parts.append("?")
     if len(parts) != 2 or not parts[0].isdigit() or not (parts[1].isdigit() or parts[1] == "?"):
         raise BadFile("not '<pid> <start time>'")
     pid = int(parts[0])
@@ -1615,7 +1625,9 @@ class Supervisor(object):
         """Both files of a pid: its identity (what the agent trusts) and the plain number people
         read and signal, which must never name another process."""
         problems = []
-        if live_pid(self.path(name), problems) == pid and plain_pid(self.path(name), name, problems) == pid:
+        ident = plain_pid(self.path(name) + PID_IDENTITY, name + PID_IDENTITY, problems)
+        if live_pid(self.path(name), problems) == pid and plain_pid(self.path(name), name, problems) == pid \
+                and ident == pid:
             return
         if problems or file_identity(self.path(name)) is not None:
             self.note_problem((problems or ["%s: names another process" % name])[0] + "; rewritten")

@@ -142,10 +142,11 @@ def test_removed_strategy_stops_and_mass_stop_is_guarded(fleet):
     # then the next run removes it and says so; the copies of strategies still wanted stay.
     copies = fleet.root / ".quantlab" / "checkpoints"
     copies.mkdir(exist_ok=True)
-    week_ago = time.time() - 7 * 86400 - 60
     for sid in ("s4", "s1"):
         (copies / f"{sid}.json").write_text('{"files": {}, "t": 0}')
-        os.utime(copies / f"{sid}.json", (week_ago, week_ago))
+    fleet.apply()                                            # the week starts: s4 found gone
+    week_ago = time.time() - 7 * 86400 - 60
+    os.utime(copies / "s4.gone", (week_ago, week_ago))
     fleet.apply()
     assert not (copies / "s4.json").exists() and (copies / "s1.json").exists()
     assert [e["strategy"] for e in fleet.events() if e["event"] == "checkpoint-removed"] == ["s4"]
@@ -467,6 +468,8 @@ def test_stop_all_stops_everything_at_once_renews_nothing_and_resume_brings_it_b
     assert "exchange incident" in plan["blocked"][0]["reason"]
     fleet.apply()
     assert fleet.runner_counts() == {}
+    assert json.loads(fleet.ql("status", "--output", "json").stdout)["suspended"]["*"]["stopAll"] is True
+    fleet.ql("suspend", "--reason", "still looking")      # another suspend keeps renewing nothing
     assert json.loads(fleet.ql("status", "--output", "json").stdout)["suspended"]["*"]["stopAll"] is True
 
     fleet.ql("resume")

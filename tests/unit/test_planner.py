@@ -549,3 +549,23 @@ def test_the_loops_rebalance_runs_on_its_interval_and_never_moves_a_strategy_twi
     again = plan(fl, obs, memory(placements, specs=specs), NOW,
                  PlanOptions(rebalance=True, max_moves=1, cooldown=frozenset({move.strategy})))
     assert [a.strategy for a in again.actions] != [move.strategy] and len(again.actions) == 1
+
+
+def test_a_suspension_never_holds_a_stale_copys_stop_and_a_held_stop_keeps_its_slot():
+    sa = strategy("s-a")
+    fl = fleet([sa], [worker("w-1"), worker("w-2")])
+    mem = memory({"s-a": ("w-1", 5)}, specs={"s-a": sa})
+    mem.suspended = {"s-a": {"by": "ops", "reason": None, "at": 0}}
+    obs = observed(fl, {"w-1": [running(sa, 5)], "w-2": [running(sa, 3)]})
+    result = plan(fl, obs, mem, NOW)
+    assert [(a.action, a.worker, a.cause) for a in result.actions] == [("stop", "w-2", "stale-copy")]
+    assert result.blocked == ()
+
+    # w-1 has room for one; s-a (removed from the fleet) holds it while its stop is suspended.
+    sb = strategy("s-b")
+    fl = fleet([sb], [worker("w-1", cap=1)])
+    mem = memory({"s-a": ("w-1", 5)}, specs={"s-a": sa})
+    mem.suspended = {"s-a": {"by": "ops", "reason": None, "at": 0}}
+    result = plan(fl, observed(fl, {"w-1": [running(sa, 5)]}), mem, NOW)
+    assert result.actions == () and [q.strategy for q in result.queued] == ["s-b"]
+    assert [a.action for a in result.blocked[0].actions] == ["stop"]

@@ -741,15 +741,36 @@ def test_a_state_file_that_is_not_a_regular_file_is_refused_without_hanging(tmp_
 
 
 def test_checkpoints_of_strategies_gone_are_kept_for_the_retention_then_removed(tmp_path):
-    store = CheckpointStore(tmp_path / "checkpoints")
-    for sid in ("gone-old", "gone-new", "placed-old", "in-fleet-old"):
+    folder = tmp_path / "checkpoints"
+    store = CheckpointStore(folder)
+    for sid in ("gone", "back", "kept"):
         store.save(sid, {"files": {}, "t": 0})
+        os.utime(folder / f"{sid}.json", (1, 1))       # written long ago: that alone removes nothing
     now = time.time()
     week = 7 * 86400
-    for sid in ("gone-old", "placed-old", "in-fleet-old"):
-        os.utime(tmp_path / "checkpoints" / f"{sid}.json", (now - week - 60,) * 2)
-    removed = store.prune({"placed-old", "in-fleet-old"}, now, week)
-    assert removed == ["gone-old"]
-    assert sorted(p.stem for p in (tmp_path / "checkpoints").iterdir()) == ["gone-new", "in-fleet-old", "placed-old"]
-    assert store.prune(set(), now, week) == ["in-fleet-old", "placed-old"]   # once nothing keeps them
+    assert store.prune({"kept"}, now, week) == []        # first found gone: the week starts now
+    assert sorted(p.name for p in folder.glob("*.gone")) == ["back.gone", "gone.gone"]
+    assert store.prune({"kept", "back"}, now + week + 60, week) == ["gone"]   # `back` came back in time
+    assert sorted(p.name for p in folder.iterdir()) == ["back.json", "kept.json"]
+    assert store.prune(set(), now, week) == [] and store.prune(set(), now + week + 1, week) == ["back", "kept"]
+    assert list(folder.iterdir()) == []
     assert CheckpointStore(tmp_path / "nowhere").prune(set(), now, week) == []
+
+
+def test_a_suspension_is_saved_as_format_3_so_the_previous_release_refuses_the_file(tmp_path):
+    path = tmp_path / "state.json"
+    store = StateStore(path)
+    with store.lock():
+        store.load()
+        memory = full_memory()
+        memory.suspended = {"*": {"by": "ops@desk stop-all", "reason": "incident", "at": 1, "stopAll": True}}
+        memory.rebalanced_at, memory.rebalanced = 5, ["s-1"]
+        saved = store.save(memory)
+    raw = json.loads(path.read_text())
+    assert raw["version"] == 3 and raw["suspended"]["*"]["stopAll"] is True
+    assert StateStore(path).load() == saved
+    with store.lock():
+        store.load()
+        saved.suspended = {}
+        store.save(saved)
+    assert json.loads(path.read_text())["version"] == 2        # resumed: readable by the previous release again
