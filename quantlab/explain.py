@@ -44,7 +44,8 @@ def verdicts(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: int,
     checks = Scheduler.static_checks(policy) + filters.DYNAMIC
     views = sorted((w for c in pool.classes for w in c.members), key=lambda w: w.id)
     refused = {w.id: tuple(r for check in checks if (r := check(spec, w)) is not None) for w in views}
-    ranked = sorted((w for w in views if not refused[w.id]), key=policy.rank_key)
+    # As the scheduler does: workers whose strategies keep failing come after all the others.
+    ranked = sorted((w for w in views if not refused[w.id]), key=lambda w: (w.failing, policy.rank_key(w)))
     rank = {w.id: n for n, w in enumerate(ranked, 1)}
     return [Verdict(w.id, refused[w.id], rank.get(w.id)) for w in views]
 
