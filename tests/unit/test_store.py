@@ -239,7 +239,7 @@ VALID = {"version": 1, "lineage": "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "seria
 REFUSED = {
     "corrupt-json": (b'{\n "version": 1,\n "serial": 3,\n oops\n}\n', [":4:", "not valid JSON", "backup"]),
     "truncated-json": (json.dumps(VALID, indent=1).encode()[:40], ["not valid JSON"]),
-    "unknown-version": (json.dumps({**VALID, "version": 3}).encode(), ["unknown state format version 3"]),
+    "unknown-version": (json.dumps({**VALID, "version": 4}).encode(), ["unknown state format version 4"]),
     "no-version": (json.dumps({"serial": 3}).encode(), ["unknown state format version None"]),
     "array": (b"[1, 2, 3]\n", ["expected a JSON object"]),
     "string": (b'"state"\n', ["expected a JSON object"]),
