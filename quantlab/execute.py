@@ -155,8 +155,10 @@ class Executor:
         reason = {"stale-copy": "stale copy: the current one runs elsewhere", "removed": "removed from fleet",
                   "desired-stopped": "desiredState: stopped", "stop-all": a.reason}.get(a.cause, f"moving to {a.target}")
         epoch = a.epoch if a.action == "stop" else self._current_epoch(a.strategy, worker)
+        # What stays placed on this worker keeps its folder; older stopped ones beyond the newest few go.
+        keep = sorted(sid for sid, p in self.rec.memory.placements.items() if p.worker == worker)
         answer = self._simple("stop", worker, a.strategy, epoch, self._grace(a.strategy), reason,
-                              checkpoint=a.action == "move")
+                              checkpoint=a.action == "move", keep=keep)
         result = str(answer.get("result"))
         if a.action == "move":
             if result == "epoch-mismatch":

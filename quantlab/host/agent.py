@@ -1273,7 +1273,49 @@ def stop(request, args):
         answer["checkpoint"] = pack_checkpoint(idir)
     if problems:
         answer["problems"] = [clip(p, PROBLEM_CAP) for p in problems[:MAX_PROBLEMS]]
+    os.close(lock)
+    if isinstance(request.get("keep"), list):    # the controller names what is placed on this worker
+        keep = set(request["keep"]) | {request["strategy"]}
+        answer["pruned"] = prune_instances(request["workdir"], keep, request.get("keepStopped", KEEP_STOPPED))
     return answer, 0
+
+
+# Stopped instance folders (logs, final checkpoint) kept per worker beyond those placed there.
+KEEP_STOPPED = 20
+
+
+def prune_instances(workdir, keep, retain):
+    """Remove the folders of stopped instances beyond the newest `retain`: never one in `keep`,
+    never one with a live supervisor or runner, never one whose lock is held. The names removed."""
+    import shutil
+    root = os.path.join(os.path.abspath(workdir), "instances")
+    stopped = []
+    for name in instance_names(workdir):
+        idir = os.path.join(root, name)
+        try:
+            if name in keep or not stat.S_ISDIR(os.lstat(idir).st_mode):
+                continue
+        except OSError:
+            continue
+        if live_pid(os.path.join(idir, "supervisor.pid")) or live_pid(os.path.join(idir, "runner.pid")):
+            continue
+        status, _ = read_status(idir, [])
+        stopped_at = status.get("stoppedAt")
+        stopped.append((stopped_at if isinstance(stopped_at, (int, float)) else 0, name))
+    removed = []
+    for _, name in sorted(stopped, reverse=True)[max(0, int(retain)):]:
+        idir = os.path.join(root, name)
+        lock, _ = lock_instance(idir, 0)
+        if lock is None:
+            continue
+        try:
+            shutil.rmtree(idir)                 # does not follow the links a strategy may have left
+            removed.append(name)
+        except OSError:
+            pass
+        finally:
+            os.close(lock)
+    return removed
 
 
 def set_paused(request, paused):

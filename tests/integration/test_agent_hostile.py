@@ -366,3 +366,23 @@ def test_supervisor_puts_back_the_files_it_owns(agent_host):
     assert any(d.startswith("runner.pid: not a regular file (symlink)") for d in details), noted
     answer, took = host.stop(workdir, "scribbler")
     assert answer["result"] == "stopped" and not alive(supervisor), answer
+
+
+def test_a_stop_removes_the_oldest_stopped_instance_folders_and_nothing_placed_or_running(agent_host):
+    host = agent_host
+    workdir = host.workdir("wa")
+    quiet = "export function st_init() {}\nexport function st_heartbeat() {}\nexport function st_exit() {}\n"
+    for sid in ("old-1", "old-2", "placed", "running", "last"):
+        host.start(workdir, sid, quiet)
+    for sid in ("old-1", "old-2", "placed", "last"):
+        answer, _ = host.stop(workdir, sid)
+        assert answer["result"] == "stopped", answer
+    (workdir / "instances" / "old-2" / "state" / "link").symlink_to(workdir / "instances" / "running")
+    # Keep one stopped folder besides what is placed: the newest one other than the stop's own.
+    answer, _ = host.call("stop", {"workdir": str(workdir), "strategy": "last", "stopTimeoutSeconds": 1,
+                                   "keep": ["placed"], "keepStopped": 1})
+    assert answer["pruned"] == ["old-1"], answer
+    assert sorted(p.name for p in (workdir / "instances").iterdir()) == ["last", "old-2", "placed", "running"]
+    assert (workdir / "instances" / "running" / "status.json").exists()      # a link inside was not followed
+    assert host.pid(workdir, "running") is not None and alive(host.pid(workdir, "running"))
+    host.stop(workdir, "running")
