@@ -157,16 +157,23 @@ class Executor:
         epoch = a.epoch if a.action == "stop" else self._current_epoch(a.strategy, worker)
         # What stays placed on this worker keeps its folder; older stopped ones beyond the newest few go.
         keep = sorted(sid for sid, p in self.rec.memory.placements.items() if p.worker == worker)
+        # Every stop but a stale copy's takes the final checkpoint, after the copy exited (so with what
+        # st_exit wrote): a move carries it along, and a strategy stopped or removed keeps it.
+        final = a.cause != "stale-copy"
         answer = self._simple("stop", worker, a.strategy, epoch, self._grace(a.strategy), reason,
-                              checkpoint=a.action == "move", keep=keep)
+                              checkpoint=final, keep=keep)
         result = str(answer.get("result"))
+        if a.action == "move" and result == "epoch-mismatch":
+            # Another copy than the one being moved runs there: starting a new one could make two.
+            raise AgentError(worker, f"{a.strategy} there runs epoch {answer.get('running')}, not the "
+                                     f"placement being moved (epoch {epoch}); nothing was started")
+        if final and result != "epoch-mismatch" and "checkpoint" in answer:
+            if answer["checkpoint"]:
+                self._keep_checkpoint(a.strategy, answer["checkpoint"])
+            elif self.rec.checkpoints is not None:
+                # Too large to copy: an older copy must never be restored as if it were the last state.
+                self.rec.checkpoints.forget(a.strategy)
         if a.action == "move":
-            if result == "epoch-mismatch":
-                # Another copy than the one being moved runs there: starting a new one could make two.
-                raise AgentError(worker, f"{a.strategy} there runs epoch {answer.get('running')}, not the "
-                                         f"placement being moved (epoch {epoch}); nothing was started")
-            if answer.get("checkpoint"):
-                self._keep_checkpoint(a.strategy, answer["checkpoint"])   # the final state goes along
             return Outcome(a, True, f"stopped on {worker} ({result})")
         if a.cause != "stale-copy":
             def forget(m: Memory) -> None:

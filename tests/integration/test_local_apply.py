@@ -4,12 +4,14 @@ Each test writes its own small fleet in tmp_path; the `reaper` fixture kills wha
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import stat
 import subprocess
 import time
+import zlib
 
 import pytest
 
@@ -138,6 +140,9 @@ def test_removed_strategy_stops_and_mass_stop_is_guarded(fleet):
     fleet.apply()
     assert len(fleet.lines("s4", "exit.log")) == 1
     assert not alive(s4_pid)
+    # The stop took the final checkpoint, after st_exit: what st_exit wrote is in the controller's copy.
+    final = json.loads((fleet.root / ".quantlab" / "checkpoints" / "s4.json").read_text())
+    assert zlib.decompress(base64.b64decode(final["files"]["exit.log"])).decode().count("\n") == 1
     # A checkpoint copy of a strategy gone from the fleet is kept a week (in case it comes back),
     # then the next run removes it and says so; the copies of strategies still wanted stay.
     copies = fleet.root / ".quantlab" / "checkpoints"
