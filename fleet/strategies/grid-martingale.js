@@ -3,7 +3,8 @@
 // (or a move to another worker, which carries the checkpoint) continues the same simulation.
 // Buys one grid step lower each time the price falls through a level, doubling the size per level
 // below the anchor (martingale); sells the whole position one grid step above the average price.
-// Params: {symbol, account, gridCount = 10, gridSpacing = 0.005 (fraction of price), baseQty = 0.001}
+// Params: {symbol, account, exchange = bybit (binance, okx), gridCount = 10, gridSpacing = 0.005
+// (fraction of price), baseQty = 0.001}
 
 // Deterministic PRNG (mulberry32); its seed lives in ctx.state so the walk survives restarts.
 function nextRandom(state) {
@@ -30,6 +31,25 @@ function settings(params) {
 
 const round = (x, digits = 6) => Number(x.toFixed(digits));
 
+// Belt and braces for fencing: ask the exchange itself to cancel this account's open orders a little
+// after ctx.leaseExpiresAt, and re-arm it on every heartbeat. A copy cut off by a partition (frozen,
+// or unable to reach anything) then has its orders cancelled by the exchange as well. Each exchange
+// bounds the window (seconds): Bybit 10..300, OKX 10..120; Binance takes milliseconds.
+// PAPER: logs the request it would send instead of sending it.
+const DEAD_MANS_SWITCH = {
+  binance: (symbol, ms) => `POST /fapi/v1/countdownCancelAll symbol=${symbol} countdownTime=${ms}`,
+  bybit: (symbol, ms) => `POST /v5/order/disconnected-cancel-all timeWindow=${clamp(Math.ceil(ms / 1000), 10, 300)}`,
+  okx: (symbol, ms) => `POST /api/v5/trade/cancel-all-after timeOut=${clamp(Math.ceil(ms / 1000), 10, 120)}`,
+};
+const clamp = (x, lo, hi) => Math.min(hi, Math.max(lo, x));
+
+function armDeadMansSwitch(ctx, p) {
+  if (ctx.leaseExpiresAt == null) return; // fencing is off: nothing to arm against
+  const ms = Math.max(0, ctx.leaseExpiresAt - Date.now()) + 5000; // the lease, plus st_exit's head start
+  const request = (DEAD_MANS_SWITCH[p.exchange] ?? DEAD_MANS_SWITCH.bybit)(p.symbol, ms);
+  ctx.log(`[${ctx.id}] dead man's switch (paper, not sent): ${request}`);
+}
+
 export function st_init(ctx) {
   const p = settings(ctx.params);
   const s = ctx.state;
@@ -40,6 +60,13 @@ export function st_init(ctx) {
   }
   ctx.log(`[${ctx.id}] grid-martingale ${p.symbol} on ${p.account ?? '-'} (paper) epoch ${ctx.epoch};`,
     `tick ${s.ticks}, price ${round(s.price, 2)}, position ${round(s.position)}`);
+  // Reconcile with the exchange before trading: even a fresh checkpoint can be stale (a fill while
+  // the last copy was being fenced, an order it placed just before it stopped). A live strategy
+  // fetches its open orders and position here and trusts them over ctx.state. PAPER: the simulation
+  // is the exchange, so the checkpoint is the truth.
+  ctx.log(`[${ctx.id}] reconcile (paper): a live strategy fetches open orders and the ${p.symbol} position`,
+    `on ${p.account ?? '-'} here and trusts them over the checkpoint`);
+  armDeadMansSwitch(ctx, p);
 }
 
 export function st_heartbeat(ctx) {
@@ -71,6 +98,7 @@ export function st_heartbeat(ctx) {
     s.anchor = s.price; // follow the market up while flat, so the grid stays near the price
   }
 
+  armDeadMansSwitch(ctx, p);
   const unrealized = s.position * s.price - s.cost;
   ctx.log(`[${ctx.id}] #${s.ticks} ${p.symbol} ${round(s.price, 2)} ${action}; pos ${round(s.position)} level ${s.level}`,
     `pnl ${round(s.realizedPnl, 4)} (+${round(unrealized, 4)} open)`);

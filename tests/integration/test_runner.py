@@ -842,3 +842,24 @@ def test_example_strategy_runs(runners, tmp_path, name):
     # The checkpoint is made durable off the beat, so it may land just after the heartbeat.
     wait_for(lambda: second.state()["ticks"] > saved["ticks"], what="a checkpoint past the restored one")
     assert f"tick {saved['ticks']}," in second.stdout()  # st_init saw the restored state
+
+
+@pytest.mark.parametrize("exchange,request_fragment", [
+    ("okx", "POST /api/v5/trade/cancel-all-after timeOut="), ("bybit", "POST /v5/order/disconnected-cancel-all timeWindow="),
+    ("binance", "POST /fapi/v1/countdownCancelAll symbol=BTCUSDT countdownTime=")])
+def test_the_example_grid_reconciles_at_start_and_arms_the_exchanges_dead_mans_switch(runners, tmp_path, exchange,
+                                                                                       request_fragment):
+    lease = tmp_path / "lease.json"
+    write_lease(lease, 60)
+    strategy = store(tmp_path / "files", (EXAMPLES / "grid-martingale.js").read_text(), ".js")
+    r = runners(strategy, {**EXAMPLE_PARAMS["grid-martingale.js"], "exchange": exchange},
+                QUANTLAB_LEASE_FILE=str(lease), QUANTLAB_EPOCH="7")
+    r.wait_beats(1)
+    out = wait_for(lambda: (o := r.stdout()).count("dead man's switch") >= 2 and o, what="the switch armed twice")
+    assert "reconcile (paper): a live strategy fetches open orders" in out
+    armed = [line for line in out.splitlines() if "dead man's switch (paper, not sent)" in line]
+    assert all(request_fragment in line for line in armed), armed
+    value = int(armed[-1].rsplit("=", 1)[1])
+    # The lease (60 s from now) plus 5 s, within what the exchange allows.
+    assert {"okx": 10 <= value <= 120, "bybit": 10 <= value <= 300, "binance": 55_000 <= value <= 65_000}[exchange], armed
+    assert r.stop() == 0
