@@ -228,3 +228,15 @@ def test_the_loop_rebalances_on_its_own_when_the_fleet_asks_for_it(fleet, tmp_pa
     assert state["rebalanced"] == moved and state["rebalancedAt"] is not None
     moves = [(e["strategy"], e.get("cause"), e["actor"].split()[-1]) for e in fleet.events() if e["event"] == "move"]
     assert moves == [(moved[0], "rebalance", "reconcile")], moves
+
+
+@pytest.mark.slow
+def test_the_lease_expired_message_names_the_ttl_in_force(fleet):
+    fleet.worker("w1").strategy("ttl").write()           # started under the long test lease
+    fleet.apply()
+    fleet.beating("ttl", beats=1)
+    fleet.short_lease(3.0).write()                          # a shorter lease: the copy restarts under it
+    fleet.apply()
+    stopped = wait_for(lambda: (s := fleet.host_status("ttl")) and s["state"] == "stopped" and s, 15,
+                       what="the copy to stop when its 3 s lease ran out")
+    assert "did not renew it for 3s" in stopped["reason"], stopped
