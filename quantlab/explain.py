@@ -26,7 +26,7 @@ class Verdict:
     def to_json(self, spec: StrategySpec) -> dict[str, Any]:
         return {"worker": self.worker, "feasible": not self.rejections, "rank": self.rank,
                 "refusedBy": [{"filter": r.code, "detail": r.detail} for r in self.rejections],
-                "wouldFitIf": [remedy(r, spec) for r in self.rejections]}
+                "wouldFitIf": [filters.remedy(r, spec) for r in self.rejections]}
 
 
 def verdicts(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: int, strategy: str) -> list[Verdict]:
@@ -67,22 +67,4 @@ def outcome(plan: Plan, memory: Memory, strategy: str) -> str:
     return f"no change: runs on {placed.worker}" if placed else "no change"
 
 
-def remedy(r: Rejection, spec: StrategySpec) -> str:
-    """What would make this filter pass."""
-    req = spec.requirements
-    return {
-        "offline": "its host answers again",
-        "unreachable": "its host answers again",
-        "cordoned": "the worker is uncordoned",
-        "draining": "the worker stops draining",
-        "runtime": "the runner program is installed on the host",
-        "api": f"the worker's capabilities.supportedApis include {req.api}",
-        "region": f"the worker's metadata.region is {req.region} (or the strategy drops requirements.region)",
-        "proxy": f"the worker's metadata.proxy is {req.proxy} (or the strategy drops requirements.proxy)",
-        "credentials": f"the host has secrets/{req.account}.env in the worker's workdir",
-        "full": f"a slot frees up ({r.detail}) or capabilities.maxStrategies is raised",
-        "memory": f"{req.min_memory} MB are free (now {r.detail})",
-    }.get(r.code, r.code)
-
-
-__all__ = ["Verdict", "outcome", "remedy", "verdicts"]
+__all__ = ["Verdict", "outcome", "verdicts"]

@@ -416,8 +416,7 @@ def read_pid_file(path):
 def plain_pid(path, name, problems):
     """The number in the pid file people read, or None (what is wrong with it goes to `problems`)."""
     try:
-        found = read_instance_file(path)
-        parts = found[0].split() if found is not None else None
+        parts = _pid_words(path)
         if parts is not None and (not parts or not parts[0].isdigit()):
             raise BadFile("not a pid")
     except BadFile as exc:

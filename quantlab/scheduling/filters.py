@@ -110,6 +110,24 @@ def describe_group(code: str, s: StrategySpec) -> str:
     }.get(code, code)
 
 
+def remedy(r: Rejection, s: StrategySpec) -> str:
+    """What would make this worker pass the filter that refused it (`quantlab explain`)."""
+    req = s.requirements
+    return {
+        "offline": "its host answers again",
+        "unreachable": "its host answers again",
+        "cordoned": "the worker is uncordoned",
+        "draining": "the worker stops draining",
+        "runtime": "the runner program is installed on the host",
+        "api": f"the worker's capabilities.supportedApis include {req.api}",
+        "region": f"the worker's metadata.region is {req.region} (or the strategy drops requirements.region)",
+        "proxy": f"the worker's metadata.proxy is {req.proxy} (or the strategy drops requirements.proxy)",
+        "credentials": f"the host has secrets/{req.account}.env in the worker's workdir",
+        "full": f"a slot frees up ({r.detail}) or capabilities.maxStrategies is raised",
+        "memory": f"{req.min_memory} MB are free (now {r.detail})",
+    }.get(r.code, r.code)
+
+
 def summarize(rejections: list[Rejection], s: StrategySpec, limit: int = 4) -> str:
     """'no api futu: worker-007; full: worker-008 (4/4)' — grouped, short, deterministic."""
     if not rejections:

@@ -339,6 +339,17 @@ class FleetDir:
             return None
         return pid if alive(pid) else None
 
+    def running(self, worker: str, sids: Iterable[str], max_strategies: int = 8) -> "FleetDir":
+        """One worker with these strategies, applied, each beating once."""
+        self.worker(worker, max_strategies=max_strategies)
+        for sid in sids:
+            self.strategy(sid)
+        self.write()
+        self.apply()
+        for sid in sids:
+            self.beating(sid, beats=1)
+        return self
+
     def beating(self, sid: str, timeout: float = 10.0, beats: int = 2) -> dict[str, Any]:
         """Wait until `sid` has a live runner whose heartbeat file shows `beats` more beats than now."""
         pid = wait_for(lambda: self.runner_pid(sid), timeout, what=f"a live runner of {sid}")

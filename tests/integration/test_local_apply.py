@@ -122,13 +122,7 @@ def test_params_change_restarts_in_place_with_the_same_epoch(fleet):
 
 
 def test_removed_strategy_stops_and_mass_stop_is_guarded(fleet):
-    fleet.worker("w1", max_strategies=8)
-    for sid in ("s1", "s2", "s3", "s4"):
-        fleet.strategy(sid)
-    fleet.write()
-    fleet.apply()
-    for sid in ("s1", "s2", "s3", "s4"):
-        fleet.beating(sid, beats=1)
+    fleet.running("w1", ("s1", "s2", "s3", "s4"))
 
     # One of four removed: a plain stop, st_exit runs, the runner is gone.
     s4_pid = fleet.runner_pid("s4")
@@ -415,12 +409,8 @@ def test_status_warns_when_the_state_folder_could_be_committed(fleet):
 
 
 def test_suspend_holds_changes_while_leases_renew_and_resume_lifts_it(fleet):
-    fleet.worker("w1", max_strategies=8)
-    for sid in ("s1", "s2", "s3"):
-        fleet.strategy(sid)
-    fleet.write()
-    fleet.apply()
-    s3_pid = fleet.beating("s3", beats=1) and fleet.runner_pid("s3")
+    fleet.running("w1", ("s1", "s2", "s3"))
+    s3_pid = fleet.runner_pid("s3")
 
     unknown = fleet.ql("suspend", "--target", "nope", check=1)
     assert "--target nope: no strategy or worker" in unknown.stderr, unknown.describe()
@@ -450,13 +440,7 @@ def test_suspend_holds_changes_while_leases_renew_and_resume_lifts_it(fleet):
 
 
 def test_stop_all_stops_everything_at_once_renews_nothing_and_resume_brings_it_back(fleet):
-    fleet.worker("w1", max_strategies=8)
-    for sid in ("s1", "s2", "s3"):
-        fleet.strategy(sid)
-    fleet.write()
-    fleet.apply()
-    for sid in ("s1", "s2", "s3"):
-        fleet.beating(sid, beats=1)
+    fleet.running("w1", ("s1", "s2", "s3"))
 
     refused = fleet.ql("stop-all", check=1)
     assert "pass --yes" in refused.stderr and fleet.runner_counts() == {"s1": 1, "s2": 1, "s3": 1}

@@ -204,13 +204,7 @@ def test_refused_mass_stop_is_not_carried_out_by_fencing(fleet):
 
 
 def test_the_loop_rebalances_on_its_own_when_the_fleet_asks_for_it(fleet, tmp_path):
-    fleet.worker("w1", max_strategies=8)
-    for sid in ("r1", "r2", "r3", "r4"):
-        fleet.strategy(sid)
-    fleet.write()
-    fleet.apply()
-    for sid in ("r1", "r2", "r3", "r4"):
-        fleet.beating(sid, beats=1)
+    fleet.running("w1", ("r1", "r2", "r3", "r4"))
     # A second worker joins; only the loop's own rebalance moves anything there (plans stay sticky).
     fleet.worker("w2", max_strategies=8)
     fleet.settings["reconcile"]["rebalance"] = {"intervalSeconds": 600, "maxMoves": 1}
