@@ -89,7 +89,8 @@ def _invalid(exc: FleetInvalid) -> typer.Exit:
     for problem in exc.problems:
         err.print(escape(str(problem)))
     n = len(exc.problems)
-    err.print(f"[red]{n} problem{'s' if n != 1 else ''}[/] — nothing was changed.")
+    err.print(f"[red]{n} problem{'s' if n != 1 else ''}[/] — nothing was changed. Reconciling is frozen until "
+              "they are fixed: a reconcile loop renews leases and starts or stops nothing.")
     return typer.Exit(1)
 
 
@@ -109,7 +110,8 @@ def _handled(fn: Any) -> Any:
 
 
 def _header(ctl: Controller, fleet: Fleet, plan: Plan, observed: Any, serial: int) -> str:
-    at = f"at {plan.fleet_revision} ({'dirty' if plan.fleet_dirty else 'clean'})" if plan.fleet_revision else "(not in git)"
+    at = (f"at {plan.fleet_revision}{' + uncommitted changes' if plan.fleet_dirty else ''} (working tree)"
+          if plan.fleet_revision else "(not in git)")
     down = sum(1 for s in observed.workers.values() if not s.reachable)
     workers = f"{len(fleet.workers)} workers" + (f" ({down} not answering)" if down else "")
     header = (f"Fleet {escape(str(ctl.fleet_dir))}/ {at} · {workers} · {len(fleet.strategies)} strategies · "
@@ -120,6 +122,17 @@ def _header(ctl: Controller, fleet: Fleet, plan: Plan, observed: Any, serial: in
         if not s.reachable:
             header += f"\n  [red]! {escape(wid)}[/] not answering: [dim]{escape(s.error or 'no answer')}[/]"
     return header
+
+
+def _banner(problems: list[str]) -> None:
+    """What runs is still shown while the fleet does not validate, under this banner (on stderr)."""
+    if not problems:
+        return
+    err.print(f"[red bold]The fleet does not validate ({len(problems)} problem{'s' if len(problems) != 1 else ''})"
+              "[/]: reconciling is frozen (leases are renewed, nothing is started or stopped); shown from the "
+              "state file and the hosts:")
+    for problem in problems:
+        err.print(f"  {escape(problem)}")
 
 
 def _look(ctl: Controller, options: PlanOptions) -> tuple[Fleet, Any, Any, Plan]:
@@ -295,10 +308,7 @@ def _outcome_json(o: Outcome) -> dict[str, Any]:
 
 def _lease_warning(ctl: Controller, fleet: Fleet, memory: Any) -> None:
     monitor = fleet.settings.monitor
-    if not monitor.fencing or not memory.placements:
-        return
-    recent_ms = 1000 * max(3 * fleet.settings.reconcile_interval_s, monitor.lease_ttl_s / 2)
-    if memory.loop_renewal is not None and ctl.clock.mono() - memory.loop_renewal <= recent_ms:
+    if not monitor.fencing or not memory.placements or ctl.loop_renews(fleet.settings, memory):
         return
     err.print(f"[yellow]Warning:[/] strategies stop in {monitor.lease_ttl_s:g} s unless `quantlab reconcile` runs: "
               "no reconcile loop has renewed their leases recently (see Fencing in the README).")
@@ -316,9 +326,21 @@ def status(
 ) -> None:
     """Workers and strategies as they are now."""
     ctl = _controller(fleet, state, accept_new_host_keys)
-    loaded, memory, gathered, result = _look(ctl, PlanOptions())
+    try:
+        loaded, memory, gathered, result = _look(ctl, PlanOptions())
+        problems: list[str] = []
+    except FleetInvalid as exc:
+        problems = [str(p) for p in exc.problems]
+        try:
+            loaded = ctl.fallback_fleet(ctl.read_memory(None))
+            memory = ctl.read_memory(loaded)
+            gathered, result = ctl.observe(loaded, memory), None
+        finally:
+            ctl.close()
     report = fleet_status(loaded, gathered.observed, memory, ctl.clock.mono(), ctl.clock.wall(), result,
-                          result.fleet_revision)
+                          result.fleet_revision if result else None, problems)
+    if output is not Output.json:
+        _banner(problems)
     warning = ctl.state_warning()
     if warning is not None:
         err.print(f"[yellow]Warning:[/] {escape(warning)}")
@@ -339,8 +361,20 @@ def reconcile(
     state: StateOpt = None,
     lock_timeout: LockOpt = 0.0,
     accept_new_host_keys: HostKeysOpt = False,
+    working_tree: Annotated[bool, typer.Option(
+        "--working-tree", help="Apply the files on disk, uncommitted changes too (default in git: the "
+                               "commits of the branch checked out)")] = False,
+    git_pull: Annotated[bool, typer.Option(
+        "--git-pull", help="Follow the branch's upstream: fetch it into a private mirror (fast-forwards only)")] = False,
+    git_pull_interval: Annotated[float, typer.Option(
+        "--git-pull-interval", min=1.0, metavar="SECONDS", help="How often --git-pull fetches")] = 60.0,
+    allow_source_change: Annotated[bool, typer.Option(
+        "--allow-source-change", help="Confirm that what the loop applies changed (working tree, commits, "
+                                      "another ref): let its stops and restarts go ahead")] = False,
 ) -> None:
     """Gather, plan and apply: once, or every reconcile.intervalSeconds until SIGINT/SIGTERM."""
+    from .follow import Follower
+    from .gitsource import GitError
     from .loop import ReconcileLoop
 
     ctl = _controller(fleet, state, accept_new_host_keys)
@@ -349,7 +383,11 @@ def reconcile(
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         print(f"{stamp} {line}", flush=True)
 
-    loop = ReconcileLoop(ctl, log, lock_timeout)
+    try:
+        follower = Follower(ctl.fleet_dir, ctl.state_path.parent, working_tree=working_tree, pull=git_pull)
+    except GitError as exc:
+        raise _fail(str(exc)) from None
+    loop = ReconcileLoop(ctl, log, lock_timeout, follower, allow_source_change)
     if once:
         try:
             tick = loop.tick()
@@ -360,14 +398,15 @@ def reconcile(
         return
     ctl.require_fleet_dir()
     try:
-        interval = ctl.load_fleet().settings.reconcile_interval_s
-    except FleetInvalid as exc:
-        for problem in exc.problems:
+        interval = follower.load().settings.reconcile_interval_s
+    except (FleetInvalid, GitError) as exc:
+        for problem in getattr(exc, "problems", [exc]):
             err.print(escape(str(problem)))
-        err.print("[yellow]The fleet does not validate; the loop starts anyway and keeps renewing leases.[/]")
+        what = "does not validate" if isinstance(exc, FleetInvalid) else "cannot be read yet"
+        err.print(f"[yellow]The fleet {what}; the loop starts anyway and keeps renewing leases.[/]")
         # The interval of the last fleet that validated, as the state file remembers it.
         interval = FleetSettings.from_snapshot(ctl.read_memory(None).fleet_settings).reconcile_interval_s
-    loop.run_forever(interval)
+    loop.run_forever(interval, pull_interval=git_pull_interval)
 
 
 @app.command()
@@ -472,7 +511,8 @@ def logs(
 ) -> None:
     """The strategy's output, from its worker."""
     ctl = _controller(fleet, state, accept_new_host_keys)
-    loaded = ctl.load_fleet()
+    loaded, problems = ctl.fleet_or_fallback()
+    _banner(problems)
     memory = ctl.read_memory(loaded)
     placed = memory.placements.get(strategy)
     where = placed.worker if placed is not None else ctl.last_worker(strategy)
@@ -535,13 +575,14 @@ def events(
 def _unrecorded_host_events(ctl: Controller) -> list[dict[str, Any]]:
     """What the supervisors logged on the hosts since the last run that writes state recorded it
     (restarts, errors, a lease that ran out while no reconcile ran). Read only: the next apply or
-    reconcile records them for good. Nothing when the fleet does not validate or a host does not
-    answer; a state file that cannot be read is an error (StateError) like for every command."""
+    reconcile records them for good (while the fleet does not validate, from the workers the state
+    file remembers). Nothing when a host does not answer; a state file that cannot be read is an error (StateError) like for every command."""
     try:
-        loaded = ctl.load_fleet()
+        loaded, problems = ctl.fleet_or_fallback()
+        _banner(problems)
         memory = ctl.read_memory(loaded)
         gathered = ctl.observe(loaded, memory)
-    except (FleetInvalid, TransportError, AgentError):
+    except (TransportError, AgentError):
         return []
     finally:
         ctl.close()

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 from . import health
 from .clock import Clock
+from .follow import load_working_tree
 from .execute import Executor, Outcome, Progress, Recorder, outcome_notices
 from .gather import Gathered, Prober, checkpoints_due, gather, remember_into, renewals
 from .hosts import Hosts
@@ -32,9 +33,9 @@ from .memory import Memory
 from .notify import Notifier
 from .plan import Action, Plan
 from .planner import PlanOptions, UnknownTarget, plan as make_plan
-from .spec import Fleet, FleetInvalid, FleetSettings, Location, WorkerSpec, load_fleet
+from .spec import Fleet, FleetInvalid, FleetSettings, Location, WorkerSpec
 from .store import CheckpointStore, EventLog, StateError, StateStore
-from .vcs import Revision, fleet_revision, tracked_by_git
+from .vcs import tracked_by_git
 
 
 # How long the checkpoint of a strategy removed from the fleet is kept, in case it is added back.
@@ -113,10 +114,8 @@ class Controller:
     # --- pieces --------------------------------------------------------------------------------
 
     def load_fleet(self) -> Fleet:
-        return load_fleet(self.fleet_dir)
-
-    def revision(self) -> Revision:
-        return fleet_revision(self.fleet_dir)
+        """The working tree's fleet (plan, apply and the other commands; the loop has its Follower)."""
+        return load_working_tree(self.fleet_dir)
 
     def hosts(self, fleet: Fleet) -> Hosts:
         with self._lazy_lock:             # the renewal and act threads of a daemon both come here
@@ -186,6 +185,30 @@ class Controller:
         return Fleet(root=self.fleet_dir, settings=settings, strategies=MappingProxyType({}),
                      workers=MappingProxyType(dict(sorted(workers.items()))), fleet_hash="", files=())
 
+    def loop_renews(self, settings: FleetSettings, memory: Memory) -> bool:
+        """Whether a reconcile loop renewed this state's leases recently (so it runs)."""
+        recent_ms = 1000 * max(3 * settings.reconcile_interval_s, settings.monitor.lease_ttl_s / 2)
+        return memory.loop_renewal is not None and self.clock.mono() - memory.loop_renewal <= recent_ms
+
+    def refuse_uncommitted(self, fleet: Fleet, memory: Memory) -> None:
+        """`apply` of uncommitted changes while a loop that applies commits renews this state: the
+        loop would undo them within a round. Suspending the loop (`quantlab suspend`) lets it go."""
+        source = memory.loop_source.get("kind")
+        if not fleet.uncommitted or source not in ("commits", "upstream") or "*" in memory.suspended \
+                or not self.loop_renews(fleet.settings, memory):
+            return
+        raise StateError(f"{self.fleet_dir} has uncommitted changes, and a reconcile loop that applies "
+                         f"{memory.loop_source.get('ref')} renews this state: it would undo them within a round. "
+                         "Commit (and push) them for the loop to apply, or `quantlab suspend` the loop first")
+
+    def fleet_or_fallback(self) -> tuple[Fleet, list[str]]:
+        """The working tree's fleet; when it does not validate, the fleet as the state file remembers
+        it (see fallback_fleet) and the problems, so that status, logs and events keep working."""
+        try:
+            return self.load_fleet(), []
+        except FleetInvalid as exc:
+            return self.fallback_fleet(self.read_memory(None)), [str(p) for p in exc.problems]
+
     def require_fleet_dir(self) -> None:
         """Nothing is written beside a folder that is not a fleet: a reconcile run by cron from the
         wrong working directory must say so, not start a state of its own there."""
@@ -220,9 +243,8 @@ class Controller:
         return gather(fleet, memory, self.hosts(fleet), self.clock)
 
     def plan(self, fleet: Fleet, memory: Memory, gathered: Gathered, options: PlanOptions) -> Plan:
-        revision = self.revision()
         result = make_plan(fleet, gathered.observed, memory, self.clock.mono(), options)
-        return result.with_provenance(fleet_revision=revision.commit, fleet_dirty=revision.dirty)
+        return result.with_provenance(fleet_revision=fleet.revision, fleet_dirty=fleet.uncommitted)
 
     # --- writing (callers hold the ledger) -----------------------------------------------------
 
@@ -329,6 +351,20 @@ class Controller:
         for notice in notices:
             self.record_event({**notice, "event": "notify", "actor": "monitor"})
         self.notifier(settings).submit([{**n, "fleet": str(self.fleet_dir)} for n in notices])
+
+    def fleet_alert(self, settings: FleetSettings, problem: str | None) -> None:
+        """`fleet-invalid`: told once when what the loop applies stops validating, `resolved` once it does."""
+        self._raise("fleet-invalid", settings, problem)
+
+    def pull_alert(self, settings: FleetSettings, problem: str | None) -> None:
+        """`git-pull-refused`: told once when the upstream's history diverged, `resolved` once it is fine."""
+        self._raise("git-pull-refused", settings, problem)
+
+    def _raise(self, kind: str, settings: FleetSettings, problem: str | None) -> None:
+        raised = {} if problem is None else {kind: {"t": self.clock.wall(), "kind": kind, "message": problem}}
+        if (kind in self.ledger.memory.alerts) == bool(raised):
+            return                                   # nothing new to tell: no state write either
+        self.notify(settings, self._alerts(raised, (kind,)))
 
     # --- suspend and resume ------------------------------------------------------------------
 
@@ -470,6 +506,8 @@ class Controller:
         fleet = fleet or self.load_fleet()
         ttl = fleet.settings.monitor.lease_ttl_s
         with self.ledger.hold(ttl, lock_timeout, f"quantlab {command}"):
+            if command == "apply":
+                self.refuse_uncommitted(fleet, self.ledger.memory)
             if saved is not None:
                 self.check_plan_file(saved, fleet, self.ledger.memory)
             gathered = gathered or self.renew(fleet)

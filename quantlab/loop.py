@@ -8,8 +8,13 @@ The daemon runs two jobs (`coalesce=True`):
 - `reconcile`, every interval, one at a time: an act round. It waits for a renewal round that began
   after the last act round ended (so it plans from what its own actions left), takes the state lock,
   plans and carries the plan out on the act lane, while `renew` keeps its own schedule.
-A fleet directory that does not validate changes nothing: the act round reports it once and skips;
-renewals go on with the last valid fleet (or, at start, the workers the state file remembers).
+- `git-pull`, every --git-pull-interval, one at a time (with --git-pull): fetch the upstream into
+  the private mirror, fast-forwards only (see follow.py).
+In a git work tree the act round applies the followed ref's newest commit, never uncommitted files
+(said once per change), and applies nothing while a rebase, merge or bisect is in progress. A fleet
+that does not validate changes nothing: the act round reports it once (and raises `fleet-invalid`)
+and skips; renewals go on with the last valid fleet (or, at start, the workers the state file
+remembers).
 SIGINT/SIGTERM let the running rounds finish, then the daemon exits 0.
 """
 from __future__ import annotations
@@ -18,14 +23,16 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 from .controller import Controller, quiet_scheduler_logs
 from .execute import Outcome
+from .follow import Follower, source_change
 from .gather import Gathered
-from .plan import Plan
+from .gitsource import GitError
+from .plan import SOURCE_CHANGE, Plan
 from .planner import PlanOptions
 from .render import plan_summary
 from .memory import Memory
@@ -52,10 +59,16 @@ def rebalance_options(settings: FleetSettings, memory: Memory, now_ms: int) -> P
 
 
 class ReconcileLoop:
-    def __init__(self, controller: Controller, log: Callable[[str], None], lock_timeout: float = 0.0):
+    def __init__(self, controller: Controller, log: Callable[[str], None], lock_timeout: float = 0.0,
+                 follower: Follower | None = None, allow_source_change: bool = False):
         self.ctl = controller
         self.log = log
         self.lock_timeout = lock_timeout
+        self.follower = follower or Follower(controller.fleet_dir, controller.state_path.parent)
+        self.allow_source_change = allow_source_change
+        self._idle: str = ""                          # why the act round applies nothing, when it does not
+        self._said: dict[str, str] = {}               # topic -> what was said last (said once per change)
+        self._pull_refused = False
         self._invalid_reported: str | None = None
         self._skip_reported: str | None = None
         self._interval: float | None = None           # the interval the fleet asks for, as last loaded
@@ -66,22 +79,81 @@ class ReconcileLoop:
 
     # --- the fleet -----------------------------------------------------------------------------
 
+    def _say(self, topic: str, message: str | None) -> None:
+        """Log `message` once per change of what there is to say on `topic` (None: nothing now)."""
+        if message is not None and self._said.get(topic) != message:
+            self.log(message)
+        if message is None:
+            self._said.pop(topic, None)
+        else:
+            self._said[topic] = message
+
+    def _settings(self) -> FleetSettings:
+        if self._fleet is not None:
+            return self._fleet.settings
+        return FleetSettings.from_snapshot(self.ctl.ledger.memory.fleet_settings)
+
     def _load(self) -> Fleet | None:
-        """The fleet directory, or None (said once per distinct set of problems) when it does not validate."""
+        """What the loop applies now, or None with the reason in `_idle` (said once per change):
+        the fleet does not validate, git cannot be read, or an operation is in progress."""
+        f = self.follower
         try:
-            fleet = self.ctl.load_fleet()
+            paused = f.paused()
+            self._say("paused", paused)
+            if paused is not None:
+                self._idle = f"paused: {paused}"
+                return None
+            if f.follows_commits:
+                self._say_uncommitted(f.uncommitted())
+            fleet = f.load()
+        except GitError as exc:
+            self._idle = f"cannot read {f.source.words()}: {exc}"
+            self._say("git", f"{self._idle}; nothing is started or stopped, leases of what runs are renewed")
+            return None
         except FleetInvalid as exc:
             text = str(exc)
+            what = f"fleet {self.ctl.fleet_dir}" + (f" at {f.source.words()}" if f.follows_commits else "")
             if text != self._invalid_reported:
-                self.log(f"fleet {self.ctl.fleet_dir} does not validate; nothing is started or stopped, "
+                self.log(f"{what} does not validate; nothing is started or stopped, "
                          f"leases of what runs are renewed:\n{text}")
                 self._invalid_reported = text
+            problems = len(exc.problems)
+            self._idle = f"fleet invalid ({problems} problem(s))"
+            self.ctl.fleet_alert(self._settings(), f"{what} does not validate ({problems} problem(s), the first: "
+                                 f"{exc.problems[0]}); nothing is started or stopped until it is fixed")
             return None
+        self._say("git", None)
         if self._invalid_reported:
             self.log("fleet validates again")
             self._invalid_reported = None
+        self.ctl.fleet_alert(fleet.settings, None)
         self._fleet = fleet
         return fleet
+
+    def _say_uncommitted(self, changes: list[str]) -> None:
+        if not changes:
+            self._say("uncommitted", None)
+            return
+        shown = ", ".join(line[3:] for line in changes[:8]) + (f" and {len(changes) - 8} more" if len(changes) > 8 else "")
+        self._say("uncommitted", f"the working tree has uncommitted changes the loop does not apply (it applies "
+                                 f"{self.follower.source.words()}; commit them to apply them): {shown}")
+
+    def pull(self) -> bool:
+        """Fetch the upstream (--git-pull); False when it failed or was refused (said once)."""
+        f = self.follower
+        try:
+            pulled = f.pull(min(60.0, max(10.0, 2 * self._settings().reconcile_interval_s)))
+        except GitError as exc:
+            self._say("pull", f"git pull from {f.source.ref} failed: {exc}; the loop applies what it pulled before")
+            return False
+        self._pull_refused = pulled.refused is not None
+        if pulled.refused is not None:
+            self._say("pull", f"git pull from {f.source.ref} refused: {pulled.refused}")
+            self.ctl.pull_alert(self._settings(), f"{f.source.ref}: {pulled.refused}")
+            return False
+        self._say("pull", None)
+        self.ctl.pull_alert(self._settings(), None)
+        return True
 
     def _renewal_fleet(self) -> tuple[Fleet, bool]:
         """What renewal rounds probe: the last fleet that validated, else the state's memory of it."""
@@ -116,21 +188,33 @@ class ReconcileLoop:
     def act_round(self, fleet: Fleet | None, gathered: Gathered, started: float) -> Tick:
         if fleet is None:
             down = len(gathered.silent)
-            problems = (self._invalid_reported or "").count("\n") + 1
-            return self._done(started, False, f"fleet invalid ({problems} problem(s)); renewed leases on "
-                                              f"{len(gathered.renewed)} workers, {down} not answering")
+            paused = self._idle.startswith("paused")
+            return self._done(started, paused, f"{self._idle}; renewed leases on "
+                                               f"{len(gathered.renewed)} workers, {down} not answering")
         self._interval = fleet.settings.reconcile_interval_s       # the main thread follows it
-        options = rebalance_options(fleet.settings, self.ctl.ledger.memory, self.ctl.clock.mono())
+        memory = self.ctl.ledger.memory
+        options = rebalance_options(fleet.settings, memory, self.ctl.clock.mono())
+        source = self.follower.source
+        if not self.allow_source_change:
+            options = replace(options, source_change=source_change(memory.loop_source, source))
         result = self.ctl.apply(options, command="reconcile", fleet=fleet, gathered=gathered,
                                 lock_timeout=self.lock_timeout, background_renewals=False)
-        if options.rebalance:
-            moved = [o.action.strategy for o in result.outcomes if o.ok and o.action.cause == "rebalance"]
-            now = self.ctl.clock.mono()
+        held = any(b.guard == SOURCE_CHANGE for b in result.plan.blocked)
+        moved = [o.action.strategy for o in result.outcomes if o.ok and o.action.cause == "rebalance"]
+        now, wall = self.ctl.clock.mono(), self.ctl.clock.wall()
 
-            def remember(m: Memory) -> None:
+        synced = {**source.key(), "revision": fleet.revision}
+        new_source = not held and {k: v for k, v in memory.loop_source.items() if k != "at"} != synced
+
+        def remember(m: Memory) -> None:
+            if options.rebalance:
                 m.rebalanced_at, m.rebalanced = now, moved
+            if new_source:
+                m.loop_source = {**synced, "at": wall}     # the source (now confirmed) and since when
+        if options.rebalance or new_source:
             self.ctl.ledger.update(remember)
-        return self._summary(started, gathered, result.plan, result.outcomes)
+        tick = self._summary(started, gathered, result.plan, result.outcomes)
+        return replace(tick, ok=tick.ok and not self._pull_refused)
 
     def _summary(self, started: float, gathered: Gathered, plan: Plan, outcomes: list[Outcome]) -> Tick:
         failed = [o for o in outcomes if not o.ok]
@@ -165,6 +249,8 @@ class ReconcileLoop:
             self.ctl.require_fleet_dir()
         except StateError as exc:
             return self._done(started, False, f"error: {exc}")
+        if self.follower.mirror is not None:
+            self.pull()
         fleet = self._load()
         try:
             gathered = self.renew_round()
@@ -221,7 +307,13 @@ class ReconcileLoop:
         self.log(f"reconcile interval is now {seconds:g}s")
         return seconds
 
-    def run_forever(self, interval: float, stop: threading.Event | None = None) -> None:
+    def _pull_job(self) -> None:
+        try:
+            self.pull()
+        except Exception:                      # noqa: BLE001 - a failed pull must not end the daemon
+            self.log("git pull failed unexpectedly:\n" + traceback.format_exc())
+
+    def run_forever(self, interval: float, stop: threading.Event | None = None, pull_interval: float = 60.0) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.interval import IntervalTrigger
 
@@ -237,11 +329,15 @@ class ReconcileLoop:
                                            ("reconcile", self._act_job, now + timedelta(milliseconds=10), 1)):
             scheduler.add_job(fn, IntervalTrigger(seconds=interval), id=job_id, max_instances=overlap,
                               coalesce=True, next_run_time=first, misfire_grace_time=None)
+        if self.follower.mirror is not None:   # fetching waits on the network: its own job, off both lanes
+            scheduler.add_job(self._pull_job, IntervalTrigger(seconds=pull_interval), id="git-pull",
+                              max_instances=1, coalesce=True, next_run_time=now, misfire_grace_time=None)
         previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, lambda *_: stop.set())
-        self.log(f"reconcile loop started: every {interval:g}s on {self.ctl.fleet_dir}; stop with Ctrl-C or SIGTERM")
+        self.log(f"reconcile loop started: every {interval:g}s on {self.ctl.fleet_dir}, applying "
+                 f"{self.follower.source.words()}; stop with Ctrl-C or SIGTERM")
         scheduler.start()
         try:
             while not stop.wait(0.5):

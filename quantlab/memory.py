@@ -106,6 +106,9 @@ class Memory:
     # what it moved then (those stay put at the next one)
     rebalanced_at: int | None = None
     rebalanced: list[str] = field(default_factory=list)
+    # What the reconcile loop applies ({"kind", "ref"}, see follow.Source), the revision it last
+    # applied ("revision") and since when ("at", epoch ms): a change of source is guarded
+    loop_source: dict[str, Any] = field(default_factory=dict)
 
     def copy(self) -> "Memory":
         return copy.deepcopy(self)
@@ -137,6 +140,7 @@ class Memory:
             **({"suspended": dict(sorted(self.suspended.items()))} if self.suspended else {}),
             **({"rebalancedAt": self.rebalanced_at, "rebalanced": sorted(self.rebalanced)}
                if self.rebalanced_at is not None else {}),
+            **({"loopSource": dict(sorted(self.loop_source.items()))} if self.loop_source else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -179,6 +183,7 @@ class Memory:
                 suspended={str(k): dict(v) for k, v in raw.get("suspended", {}).items()},
                 rebalanced_at=raw.get("rebalancedAt") if version >= FORMAT_VERSION else None,
                 rebalanced=[str(s) for s in raw.get("rebalanced", [])],
+                loop_source=dict(raw.get("loopSource") or {}),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc

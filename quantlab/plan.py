@@ -87,6 +87,10 @@ class Waiting:
 
 # The guard name of actions held by `quantlab suspend`: held on purpose, so not a refusal.
 SUSPENDED = "suspended"
+SOURCE_CHANGE = "source-change"
+# Causes that come from what the fleet files say (not from a fault): the source-change guard holds them.
+DESIRED_CAUSES = frozenset({"removed", "desired-stopped", "spec-changed", "worker-changed", "lease-changed",
+                            "worker-removed", "requirements", "drain", "rebalance"})
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from . import health
 from .health import WorkerLiveness, format_duration
 from .memory import Memory
 from .observed import Instance, ObservedState
-from .plan import SUSPENDED, Action, Adopt, Blocked, Note, Plan, Queued, Waiting
+from .plan import DESIRED_CAUSES, SOURCE_CHANGE, SUSPENDED, Action, Adopt, Blocked, Note, Plan, Queued, Waiting
 from .scheduling import (
     Decision,
     FailoverPolicy,
@@ -39,6 +39,9 @@ class PlanOptions:
     targets: frozenset[str] = frozenset()
     allow_mass_stop: bool = False
     cooldown: frozenset[str] = frozenset()   # strategies a rebalance must not move (moved by the last one)
+    # Set (to the reason) on the loop's first round from a new source: what the fleet files ask to
+    # stop, restart or move waits for --allow-source-change (see follow.source_change).
+    source_change: str | None = None
 
 
 @dataclass
@@ -538,8 +541,9 @@ class _Planner:
             cursor = placed[-1] if placed and isinstance(getattr(policy, "inner", None), RoundRobinPolicy) \
                 else self.memory.rr_cursor
         actions, suspended = self.hold_suspended(actions)
+        actions, changed = self.hold_source_change(actions)
         actions, blocked = self.guard(actions)
-        blocked = suspended + blocked
+        blocked = suspended + changed + blocked
         if self.braked and any(self.targeted(sid) for sid in self.braked):
             blocked.append(Blocked("failover-brake", f"{self.brake}; held: {', '.join(sorted(self.braked))}"))
         return Plan(
@@ -591,6 +595,19 @@ class _Planner:
                         for k in sorted({held_by(a) for a in held}))
         return ([a for a in actions if not held_by(a)],
                 [Blocked(SUSPENDED, f"{why}; `quantlab resume` lifts it", tuple(held))])
+
+    def hold_source_change(self, actions: list[Action]) -> tuple[list[Action], list[Blocked]]:
+        """The source-change guard: a strategy defined only in uncommitted files must never be
+        stopped silently because the loop began reading commits. What the fleet files ask for —
+        stops, restarts, moves — waits; recovery from faults (failover, stale copies) does not."""
+        why = self.options.source_change
+        held = [a for a in actions if why and a.action in ("stop", "restart", "move") and a.cause in DESIRED_CAUSES]
+        if not held:
+            return actions, []
+        ids = set(map(id, held))
+        return ([a for a in actions if id(a) not in ids],
+                [Blocked(SOURCE_CHANGE, f"{why}; check that these are meant, then pass --allow-source-change "
+                                        "(once)", tuple(held))])
 
     def guard(self, actions: list[Action]) -> tuple[list[Action], list[Blocked]]:
         """Mass-stop guard: refuse stopping more than half of the running strategies at once."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from rich.markup import escape
 
+from .follow import Source
 from .plan import Action, Plan
 
 SYMBOLS = {
@@ -133,7 +134,14 @@ def status_tables(report: dict, now_ms: int) -> list:
     held = [f"[yellow bold]Suspended:[/] {'everything' if t == '*' else escape(t)} by {escape(str(h.get('by')))}"
             f"{': ' + escape(str(h['reason'])) if h.get('reason') else ''} — nothing starts, stops or moves "
             "there until `quantlab resume`; leases are renewed" for t, h in report.get("suspended", {}).items()]
-    return [*held, workers, strategies]
+    loop = report.get("loop") or {}
+    source = Source.from_key(loop)
+    synced = []
+    if source is not None:
+        since = f" since {_age(now_ms - loop['at'])} ago" if loop.get("at") else ""
+        synced.append(f"Reconcile loop applies {escape(source.words())}; last synced revision "
+                      f"{escape(str(loop.get('revision') or '—'))}{since}")
+    return [*held, *synced, workers, strategies]
 
 
 # --- events --------------------------------------------------------------------------------------

@@ -21,8 +21,11 @@ def _instance(observed: ObservedState, worker: str | None, sid: str) -> Instance
 
 
 def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: int, wall_ms: int,
-                 plan: Plan | None = None, revision: str | None = None) -> dict[str, Any]:
-    """`now_ms` is the controller's boot-time clock (what it judges by), `wall_ms` epoch ms (what it shows)."""
+                 plan: Plan | None = None, revision: str | None = None,
+                 problems: list[str] | None = None) -> dict[str, Any]:
+    """`now_ms` is the controller's boot-time clock (what it judges by), `wall_ms` epoch ms (what it shows).
+    `problems`: the fleet does not validate and `fleet` is the state file's memory of it, so what
+    each strategy should be is unknown."""
     queued = {q.strategy: q.reason for q in plan.queued} if plan else {}
     liveness = {wid: health.worker_liveness(wid, observed, memory, fleet.settings.monitor, now_ms)
                 for wid in fleet.workers}
@@ -34,7 +37,8 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
         worker = placed.worker if placed else None
         inst = _instance(observed, worker, sid)
         live = liveness.get(worker) if worker else None
-        entry: dict[str, Any] = {"id": sid, "workerId": worker, "desiredState": spec.desired_state if spec else "removed"}
+        desired = spec.desired_state if spec else ("unknown" if problems else "removed")
+        entry: dict[str, Any] = {"id": sid, "workerId": worker, "desiredState": desired}
         if inst is not None:
             entry.update(status=_STATUS_OF.get(inst.status, inst.status), startedAt=inst.started_at,
                          stoppedAt=inst.stopped_at, errorCount=inst.error_count, lastError=inst.last_error,
@@ -84,7 +88,10 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
         })
     return {"strategies": strategies, "workers": workers,
             # target ("*": everything) -> who suspended it, why and when (`quantlab suspend`)
-            "suspended": {t: dict(h) for t, h in sorted(memory.suspended.items())}}
+            "suspended": {t: dict(h) for t, h in sorted(memory.suspended.items())},
+            # what the reconcile loop applies, the revision it last applied and since when (epoch ms)
+            "loop": dict(memory.loop_source) or None,
+            "problems": list(problems or [])}
 
 
 def unhealthy(report: dict[str, Any]) -> list[str]:

@@ -333,6 +333,10 @@ class _TooLarge(_Refused):
     pass
 
 
+class _LfsPointer(_Refused):
+    pass
+
+
 _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
           stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
@@ -475,33 +479,63 @@ class _Doc:
         return Location(self.file.shown, self.file.line(self.index, list(path)))
 
 
+# What a file stored with Git LFS holds when git-lfs did not fetch it: a pointer, not the file.
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _lfs_pointer(data: bytes) -> bool:
+    return data.startswith(LFS_POINTER) and len(data) < 1024
+
+
+LFS_MESSAGE = ("is a Git LFS pointer, not the file itself: quantlab reads files as git stores them and never "
+               "fetches LFS objects; commit this file without LFS (remove its pattern from .gitattributes)")
+
+
 @dataclass
 class _Reader:
+    """Reads the fleet's files from `disk_root` (the fleet directory itself, or a checkout of one of
+    its commits) and names them in messages as if they were in `root`."""
+
     root: Path
+    disk_root: Path | None = None
     problems: list[Problem] = field(default_factory=list)
     docs: list[_Doc] = field(default_factory=list)
     digests: dict[str, str] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.real_root = self.root.resolve()
+        if self.disk_root is None:
+            self.disk_root = self.root
+        self.real_root = self.disk_root.resolve()
+
+    def shown(self, path: Path | str) -> str:
+        """`path` (below disk_root) as the user knows it: below the fleet directory."""
+        assert self.disk_root is not None
+        if self.disk_root == self.root:
+            return str(path)
+        try:
+            return str(self.root / Path(path).relative_to(self.disk_root))
+        except ValueError:
+            return str(path)
 
     def problem(self, where: Location | tuple[str, int], message: str) -> None:
         file, line = (where.file, where.line) if isinstance(where, Location) else where
         self.problems.append(Problem(file, line, _clip(message, MAX_MESSAGE)))
 
     def read_all(self) -> None:
-        for path in _yaml_paths(self.root, self.unreadable_folder):
+        assert self.disk_root is not None
+        for path in _yaml_paths(self.disk_root, self.unreadable_folder):
             self.read_file(path)
 
     def unreadable_folder(self, exc: OSError) -> None:
         # Never a silently smaller fleet: its strategies would be stopped as "removed from fleet".
-        folder = str(exc.filename) if exc.filename is not None else str(self.root)
+        folder = self.shown(exc.filename) if exc.filename is not None else str(self.root)
         self.problem((folder, 0), f"cannot read folder: {exc.strerror}; fix its permissions")
 
     def read_file(self, path: Path) -> None:
-        shown = str(path)
-        rel = path.relative_to(self.root).as_posix()
+        assert self.disk_root is not None
+        shown = self.shown(path)
+        rel = path.relative_to(self.disk_root).as_posix()
         self.files.append(rel)
         raw = self.read_bytes(path, shown)
         if raw is None:
@@ -531,7 +565,11 @@ class _Reader:
             self.problem((shown, 0), "symlink points outside the fleet directory; copy the file in instead")
             return None
         try:
-            return _read_regular(path)
+            data = _read_regular(path)
+            if _lfs_pointer(data):
+                self.problem((shown, 0), LFS_MESSAGE)
+                return None
+            return data
         except _NotRegular as exc:
             if exc.kind == "a directory":
                 self.problem((shown, 0), "is a directory, not a YAML file; rename it")
@@ -597,8 +635,10 @@ class _Reader:
 
 # --- Cross-references and models -----------------------------------------------------------------
 
-def _unusable_strategy_file(exc: OSError | _Refused, path: Path) -> str:
-    """Why the strategy file at `path` (as written) cannot be used, and what to do."""
+def _unusable_strategy_file(exc: OSError | _Refused, path: Path, shown: str) -> str:
+    """Why the strategy file at `path` (as written; `shown` to people) cannot be used, and what to do."""
+    if isinstance(exc, _LfsPointer):
+        return LFS_MESSAGE
     if isinstance(exc, _NotRegular):
         return f"is not a regular file but {exc.kind}; point strategyFile at a regular file"
     if isinstance(exc, _TooLarge):
@@ -607,7 +647,7 @@ def _unusable_strategy_file(exc: OSError | _Refused, path: Path) -> str:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
         broken = " (symlink loop)" if exc.errno == errno.ELOOP else (
             " (broken symlink)" if os.path.islink(path) else "")
-        return f"not found{broken}; expected {path}"
+        return f"not found{broken}; expected {shown}"
     return f"cannot be read: {exc.strerror}; check its permissions"
 
 
@@ -624,7 +664,8 @@ class _Builder:
         if os.path.isabs(written):
             self.r.problem(where, f"{label} must be relative to the fleet directory")
             return None
-        path = self.r.root / written
+        assert self.r.disk_root is not None
+        path = self.r.disk_root / written
         real = _resolve(path)
         if not real.is_relative_to(self.r.real_root):
             self.r.problem(where, f"{label} resolves outside the fleet directory ({real}); keep strategy files inside it")
@@ -636,12 +677,13 @@ class _Builder:
             return None
         if real not in self.file_sha:
             try:
-                self.file_sha[real] = hashlib.sha256(_read_regular(real)).hexdigest()
+                data = _read_regular(real)
+                self.file_sha[real] = _LfsPointer() if _lfs_pointer(data) else hashlib.sha256(data).hexdigest()
             except (OSError, _Refused) as exc:
                 self.file_sha[real] = exc
         sha = self.file_sha[real]
         if not isinstance(sha, str):
-            self.r.problem(where, f"{label} {_unusable_strategy_file(sha, path)}")
+            self.r.problem(where, f"{label} {_unusable_strategy_file(sha, path, self.r.shown(path))}")
             return None
         self.r.digests[real.relative_to(self.r.real_root).as_posix()] = sha
         return real, sha
@@ -793,13 +835,20 @@ def _unusable_fleet_dir(root: Path) -> str | None:
     return None
 
 
-def load_fleet(root: str | Path) -> Fleet:
-    """Load and validate the fleet directory at `root`; raises FleetInvalid with every problem."""
+def load_fleet(root: str | Path, checkout: Path | None = None,
+               problems: tuple[tuple[str, str], ...] = ()) -> Fleet:
+    """Load and validate the fleet directory at `root`; raises FleetInvalid with every problem.
+
+    `checkout`: read the files from this folder instead (a checkout of one of the fleet's commits),
+    naming them as if they were in `root`; `problems`: (path relative to root, message) found while
+    checking it out, reported with the rest."""
     root = Path(root)
-    unusable = _unusable_fleet_dir(root)
+    unusable = _unusable_fleet_dir(checkout or root)
     if unusable is not None:
         raise FleetInvalid([Problem(str(root), 0, unusable)])
-    reader = _Reader(root)
+    reader = _Reader(root, checkout)
+    for rel, message in problems:
+        reader.problem((str(root / rel), 0), message)
     reader.read_all()
     builder = _Builder(reader)
 

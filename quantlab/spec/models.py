@@ -250,3 +250,9 @@ class Fleet:
     workers: Mapping[str, WorkerSpec]        # by id, in id order
     fleet_hash: str                       # sha256 over every fleet file and strategy file
     files: tuple[str, ...]                # the YAML files read, relative to root
+    # Where the files came from, for plans and events: the git commit (short), whether the working
+    # tree had uncommitted changes when it was read from disk, and in words ("working tree",
+    # "commit of refs/heads/main", "directory" outside git).
+    revision: str | None = None
+    uncommitted: bool = False
+    source: str = "directory"
