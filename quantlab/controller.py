@@ -190,16 +190,22 @@ class Controller:
         recent_ms = 1000 * max(3 * settings.reconcile_interval_s, settings.monitor.lease_ttl_s / 2)
         return memory.loop_renewal is not None and self.clock.mono() - memory.loop_renewal <= recent_ms
 
-    def refuse_uncommitted(self, fleet: Fleet, memory: Memory) -> None:
+    def refuse_uncommitted(self, fleet: Fleet, memory: Memory, plan: Plan) -> None:
         """`apply` of uncommitted changes while a loop that applies commits renews this state: the
-        loop would undo them within a round. Suspending the loop (`quantlab suspend`) lets it go."""
+        loop would undo them within a round. Actions only on what is suspended (which the loop
+        leaves alone) may go: `quantlab suspend --target S`, then `quantlab apply --target S`."""
         source = memory.loop_source.get("kind")
-        if not fleet.uncommitted or source not in ("commits", "upstream") or "*" in memory.suspended \
-                or not self.loop_renews(fleet.settings, memory):
+        if not fleet.uncommitted or source not in ("commits", "upstream") or \
+                not self.loop_renews(fleet.settings, memory):
             return
-        raise StateError(f"{self.fleet_dir} has uncommitted changes, and a reconcile loop that applies "
-                         f"{memory.loop_source.get('ref')} renews this state: it would undo them within a round. "
-                         "Commit (and push) them for the loop to apply, or `quantlab suspend` the loop first")
+        loose = sorted({a.strategy for a in plan.actions
+                        if not any(k in memory.suspended for k in ("*", a.strategy, *a.workers) if k)})
+        if loose:
+            raise StateError(f"{self.fleet_dir} has uncommitted changes, and a reconcile loop that applies "
+                             f"{memory.loop_source.get('ref')} renews this state: it would undo them within a "
+                             f"round ({', '.join(loose)}). Commit (and push) them for the loop to apply, or "
+                             "`quantlab suspend --target ID` first (the loop then leaves it alone) and apply with "
+                             "--target ID")
 
     def fleet_or_fallback(self) -> tuple[Fleet, list[str]]:
         """The working tree's fleet; when it does not validate, the fleet as the state file remembers
@@ -352,15 +358,10 @@ class Controller:
             self.record_event({**notice, "event": "notify", "actor": "monitor"})
         self.notifier(settings).submit([{**n, "fleet": str(self.fleet_dir)} for n in notices])
 
-    def fleet_alert(self, settings: FleetSettings, problem: str | None) -> None:
-        """`fleet-invalid`: told once when what the loop applies stops validating, `resolved` once it does."""
-        self._raise("fleet-invalid", settings, problem)
-
-    def pull_alert(self, settings: FleetSettings, problem: str | None) -> None:
-        """`git-pull-refused`: told once when the upstream's history diverged, `resolved` once it is fine."""
-        self._raise("git-pull-refused", settings, problem)
-
-    def _raise(self, kind: str, settings: FleetSettings, problem: str | None) -> None:
+    def raise_alert(self, kind: str, settings: FleetSettings, problem: str | None) -> None:
+        """An alert of the loop's own (`fleet-invalid`: what it applies does not validate;
+        `git-pull-refused`: the upstream's history diverged): told once when raised, `resolved` once
+        `problem` is None again."""
         raised = {} if problem is None else {kind: {"t": self.clock.wall(), "kind": kind, "message": problem}}
         if (kind in self.ledger.memory.alerts) == bool(raised):
             return                                   # nothing new to tell: no state write either
@@ -506,12 +507,12 @@ class Controller:
         fleet = fleet or self.load_fleet()
         ttl = fleet.settings.monitor.lease_ttl_s
         with self.ledger.hold(ttl, lock_timeout, f"quantlab {command}"):
-            if command == "apply":
-                self.refuse_uncommitted(fleet, self.ledger.memory)
             if saved is not None:
                 self.check_plan_file(saved, fleet, self.ledger.memory)
             gathered = gathered or self.renew(fleet)
             plan = saved or self.plan(fleet, self.ledger.memory, gathered, options)
+            if command == "apply":
+                self.refuse_uncommitted(fleet, self.ledger.memory, plan)
             if shown is not None:
                 shown(fleet, plan, gathered)
             if confirm is None or not plan.actions:

@@ -19,6 +19,7 @@ SIGINT/SIGTERM let the running rounds finish, then the daemon exits 0.
 """
 from __future__ import annotations
 
+import hashlib
 import signal
 import threading
 import time
@@ -69,6 +70,7 @@ class ReconcileLoop:
         self._idle: str = ""                          # why the act round applies nothing, when it does not
         self._said: dict[str, str] = {}               # topic -> what was said last (said once per change)
         self._pull_refused = False
+        self._alerts: dict[str, str | None] = {}      # kind -> problem (None: resolved), told by the act round
         self._invalid_reported: str | None = None
         self._skip_reported: str | None = None
         self._interval: float | None = None           # the interval the fleet asks for, as last loaded
@@ -91,7 +93,7 @@ class ReconcileLoop:
     def _settings(self) -> FleetSettings:
         if self._fleet is not None:
             return self._fleet.settings
-        return FleetSettings.from_snapshot(self.ctl.ledger.memory.fleet_settings)
+        return FleetSettings.from_snapshot(self.ctl.read_memory(None).fleet_settings)
 
     def _load(self) -> Fleet | None:
         """What the loop applies now, or None with the reason in `_idle` (said once per change):
@@ -119,24 +121,31 @@ class ReconcileLoop:
                 self._invalid_reported = text
             problems = len(exc.problems)
             self._idle = f"fleet invalid ({problems} problem(s))"
-            self.ctl.fleet_alert(self._settings(), f"{what} does not validate ({problems} problem(s), the first: "
-                                 f"{exc.problems[0]}); nothing is started or stopped until it is fixed")
+            self._alerts["fleet-invalid"] = (f"{what} does not validate ({problems} problem(s), the first: "
+                                             f"{exc.problems[0]}); nothing is started or stopped until it is fixed")
             return None
         self._say("git", None)
         if self._invalid_reported:
             self.log("fleet validates again")
             self._invalid_reported = None
-        self.ctl.fleet_alert(fleet.settings, None)
+        self._alerts["fleet-invalid"] = None
         self._fleet = fleet
         return fleet
 
     def _say_uncommitted(self, changes: list[str]) -> None:
-        if not changes:
-            self._say("uncommitted", None)
+        """Said once per change of the uncommitted files, also across runs of `--once` (the state
+        remembers a digest of what was said last)."""
+        digest = hashlib.sha256("\n".join(changes).encode()).hexdigest()[:16] if changes else None
+        if self.ctl.read_memory(None).loop_source.get("uncommitted") == digest:
             return
-        shown = ", ".join(line[3:] for line in changes[:8]) + (f" and {len(changes) - 8} more" if len(changes) > 8 else "")
-        self._say("uncommitted", f"the working tree has uncommitted changes the loop does not apply (it applies "
-                                 f"{self.follower.source.words()}; commit them to apply them): {shown}")
+        if changes:
+            shown = ", ".join(line[3:] for line in changes[:8]) + (f" and {len(changes) - 8} more" if len(changes) > 8 else "")
+            self.log(f"the working tree has uncommitted changes the loop does not apply (it applies "
+                     f"{self.follower.source.words()}; commit them to apply them): {shown}")
+
+        def remember(m: Memory) -> None:
+            m.loop_source = {k: v for k, v in {**m.loop_source, "uncommitted": digest}.items() if v is not None}
+        self.ctl.ledger.update(remember)
 
     def pull(self) -> bool:
         """Fetch the upstream (--git-pull); False when it failed or was refused (said once)."""
@@ -149,10 +158,10 @@ class ReconcileLoop:
         self._pull_refused = pulled.refused is not None
         if pulled.refused is not None:
             self._say("pull", f"git pull from {f.source.ref} refused: {pulled.refused}")
-            self.ctl.pull_alert(self._settings(), f"{f.source.ref}: {pulled.refused}")
+            self._alerts["git-pull-refused"] = f"{f.source.ref}: {pulled.refused}"
             return False
         self._say("pull", None)
-        self.ctl.pull_alert(self._settings(), None)
+        self._alerts["git-pull-refused"] = None
         return True
 
     def _renewal_fleet(self) -> tuple[Fleet, bool]:
@@ -186,6 +195,9 @@ class ReconcileLoop:
         return latest if latest is not None and latest.started >= self._acted_at else None
 
     def act_round(self, fleet: Fleet | None, gathered: Gathered, started: float) -> Tick:
+        settings = fleet.settings if fleet is not None else self._settings()
+        for kind, problem in list(self._alerts.items()):
+            self.ctl.raise_alert(kind, settings, problem)
         if fleet is None:
             down = len(gathered.silent)
             paused = self._idle.startswith("paused")
@@ -204,13 +216,14 @@ class ReconcileLoop:
         now, wall = self.ctl.clock.mono(), self.ctl.clock.wall()
 
         synced = {**source.key(), "revision": fleet.revision}
-        new_source = not held and {k: v for k, v in memory.loop_source.items() if k != "at"} != synced
+        new_source = not held and {k: memory.loop_source.get(k) for k in ("kind", "ref", "revision")} != \
+            {k: synced.get(k) for k in ("kind", "ref", "revision")}
 
         def remember(m: Memory) -> None:
             if options.rebalance:
                 m.rebalanced_at, m.rebalanced = now, moved
-            if new_source:
-                m.loop_source = {**synced, "at": wall}     # the source (now confirmed) and since when
+            if new_source:                             # the source (now confirmed) and since when
+                m.loop_source = {**synced, "at": wall, **{k: v for k, v in m.loop_source.items() if k == "uncommitted"}}
         if options.rebalance or new_source:
             self.ctl.ledger.update(remember)
         tick = self._summary(started, gathered, result.plan, result.outcomes)
@@ -224,6 +237,8 @@ class ReconcileLoop:
             self.log(f"  {o.action.action} {o.action.strategy} {o.action.worker or o.action.target}: {mark}")
         for b in plan.blocked:
             self.log(f"  blocked ({b.guard}): {b.reason}")
+            for a in b.actions:
+                self.log(f"    held: {a.action} {a.strategy} on {a.worker or a.source}: {a.reason}")
         unrecorded = self.ctl.events.failure
         message = (f"probed {len(gathered.observed.workers)} workers in {gathered.seconds:.2f}s"
                    f"{f' ({down} not answering)' if down else ''}; {plan_summary(plan)}"

@@ -580,6 +580,8 @@ class _Planner:
         holds = self.memory.suspended
         if not holds or a.cause == "stale-copy":
             return None
+        if self.options.targets and self.targeted(a.strategy, *a.workers):
+            return None                        # `apply --target X` names what a person acts on by hand
         return next((k for k in ("*", a.strategy, *a.workers) if k and k in holds), None)
 
     def hold_suspended(self, actions: list[Action]) -> tuple[list[Action], list[Blocked]]:
