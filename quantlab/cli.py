@@ -110,7 +110,7 @@ def _handled(fn: Any) -> Any:
 
 
 def _header(ctl: Controller, fleet: Fleet, plan: Plan, observed: Any, serial: int) -> str:
-    at = (f"at {plan.fleet_revision}{' + uncommitted changes' if plan.fleet_dirty else ''} (working tree)"
+    at = (f"at {plan.fleet_revision} (working tree, {'uncommitted changes' if plan.fleet_dirty else 'clean'})"
           if plan.fleet_revision else "(not in git)")
     down = sum(1 for s in observed.workers.values() if not s.reachable)
     workers = f"{len(fleet.workers)} workers" + (f" ({down} not answering)" if down else "")

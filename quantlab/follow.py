@@ -38,10 +38,16 @@ class Source:
                 }.get(self.kind, self.kind)
 
 
+def _on_disk(source: Source | None) -> bool:
+    return source is None or source.kind in ("directory", "working-tree")
+
+
 def source_change(before: dict[str, Any] | None, now: Source) -> str | None:
-    """Why stops and restarts wait for --allow-source-change on this round, or None."""
+    """Why stops and restarts wait for --allow-source-change on this round, or None. The files on
+    disk are one source however they were read (a state no loop of this release applied was
+    applied from disk); commits of a ref are another."""
     old = Source.from_key(before)
-    if old == now:
+    if old == now or (_on_disk(old) and _on_disk(now)):
         return None
     was = old.words() if old else "unknown (no loop of this release has applied this state yet)"
     return f"the loop now applies {now.words()}; before: {was}"

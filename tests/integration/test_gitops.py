@@ -82,7 +82,7 @@ def test_the_loop_applies_commits_and_never_an_uncommitted_edit(gitfleet):
     # plan and apply act on the working tree, and say so.
     plan = fl.plan()
     assert plan["fleetDirty"] is True and [a["action"] for a in plan["actions"]] == ["restart"]
-    assert "+ uncommitted changes (working tree)" in fl.ql("plan").output
+    assert "(working tree, uncommitted changes)" in fl.ql("plan").output
 
     # Committed, the change goes live, and the restart records the revision it came from.
     second = commit(clone, "s1: v2")

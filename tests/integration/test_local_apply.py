@@ -85,7 +85,7 @@ def test_example_fleet_applies_and_runs_healthy(node, reaper, tmp_path):
     # Converged: a second plan has nothing to do.
     again = fl.ql("plan", "--detailed-exitcode", check=0)
     assert "No changes." in again.stdout, again.describe()
-    assert f"at {commit} (clean)" in again.stdout, again.describe()
+    assert f"at {commit} (working tree, clean)" in again.stdout, again.describe()
     starts = [e for e in fl.events() if e.get("event") == "start" and e.get("outcome") == "ok"]
     assert sorted(e["strategy"] for e in starts) == sorted(wanted)
     assert {(e["revision"], e["dirty"]) for e in starts} == {(commit, False)}
