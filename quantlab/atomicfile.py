@@ -49,7 +49,7 @@ def read_regular(path: Path, cap: int) -> bytes:
         os.close(fd)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -57,8 +57,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` so that readers see the old or the new content, never a mix."""
+def atomic_write(path: Path, data: bytes, mode: int = 0o600, sync_dir: bool = True) -> None:
+    """Replace `path` with `data` so that readers see the old or the new content, never a mix.
+    `sync_dir=False`: the caller syncs the folder once after several writes (`fsync_dir`)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -71,4 +72,5 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)

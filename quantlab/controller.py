@@ -26,7 +26,8 @@ from . import health
 from .clock import Clock
 from .follow import load_working_tree
 from .execute import Executor, Outcome, Progress, Recorder, outcome_notices
-from .gather import Gathered, Prober, checkpoints_due, gather, remember_into, renewals
+from .checkpoints import copy_round, wanted as checkpoints_wanted
+from .gather import Gathered, Prober, gather, remember_into, renewals
 from .hosts import Hosts
 from .ledger import Ledger
 from .memory import Memory
@@ -40,6 +41,7 @@ from .vcs import tracked_by_git
 
 # How long the checkpoint of a strategy removed from the fleet is kept, in case it is added back.
 CHECKPOINT_RETENTION_S = 7 * 86400
+CHECKPOINT_CALL_MIN_S = 5.0      # a round's checkpoint call waits at least this for a host
 
 
 def default_fleet_dir() -> Path:
@@ -101,7 +103,6 @@ class Controller:
     _hosts: Hosts | None = field(default=None, init=False)
     _prober: Prober | None = field(default=None, init=False)
     _notifier: Notifier | None = field(default=None, init=False)
-    _act_lane: Prober | None = field(default=None, init=False)
     _lazy_lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _events_failure_said: str | None = field(default=None, init=False)
 
@@ -134,14 +135,6 @@ class Controller:
                 self._prober = Prober(hosts, self.clock)
             return self._prober
 
-    def _act_prober(self, fleet: Fleet) -> Prober:
-        """Probes on the act lane (checkpoint copies), kept like the probe lane's."""
-        hosts = self.hosts(fleet)
-        with self._lazy_lock:
-            if self._act_lane is None or self._act_lane.hosts is not hosts:
-                self._act_lane = Prober(hosts, self.clock, lane="act")
-            return self._act_lane
-
     def notifier(self, settings: FleetSettings) -> Notifier:
         with self._lazy_lock:
             if self._notifier is None:
@@ -158,7 +151,7 @@ class Controller:
         if self._hosts is not None:
             self._hosts.close()
             self._hosts = None
-            self._prober = self._act_lane = None
+            self._prober = None
 
     def actor(self, command: str) -> str:
         try:
@@ -318,28 +311,27 @@ class Controller:
             scheduler.shutdown(wait=True)
 
     def copy_checkpoints(self, fleet: Fleet, answered: Gathered, skip: set[str]) -> None:
-        """Copy the checkpoints that are due, on the act lane (they may be large: never in a renewal),
-        from the workers that answered the latest renewal round (a silent one would only hold this up),
-        leaving out the strategies in `skip` (just started: nothing to copy yet)."""
-        due = {wid: {sid: epoch for sid, epoch in wanted.items() if sid not in skip}
-               for wid, wanted in checkpoints_due(fleet, self.ledger.memory, self.clock.mono()).items()
-               if wid in answered.answered_at and wid in fleet.workers}
-        due = {wid: wanted for wid, wanted in due.items() if wanted}
-        if not due:
+        """Every act round, after the renewals: the checkpoints of the current placements on the
+        workers that answered the latest renewal round (a silent one would only hold this up), less
+        those in `skip` (just started: nothing to copy yet), in a call of their own on the act lane
+        (they may be large: never in a renewal). Only folders that changed come back and are written;
+        the controller's copy of every answered one is then as fresh as this round."""
+        asked = checkpoints_wanted(fleet, self.ledger.memory, set(answered.answered_at), skip)
+        budget = max(fleet.settings.probe_deadline_s, CHECKPOINT_CALL_MIN_S)
+        try:
+            copied = copy_round(fleet, self.hosts(fleet), self.checkpoints, asked, budget)
+        except OSError as exc:
+            self.log(f"warning: cannot write checkpoint copies in {self.checkpoints.folder}: {exc.strerror}")
             return
-        subset = Fleet(fleet.root, fleet.settings, fleet.strategies,
-                       MappingProxyType({w: fleet.workers[w] for w in due}), fleet.fleet_hash, fleet.files)
-        gathered = self._act_prober(fleet).round(subset, self.ledger.memory, checkpoints=due)
-        for sid, checkpoint in gathered.checkpoints.items():
-            if checkpoint is not None:
-                self.checkpoints.save(sid, checkpoint)
-            elif self.checkpoints.forget(sid):
-                # Too large to copy now: an older copy must not be restored as if it were current.
+        for sid, why in sorted(copied.dropped.items()):
+            if self.checkpoints.forget(sid):
+                # An older copy must not be restored as if it were current.
                 self.record_event({"t": self.clock.wall(), "event": "checkpoint-dropped", "strategy": sid,
-                                    "actor": "monitor", "detail": "checkpoint folder over 1 MiB: not copied; "
-                                    "a move will start it without its state"})
-        now = self.clock.mono()
-        self.ledger.update(lambda m: m.checkpoints.update({sid: now for sid in gathered.checkpoints}))
+                                   "actor": "monitor", "detail": f"checkpoint folder not copied ({why}); a move "
+                                   "will start it without its state"})
+        if copied.fresh:
+            now = self.clock.mono()
+            self.ledger.update(lambda m: m.checkpoints.update({sid: now for sid in copied.fresh}))
 
     def prune_checkpoints(self, fleet: Fleet) -> None:
         """A strategy gone from the fleet and from every worker keeps its last checkpoint (it holds

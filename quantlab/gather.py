@@ -43,7 +43,6 @@ class Gathered:
     refused: dict[str, str] = field(default_factory=dict)        # worker -> why its host granted no renewal
     host_clocks: dict[str, HostClock] = field(default_factory=dict)
     host_events: list[dict[str, Any]] = field(default_factory=list)
-    checkpoints: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # None: too large to copy
     seconds: float = 0.0
 
     @property
@@ -174,10 +173,10 @@ class Prober:
         self._lock = threading.Lock()
 
     def round(self, fleet: Fleet, memory: Memory, *, renew: dict[str, dict[str, int]] | None = None,
-              checkpoints: dict[str, dict[str, int]] | None = None, deadline_s: float | None = None,
+              deadline_s: float | None = None,
               leases: LeaseRequests | None = None) -> Gathered:
-        """Probe every host of `fleet` once. `renew` and `checkpoints` (worker -> strategy -> epoch)
-        name the leases to extend and the checkpoints to copy. Renewals need `leases`: before any is
+        """Probe every host of `fleet` once. `renew` (worker -> strategy -> epoch) names the leases to
+        extend. Renewals need `leases`: before any is
         sent, the bound (worker -> mono ms) past which no lease it asks for can live is booked there
         (durably: the call may reach the host even if its answer never comes back), and each is
         settled once its fate is known."""
@@ -188,7 +187,7 @@ class Prober:
         budget_ms = int((deadline_s if deadline_s is not None else settings.probe_deadline_s) * 1000)
         first_round = self._rounds == 0
         self._rounds += 1
-        sent, carried = self._claim(fleet, memory, checkpoints, wanted, t0, budget_ms,
+        sent, carried = self._claim(fleet, memory, wanted, t0, budget_ms,
                                     int(settings.ssh.connect_timeout_s * 1000), first_round)
         ttl_ms = int(settings.monitor.lease_ttl_s * 1000)
         bounds = {wid: call.renewal_deadline + ttl_ms for call in sent if call.warm for wid in call.renew}
@@ -208,8 +207,7 @@ class Prober:
         result.seconds = time.monotonic() - started_s
         return result
 
-    def _claim(self, fleet: Fleet, memory: Memory, checkpoints: dict[str, dict[str, int]] | None,
-               wanted: dict[str, dict[str, int]], t0: int, budget_ms: int, connect_ms: int,
+    def _claim(self, fleet: Fleet, memory: Memory, wanted: dict[str, dict[str, int]], t0: int, budget_ms: int, connect_ms: int,
                first_round: bool) -> tuple[list[_Call], list[_Call]]:
         """A new call for every host without one outstanding (claimed at once, so that an overlapping
         round never sends a second), and the outstanding ones, whose answers count in this round."""
@@ -227,7 +225,7 @@ class Prober:
                 gives_up = t0 + budget_ms + (0 if warm else connect_ms)
                 # A first round waits for a cold host's plain probe and then for its renewals.
                 patience = gives_up + (budget_ms if renew and not warm else 0)
-                call = _Call(key, members, self._request(members, memory, checkpoints), renew,
+                call = _Call(key, members, self._request(members, memory), renew,
                              wait_until=patience if first_round else t0 + budget_ms, gives_up_at=gives_up,
                              warm=warm, sent_at=t0, renewal_deadline=t0 + budget_ms)
                 self._outstanding[key] = call
@@ -236,12 +234,10 @@ class Prober:
 
     # --- one host ------------------------------------------------------------------------------
 
-    def _request(self, members: list[WorkerSpec], memory: Memory,
-                 checkpoints: dict[str, dict[str, int]] | None) -> dict[str, Any]:
+    def _request(self, members: list[WorkerSpec], memory: Memory) -> dict[str, Any]:
         return {
             "workers": [{"id": w.id, "workdir": self.hosts.workdir(w), "program": w.runner[0]} for w in members],
             "eventsSince": {w.id: memory.host_events.get(w.id, 0) for w in members},
-            "checkpoints": {w.id: (checkpoints or {})[w.id] for w in members if w.id in (checkpoints or {})},
         }
 
     def _dispatch(self, call: _Call, ttl_ms: int, budget_ms: int, leases: LeaseRequests | None) -> None:
@@ -352,7 +348,6 @@ class Prober:
         at_wall = self.clock.wall()
         refused = host.get("renewRefused") if call.renewals_sent else None
         events: list[dict[str, Any]] = []
-        checkpoints: dict[str, Any] = {}
         for w in call.members:
             raw = workers.get(w.id) if isinstance(workers.get(w.id), dict) else {}
             state = _worker_state(w, raw, host, at_wall)
@@ -366,37 +361,20 @@ class Prober:
             renewed = raw.get("renewed") if isinstance(raw.get("renewed"), list) else []
             if renewed:
                 result.renewed[w.id] = [sid for sid in renewed if sid in state.instances]
-            asked = call.request["checkpoints"].get(w.id, {})
             for sid, inst in (raw.get("instances") or {}).items():
                 if sid not in state.instances:
                     continue
-                if sid in asked and "checkpoint" in inst and inst.get("epoch") == asked[sid]:
-                    checkpoints[sid] = inst["checkpoint"]
                 for event in inst.get("events") if isinstance(inst.get("events"), list) else ():
                     if isinstance(event, dict) and isinstance(event.get("t", 0), (int, float)):
                         # A strategy can write its events.log: no event is newer than the answer.
                         t = min(event.get("t", 0), host.get("answeredAt") or event.get("t", 0))
                         events.append({**event, "t": t, "worker": w.id, "strategy": sid})
         result.host_events.extend(events)
-        result.checkpoints.update(checkpoints)
 
 
 def gather(fleet: Fleet, memory: Memory, hosts: Hosts, clock: Clock, **kwargs: Any) -> Gathered:
     """One round by a throwaway Prober (plan, status, and tests): every host is probed as if first."""
     return Prober(hosts, clock).round(fleet, memory, **kwargs)
-
-
-CHECKPOINT_EVERY_MS = 60_000   # how stale the controller's copy of a checkpoint may get
-
-
-def checkpoints_due(fleet: Fleet, memory: Memory, now_ms: int) -> dict[str, dict[str, int]]:
-    """Checkpoints to copy now: current placements whose copy is older than a minute.
-    (A move off a reachable worker takes the final one when it stops the old copy.)"""
-    out: dict[str, dict[str, int]] = {}
-    for sid, epoch in ((sid, p.epoch) for sid, p in memory.placements.items() if sid in fleet.strategies):
-        if now_ms - memory.checkpoints.get(sid, 0) >= CHECKPOINT_EVERY_MS:
-            out.setdefault(memory.placements[sid].worker, {})[sid] = epoch
-    return out
 
 
 def remember_into(m: Memory, gathered: Gathered, addresses: dict[str, dict[str, Any]],
@@ -421,7 +399,5 @@ def remember_into(m: Memory, gathered: Gathered, addresses: dict[str, dict[str, 
         wid = event["worker"]
         m.host_events[wid] = max(m.host_events.get(wid, 0), int(event.get("t", 0)))
     m.addresses.update(addresses)
-    for sid in gathered.checkpoints:
-        m.checkpoints[sid] = gathered.observed.taken_at
     if loop_at is not None and gathered.renewed:
         m.loop_renewal = loop_at

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import base64
+import binascii
 import json
 import os
 import socket
@@ -16,11 +18,12 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from .atomicfile import MiB, NotARegularFile, atomic_write, describe_kind, read_regular
+from .atomicfile import MiB, NotARegularFile, atomic_write, describe_kind, fsync_dir, read_regular
 from .memory import Memory, MemoryFormatError
 from .plan import Plan
 
@@ -331,20 +334,77 @@ class EventLog:
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
+# What the controller accepts of one checkpoint a host sends: compressed (as the agent caps it) and
+# once decompressed (a small compressed file may expand a thousandfold).
+CHECKPOINT_COMPRESSED_CAP = 1 * MiB
+CHECKPOINT_EXPANDED_CAP = 64 * MiB
+
+
+def checkpoint_problem(checkpoint: Any) -> str | None:
+    """Why a checkpoint a host sent cannot be kept (its shape, a path that leaves the folder, its
+    size compressed or decompressed), or None. A host's answer is hostile input."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("files"), dict):
+        return "not a checkpoint"
+    compressed = expanded = 0
+    for rel, data in checkpoint["files"].items():
+        if not isinstance(rel, str) or not isinstance(data, str) or rel.startswith("/") or ".." in rel.split("/"):
+            return f"bad entry {str(rel)[:80]!r}"
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            return f"{rel[:80]}: not base64"
+        compressed += len(raw)
+        if compressed > CHECKPOINT_COMPRESSED_CAP:
+            return f"over {CHECKPOINT_COMPRESSED_CAP // MiB} MiB compressed"
+        unpack = zlib.decompressobj()
+        try:
+            expanded += len(unpack.decompress(raw, CHECKPOINT_EXPANDED_CAP - expanded + 1))
+        except zlib.error:
+            return f"{rel[:80]}: not zlib data"
+        if expanded > CHECKPOINT_EXPANDED_CAP or unpack.unconsumed_tail:
+            return f"over {CHECKPOINT_EXPANDED_CAP // MiB} MiB decompressed"
+    return None
+
+
 class CheckpointStore:
     """The last copy of each strategy's checkpoint folder, beside the state file (mode 0600), put back
-    on the new worker when the strategy moves."""
+    on the new worker when the strategy moves. Each copy carries the hash the agent computed of the
+    folder, which the next request sends back so that an unchanged folder is not sent again."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self._hashes: dict[str, str | None] = {}          # strategy -> its copy's hash, as read or written
+        self._lock = threading.Lock()
 
     def _path(self, strategy: str) -> Path:
         return self.folder / f"{strategy}.json"
 
     def save(self, strategy: str, checkpoint: dict[str, Any]) -> None:
-        atomic_write(self._path(strategy), json.dumps(checkpoint).encode(), mode=0o600)
+        self.save_many({strategy: checkpoint})
+
+    def save_many(self, copies: dict[str, dict[str, Any]]) -> None:
+        """Write these copies, each atomically, and sync the folder once for all of them."""
+        if not copies:
+            return
+        for strategy, checkpoint in sorted(copies.items()):
+            atomic_write(self._path(strategy), json.dumps(checkpoint).encode(), mode=0o600, sync_dir=False)
+            with self._lock:
+                self._hashes[strategy] = checkpoint.get("hash")
+        fsync_dir(self.folder)
+
+    def hash_of(self, strategy: str) -> str | None:
+        with self._lock:
+            if strategy in self._hashes:
+                return self._hashes[strategy]
+        found = self.load(strategy)
+        digest = found.get("hash") if found is not None and isinstance(found.get("hash"), str) else None
+        with self._lock:
+            self._hashes[strategy] = digest
+        return digest
 
     def forget(self, strategy: str) -> bool:
+        with self._lock:
+            self._hashes.pop(strategy, None)
         try:
             self._path(strategy).unlink()
             return True
@@ -374,7 +434,7 @@ class CheckpointStore:
                     continue
                 if now_s - marker.lstat().st_mtime <= retention_s:
                     continue
-                path.unlink()
+                self.forget(sid)
                 marker.unlink(missing_ok=True)
             except OSError:
                 continue               # tried again on the next round

@@ -36,8 +36,9 @@ Layout of a workdir:
   secrets/<account>.env  KEY=VALUE lines added to the runner's environment
   instances/<id>/        spec.json status.json lease.json heartbeat.json output.log events.log state/
 
-state/ is the strategy's checkpoint folder: the controller copies it (probe, when asked; stop of a
-move) and puts it back on the worker a strategy moves to (start).
+state/ is the strategy's checkpoint folder: the controller copies it (`checkpoints`, each round,
+only when it differs from the controller's copy; `stop`, the final one) and puts it back on the
+worker a strategy moves to (`start`).
 
 The runner, and everything a strategy does, runs as this agent's user with the instance folder as
 its working directory, so every file in that folder is hostile input here: it is opened without
@@ -49,6 +50,7 @@ signals to the child (the supervisor proper) and, should the supervisor be kille
 what it left. Both are child subreapers (Linux), so every process a strategy starts, also a
 `setsid` or double-forked one, stays below them and is killed before a restart and at the end.
 """
+import hashlib
 import json
 import os
 import stat
@@ -880,40 +882,106 @@ CHECKPOINT_FILE_CAP = 16 * 1024 * 1024        # read from disk, before compressi
 CHECKPOINT_MAX_FILES = 10000
 
 
-def pack_checkpoint(idir):
-    """The instance's checkpoint folder (QUANTLAB_STATE_DIR) as {relative path: base64 of zlib}, or
-    None when it is larger than the cap or not a plain folder (it then stays on the host only).
-    Links, FIFOs and other non-regular entries are skipped without being opened."""
-    import base64
-    import zlib
+class CheckpointTooLarge(Exception):
+    pass
+
+
+def checkpoint_files(idir):
+    """(relative path, bytes) of each regular file in the instance's checkpoint folder
+    (QUANTLAB_STATE_DIR), in path order; None when it is not a plain folder (it then stays on the
+    host only). Links, FIFOs and other non-regular entries are skipped without being opened, and
+    half-written files (".tmp" in the name) left out. Raises CheckpointTooLarge."""
     root = os.path.join(idir, "state")
     try:
         if not stat.S_ISDIR(os.lstat(root).st_mode):
             return None
     except FileNotFoundError:
-        return {"files": {}, "t": now_ms()}
+        return []
     except OSError:
         return None
-    files, total = {}, 0
-    for folder, _, names in os.walk(root):      # os.walk does not enter symlinked folders
-        for name in names:
+    found = []
+    for folder, dirs, names in os.walk(root):   # os.walk does not enter symlinked folders
+        dirs.sort()
+        for name in sorted(names):
             path = os.path.join(folder, name)
-            if ".tmp" in name:                  # half-written files
+            if ".tmp" in name:
                 continue
+            if len(found) >= CHECKPOINT_MAX_FILES:
+                raise CheckpointTooLarge()
             try:
-                found = read_instance_file(path, CHECKPOINT_FILE_CAP)
+                read = read_instance_file(path, CHECKPOINT_FILE_CAP)
             except BadFile as exc:
                 if str(exc).startswith("too large"):
-                    return None
+                    raise CheckpointTooLarge()
                 continue                        # a link, a FIFO, a device: not state
-            if found is None:
-                continue
-            packed = zlib.compress(found[0])
-            total += len(packed)
-            if total > CHECKPOINT_CAP_BYTES or len(files) >= CHECKPOINT_MAX_FILES:
-                return None
-            files[os.path.relpath(path, root)] = base64.b64encode(packed).decode()
-    return {"files": files, "t": now_ms()}
+            if read is not None:
+                found.append((os.path.relpath(path, root), read[0]))
+    return found
+
+
+def checkpoint_hash(files):
+    digest = hashlib.sha256()
+    for rel, data in files:
+        digest.update(("%s\0%d\0" % (rel, len(data))).encode("utf-8", "surrogateescape"))
+        digest.update(data)
+    return "sha256:" + digest.hexdigest()
+
+
+def pack_checkpoint(idir, files=None):
+    """The instance's checkpoint folder as {"files": {relative path: base64 of zlib}, "hash", "t"},
+    or None when it cannot be copied (not a plain folder, or larger than the cap compressed)."""
+    import base64
+    import zlib
+    try:
+        files = checkpoint_files(idir) if files is None else files
+    except CheckpointTooLarge:
+        return None
+    if files is None:
+        return None
+    packed, total = {}, 0
+    for rel, data in files:
+        squeezed = zlib.compress(data)
+        total += len(squeezed)
+        if total > CHECKPOINT_CAP_BYTES:
+            return None
+        packed[rel] = base64.b64encode(squeezed).decode()
+    return {"files": packed, "hash": checkpoint_hash(files), "t": now_ms()}
+
+
+def copy_checkpoints(request, args):
+    """Checkpoints the controller asks for, in a call of their own: for each instance, its folder
+    comes back only when it differs from the controller's copy (`have`, the hash of that copy)."""
+    answer = {"workers": {}}
+    for wid, asked in sorted((request.get("workers") or {}).items()):
+        workdir, out = asked.get("workdir"), {}
+        for name, want in sorted((asked.get("instances") or {}).items()):
+            try:
+                out[name] = checkpoint_of(os.path.join(workdir, "instances", name), want)
+            except Exception as exc:      # noqa: BLE001 - one instance's trouble is its own
+                out[name] = {"result": "error", "error": clip(describe_error(exc))}
+        answer["workers"][wid] = out
+    return answer
+
+
+def checkpoint_of(idir, want):
+    try:
+        if not stat.S_ISDIR(os.lstat(idir).st_mode):
+            return {"result": "missing"}
+    except FileNotFoundError:
+        return {"result": "missing"}
+    status, _ = read_status(idir, [])
+    if status.get("epoch") != want.get("epoch"):
+        return {"result": "other-epoch", "epoch": status.get("epoch")}
+    try:
+        files = checkpoint_files(idir)
+    except CheckpointTooLarge:
+        return {"result": "too-large"}
+    if files is None:
+        return {"result": "too-large"}
+    if checkpoint_hash(files) == want.get("have"):
+        return {"result": "unchanged"}
+    packed = pack_checkpoint(idir, files)
+    return {"result": "copied", "checkpoint": packed} if packed is not None else {"result": "too-large"}
 
 
 def unpack_checkpoint(idir, checkpoint):
@@ -1022,10 +1090,9 @@ def probe(request, args):
         except OSError:
             worker["credentials"] = []
         since = (request.get("eventsSince") or {}).get(wid)
-        wanted = (request.get("checkpoints") or {}).get(wid) or {}
         root = os.path.join(workdir, "instances")
         for name in instance_names(workdir):
-            worker["instances"][name] = probe_instance(os.path.join(root, name), name, since, wanted)
+            worker["instances"][name] = probe_instance(os.path.join(root, name), name, since)
         answer["workers"][wid] = worker
     answer["host"]["answeredAt"] = now_ms()
     return answer
@@ -1058,7 +1125,7 @@ def describe_error(exc):
     return "%s: %s" % (type(exc).__name__, exc)
 
 
-def probe_instance(idir, name, since, wanted):
+def probe_instance(idir, name, since):
     """Describe one instance of a probe. Whatever goes wrong here is this instance's alone: the
     host's answer never fails because of one instance."""
     try:
@@ -1066,10 +1133,7 @@ def probe_instance(idir, name, since, wanted):
             described = describe_unreadable(name, "not an instance folder", alive=False)
             described["problems"] = ["%s: not a directory (%s)" % (name, file_kind(os.lstat(idir).st_mode))]
             return described
-        described = describe_instance(idir, name, since)
-        if name in wanted and described["epoch"] == wanted[name]:
-            described["checkpoint"] = pack_checkpoint(idir)
-        return described
+        return describe_instance(idir, name, since)
     except Exception as exc:              # noqa: BLE001 - disk full, a file half gone, a bug: say so, go on
         return describe_unreadable(name, "the agent could not read it: %s: %s" % (type(exc).__name__, exc))
 
@@ -2130,12 +2194,13 @@ COMMANDS = {
     "pause": lambda request, args: set_paused(request, True),
     "resume": lambda request, args: set_paused(request, False),
     "logs": logs,
+    "checkpoints": copy_checkpoints,
 }
 
 
 def main(argv):
     if len(argv) < 2:
-        sys.stderr.write("usage: agent.py probe|start|stop|pause|resume|logs|supervise ...\n")
+        sys.stderr.write("usage: agent.py probe|start|stop|pause|resume|logs|checkpoints|supervise ...\n")
         return EXIT_BAD_REQUEST
     command, args = argv[1], argv[2:]
     if command == "supervise":

@@ -92,12 +92,12 @@ class AgentHost:
         return answer
 
     def probe(self, workdirs: list[Path], renew: dict[str, dict[str, int]] | None = None,
-              checkpoints: dict[str, dict[str, int]] | None = None, *, ttl: float = TTL, ahead: float = 20.0,
+              *, ttl: float = TTL, ahead: float = 20.0,
               program: str = "node") -> tuple[dict[str, Any], float]:
         """`ahead`: the request's not-after, seconds from now on the boot-time clock."""
         request = {"workers": [{"id": w.name, "workdir": str(w), "program": program} for w in workdirs],
                    "renew": renew or {}, "leaseTtlSeconds": ttl, "notAfter": not_after(ahead),
-                   "eventsSince": {w.name: 0 for w in workdirs}, "checkpoints": checkpoints or {}}
+                   "eventsSince": {w.name: 0 for w in workdirs}}
         return self.call("probe", request)
 
     def stop(self, workdir: Path, sid: str, grace: float = 1.0) -> tuple[dict[str, Any], float]:
@@ -272,7 +272,7 @@ def test_probe_of_fifos_and_symlinks_returns_within_a_bound(agent_host, tmp_path
     (folder / "state" / "zero").symlink_to("/dev/zero")
     (folder / "state" / "state.json").write_text('{"n": 1}')
 
-    answer, took = host.probe([workdir], renew={"wa": {"trap": 1}}, checkpoints={"wa": {"trap": None}})
+    answer, took = host.probe([workdir], renew={"wa": {"trap": 1}})
     assert took < PROBE_BOUND, f"the probe took {took:.1f}s"
     trap = answer["workers"]["wa"]["instances"]["trap"]
     assert trap["status"] == "stopped" and trap["alive"] is False, trap
@@ -281,7 +281,13 @@ def test_probe_of_fifos_and_symlinks_returns_within_a_bound(agent_host, tmp_path
     for name in ("status.json", "runner.pid", "supervisor.pid", "heartbeat.json", "lease.json", "events.log"):
         assert any(p.startswith(name + ": not a regular file") for p in problems), (name, problems)
     # The checkpoint holds the state's regular file only; the FIFO and the link were skipped unopened.
-    assert set(trap["checkpoint"]["files"]) == {"state.json"}, trap["checkpoint"]
+    request = {"workers": {"wa": {"workdir": str(workdir), "instances": {"trap": {"epoch": None, "have": None}}}}}
+    answer, took = host.call("checkpoints", request)
+    copied = answer["workers"]["wa"]["trap"]
+    assert took < PROBE_BOUND and copied["result"] == "copied", copied
+    assert set(copied["checkpoint"]["files"]) == {"state.json"}, copied
+    request["workers"]["wa"]["instances"]["trap"]["have"] = copied["checkpoint"]["hash"]
+    assert host.call("checkpoints", request)[0]["workers"]["wa"]["trap"] == {"result": "unchanged"}
 
     # stop and logs of it return as well (they replace what is in their way, or refuse it).
     answer, took = host.stop(workdir, "trap")

@@ -2,7 +2,7 @@
 Plain data, a fixed clock."""
 from __future__ import annotations
 
-from quantlab.gather import CHECKPOINT_EVERY_MS, Gathered, checkpoints_due, not_after, remember_into, renewals
+from quantlab.gather import Gathered, not_after, remember_into, renewals
 from quantlab.memory import HostClock
 from quantlab.observed import ObservedState, WorkerState
 from tests.fleetkit import NOW, fleet, memory, running, strategy, worker
@@ -18,14 +18,7 @@ def test_every_current_placement_keeps_its_lease_until_a_stop_ends_it():
     assert renewals(mem) == {"w-1": {"a": 3, "b": 4}, "w-2": {"gone": 5}}
 
 
-def test_checkpoints_are_asked_for_once_the_copy_is_a_minute_old():
-    mem = memory({"a": ("w-1", 3), "b": ("w-2", 4), "gone": ("w-2", 5)})
-    assert checkpoints_due(FLEET, mem, NOW) == {"w-1": {"a": 3}, "w-2": {"b": 4}}
-    mem.checkpoints = {"a": NOW - CHECKPOINT_EVERY_MS + 1, "b": NOW - CHECKPOINT_EVERY_MS}
-    assert checkpoints_due(FLEET, mem, NOW) == {"w-2": {"b": 4}}
-
-
-def test_remember_records_who_answered_restarts_events_and_checkpoints():
+def test_remember_records_who_answered_restarts_and_events():
     mem = memory({"a": ("w-1", 3)}, leases={"w-1": NOW - 50_000, "w-2": NOW - 50_000})
     inst = running(A, 3, restarts=2)
     clock = HostClock("boot-1", 1234.5, NOW - 10)
@@ -34,8 +27,7 @@ def test_remember_records_who_answered_restarts_events_and_checkpoints():
                        "w-2": WorkerState("w-2", False, error="refused")}, NOW),
         answered_at={"w-1": NOW - 10}, seen_wall={"w-1": 1_700_000_000_000}, renewed={"w-1": ["a"]},
         host_clocks={"w-1": clock},
-        host_events=[{"t": NOW - 500, "worker": "w-1", "strategy": "a", "event": "restart"}],
-        checkpoints={"a": {"files": {}, "t": NOW - 20}})
+        host_events=[{"t": NOW - 500, "worker": "w-1", "strategy": "a", "event": "restart"}])
     after = mem.copy()
     remember_into(after, gathered, {"w-1": {"host": "local"}}, loop_at=NOW)
     assert after.answered == {"w-1": NOW - 10}                           # judged: the boot-time clock
@@ -45,7 +37,6 @@ def test_remember_records_who_answered_restarts_events_and_checkpoints():
     assert after.leases == mem.leases
     assert after.restarts == {"a": 2}
     assert after.host_events == {"w-1": NOW - 500}
-    assert after.checkpoints == {"a": NOW}
     assert after.addresses == {"w-1": {"host": "local"}}
     assert after.loop_renewal == NOW
     assert mem.last_seen == {} and mem.checkpoints == {}                  # the input is left as it was

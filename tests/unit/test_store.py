@@ -774,3 +774,21 @@ def test_a_suspension_is_saved_as_format_3_so_the_previous_release_refuses_the_f
         saved.suspended = {}
         store.save(saved)
     assert json.loads(path.read_text())["version"] == 2        # resumed: readable by the previous release again
+
+
+def test_a_checkpoint_from_a_host_is_checked_before_it_is_kept():
+    import base64
+    import zlib
+
+    from quantlab.store import CHECKPOINT_EXPANDED_CAP, checkpoint_problem
+
+    def packed(files: dict[str, bytes]) -> dict:
+        return {"files": {k: base64.b64encode(zlib.compress(v)).decode() for k, v in files.items()}, "t": 1}
+
+    assert checkpoint_problem(packed({"state.json": b'{"beats": 3}', "a/b.json": b"{}"})) is None
+    bomb = packed({"state.json": b"\0" * (CHECKPOINT_EXPANDED_CAP + 1)})        # ~64 KiB compressed
+    assert "decompressed" in checkpoint_problem(bomb)
+    assert "bad entry" in checkpoint_problem(packed({"../escape": b"x"}))
+    assert "not base64" in checkpoint_problem({"files": {"a": "!!"}})
+    assert "not zlib" in checkpoint_problem({"files": {"a": base64.b64encode(b"plain").decode()}})
+    assert checkpoint_problem({"files": []}) == "not a checkpoint"

@@ -1,0 +1,48 @@
+"""Checkpoints travel in their own call each round, and only changed folders come back.
+
+Real runners on a `local` worker write ctx.state each beat; `reconcile --once` copies checkpoints
+after its renewals. The controller's copy is checked against what the runner had written before
+the run began, and an unchanged folder is neither sent nor written again.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+
+from harness import wait_for
+
+
+def copy_of(fleet, sid: str) -> dict:
+    return json.loads((fleet.root / ".quantlab" / "checkpoints" / f"{sid}.json").read_text())
+
+
+def beats_in(copy: dict) -> int:
+    return int(json.loads(zlib.decompress(base64.b64decode(copy["files"]["state.json"])))["beats"])
+
+
+def test_each_round_brings_the_copy_up_to_date(fleet):
+    fleet.running("w1", ["s1"])
+    for _ in range(3):
+        before = fleet.recorded("s1", "state.json")["beats"]
+        fleet.ql("reconcile", "--once")
+        # Never older than the run that copied it: at least what the runner had written before.
+        assert beats_in(copy_of(fleet, "s1")) >= before
+        fleet.beating("s1", beats=1)
+
+
+def test_an_unchanged_folder_is_not_sent_or_written_again(fleet):
+    fleet.worker("w1")
+    fleet.strategy("quiet", desired="paused")       # st_init runs, no heartbeat changes ctx.state
+    fleet.write()
+    fleet.apply()
+    wait_for(lambda: fleet.recorded("quiet", "ctx.json"), 10, what="quiet's st_init")
+    fleet.ql("reconcile", "--once")
+    path = fleet.root / ".quantlab" / "checkpoints" / "quiet.json"
+    first = wait_for(lambda: path.exists() and path.stat(), 5, what="the first copy")
+    copied_at = fleet.state()["checkpoints"]["quiet"]
+    fleet.ql("reconcile", "--once")
+    again = path.stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns), "an unchanged copy was rewritten"
+    assert fleet.state()["checkpoints"]["quiet"] > copied_at, "the copy counts as fresh as the round"
+    assert copy_of(fleet, "quiet")["hash"].startswith("sha256:")
