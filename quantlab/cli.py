@@ -140,6 +140,7 @@ def _look(ctl: Controller, options: PlanOptions) -> tuple[Fleet, Any, Any, Plan]
     try:
         loaded = ctl.load_fleet()
         memory = ctl.read_memory(loaded)
+        loaded = ctl.with_leaving(loaded, memory)
         gathered = ctl.observe(loaded, memory)
         return loaded, memory, gathered, ctl.plan(loaded, memory, gathered, options)
     finally:

@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import MappingProxyType
@@ -87,6 +87,14 @@ def _action_keys(plan: Plan) -> list[tuple]:
     """A plan's decisions without their words (reasons carry durations that change by the second)."""
     return [(a.action, a.strategy, a.workers, a.cause, a.epoch, a.spec_hash, a.paused) for a in plan.actions] + \
            [(b.guard, tuple(a.strategy for a in b.actions)) for b in plan.blocked]
+
+
+def _remembered_worker(wid: str, address: dict[str, Any], leaving: bool = False) -> WorkerSpec:
+    """A worker as the state remembers it (how to reach it, nothing it may run)."""
+    return WorkerSpec(id=wid, host=address["host"], port=address.get("port"), user=address.get("user"),
+                      workdir=address.get("workdir"), runner=(address.get("program") or "node",),
+                      max_strategies=0, supported_apis=frozenset(), source=Location("state", 0),
+                      cordoned=leaving, drain=leaving, leaving=leaving)
 
 
 @dataclass
@@ -170,11 +178,7 @@ class Controller:
         (addresses and the last valid fleet's settings, so cron runs have them too), no strategies.
         Renewing from it keeps what runs running; nothing is planned from it."""
         settings = FleetSettings.from_snapshot(memory.fleet_settings)
-        workers = {}
-        for wid, a in memory.addresses.items():
-            workers[wid] = WorkerSpec(id=wid, host=a["host"], port=a.get("port"), user=a.get("user"),
-                                      workdir=a.get("workdir"), runner=(a.get("program") or "node",),
-                                      max_strategies=0, supported_apis=frozenset(), source=Location("state", 0))
+        workers = {wid: _remembered_worker(wid, a) for wid, a in memory.addresses.items()}
         return Fleet(root=self.fleet_dir, settings=settings, strategies=MappingProxyType({}),
                      workers=MappingProxyType(dict(sorted(workers.items()))), fleet_hash="", files=())
 
@@ -199,6 +203,20 @@ class Controller:
                              f"round ({', '.join(loose)}). Commit (and push) them for the loop to apply, or "
                              "`quantlab suspend --target ID` first (the loop then leaves it alone) and apply with "
                              "--target ID")
+
+    @staticmethod
+    def with_leaving(fleet: Fleet, memory: Memory) -> Fleet:
+        """`fleet`, plus each worker removed from it that still runs strategies and that the state
+        remembers how to reach: cordoned and draining, until they have moved off. A reachable one
+        gives them up like a drain — a stop that takes the final checkpoint after the copy exited,
+        then a start elsewhere — instead of leaving them to be fenced; an unreachable one is waited
+        out and failed over like an offline worker."""
+        gone = sorted({p.worker for p in memory.placements.values()} - set(fleet.workers))
+        extra = {wid: _remembered_worker(wid, memory.addresses[wid], leaving=True)
+                 for wid in gone if wid in memory.addresses}
+        if not extra:
+            return fleet
+        return replace(fleet, workers=MappingProxyType(dict(sorted({**fleet.workers, **extra}.items()))))
 
     def fleet_or_fallback(self) -> tuple[Fleet, list[str]]:
         """The working tree's fleet; when it does not validate, the fleet as the state file remembers
@@ -499,6 +517,7 @@ class Controller:
         fleet = fleet or self.load_fleet()
         ttl = fleet.settings.monitor.lease_ttl_s
         with self.ledger.hold(ttl, lock_timeout, f"quantlab {command}"):
+            fleet = self.with_leaving(fleet, self.ledger.memory)
             if saved is not None:
                 self.check_plan_file(saved, fleet, self.ledger.memory)
             gathered = gathered or self.renew(fleet)

@@ -129,6 +129,7 @@ class ReconcileLoop:
             self.log("fleet validates again")
             self._invalid_reported = None
         self._alerts["fleet-invalid"] = None
+        fleet = self.ctl.with_leaving(fleet, self.ctl.read_memory(fleet))   # probed and renewed until left
         self._fleet = fleet
         return fleet
 

@@ -90,7 +90,7 @@ SUSPENDED = "suspended"
 SOURCE_CHANGE = "source-change"
 # Causes that come from what the fleet files say (not from a fault): the source-change guard holds them.
 DESIRED_CAUSES = frozenset({"removed", "desired-stopped", "spec-changed", "worker-changed", "lease-changed",
-                            "worker-removed", "requirements", "drain", "rebalance"})
+                            "worker-removed", "worker-leaving", "requirements", "drain", "rebalance"})
 
 
 @dataclass(frozen=True)

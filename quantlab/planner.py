@@ -60,7 +60,9 @@ class _Current:
 @dataclass
 class _ToPlace:
     spec: StrategySpec
-    cause: str                      # new | worker-offline | worker-removed | requirements | drain | rebalance
+    # new | worker-offline | worker-removed (not reachable) | worker-leaving (removed, reachable) |
+    # requirements | drain | rebalance
+    cause: str
     reason: str                     # why it needs a (new) worker
     current: _Current | None = None
 
@@ -224,7 +226,7 @@ class _Planner:
         pool = self.build_pool(staying)
         scheduler = Scheduler(pool)
         policy = fleet_policy(self.fleet.settings.policy, self.memory.rr_cursor)
-        order = {"worker-offline": 0, "worker-removed": 0, "requirements": 1, "new": 2}
+        order = {"worker-offline": 0, "worker-removed": 0, "worker-leaving": 1, "requirements": 1, "new": 2}
         for item in sorted(to_place, key=lambda t: (order[t.cause], t.spec.id)):
             self.place(item, scheduler, policy, pool, staying)
         self.drain(scheduler, pool, staying)
@@ -255,6 +257,10 @@ class _Planner:
             # The agent could not read the instance (disk full?): acting blind could run it twice.
             self.work.notes.append(Note(sid, wid, f"left alone: {inst.reason}"))
             return None
+        if worker.leaving:
+            if inst is None or not inst.alive:
+                return _ToPlace(spec, "worker-leaving", f"not running on {wid}, which was removed from the fleet", cur)
+            return None                        # the drain moves it off, one per plan
         if inst is not None and inst.status == "orphaned":
             # The supervisor is gone but the runner runs on: start replaces it under a new supervisor.
             epoch = self._take_epoch()
@@ -481,8 +487,9 @@ class _Planner:
                 continue
             staying[wid].remove(sid)
             pool.release(wid)
-            self.work.actions.append(Action("move", sid, f"{wid} is draining ({len(left)} left); to {decision.reason}",
-                                            "drain", source=wid, target=decision.worker, epoch=self._take_epoch(),
+            why = f"{wid} was removed from the fleet" if worker.leaving else f"{wid} is draining"
+            self.work.actions.append(Action("move", sid, f"{why} ({len(left)} left); to {decision.reason}",
+                                            "worker-leaving" if worker.leaving else "drain", source=wid, target=decision.worker, epoch=self._take_epoch(),
                                             spec_hash=spec.spec_hash, paused=spec.desired_state == "paused"))
 
     def rebalance(self, scheduler: Scheduler, pool: WorkerPool, staying: dict[str, list[str]]) -> None:

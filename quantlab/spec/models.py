@@ -120,6 +120,9 @@ class WorkerSpec:
     runner: tuple[str, ...] = ("node", "{runner}")
     cordoned: bool = False
     drain: bool = False
+    # Removed from the fleet while strategies still run there: kept (cordoned, draining) from the
+    # state's memory of how to reach it until they have moved off (see Controller.with_leaving).
+    leaving: bool = False
 
     @property
     def is_local(self) -> bool:

@@ -46,3 +46,25 @@ def test_an_unchanged_folder_is_not_sent_or_written_again(fleet):
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns), "an unchanged copy was rewritten"
     assert fleet.state()["checkpoints"]["quiet"] > copied_at, "the copy counts as fresh as the round"
     assert copy_of(fleet, "quiet")["hash"].startswith("sha256:")
+
+
+def test_removing_a_reachable_worker_moves_its_strategies_with_their_final_checkpoint(fleet):
+    fleet.running("w1", ["s1"])
+    fleet.worker("w2").write()
+    fleet.apply()
+    old = fleet.idir("s1")
+    del fleet.workers["w1"]
+    fleet.write()
+    plan = fleet.plan()
+    assert [(a["action"], a["cause"]) for a in plan["actions"]] == [("move", "worker-leaving")], plan
+    fleet.apply()
+    assert fleet.placement("s1")["worker"] == "w2"
+    fleet.beating("s1", beats=1)
+    # The old copy stopped (not fenced) and its last state is the controller's copy: nothing lost.
+    final = json.loads((old / "state" / "state.json").read_text())["beats"]
+    assert json.loads((old / "status.json").read_text())["state"] == "stopped"
+    assert beats_in(copy_of(fleet, "s1")) == final
+    moves = [e for e in fleet.events() if e.get("event") == "move" and e.get("strategy") == "s1"]
+    assert moves[-1]["from"] == "w1" and moves[-1]["cause"] == "worker-leaving" and moves[-1]["outcome"] == "ok"
+    # Once it has left, the removed worker is gone from status too.
+    assert [w["id"] for w in fleet.status()["workers"]] == ["w2"]

@@ -2,6 +2,8 @@
 exact actions and reasons out. Plain data, a fixed clock, no I/O."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -301,6 +303,26 @@ def test_drain_moves_one_strategy_per_plan():
     result = plan(fl, obs, mem, NOW)
     assert summary(result) == [("move", "s-0", "w-a", "w-b")]
     assert "w-a is draining (3 left)" in result.actions[0].reason
+
+
+def test_a_removed_worker_that_answers_gives_its_strategies_up_like_a_drain():
+    """Removed from the fleet but reachable (kept as `leaving` by the controller): one graceful move
+    per plan (a stop with the final checkpoint, then a start), never a restart or a start there."""
+    specs = [strategy("s-0"), strategy("s-1")]
+    leaving = dataclasses.replace(worker("w-gone", ("other",), cap=0), cordoned=True, drain=True, leaving=True)
+    fl = fleet(specs, [leaving, worker("w-b")])
+    mem = memory({"s-0": ("w-gone", 1), "s-1": ("w-gone", 2)}, specs={s.id: s for s in specs})
+    obs = observed(fl, {"w-gone": [running(specs[0], 1), running(specs[1], 2, spec_hash="sha256:old")]})
+    result = plan(fl, obs, mem, NOW)
+    assert summary(result) == [("move", "s-0", "w-gone", "w-b")]
+    assert result.actions[0].cause == "worker-leaving"
+    assert "w-gone was removed from the fleet (2 left)" in result.actions[0].reason
+    # A copy that is not running there any more is placed elsewhere, never started on it.
+    obs = observed(fl, {"w-gone": [running(specs[0], 1, status="stopped")]})
+    result = plan(fl, obs, mem, NOW)
+    assert summary(result) == [("move", "s-0", "w-gone", "w-b"), ("move", "s-1", "w-gone", "w-b")]
+    assert {a.cause for a in result.actions} == {"worker-leaving"}
+    assert "not running on w-gone, which was removed from the fleet" in result.actions[0].reason
 
 
 def _apply(fl, result, mem_placements, specs):
