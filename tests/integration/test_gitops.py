@@ -12,11 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from harness import FleetDir, alive
+from harness import FleetDir, alive, wait_for
 
 GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "ops", "GIT_AUTHOR_EMAIL": "ops@example.invalid",
            "GIT_COMMITTER_NAME": "ops", "GIT_COMMITTER_EMAIL": "ops@example.invalid",
            "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+# A second strategy, as a teammate adds it to strategies.yaml
+STRATEGY_S2 = ("---\napiVersion: quantlab/v1\nkind: Strategy\nid: s2\nstrategyFile: strategies/probe.mjs\n"
+               "heartbeatMs: 300\nrequirements: {api: paper}\n"
+               "scheduling: {restartDelay: 100, stopTimeoutSeconds: 2, initTimeoutSeconds: 5}\n")
 
 
 def git(cwd: Path, *args: str, check: bool = True) -> str:
@@ -175,10 +181,7 @@ def test_git_pull_follows_the_upstream_fast_forward_only(gitfleet, tmp_path, ori
     # A teammate pushes s2 from their clone.
     mate = tmp_path / "mate"
     git(tmp_path, "clone", "-q", str(origin), str(mate))
-    (mate / "fleet" / "strategies.yaml").write_text((fl.root / "strategies.yaml").read_text() + (
-        "---\napiVersion: quantlab/v1\nkind: Strategy\nid: s2\nstrategyFile: strategies/probe.mjs\n"
-        "heartbeatMs: 300\nrequirements: {api: paper}\n"
-        "scheduling: {restartDelay: 100, stopTimeoutSeconds: 2, initTimeoutSeconds: 5}\n"))
+    (mate / "fleet" / "strategies.yaml").write_text((fl.root / "strategies.yaml").read_text() + STRATEGY_S2)
     pushed = commit(mate, "add s2")
     git(mate, "push", "-q", "origin", "main")
 
@@ -201,6 +204,22 @@ def test_git_pull_follows_the_upstream_fast_forward_only(gitfleet, tmp_path, ori
     assert len(notices) == 1
     once(fl, "--git-pull", check=1)
     assert len([e for e in fl.events() if e.get("kind") == "git-pull-refused"]) == 1, "told once"
+
+
+def test_the_daemon_pulls_on_its_own_job(gitfleet, tmp_path, origin):
+    fl, clone = gitfleet, gitfleet.clone
+    log = tmp_path / "daemon.log"
+    fl.spawn("reconcile", "--git-pull", "--git-pull-interval", "1", log=log)
+    wait_for(lambda: fl.placement("s1"), 20, what="s1 placed from the pulled commit")
+    mate = tmp_path / "mate"
+    git(tmp_path, "clone", "-q", str(origin), str(mate))
+    (mate / "fleet" / "strategies.yaml").write_text((mate / "fleet" / "strategies.yaml").read_text() + STRATEGY_S2)
+    pushed = commit(mate, "add s2")
+    git(mate, "push", "-q", "origin", "main")
+    placed = wait_for(lambda: fl.placement("s2"), 20, what="s2 started from the pushed commit")
+    assert placed["revision"] == pushed
+    assert "applying the commits of origin/main (pulled)" in log.read_text()
+    assert not (clone / "fleet" / "strategies.yaml").read_text().count("id: s2"), "the work tree was touched"
 
 
 def test_a_broken_commit_changes_nothing_alerts_once_and_status_still_works(gitfleet):
