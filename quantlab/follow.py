@@ -21,7 +21,7 @@ from .vcs import fleet_revision
 @dataclass(frozen=True)
 class Source:
     kind: str                  # "directory" (outside git) | "working-tree" | "commits" | "upstream"
-    ref: str | None = None     # refs/heads/main; origin/main for upstream; a sha on a detached HEAD
+    ref: str | None = None     # refs/heads/main; origin/main for upstream; HEAD when it is detached
 
     def key(self) -> dict[str, Any]:
         return {"kind": self.kind, **({"ref": self.ref} if self.ref else {})}
@@ -34,7 +34,8 @@ class Source:
 
     def words(self) -> str:
         return {"directory": "the fleet directory (not in git)", "working-tree": "the working tree",
-                "commits": f"the commits of {self.ref}", "upstream": f"the commits of {self.ref} (pulled)"
+                "commits": "the commit checked out (detached HEAD)" if self.ref == "HEAD" else f"the commits of {self.ref}",
+                "upstream": f"the commits of {self.ref} (pulled)"
                 }.get(self.kind, self.kind)
 
 
@@ -75,7 +76,10 @@ class Follower:
         self._pulled: Pulled | None = None
         self.upstream: tuple[str, str, str] | None = None
         if self.repo is None:
-            in_git = working_tree and Repo.of(fleet_dir) is not None
+            try:
+                in_git = working_tree and Repo.of(fleet_dir) is not None
+            except GitError:
+                in_git = True             # another user's repository: the files on disk are what is asked
             self.source = Source("working-tree" if in_git else "directory")
             if pull:
                 raise GitError(f"--git-pull: {fleet_dir} is not in a git work tree"
@@ -91,8 +95,8 @@ class Follower:
             self.mirror = Mirror(state_dir / "git-mirror.git", self.repo)
             self.source = Source("upstream", f"{remote}/{merge.removeprefix('refs/heads/')}")
         else:
-            # A detached HEAD (a deploy checkout) pins its commit: the loop applies that one.
-            self.source = Source("commits", branch or self.repo.commit_of("HEAD"))
+            # On a detached HEAD (a deploy checkout) the loop applies whatever commit is checked out.
+            self.source = Source("commits", branch or "HEAD")
 
     @property
     def follows_commits(self) -> bool:

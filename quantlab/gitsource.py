@@ -77,13 +77,19 @@ class Repo:
 
     @classmethod
     def of(cls, fleet_dir: Path) -> "Repo | None":
-        """The work tree `fleet_dir` is in, or None outside git (or when git is missing)."""
+        """The work tree `fleet_dir` is in, or None outside git (or when git is missing). GitError
+        when git refuses the repository (another user's)."""
         try:
             done = run_git(["rev-parse", "--is-inside-work-tree", "--show-toplevel", "--show-prefix",
                             "--absolute-git-dir", "--git-common-dir"], fleet_dir, check=False, timeout=10)
         except GitError:
             return None
         lines = done.stdout.decode(errors="replace").splitlines()
+        if b"dubious ownership" in done.stderr:
+            # Reading the files on disk instead would apply uncommitted edits: refuse, and say why.
+            raise GitError(f"git refuses to read the repository of {fleet_dir}: it is owned by another user; "
+                           "run quantlab as that user, or mark it safe (`git config --global --add "
+                           "safe.directory PATH`)")
         if done.returncode != 0 or len(lines) < 5 or lines[0] != "true":
             return None
         top = Path(lines[1])

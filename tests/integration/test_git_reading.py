@@ -148,3 +148,30 @@ def test_outside_git_the_files_on_disk_are_read(tmp_path):
     assert follower.source.kind == "directory" and not follower.follows_commits
     assert follower.load().revision is None
     assert subprocess.run(["git", "-C", str(fleet), "rev-parse"], capture_output=True).returncode != 0
+
+
+def test_a_detached_head_follows_the_commit_checked_out(tmp_path):
+    fleet = repo_with_fleet(tmp_path / "repo")
+    first = git(fleet.parent, "rev-parse", "--short=12", "HEAD")
+    (fleet / "strategies" / "s1.mjs").write_text(JS + "// v2\n")
+    second = commit(fleet.parent, "v2")
+    git(fleet.parent, "checkout", "-q", "--detach", first)
+    follower = Follower(fleet, tmp_path / "state")
+    assert follower.source.ref == "HEAD" and follower.load().revision == first
+    git(fleet.parent, "checkout", "-q", "--detach", second)     # a deploy checks out the next commit
+    assert follower.load().revision == second
+
+
+def test_a_repository_git_refuses_is_an_error_not_the_files_on_disk(tmp_path, monkeypatch):
+    import os
+
+    from quantlab.gitsource import GitError
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the repository to another user")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")      # no safe.directory of this machine's
+    fleet = repo_with_fleet(tmp_path / "repo")
+    subprocess.run(["chown", "-R", "65534:65534", str(fleet.parent)], check=True)
+    with pytest.raises(GitError, match="owned by another user"):
+        Follower(fleet, tmp_path / "state")
+    assert Follower(fleet, tmp_path / "state", working_tree=True).source.kind == "working-tree"
