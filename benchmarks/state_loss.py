@@ -6,7 +6,8 @@ it was restored with. The real reconcile daemon (APScheduler, in this process) k
 Each failover freezes the sshd of the host the strategy runs on — its supervisor and runner go on
 beating in the dark until their lease runs out, as on a host whose network is cut — and waits
 until the strategy heartbeats elsewhere; each drain sets `drain: true` on its worker and waits for
-the move. Beats lost = the old copy's last count (read from its host's folder once it stopped)
+the move. Each failover moves a strategy of its own (a strategy that just failed over waits out
+the reschedule backoff before the next), replacing the previous one. Beats lost = the old copy's last count (read from its host's folder once it stopped)
 minus the count the new copy was restored with.
 
 Expected, from the README: a drain loses nothing (the final checkpoint is taken after the old copy
@@ -50,7 +51,7 @@ export async function st_exit(ctx) {}
 """
 
 
-def write_fleet(root: Path, cluster: SshdCluster, drain: str | None = None) -> dict[str, Path]:
+def write_fleet(root: Path, cluster: SshdCluster, sid: str, drain: str | None = None) -> dict[str, Path]:
     (root / "strategies").mkdir(parents=True, exist_ok=True)
     (root / "strategies" / "counter.mjs").write_text(COUNTER_JS)
     (root / "fleet.yaml").write_text(
@@ -68,7 +69,7 @@ def write_fleet(root: Path, cluster: SshdCluster, drain: str | None = None) -> d
                        "capabilities: {maxStrategies: 2, supportedApis: [paper]}\n")
     (root / "workers.yaml").write_text("---\n".join(workers))
     (root / "strategies.yaml").write_text(
-        "apiVersion: quantlab/v1\nkind: Strategy\nid: counter\nstrategyFile: strategies/counter.mjs\n"
+        f"apiVersion: quantlab/v1\nkind: Strategy\nid: {sid}\nstrategyFile: strategies/counter.mjs\n"
         f"heartbeatMs: {HEARTBEAT_MS}\nrequirements: {{api: paper}}\n"
         "scheduling: {stopTimeoutSeconds: 2, initTimeoutSeconds: 10, restartDelay: 200}\n")
     return workdirs
@@ -81,8 +82,8 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def placement(fleet_dir: Path) -> tuple[str, int] | None:
-    p = ((read_json(fleet_dir / ".quantlab" / "state.json") or {}).get("placements") or {}).get("counter")
+def placement(fleet_dir: Path, sid: str) -> tuple[str, int] | None:
+    p = ((read_json(fleet_dir / ".quantlab" / "state.json") or {}).get("placements") or {}).get(sid)
     return (p["worker"], p["epoch"]) if p else None
 
 
@@ -96,19 +97,20 @@ def wait(predicate, timeout: float, what: str):
     raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}")
 
 
-def one_move(fleet_dir: Path, workdirs: dict[str, Path], cluster: SshdCluster, how: str) -> int:
-    """Move the strategy once (`failover` or `drain`); the beats the move lost."""
-    wid, epoch = wait(lambda: placement(fleet_dir), 60, "a placement")
-    old = workdirs[wid] / "instances" / "counter"
+def one_move(fleet_dir: Path, workdirs: dict[str, Path], cluster: SshdCluster, how: str, sid: str) -> int:
+    """Move strategy `sid` once (`failover` or `drain`); the beats the move lost."""
+    write_fleet(fleet_dir, cluster, sid)
+    wid, epoch = wait(lambda: placement(fleet_dir, sid), 60, "a placement")
+    old = workdirs[wid] / "instances" / sid
     wait(lambda: ((read_json(old / "state" / "state.json") or {}).get("beats") or 0) >= 8, 30, "a few beats")
     host = next(h for h in cluster.hosts if f"w-{h.name}" == wid)
     if how == "failover":
         host.freeze()
     else:
-        write_fleet(fleet_dir, cluster, drain=wid)
+        write_fleet(fleet_dir, cluster, sid, drain=wid)
     try:
-        new_wid, new_epoch = wait(lambda: (p := placement(fleet_dir)) and p[0] != wid and p, 120, "the move")
-        restored = wait(lambda: read_json(workdirs[new_wid] / "instances" / "counter" / "state" /
+        new_wid, new_epoch = wait(lambda: (p := placement(fleet_dir, sid)) and p[0] != wid and p, 120, "the move")
+        restored = wait(lambda: read_json(workdirs[new_wid] / "instances" / sid / "state" /
                                           f"restored-{new_epoch}.json"), 60, "the new copy's st_init")
         # The old copy is over once its supervisor recorded a stop (fenced, or stopped by the drain).
         wait(lambda: (read_json(old / "status.json") or {}).get("state") in ("stopped", "error"), 60,
@@ -118,7 +120,7 @@ def one_move(fleet_dir: Path, workdirs: dict[str, Path], cluster: SshdCluster, h
         if how == "failover":
             host.thaw()
         else:
-            write_fleet(fleet_dir, cluster)
+            write_fleet(fleet_dir, cluster, sid)
     return max(0, last - restored["beats"])
 
 
@@ -127,7 +129,7 @@ def run(failovers: int, drains: int) -> dict[str, list[int]]:
     with tempfile.TemporaryDirectory(prefix="quantlab-loss-") as tmp, SshdCluster(Path(tmp) / "hosts") as cluster:
         cluster.start(3)
         fleet_dir = Path(tmp) / "fleet"
-        workdirs = write_fleet(fleet_dir, cluster)
+        workdirs = write_fleet(fleet_dir, cluster, "counter")
         ctl = Controller(fleet_dir, fleet_dir / ".quantlab" / "state.json", log=lambda line: None)
         loop = ReconcileLoop(ctl, log=lambda line: None)
         stop = threading.Event()
@@ -136,7 +138,10 @@ def run(failovers: int, drains: int) -> dict[str, list[int]]:
         try:
             for how, count in (("drain", drains), ("failover", failovers)):
                 for i in range(count):
-                    lost[how].append(one_move(fleet_dir, workdirs, cluster, how))
+                    # A strategy that failed over waits out the reschedule backoff before its next
+                    # failover (30 s, doubling): each failover moves a strategy of its own.
+                    sid = "counter" if how == "drain" else f"counter-{i + 1}"
+                    lost[how].append(one_move(fleet_dir, workdirs, cluster, how, sid))
                     print(f"{how} {i + 1}: lost {lost[how][-1]} beats", flush=True)
         finally:
             stop.set()
