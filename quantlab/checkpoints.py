@@ -2,7 +2,7 @@
 
 Each request names the current placements on the host's workers with the hash of the controller's
 copy of each checkpoint; the agent sends back only the folders that differ (see the agent's
-`checkpoints`). What comes back is checked (checkpoint_problem) before it is kept, only changed
+`checkpoints`). What comes back is checked (checked_checkpoint) before it is kept, only changed
 copies are written, and the folder is synced once per round. The call has its own deadline, and a
 host that does not answer in time is left for the next round: nothing here waits on a renewal or
 delays one.
@@ -16,7 +16,7 @@ from typing import Any
 from .hosts import AgentError, HostKey, Hosts
 from .memory import Memory
 from .spec import Fleet, WorkerSpec
-from .store import CheckpointStore, checkpoint_problem
+from .store import CheckpointStore, checked_checkpoint
 from .transport.base import TransportError
 
 
@@ -84,11 +84,11 @@ def _take(result: Copied, copies: dict[str, dict[str, Any]], sid: str, got: dict
     if outcome == "unchanged":
         result.fresh.add(sid)
     elif outcome == "copied":
-        problem = checkpoint_problem(got.get("checkpoint"))
-        if problem is None:
-            copies[sid] = got["checkpoint"]
+        checkpoint, problem = checked_checkpoint(got.get("checkpoint"))
+        if checkpoint is not None:
+            copies[sid] = checkpoint
             result.fresh.add(sid)
         else:
-            result.dropped[sid] = problem
+            result.dropped[sid] = problem or "unusable"
     elif outcome == "too-large":
         result.dropped[sid] = "over 1 MiB compressed"

@@ -188,19 +188,25 @@ class Controller:
         return memory.loop_renewal is not None and self.clock.mono() - memory.loop_renewal <= recent_ms
 
     def refuse_uncommitted(self, fleet: Fleet, memory: Memory, plan: Plan) -> None:
-        """`apply` of uncommitted changes while a loop that applies commits renews this state: the
-        loop would undo them within a round. Actions only on what is suspended (which the loop
+        """`apply` of a working tree other than the commit the loop applies (uncommitted changes,
+        another branch, commits not pushed), while a loop that applies commits renews this state:
+        the loop would undo it within a round. Actions only on what is suspended (which the loop
         leaves alone) may go: `quantlab suspend --target S`, then `quantlab apply --target S`."""
-        source = memory.loop_source.get("kind")
-        if not fleet.uncommitted or source not in ("commits", "upstream") or \
-                not self.loop_renews(fleet.settings, memory):
+        source, applied = memory.loop_source.get("kind"), memory.loop_source.get("revision")
+        if source not in ("commits", "upstream") or not self.loop_renews(fleet.settings, memory):
+            return
+        if fleet.uncommitted:
+            differs = "has uncommitted changes"
+        elif fleet.revision is None or fleet.revision != applied:
+            differs = f"is at {fleet.revision or 'a commit git could not name'}, not at {applied}, the commit the loop applies"
+        else:
             return
         loose = sorted({a.strategy for a in plan.actions
                         if not any(k in memory.suspended for k in ("*", a.strategy, *a.workers) if k)})
         if loose:
-            raise StateError(f"{self.fleet_dir} has uncommitted changes, and a reconcile loop that applies "
-                             f"{memory.loop_source.get('ref')} renews this state: it would undo them within a "
-                             f"round ({', '.join(loose)}). Commit (and push) them for the loop to apply, or "
+            raise StateError(f"the working tree of {self.fleet_dir} {differs}, and a reconcile loop that applies "
+                             f"{memory.loop_source.get('ref')} renews this state: it would undo this within a "
+                             f"round ({', '.join(loose)}). Commit (and push) for the loop to apply it, or "
                              "`quantlab suspend --target ID` first (the loop then leaves it alone) and apply with "
                              "--target ID")
 
@@ -333,7 +339,8 @@ class Controller:
         workers that answered the latest renewal round (a silent one would only hold this up), less
         those in `skip` (just started: nothing to copy yet), in a call of their own on the act lane
         (they may be large: never in a renewal). Only folders that changed come back and are written;
-        the controller's copy of every answered one is then as fresh as this round."""
+        the controller's copy of every answered one is then as fresh as this round. The state
+        records when each copy last changed."""
         asked = checkpoints_wanted(fleet, self.ledger.memory, set(answered.answered_at), skip)
         budget = max(fleet.settings.probe_deadline_s, CHECKPOINT_CALL_MIN_S)
         try:
@@ -347,9 +354,9 @@ class Controller:
                 self.record_event({"t": self.clock.wall(), "event": "checkpoint-dropped", "strategy": sid,
                                    "actor": "monitor", "detail": f"checkpoint folder not copied ({why}); a move "
                                    "will start it without its state"})
-        if copied.fresh:
+        if copied.written:                    # when each copy last changed; unchanged ones cost no state write
             now = self.clock.mono()
-            self.ledger.update(lambda m: m.checkpoints.update({sid: now for sid in copied.fresh}))
+            self.ledger.update(lambda m: m.checkpoints.update({sid: now for sid in copied.written}))
 
     def prune_checkpoints(self, fleet: Fleet) -> None:
         """A strategy gone from the fleet and from every worker keeps its last checkpoint (it holds

@@ -21,7 +21,7 @@ from .ledger import Ledger
 from .memory import Memory, Placement
 from .plan import Action, Plan
 from .spec import Fleet, StrategySpec, WorkerSpec, worker_launch
-from .store import CheckpointStore, EventLog, StateError
+from .store import CheckpointStore, EventLog, StateError, checked_checkpoint
 from .transport.base import TransportError
 
 # A move off one of these is not preceded by a stop: the planner moves only once the old copy's lease
@@ -187,7 +187,11 @@ class Executor:
     def _keep_checkpoint(self, strategy: str, checkpoint: dict[str, Any]) -> None:
         if self.rec.checkpoints is None:
             return
-        self.rec.checkpoints.save(strategy, checkpoint)
+        kept, _ = checked_checkpoint(checkpoint)       # a host's answer is hostile input
+        if kept is None:
+            self.rec.checkpoints.forget(strategy)
+            return
+        self.rec.checkpoints.save(strategy, kept)
         now = self.rec.clock.mono()
         self.rec.update(lambda m: m.checkpoints.__setitem__(strategy, now))
 

@@ -120,6 +120,13 @@ class Follower:
 
     # --- pulling (off the renewal path) --------------------------------------------------------
 
+    def pulled_before(self) -> bool:
+        """Whether the mirror holds a commit pulled by an earlier run."""
+        try:
+            return self.mirror is not None and self.mirror.commit_of(Mirror.SYNCED) is not None
+        except GitError:
+            return False
+
     def pull(self, deadline_s: float) -> Pulled:
         """Fetch the upstream into the mirror and take its commit if it fast-forwards."""
         assert self.mirror is not None and self.upstream is not None
@@ -153,20 +160,24 @@ class Follower:
             return load_working_tree(self.fleet_dir) if self.source.kind == "working-tree" else load_fleet(self.fleet_dir)
         commit = self.commit()
         cached = self._cached
-        if cached is None or cached[0] != commit:
-            cached = (commit, self._read(commit))
-            self._cached = cached
-        found = cached[1]
+        if cached is not None and cached[0] == commit:
+            found = cached[1]
+        else:
+            found, settled = self._read(commit)
+            # What git could not give (a submodule not cloned, a missing object) may be fixed
+            # without a new commit: read again next round. A commit's own problems stay.
+            self._cached = (commit, found) if settled else None
         if isinstance(found, FleetInvalid):
             raise found
         return found
 
-    def _read(self, commit: str) -> Fleet | FleetInvalid:
+    def _read(self, commit: str) -> tuple[Fleet | FleetInvalid, bool]:
+        """The fleet of `commit` (or why it does not validate), and whether that is final."""
         assert self.repo is not None
         git_dir = self.mirror.path if self.mirror is not None else None
         folder, problems = self.checkouts.make(self.repo, commit, git_dir)
         try:
             fleet = load_fleet(self.fleet_dir, folder, tuple(problems))
         except FleetInvalid as exc:
-            return exc
-        return replace(fleet, revision=commit[:12], uncommitted=False, source=f"commit of {self.source.ref}")
+            return exc, not problems
+        return replace(fleet, revision=commit[:12], uncommitted=False, source=f"commit of {self.source.ref}"), True

@@ -20,10 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-GIT_DEADLINE_S = 30.0          # one local git command; real ones take milliseconds
+GIT_DEADLINE_S = 10.0          # one local git command; real ones take milliseconds
 FETCH_DEADLINE_S = 60.0        # one fetch of the upstream
 GITLINK = "160000"
-CHECKOUTS_KEPT_S = 600         # a checkout another process made is left alone this long
 
 # git-rev-parse --git-path NAME exists while the operation is in progress
 IN_PROGRESS = (("rebase-merge", "a rebase"), ("rebase-apply", "a rebase"), ("MERGE_HEAD", "a merge"),
@@ -78,20 +77,28 @@ class Repo:
     @classmethod
     def of(cls, fleet_dir: Path) -> "Repo | None":
         """The work tree `fleet_dir` is in, or None outside git (or when git is missing). GitError
-        when git refuses the repository (another user's)."""
+        when git cannot read the repository (another user's, a broken config, no answer)."""
+        if not os.path.isdir(fleet_dir):
+            return None
         try:
             done = run_git(["rev-parse", "--is-inside-work-tree", "--show-toplevel", "--show-prefix",
-                            "--absolute-git-dir", "--git-common-dir"], fleet_dir, check=False, timeout=10)
-        except GitError:
-            return None
+                            "--absolute-git-dir", "--git-common-dir"], fleet_dir, check=False)
+        except GitError as exc:
+            if "cannot run git" in str(exc):
+                return None                  # no git on this machine: the files on disk are all there is
+            raise GitError(f"cannot tell whether {fleet_dir} is in a git repository: {exc}") from None
         lines = done.stdout.decode(errors="replace").splitlines()
-        if b"dubious ownership" in done.stderr:
+        error = done.stderr.decode(errors="replace").strip()
+        if done.returncode != 0:
+            if "not a git repository" in error:
+                return None
             # Reading the files on disk instead would apply uncommitted edits: refuse, and say why.
-            raise GitError(f"git refuses to read the repository of {fleet_dir}: it is owned by another user; "
-                           "run quantlab as that user, or mark it safe (`git config --global --add "
-                           "safe.directory PATH`)")
-        if done.returncode != 0 or len(lines) < 5 or lines[0] != "true":
-            return None
+            owned = " (it is owned by another user: run quantlab as that user, or mark it safe with `git config " \
+                    "--global --add safe.directory PATH`)" if "ownership" in error or "unsafe" in error else ""
+            last = error.splitlines()[-1] if error else f"exit {done.returncode}"
+            raise GitError(f"git cannot read the repository of {fleet_dir}{owned}: {last}")
+        if len(lines) < 5 or lines[0] != "true":
+            return None                      # inside a .git folder or a bare repository
         top = Path(lines[1])
         common = Path(lines[4]) if os.path.isabs(lines[4]) else (Path(fleet_dir) / lines[4]).resolve()
         return cls(top, lines[2], Path(lines[3]), common)
@@ -130,7 +137,8 @@ class Repo:
         if not remote or not merge:
             raise GitError(f"branch {short} has no upstream; set one with `git branch --set-upstream-to "
                            f"origin/{short}`, or run without --git-pull")
-        url = remote if remote == "." else _out(self.git("config", "--get", f"remote.{remote}.url", check=False))
+        # "." is this repository itself (a branch that tracks another local branch)
+        url = str(self.git_dir) if remote == "." else _out(self.git("config", "--get", f"remote.{remote}.url", check=False))
         if not url:
             raise GitError(f"remote {remote} of branch {short} has no URL; check `git remote -v`")
         return remote, url, merge
@@ -140,17 +148,23 @@ class Repo:
         would (the commit's .gitattributes, filters, symlinks), submodules at their recorded commits.
         Returns where the fleet directory is in it, and problems as (path in the fleet dir, message).
         `git_dir`: read objects from this repository (the pull mirror) instead."""
-        into.mkdir(mode=0o700, parents=True)
-        problems = self._checkout(commit, into, self.prefix, git_dir)
-        fleet = into / self.prefix if self.prefix else into
-        fleet.mkdir(parents=True, exist_ok=True)    # a commit without the fleet dir: "no YAML files"
+        try:
+            into.mkdir(mode=0o700, parents=True)
+            problems = self._checkout(commit, into, self.prefix, git_dir)
+            fleet = into / self.prefix if self.prefix else into
+            fleet.mkdir(parents=True, exist_ok=True)    # a commit without the fleet dir: "no YAML files"
+        except OSError as exc:
+            raise GitError(f"cannot check commit {commit[:12]} out into {into}: {exc.strerror}") from None
         return fleet, problems
 
     def _checkout(self, commit: str, into: Path, prefix: str, git_dir: Path | None) -> list[tuple[str, str]]:
         scratch = Path(tempfile.mkdtemp(prefix="quantlab-index-"))
         index = scratch / "index"
+        (scratch / "empty").mkdir()
         env = {"GIT_INDEX_FILE": str(index)}
-        pre = [f"--git-dir={git_dir}", f"--work-tree={self.toplevel}"] if git_dir else []
+        # An empty work tree: attributes (filters, line endings) come from the commit's own
+        # .gitattributes in the index, never from an uncommitted one in the operator's work tree.
+        pre = [f"--git-dir={git_dir or self.git_dir}", f"--work-tree={scratch / 'empty'}"]
         try:
             self.git(*pre, "read-tree", commit, env=env)
             listed = self.git(*pre, "ls-files", "-s", "-z", "--", prefix or ".", env=env).stdout
@@ -193,6 +207,15 @@ class Repo:
         return path[len(prefix):] if prefix and path.startswith(prefix) else path
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 class Checkouts:
     """Private checkouts of the commits the loop reads, in `folder` (under the state folder); the
     newest one stays, older ones go."""
@@ -201,31 +224,30 @@ class Checkouts:
         self.folder = folder
 
     def make(self, repo: Repo, commit: str, git_dir: Path | None = None) -> tuple[Path, list[tuple[str, str]]]:
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GitError(f"cannot make {self.folder}: {exc.strerror}") from None
         into = self.folder / f"{commit[:12]}-{os.getpid()}-{time.monotonic_ns()}"
-        self.prune(keep=None)
+        self.prune()
         return repo.checkout(commit, into, git_dir)
 
-    def prune(self, keep: Path | None) -> None:
-        """Remove this process's older checkouts, and any other process's older than a while."""
+    def prune(self) -> None:
+        """Remove this process's older checkouts (its fleet moved on to a newer commit), and those
+        of processes that ended: a running daemon may still read strategy files from its own."""
         try:
             entries = list(self.folder.iterdir())
         except OSError:
             return
-        mine = f"-{os.getpid()}-"
-        now = time.time()
         for entry in entries:
-            if keep is not None and (entry == keep or keep.is_relative_to(entry)):
+            parts = entry.name.split("-")
+            pid = int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
+            if pid is not None and pid != os.getpid() and _alive(pid):
                 continue
-            try:
-                old = now - entry.lstat().st_mtime > CHECKOUTS_KEPT_S
-            except OSError:
-                continue
-            if mine in entry.name or old:
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -251,10 +273,13 @@ class Mirror:
     def ensure(self) -> None:
         if (self.path / "HEAD").exists():
             return
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        run_git(["init", "-q", "--bare", str(self.path)], self.repo.toplevel)
-        alternates = self.path / "objects" / "info" / "alternates"
-        alternates.write_text(f"{self.repo.common_dir / 'objects'}\n")
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            run_git(["init", "-q", "--bare", str(self.path)], self.repo.toplevel)
+            alternates = self.path / "objects" / "info" / "alternates"
+            alternates.write_text(f"{self.repo.common_dir / 'objects'}\n")
+        except OSError as exc:
+            raise GitError(f"cannot make the pull mirror {self.path}: {exc.strerror}") from None
         for key in ("core.autocrlf", "core.eol"):  # checkouts from here write what the operator's would
             value = _out(self.repo.git("config", "--get", key, check=False))
             if value:

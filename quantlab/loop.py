@@ -259,17 +259,25 @@ class ReconcileLoop:
     # --- once (cron) ---------------------------------------------------------------------------
 
     def tick(self) -> Tick:
-        """One renewal round, then one act round, with renewals on their own timer while it acts."""
+        """One renewal round, then one act round, with renewals on their own timer while it acts.
+        With --git-pull the upstream is fetched after the renewal round (a slow upstream never
+        delays it), and a second round probes the workers a pulled commit adds."""
         started = time.monotonic()
         try:
             self.ctl.require_fleet_dir()
         except StateError as exc:
             return self._done(started, False, f"error: {exc}")
-        if self.follower.mirror is not None:
-            self.pull()
-        fleet = self._load()
+        mirror = self.follower.mirror
         try:
+            fleet = self._load() if mirror is None or self.follower.pulled_before() else None
             gathered = self.renew_round()
+            if mirror is not None:
+                self.pull()
+                pulled = self._load()
+                if pulled is not None and (fleet is None or pulled.fleet_hash != fleet.fleet_hash):
+                    fleet = pulled
+                    if set(fleet.workers) - set(gathered.observed.workers):
+                        gathered = self.renew_round()
             if fleet is None:
                 return self.act_round(None, gathered, started)
             with self.ctl.renewing(fleet, loop=True):

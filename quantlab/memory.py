@@ -96,7 +96,7 @@ class Memory:
     # while the fleet directory fails to validate
     addresses: dict[str, dict[str, Any]] = field(default_factory=dict)
     host_clocks: dict[str, HostClock] = field(default_factory=dict)  # worker -> its host's clock
-    checkpoints: dict[str, int] = field(default_factory=dict)  # strategy -> when its checkpoint was copied
+    checkpoints: dict[str, int] = field(default_factory=dict)  # strategy -> when its copy last changed
     reschedules: dict[str, tuple[int, int]] = field(default_factory=dict)  # strategy -> (failovers, last at)
     alerts: dict[str, str] = field(default_factory=dict)       # raised alerts (each told once), key -> message
     fleet_settings: dict[str, Any] = field(default_factory=dict)  # the last valid fleet's settings

@@ -387,7 +387,9 @@ class _Planner:
                                          f"offline after {format_duration(self.monitor.worker_offline_after_s)}", left))
 
     def stop_or_wait(self, sid: str, cur: _Current, cause: str, why: str) -> None:
-        if self._reachable(cur.worker):
+        # On a change of source a stop the fleet files ask for is listed (and held) even while its
+        # worker is silent, so that the change is never confirmed with a stop still pending.
+        if self._reachable(cur.worker) or self.options.source_change:
             self.work.actions.append(Action("stop", sid, why, cause, worker=cur.worker, epoch=cur.epoch))
         else:
             self.work.waiting.append(Waiting(sid, cur.worker, f"{why}; {cur.worker} is not answering: it is "
@@ -547,10 +549,10 @@ class _Planner:
             placed = [a.target or a.worker for a in actions if a.action in ("start", "move")]
             cursor = placed[-1] if placed and isinstance(getattr(policy, "inner", None), RoundRobinPolicy) \
                 else self.memory.rr_cursor
-        actions, suspended = self.hold_suspended(actions)
         actions, changed = self.hold_source_change(actions)
+        actions, suspended = self.hold_suspended(actions)
         actions, blocked = self.guard(actions)
-        blocked = suspended + changed + blocked
+        blocked = changed + suspended + blocked
         if self.braked and any(self.targeted(sid) for sid in self.braked):
             blocked.append(Blocked("failover-brake", f"{self.brake}; held: {', '.join(sorted(self.braked))}"))
         return Plan(
@@ -587,9 +589,10 @@ class _Planner:
         holds = self.memory.suspended
         if not holds or a.cause == "stale-copy":
             return None
-        if self.options.targets and self.targeted(a.strategy, *a.workers):
-            return None                        # `apply --target X` names what a person acts on by hand
-        return next((k for k in ("*", a.strategy, *a.workers) if k and k in holds), None)
+        # `apply --target X` acts by hand on a suspended X (the loop leaves it alone meanwhile);
+        # a suspension of anything else it touches still holds.
+        return next((k for k in ("*", a.strategy, *a.workers) if k and k in holds and k not in self.options.targets),
+                    None)
 
     def hold_suspended(self, actions: list[Action]) -> tuple[list[Action], list[Blocked]]:
         """`quantlab suspend`: nothing starts, stops or moves for a suspended strategy or worker (or

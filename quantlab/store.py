@@ -12,6 +12,8 @@ import base64
 import binascii
 import json
 import os
+import posixpath
+import re
 import socket
 import stat
 import sys
@@ -20,7 +22,7 @@ import time
 import uuid
 import zlib
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from .atomicfile import MiB, NotARegularFile, atomic_write, describe_kind, fsync_dir, read_regular
@@ -340,30 +342,48 @@ CHECKPOINT_COMPRESSED_CAP = 1 * MiB
 CHECKPOINT_EXPANDED_CAP = 64 * MiB
 
 
-def checkpoint_problem(checkpoint: Any) -> str | None:
-    """Why a checkpoint a host sent cannot be kept (its shape, a path that leaves the folder, its
-    size compressed or decompressed), or None. A host's answer is hostile input."""
+_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def checked_checkpoint(checkpoint: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """(the checkpoint a host sent, as it may be kept, or None; why not). A host's answer is hostile
+    input: every entry must name a file inside the folder (no two the same once normalised, none
+    inside another), hold complete zlib data, and stay within the caps compressed and decompressed.
+    Only the fields the controller uses are kept."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("files"), dict):
-        return "not a checkpoint"
+        return None, "not a checkpoint"
+    files: dict[str, str] = {}
     compressed = expanded = 0
     for rel, data in checkpoint["files"].items():
-        if not isinstance(rel, str) or not isinstance(data, str) or rel.startswith("/") or ".." in rel.split("/"):
-            return f"bad entry {str(rel)[:80]!r}"
+        clean = posixpath.normpath(rel) if isinstance(rel, str) else ""
+        if not isinstance(data, str) or not clean or clean in (".", "..") or clean.startswith(("/", "../")) \
+                or clean in files:
+            return None, f"bad entry {str(rel)[:80]!r}"
         try:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
-            return f"{rel[:80]}: not base64"
+            return None, f"{clean[:80]}: not base64"
         compressed += len(raw)
         if compressed > CHECKPOINT_COMPRESSED_CAP:
-            return f"over {CHECKPOINT_COMPRESSED_CAP // MiB} MiB compressed"
+            return None, f"over {CHECKPOINT_COMPRESSED_CAP // MiB} MiB compressed"
         unpack = zlib.decompressobj()
         try:
             expanded += len(unpack.decompress(raw, CHECKPOINT_EXPANDED_CAP - expanded + 1))
         except zlib.error:
-            return f"{rel[:80]}: not zlib data"
+            return None, f"{clean[:80]}: not zlib data"
         if expanded > CHECKPOINT_EXPANDED_CAP or unpack.unconsumed_tail:
-            return f"over {CHECKPOINT_EXPANDED_CAP // MiB} MiB decompressed"
-    return None
+            return None, f"over {CHECKPOINT_EXPANDED_CAP // MiB} MiB decompressed"
+        if not unpack.eof or unpack.unused_data:
+            return None, f"{clean[:80]}: incomplete zlib data"
+        files[clean] = data
+    folders = {str(parent) for rel in files for parent in PurePosixPath(rel).parents}
+    inside = sorted(folders & set(files))
+    if inside:
+        return None, f"bad entry {inside[0][:80]!r}: both a file and a folder"
+    digest = checkpoint.get("hash")
+    t = checkpoint.get("t")
+    return {"files": files, "hash": digest if isinstance(digest, str) and _HASH.fullmatch(digest) else None,
+            "t": t if isinstance(t, int) and not isinstance(t, bool) else None}, None
 
 
 class CheckpointStore:

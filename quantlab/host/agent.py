@@ -880,6 +880,7 @@ def read_events(idir, since, problems=None):
 CHECKPOINT_CAP_BYTES = 1024 * 1024
 CHECKPOINT_FILE_CAP = 16 * 1024 * 1024        # read from disk, before compression
 CHECKPOINT_MAX_FILES = 10000
+CHECKPOINT_RAW_CAP = 64 * 1024 * 1024         # all files together, before compression (read every round)
 
 
 class CheckpointTooLarge(Exception):
@@ -899,7 +900,7 @@ def checkpoint_files(idir):
         return []
     except OSError:
         return None
-    found = []
+    found, total = [], 0
     for folder, dirs, names in os.walk(root):   # os.walk does not enter symlinked folders
         dirs.sort()
         for name in sorted(names):
@@ -909,12 +910,13 @@ def checkpoint_files(idir):
             if len(found) >= CHECKPOINT_MAX_FILES:
                 raise CheckpointTooLarge()
             try:
-                read = read_instance_file(path, CHECKPOINT_FILE_CAP)
+                read = read_instance_file(path, min(CHECKPOINT_FILE_CAP, CHECKPOINT_RAW_CAP - total))
             except BadFile as exc:
                 if str(exc).startswith("too large"):
                     raise CheckpointTooLarge()
                 continue                        # a link, a FIFO, a device: not state
             if read is not None:
+                total += len(read[0])
                 found.append((os.path.relpath(path, root), read[0]))
     return found
 

@@ -80,6 +80,25 @@ def test_line_ending_filters_give_the_bytes_and_spec_hash_of_a_checkout(tmp_path
     assert from_git.strategies["s1"].strategy_path.read_bytes() == (checkout / "fleet/strategies/s1.mjs").read_bytes()
 
 
+def test_an_uncommitted_gitattributes_changes_nothing(tmp_path):
+    fleet = repo_with_fleet(tmp_path / "repo")
+    committed = follow(fleet, tmp_path)
+    (fleet.parent / ".gitattributes").write_text("*.mjs text eol=crlf\n")     # untracked
+    again = Follower(fleet, tmp_path / "state2").load()
+    assert again.strategies["s1"].strategy_path.read_bytes() == JS.encode()
+    assert again.strategies["s1"].spec_hash == committed.strategies["s1"].spec_hash
+
+
+def test_a_repository_git_cannot_read_is_an_error_not_the_files_on_disk(tmp_path):
+    from quantlab.gitsource import GitError
+
+    fleet = repo_with_fleet(tmp_path / "repo")
+    with open(fleet.parent / ".git" / "config", "a") as config:
+        config.write("[core\n")                          # a broken line
+    with pytest.raises(GitError, match="git cannot read the repository"):
+        Follower(fleet, tmp_path / "state")
+
+
 def test_symlinks_resolve_inside_the_commit(tmp_path):
     fleet = repo_with_fleet(tmp_path / "repo")
     (fleet / "strategies" / "current.mjs").symlink_to("s1.mjs")
@@ -114,10 +133,18 @@ def test_a_submodule_is_read_at_its_recorded_commit(tmp_path):
     loaded = follow(fleet, tmp_path)
     assert loaded.strategies["s1"].strategy_path.read_text() == JS, f"read other than {recorded}"
 
-    shutil.rmtree(fleet / "lib")
+    saved = tmp_path / "lib-clone"
+    shutil.move(fleet / "lib", saved)
     (fleet / "lib").mkdir()                     # as a clone without `git submodule update --init`
-    found = problems(fleet, tmp_path)
+    follower = Follower(fleet, tmp_path / "state")
+    with pytest.raises(FleetInvalid) as caught:
+        follower.load()
+    found = [str(p) for p in caught.value.problems]
     assert any("lib" in p and "git submodule update --init" in p for p in found), found
+    # Fixed without a new commit: the same follower reads it on its next round.
+    (fleet / "lib").rmdir()
+    shutil.move(saved, fleet / "lib")
+    assert follower.load().strategies["s1"].strategy_path.read_text() == JS
 
 
 def test_an_lfs_pointer_is_a_problem_naming_the_file(tmp_path):

@@ -120,6 +120,14 @@ def test_apply_of_uncommitted_changes_is_refused_while_a_loop_applies_commits(gi
     once(fl)
     assert fl.placement("s2") is not None, "the loop left the suspended s2 alone"
 
+    # A clean tree at a commit the loop has not applied yet (a new local commit): the loop applies it.
+    fl.strategy("s3").write()
+    ahead = commit(gitfleet.clone, "s2 and s3")
+    refused = fl.apply(check=1)
+    assert f"is at {ahead}, not at" in refused.output, refused.output
+    once(fl)
+    assert fl.placement("s3")["revision"] == ahead
+
 
 def test_a_change_of_source_stops_nothing_until_confirmed(gitfleet):
     fl = gitfleet

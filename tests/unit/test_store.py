@@ -780,15 +780,25 @@ def test_a_checkpoint_from_a_host_is_checked_before_it_is_kept():
     import base64
     import zlib
 
-    from quantlab.store import CHECKPOINT_EXPANDED_CAP, checkpoint_problem
+    from quantlab.store import CHECKPOINT_EXPANDED_CAP, checked_checkpoint
 
-    def packed(files: dict[str, bytes]) -> dict:
-        return {"files": {k: base64.b64encode(zlib.compress(v)).decode() for k, v in files.items()}, "t": 1}
+    def packed(files: dict[str, bytes], **extra) -> dict:
+        return {"files": {k: base64.b64encode(zlib.compress(v)).decode() for k, v in files.items()}, "t": 1, **extra}
 
-    assert checkpoint_problem(packed({"state.json": b'{"beats": 3}', "a/b.json": b"{}"})) is None
+    def problem(checkpoint) -> str | None:
+        return checked_checkpoint(checkpoint)[1]
+
+    good = packed({"state.json": b'{"beats": 3}', "a/b.json": b"{}"}, hash="sha256:" + "0" * 64, extra="x" * 100)
+    kept, why = checked_checkpoint(good)
+    assert why is None and set(kept) == {"files", "hash", "t"} and kept["hash"] == good["hash"]
+    assert checked_checkpoint(packed({"s": b"x"}, hash=["not", "a", "hash"]))[0]["hash"] is None
     bomb = packed({"state.json": b"\0" * (CHECKPOINT_EXPANDED_CAP + 1)})        # ~64 KiB compressed
-    assert "decompressed" in checkpoint_problem(bomb)
-    assert "bad entry" in checkpoint_problem(packed({"../escape": b"x"}))
-    assert "not base64" in checkpoint_problem({"files": {"a": "!!"}})
-    assert "not zlib" in checkpoint_problem({"files": {"a": base64.b64encode(b"plain").decode()}})
-    assert checkpoint_problem({"files": []}) == "not a checkpoint"
+    assert "decompressed" in problem(bomb)
+    assert "bad entry" in problem(packed({"../escape": b"x"}))
+    assert "bad entry" in problem(packed({"a": b"x", "./a": b"y"}))             # the same file twice
+    assert "both a file and a folder" in problem(packed({"a": b"x", "a/b": b"y"}))
+    assert "not base64" in problem({"files": {"a": "!!"}})
+    assert "not zlib" in problem({"files": {"a": base64.b64encode(b"plain").decode()}})
+    truncated = base64.b64encode(zlib.compress(b"x" * 1000)[:-4]).decode()
+    assert "incomplete" in problem({"files": {"a": truncated}})
+    assert problem({"files": []}) == "not a checkpoint"
