@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .clock import Clock
-from .hosts import AgentError, HostKey, Hosts, Lane
+from .hosts import AgentError, HostKey, Hosts
 from .memory import HostClock, Memory
 from .observed import Instance, ObservedState, WorkerState
 from .spec import Fleet, WorkerSpec
@@ -153,9 +153,9 @@ class _Call:
 
 
 class Prober:
-    """Probes the hosts of a fleet, one round at a time, on one lane of their connections. It keeps
-    across rounds which host still has a probe outstanding, which hosts are warm (answered on this
-    lane before, with a clock read recently) and the newest clock of each host.
+    """Probes the hosts of a fleet, one round at a time, on the probe lane of their connections (see
+    hosts.Lane). It keeps across rounds which host still has a probe outstanding, which hosts are
+    warm (answered on this lane before, with a clock read recently) and the newest clock of each host.
 
     A warm host is sent its renewals at once: the request goes out over a live connection, so the
     bound booked before the round is the bound of a request that does reach it. A cold host is first
@@ -164,8 +164,8 @@ class Prober:
     same thread, booked first. A host that stops answering turns cold, so its bound is not pushed
     forward on every round of an outage (it would never surely expire)."""
 
-    def __init__(self, hosts: Hosts, clock: Clock, lane: Lane = "probe"):
-        self.hosts, self.clock, self.lane = hosts, clock, lane
+    def __init__(self, hosts: Hosts, clock: Clock):
+        self.hosts, self.clock = hosts, clock
         self._outstanding: dict[HostKey, _Call] = {}
         self._warm: set[HostKey] = set()
         self._clocks: dict[HostKey, HostClock] = {}
@@ -261,7 +261,7 @@ class Prober:
         threading.Thread(target=run, name=f"probe-{call.key}", daemon=True).start()
 
     def _ask(self, call: _Call, request: dict[str, Any], until: int) -> dict[str, Any]:
-        agent = self.hosts.agent(call.key, call.members, self.lane)
+        agent = self.hosts.agent(call.key, call.members, "probe")
         answer = agent.call("probe", request, max(0.1, (until - self.clock.mono()) / 1000))
         call.answered_at = self.clock.mono()
         clock = _host_clock(answer.get("host") if isinstance(answer.get("host"), dict) else {}, call.answered_at)

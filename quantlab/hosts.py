@@ -74,7 +74,6 @@ class Agent:
         self.home = home_workdir          # the workdir whose agent/ copy runs the calls for this host
         self.python = python
         self.label = label
-        self._shipped = False
 
     def _argv(self, command: str, args: tuple[str, ...]) -> list[str]:
         # -I -S: no site-packages, user site or PYTHON* variables of the host; the agent needs none,
@@ -98,7 +97,6 @@ class Agent:
 
     def ship(self) -> None:
         self.transport.put_file(AGENT_SOURCE, f"{self.home}/{AGENT_PATH}", 0o755)
-        self._shipped = True
 
     def call(self, command: str, request: dict[str, Any], timeout: float, args: tuple[str, ...] = ()) -> dict[str, Any]:
         done = self.run(command, request, timeout, args)

@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-# Instance statuses reported by the host agent. "alive" ones have a supervisor (or a runner) running.
-ALIVE_STATUSES = frozenset({"starting", "running", "paused", "restarting", "stopping"})
-# Every status this controller knows; any other value from a host makes that instance "unknown",
-# which the planner leaves alone (acting on what it cannot read could run a strategy twice).
-KNOWN_STATUSES = ALIVE_STATUSES | {"stopped", "error", "orphaned", "unknown"}
+# Every instance status the host agent reports (whether one is alive, the agent says with it); any
+# other value from a host makes that instance "unknown", which the planner leaves alone (acting on
+# what it cannot read could run a strategy twice).
+KNOWN_STATUSES = frozenset({"starting", "running", "paused", "restarting", "stopping", "stopped", "error",
+                            "orphaned", "unknown"})
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class Instance:
     strategy: str
     epoch: int
     spec_hash: str | None
-    status: str                      # starting|running|paused|restarting|stopping|stopped|error
+    status: str                      # one of KNOWN_STATUSES
     alive: bool                      # a supervisor or a runner process of it is running
     started_at: int | None = None    # ms
     stopped_at: int | None = None    # ms
@@ -102,9 +102,6 @@ class WorkerState:
     clock_skew_ms: int | None = None      # host clock minus the controller's, about (within a round trip)
     versions: Mapping[str, str | None] = field(default_factory=dict)   # python, node
     containment: str | None = None        # how a supervisor keeps what a strategy starts: subreaper, ...
-
-    def alive_instances(self) -> list[Instance]:
-        return [i for i in self.instances.values() if i.alive]
 
 
 @dataclass(frozen=True)

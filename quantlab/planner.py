@@ -74,7 +74,6 @@ class _Work:
     waiting: list[Waiting] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
     adopt: list[Adopt] = field(default_factory=list)
-    placed_order: list[str] = field(default_factory=list)   # workers chosen, in order (round-robin)
 
 
 class UnknownTarget(ValueError):
@@ -441,7 +440,6 @@ class _Planner:
                                                  for r in decision.rejections)))
             return
         assert decision.worker is not None
-        self.work.placed_order.append(decision.worker)
         epoch = self._take_epoch()
         paused = spec.desired_state == "paused"
         if cur is None:

@@ -11,11 +11,6 @@ class Revision:
     commit: str | None        # short sha, None when the fleet dir is not in a git repository
     dirty: bool = False
 
-    def describe(self) -> str:
-        if self.commit is None:
-            return "not in git"
-        return f"{self.commit} ({'dirty' if self.dirty else 'clean'})"
-
 
 def _git(root: Path, *args: str) -> str | None:
     try:

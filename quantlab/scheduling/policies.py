@@ -106,7 +106,6 @@ class FailoverPolicy(_Wrapper):
     def __init__(self, inner: SchedulePolicy, lost_worker: str):
         super().__init__(inner)
         self.name = f"failover({inner.name})"
-        self.lost_worker = lost_worker
         self.excluded = inner.excluded | {lost_worker}
 
 

@@ -17,13 +17,13 @@ class Completed:
 
 
 class TransportError(Exception):
-    """A host could not be reached or did not answer in time. `kind` says which step failed:
-    dns, refused, connect-timeout, auth, host-key, timeout, io. `maybe_ran`: the command may have
+    """A host could not be reached or did not answer in time; the message says which step failed
+    (name lookup, refused, handshake, authentication, host key, timeout, I/O). `maybe_ran`: the command may have
     reached the host before the failure (it timed out, or the connection broke mid-way), so its
     effects (a lease renewed, a strategy started) must be assumed."""
 
-    def __init__(self, host: str, kind: str, message: str, maybe_ran: bool = False):
-        self.host, self.kind, self.maybe_ran = host, kind, maybe_ran
+    def __init__(self, host: str, message: str, maybe_ran: bool = False):
+        self.host, self.maybe_ran = host, maybe_ran
         super().__init__(f"{host}: {message}")
 
 
@@ -38,9 +38,6 @@ class Transport(Protocol):
 
     def put_file(self, data: bytes, path: str, mode: int = 0o644) -> None:
         """Create or replace `path` atomically, creating its folders."""
-
-    def get_file(self, path: str) -> bytes:
-        ...
 
     def close(self) -> None:
         ...

@@ -16,10 +16,10 @@ class LocalTransport:
         try:
             done = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise TransportError(self.name, "timeout", f"{argv[0]} did not answer within {timeout:g}s",
+            raise TransportError(self.name, f"{argv[0]} did not answer within {timeout:g}s",
                                  maybe_ran=True) from None
         except OSError as exc:
-            raise TransportError(self.name, "io", f"cannot run {argv[0]}: {exc.strerror}") from None
+            raise TransportError(self.name, f"cannot run {argv[0]}: {exc.strerror}") from None
         return Completed(done.returncode, done.stdout, done.stderr)
 
     def stream(self, argv: list[str], stdin: bytes = b"") -> Iterator[bytes]:
@@ -42,13 +42,7 @@ class LocalTransport:
         try:
             atomic_write(Path(path), data, mode)
         except OSError as exc:
-            raise TransportError(self.name, "io", f"cannot write {path}: {exc.strerror}") from None
-
-    def get_file(self, path: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError as exc:
-            raise TransportError(self.name, "io", f"cannot read {path}: {exc.strerror}") from None
+            raise TransportError(self.name, f"cannot write {path}: {exc.strerror}") from None
 
     def close(self) -> None:
         pass

@@ -155,14 +155,14 @@ class SshTransport:
             config = load_ssh_config(settings.config)
             endpoint = resolve(alias, port, user, settings, config)
         except (OSError, ValueError, paramiko.SSHException, paramiko.config.ConfigParseError) as exc:
-            raise TransportError(alias, "config", f"cannot use ssh_config {settings.config}: {exc}; fix that "
+            raise TransportError(alias, f"cannot use ssh_config {settings.config}: {exc}; fix that "
                                                   "file or the Fleet's ssh.config") from None
         return cls(endpoint, settings, accept_new_host_keys, config, handshakes)
 
     # --- connection ----------------------------------------------------------------------------
 
-    def _error(self, kind: str, message: str) -> TransportError:
-        return TransportError(self.name, kind, message)
+    def _error(self, message: str) -> TransportError:
+        return TransportError(self.name, message)
 
     def _connected(self) -> paramiko.SSHClient:
         with self._lock:
@@ -196,21 +196,21 @@ class SshTransport:
                 return jump.open_channel("direct-tcpip", (ep.hostname, ep.port), ("127.0.0.1", 0),
                                          timeout=max(0.1, deadline - time.monotonic()))
             except (paramiko.SSHException, OSError) as exc:
-                raise self._error("refused", f"jump host {self._jump.name} could not reach "
+                raise self._error(f"jump host {self._jump.name} could not reach "
                                              f"{ep.hostname}:{ep.port}: {exc}") from None
         try:
             return socket.create_connection((ep.hostname, ep.port), timeout=max(0.1, deadline - time.monotonic()))
         except socket.gaierror as exc:
-            raise self._error("dns", f"cannot resolve {ep.hostname} ({exc.strerror}); check the worker's host "
+            raise self._error(f"cannot resolve {ep.hostname} ({exc.strerror}); check the worker's host "
                                      "or HostName in ssh_config") from None
         except ConnectionRefusedError:
-            raise self._error("refused", f"connection refused on {ep.hostname}:{ep.port}; is sshd running "
+            raise self._error(f"connection refused on {ep.hostname}:{ep.port}; is sshd running "
                                          "there, on that port?") from None
         except (socket.timeout, TimeoutError):
-            raise self._error("connect-timeout", f"no TCP answer from {ep.hostname}:{ep.port} within "
+            raise self._error(f"no TCP answer from {ep.hostname}:{ep.port} within "
                                                  f"{ep.connect_timeout:g}s; is the host up and reachable?") from None
         except OSError as exc:
-            raise self._error("unreachable", f"cannot connect to {ep.hostname}:{ep.port}: {exc.strerror}") from None
+            raise self._error(f"cannot connect to {ep.hostname}:{ep.port}: {exc.strerror}") from None
 
     def _connect(self) -> paramiko.SSHClient:
         """TCP, banner, key exchange and authentication, all within the connect timeout (which starts
@@ -231,7 +231,7 @@ class SshTransport:
                     client.load_system_host_keys(path)
                 except (OSError, paramiko.SSHException) as exc:
                     sock.close()
-                    raise self._error("host-key", f"cannot read known_hosts {path}: {exc}") from None
+                    raise self._error(f"cannot read known_hosts {path}: {exc}") from None
         policy = _HostKeyPolicy(ep, self.accept_new, ep.known_hosts[0])
         client.set_missing_host_key_policy(policy)
         # A watchdog closes everything when the deadline passes, so no handshake step can hang.
@@ -258,24 +258,24 @@ class SshTransport:
             )
         except paramiko.BadHostKeyException as exc:
             client.close()
-            raise self._error("host-key", (
+            raise self._error((
                 f"HOST KEY CHANGED for {ep.known_hosts_name}: it now offers {exc.key.get_name()} "
                 f"{fingerprint(exc.key)}, known_hosts has {fingerprint(exc.expected_key)}. This may be an attack; "
                 f"refusing to connect. If the change is expected, remove the old key with "
                 f"`ssh-keygen -R '{ep.known_hosts_name}' -f {ep.known_hosts[0]}` and trust the new one")) from None
         except paramiko.AuthenticationException as exc:
             client.close()
-            raise self._error("auth", f"authentication failed for user {ep.user or '(default)'} ({exc}); check "
+            raise self._error(f"authentication failed for user {ep.user or '(default)'} ({exc}); check "
                                       "IdentityFile in ssh_config, ssh-agent, and the host's authorized_keys") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
             if policy.refused:
-                raise self._error("host-key", policy.refused) from None
+                raise self._error(policy.refused) from None
             if expired.is_set():
-                raise self._error("connect-timeout", f"no SSH handshake with {ep.hostname}:{ep.port} within "
+                raise self._error(f"no SSH handshake with {ep.hostname}:{ep.port} within "
                                                      f"{ep.connect_timeout:g}s (banner, key exchange or "
                                                      "authentication hung); is sshd there healthy?") from None
-            raise self._error("io", f"SSH connection failed: {exc}") from None
+            raise self._error(f"SSH connection failed: {exc}") from None
         finally:
             watchdog.cancel()
         transport = client.get_transport()
@@ -306,9 +306,9 @@ class SshTransport:
                         self._drop()
                 if attempt == 2 or time.monotonic() >= deadline:
                     if "Timeout" in str(exc) or time.monotonic() >= deadline:
-                        raise self._error("timeout", f"no session opened within {_seconds(budget)}s ({exc}); the "
+                        raise self._error(f"no session opened within {_seconds(budget)}s ({exc}); the "
                                                      "host may be overloaded or frozen") from None
-                    raise self._error("io", f"cannot open a session: {exc or type(exc).__name__}") from None
+                    raise self._error(f"cannot open a session: {exc or type(exc).__name__}") from None
         raise AssertionError("unreachable")
 
     # --- the Transport interface ---------------------------------------------------------------
@@ -337,12 +337,12 @@ class SshTransport:
             raise
         except (paramiko.SSHException, OSError, EOFError) as exc:
             self._abandon(channel)
-            raise TransportError(self.name, "io", f"connection lost during {argv[0]}: {exc}", maybe_ran=True) from None
+            raise TransportError(self.name, f"connection lost during {argv[0]}: {exc}", maybe_ran=True) from None
         finally:
             channel.close()
 
     def _timed_out(self, argv: list[str], timeout: float) -> TransportError:
-        return self._error("timeout", f"{argv[0]} {argv[2] if len(argv) > 2 else ''} did not finish "
+        return self._error(f"{argv[0]} {argv[2] if len(argv) > 2 else ''} did not finish "
                                       f"within {_seconds(timeout)}s; the host may be overloaded or frozen")
 
     def _start(self, channel: paramiko.Channel, argv: list[str], stdin: bytes, deadline: float,
@@ -429,7 +429,7 @@ class SshTransport:
             if transport is None or not transport.is_active():
                 with self._lock:
                     self._drop()
-                raise self._error("io", f"upload of {path} failed: {exc}") from None
+                raise self._error(f"upload of {path} failed: {exc}") from None
             # The connection is fine but the server refused the sftp subsystem (hardened sshd
             # configurations leave it out): send files over the command channel from now on.
             self._sftp_missing = True
@@ -446,7 +446,7 @@ class SshTransport:
         except (OSError, paramiko.SSHException, EOFError) as exc:
             with self._lock:
                 self._drop()
-            raise self._error("io", f"upload of {path} failed: {exc}") from None
+            raise self._error(f"upload of {path} failed: {exc}") from None
 
     def _put_by_command(self, data: bytes, path: str, mode: int) -> None:
         """The file as the stdin of a fixed sh script; the path and mode are its arguments, quoted
@@ -455,7 +455,7 @@ class SshTransport:
         done = self.run(argv, stdin=data, timeout=self.settings.command_timeout_s)
         if done.returncode != 0:
             why = done.stderr.decode(errors="replace").strip() or f"exit code {done.returncode}"
-            raise self._error("io", f"upload of {path} (without sftp) failed: {why}")
+            raise self._error(f"upload of {path} (without sftp) failed: {why}")
 
     @staticmethod
     def _makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:
@@ -470,13 +470,6 @@ class SshTransport:
                 sftp.stat(partial)
             except FileNotFoundError:
                 sftp.mkdir(partial, 0o700)
-
-    def get_file(self, path: str) -> bytes:
-        try:
-            with self._sftp_client().open(path, "rb") as handle:
-                return handle.read()
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise self._error("io", f"download of {path} failed: {exc}") from None
 
     def close(self) -> None:
         with self._lock:

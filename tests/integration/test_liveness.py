@@ -105,7 +105,7 @@ class Silent(LocalTransport):
     """A host that refuses every connection (nothing it is asked ever runs)."""
 
     def run(self, argv, stdin=b"", timeout=30.0):
-        raise TransportError(self.name, "refused", "connection refused (test)")
+        raise TransportError(self.name, "connection refused (test)")
 
 
 def test_a_wall_clock_step_forward_fails_nothing_over_early(fleet):

@@ -21,10 +21,10 @@ class LosesAnswers(LocalTransport):
     def run(self, argv, stdin=b"", timeout=30.0):
         command = argv[4] if len(argv) > 4 else ""
         if command in self.lose and not self.lose[command]:
-            raise TransportError(self.name, "refused", "refused before running (test)")
+            raise TransportError(self.name, "refused before running (test)")
         done = super().run(argv, stdin, timeout)
         if command in self.lose:
-            raise TransportError(self.name, "timeout", f"{command}: answer lost (test)", maybe_ran=True)
+            raise TransportError(self.name, f"{command}: answer lost (test)", maybe_ran=True)
         return done
 
 

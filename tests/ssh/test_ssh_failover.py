@@ -95,7 +95,7 @@ class LosesStartAnswers:
             def run(self, argv, stdin=b"", timeout=30.0):
                 done = super().run(argv, stdin, timeout)
                 if owner.lose and len(argv) > 4 and argv[4] == "start":
-                    raise TransportError(self.name, "timeout", "start: answer lost (test)", maybe_ran=True)
+                    raise TransportError(self.name, "start: answer lost (test)", maybe_ran=True)
                 return done
 
         self.settings = fleet.settings.ssh
