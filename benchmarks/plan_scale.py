@@ -2,7 +2,7 @@
 
 The naive baseline does what a first implementation would: for each strategy, run every filter on
 every worker, then rank the survivors by load. quantlab groups workers into classes and picks from
-heaps. Both produce a placement for the same fleet; the figures are printed as a ratio.
+heaps. Both make the same placements (checked on every strategy); the figures are printed as a ratio.
 
     python benchmarks/plan_scale.py [--strategies N] [--workers N] [--repeat N]
 """
@@ -55,7 +55,7 @@ def naive_plan(fl, obs) -> dict[str, str | None]:
         feasible = [v for v in views.values() if filters.first_rejection(checks, s, v) is None]
         best = min(feasible, key=lambda v: v.load_key(), default=None)
         if best is not None:
-            best.used += 1
+            best.count(1)             # the load it is ranked by next time counts this placement
         out[sid] = best.id if best else None
     return out
 
@@ -89,6 +89,9 @@ def main() -> None:
 
     placed = {a.strategy: a.worker for a in result.actions}  # type: ignore[union-attr]
     naive_placed = sum(1 for v in naive.values() if v)  # type: ignore[union-attr]
+    # The baseline is the same algorithm, only slower: it must make the same decisions.
+    agree = sum(1 for sid, wid in naive.items() if placed.get(sid) == wid)  # type: ignore[union-attr]
+    assert agree == len(naive), f"the baseline placed {len(naive) - agree} of {len(naive)} strategies elsewhere"
     print(f"fleet: {args.strategies} strategies, {args.workers} workers; "
           f"{len(placed)} placed, {len(result.queued)} queued")  # type: ignore[union-attr]
     print(f"quantlab plan (median of {args.repeat}): {quantlab_s:.3f} s, peak traced memory {peak / 2**20:.1f} MiB")

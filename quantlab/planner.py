@@ -18,7 +18,6 @@ from .scheduling import (
     FailoverPolicy,
     LoadBasedPolicy,
     RegionAffinityPolicy,
-    RoundRobinPolicy,
     Scheduler,
     SchedulePolicy,
     WorkerPool,
@@ -533,9 +532,7 @@ class _Planner:
         work = self.work
         actions = sorted(work.actions, key=lambda a: (a.strategy, a.action, a.workers))
         queued, waiting, notes, adopt = work.queued, work.waiting, work.notes, work.adopt
-        cursor = self.memory.rr_cursor
-        if isinstance(getattr(policy, "inner", None), RoundRobinPolicy):
-            cursor = policy.inner.cursor  # type: ignore[attr-defined]
+        cursor = policy.cursor if policy.keeps_cursor else self.memory.rr_cursor
         targets = self.options.targets
         if targets:
             keep = self.targeted
@@ -545,8 +542,7 @@ class _Planner:
             notes = [n for n in notes if keep(n.strategy, n.worker)]
             adopt = [a for a in adopt if keep(a.strategy, a.worker)]
             placed = [a.target or a.worker for a in actions if a.action in ("start", "move")]
-            cursor = placed[-1] if placed and isinstance(getattr(policy, "inner", None), RoundRobinPolicy) \
-                else self.memory.rr_cursor
+            cursor = placed[-1] if placed and policy.keeps_cursor else self.memory.rr_cursor
         actions, changed = self.hold_source_change(actions)
         actions, suspended = self.hold_suspended(actions)
         actions, blocked = self.guard(actions)

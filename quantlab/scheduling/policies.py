@@ -16,9 +16,20 @@ class SchedulePolicy:
     name = "policy"
     static_checks: tuple[filters.Check, ...] = ()   # hard constraints this policy adds, per class
     excluded: frozenset[str] = frozenset()           # workers this policy never picks
+    keeps_cursor = False                             # round-robin: the state keeps `cursor` across plans
+
+    @property
+    def cursor(self) -> str | None:
+        """The worker chosen last (round-robin), which the plan records for the next one."""
+        return None
 
     def pick(self, candidates: Candidates) -> WorkerView | None:
-        """The best free worker among `candidates` (fast path: their heap and sorted ids)."""
+        """The best free worker among `candidates` that this policy does not exclude (fast path:
+        their heap and sorted ids). It agrees with `min(free, key=rank_key)`, the slow path."""
+        return self.choose(candidates, self.excluded)
+
+    def choose(self, candidates: Candidates, excluded: frozenset[str]) -> WorkerView | None:
+        """`pick` with the exclusions of the outermost policy (a wrapper adds its own)."""
         raise NotImplementedError
 
     def rank_key(self, worker: WorkerView) -> tuple:
@@ -37,8 +48,8 @@ class LoadBasedPolicy(SchedulePolicy):
 
     name = "load-based"
 
-    def pick(self, candidates: Candidates) -> WorkerView | None:
-        return candidates.least_loaded(self.excluded)
+    def choose(self, candidates: Candidates, excluded: frozenset[str]) -> WorkerView | None:
+        return candidates.least_loaded(excluded)
 
     def rank_key(self, worker: WorkerView) -> tuple:
         return worker.load_key()
@@ -51,21 +62,26 @@ class RoundRobinPolicy(SchedulePolicy):
     """The next feasible worker by id after the one chosen last; the cursor lives in the memory."""
 
     name = "round-robin"
+    keeps_cursor = True
 
     def __init__(self, cursor: str | None = None):
-        self.cursor = cursor
+        self._cursor = cursor
 
-    def pick(self, candidates: Candidates) -> WorkerView | None:
+    @property
+    def cursor(self) -> str | None:
+        return self._cursor
+
+    def choose(self, candidates: Candidates, excluded: frozenset[str]) -> WorkerView | None:
         # After the cursor, then wrap around.
-        return (candidates.first_free_after(self.cursor, self.excluded)
-                or candidates.first_free_after(None, self.excluded))
+        return (candidates.first_free_after(self._cursor, excluded)
+                or candidates.first_free_after(None, excluded))
 
     def rank_key(self, worker: WorkerView) -> tuple:
-        wrapped = self.cursor is not None and worker.id <= self.cursor
+        wrapped = self._cursor is not None and worker.id <= self._cursor
         return (wrapped, worker.id)
 
     def placed(self, worker: WorkerView) -> None:
-        self.cursor = worker.id
+        self._cursor = worker.id
 
     def explain(self, worker: WorkerView, feasible: int) -> str:
         after = f" after {self.cursor}" if self.cursor else ""
@@ -77,9 +93,14 @@ class _Wrapper(SchedulePolicy):
         self.inner = inner
         self.static_checks = inner.static_checks
         self.excluded = inner.excluded
+        self.keeps_cursor = inner.keeps_cursor
 
-    def pick(self, candidates: Candidates) -> WorkerView | None:
-        return self.inner.pick(candidates)
+    @property
+    def cursor(self) -> str | None:
+        return self.inner.cursor
+
+    def choose(self, candidates: Candidates, excluded: frozenset[str]) -> WorkerView | None:
+        return self.inner.choose(candidates, excluded)
 
     def rank_key(self, worker: WorkerView) -> tuple:
         return self.inner.rank_key(worker)

@@ -9,39 +9,51 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from ..spec import WorkerSpec
 
 
-@dataclass
 class WorkerView:
-    """A worker as the scheduler sees it during one plan. `used` changes only through the pool."""
+    """A worker as the scheduler sees it during one plan. How many strategies it holds (`used`)
+    changes only through `count` — the pool calls it and updates its candidate sets — which keeps
+    `load`, what the worker is ranked by, current."""
 
-    spec: WorkerSpec
-    liveness: str                       # online | unreachable | offline
-    used: int = 0
-    cpu: float = 0.0                    # load average per cpu
-    mem_free_mb: int | None = None
-    credentials: frozenset[str] = frozenset()
-    failing: bool = False               # strategies keep failing here: placed on last
-    runtime_error: str | None = None    # the runner's program is missing on the host
-    load: tuple = field(init=False, repr=False, compare=False)
+    def __init__(self, spec: WorkerSpec, liveness: str, used: int = 0, cpu: float = 0.0,
+                 mem_free_mb: int | None = None, credentials: frozenset[str] = frozenset(),
+                 failing: bool = False, runtime_error: str | None = None):
+        self.spec = spec
+        self.id = spec.id
+        self.capacity = spec.max_strategies
+        self.liveness = liveness            # online | unreachable | offline
+        self.cpu = cpu                      # load average per cpu
+        self.mem_free_mb = mem_free_mb
+        self.credentials = credentials
+        self.failing = failing              # strategies keep failing here: placed on last
+        self.runtime_error = runtime_error  # the runner's program is missing on the host
+        self._used = used
+        self._load = self._key()
 
-    def __post_init__(self) -> None:
-        self.id = self.spec.id
-        self.capacity = self.spec.max_strategies
-        self._refresh()
+    def __repr__(self) -> str:
+        return f"WorkerView({self.id!r}, {self.liveness}, {self._used}/{self.capacity})"
 
-    def _refresh(self) -> None:
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def load(self) -> tuple:
+        return self._load
+
+    def _key(self) -> tuple:
         # Lower is better: fewest strategies relative to capacity, then host cpu, then free memory.
-        share = self.used / self.capacity if self.capacity else float("inf")
-        self.load = (share, round(self.cpu, 3), -(self.mem_free_mb or 0), self.id)
+        share = self._used / self.capacity if self.capacity else float("inf")
+        return (share, round(self.cpu, 3), -(self.mem_free_mb or 0), self.id)
 
     def count(self, delta: int) -> None:
-        self.used += delta
-        self._refresh()
+        self._used += delta
+        self._load = self._key()
 
     @property
     def has_room(self) -> bool:
@@ -139,7 +151,7 @@ class WorkerPool:
             groups.setdefault(view.class_key(), []).append(view)
         self.classes = sorted((WorkerClass(key, members) for key, members in groups.items()),
                               key=lambda c: c.sample.id)
-        self._candidates: dict[tuple[int, ...], Candidates] = {}
+        self._candidates: dict[tuple[str, ...], Candidates] = {}
         self._sets_of: dict[str, list[Candidates]] = {wid: [] for wid in self.views}
 
     def __contains__(self, worker_id: str) -> bool:
@@ -149,8 +161,9 @@ class WorkerPool:
         return self.views.get(worker_id)
 
     def candidates(self, classes: list[WorkerClass]) -> Candidates:
-        """The candidate set over `classes`, built once and then kept current."""
-        key = tuple(id(c) for c in classes)
+        """The candidate set over `classes`, built once and then kept current (keyed by the id of
+        each class's first worker, which names the class within this pool)."""
+        key = tuple(c.sample.id for c in classes)
         found = self._candidates.get(key)
         if found is None:
             found = Candidates(w for c in classes for w in c.members)
