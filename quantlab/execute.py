@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from .clock import Clock
 from .gather import not_after
@@ -35,6 +35,8 @@ class Outcome:
     ok: bool
     detail: str = ""
     seconds: float = 0.0
+    # A move is carried out in two phases: "stopped" (the old copy, on its worker) then "done".
+    phase: Literal["stopped", "done"] = "done"
 
 
 @dataclass
@@ -174,7 +176,7 @@ class Executor:
                 # Too large to copy: an older copy must never be restored as if it were the last state.
                 self.rec.checkpoints.forget(a.strategy)
         if a.action == "move":
-            return Outcome(a, True, f"stopped on {worker} ({result})")
+            return Outcome(a, True, f"stopped on {worker} ({result})", phase="stopped")
         if a.cause != "stale-copy":
             def forget(m: Memory) -> None:
                 p = m.placements.get(a.strategy)
@@ -321,7 +323,7 @@ class Executor:
 
     def finished(self, outcome: Outcome) -> None:
         a = outcome.action
-        if a.action == "move" and outcome.detail.startswith("stopped on") and outcome.ok:
+        if outcome.phase == "stopped":
             self.progress("step", a, outcome)
             return
         self.progress("done", a, outcome)

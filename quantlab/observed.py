@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 # Every instance status the host agent reports (whether one is alive, the agent says with it); any
 # other value from a host makes that instance "unknown", which the planner leaves alone (acting on
 # what it cannot read could run a strategy twice).
-KNOWN_STATUSES = frozenset({"starting", "running", "paused", "restarting", "stopping", "stopped", "error",
-                            "orphaned", "unknown"})
+InstanceStatus = Literal["starting", "running", "paused", "restarting", "stopping", "stopped", "error",
+                         "orphaned", "unknown"]
+KNOWN_STATUSES: frozenset[str] = frozenset(InstanceStatus.__args__)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class Instance:
     strategy: str
     epoch: int
     spec_hash: str | None
-    status: str                      # one of KNOWN_STATUSES
+    status: InstanceStatus
     alive: bool                      # a supervisor or a runner process of it is running
     started_at: int | None = None    # ms
     stopped_at: int | None = None    # ms

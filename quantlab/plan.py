@@ -12,13 +12,36 @@ FORMAT_VERSION = 1
 ActionName = Literal["start", "stop", "restart", "move", "pause", "resume"]
 ACTIONS: tuple[str, ...] = ("start", "stop", "restart", "move", "pause", "resume")
 
+# Why an action is planned, for machines (execute and the guards decide by it; people read `reason`).
+Cause = Literal[
+    "new",               # start: a strategy not placed yet
+    "not-running",       # start: its copy is gone from its worker
+    "orphaned",          # start: its supervisor is gone, its runner runs on (an earlier release's)
+    "spec-changed",      # restart: its file, params, heartbeat or scheduling changed
+    "worker-changed",    # restart: its worker's runner, region or proxy changed
+    "lease-changed",     # restart: leaseTtlSeconds changed (a supervisor keeps the lease it started with)
+    "desired-paused",    # pause
+    "desired-running",   # resume
+    "desired-stopped",   # stop: desiredState: stopped
+    "removed",           # stop: removed from the fleet
+    "stale-copy",        # stop: a copy of an older epoch
+    "stop-all",          # stop: `quantlab stop-all`
+    "worker-offline",    # move: its worker is offline and the lease surely expired (failover)
+    "worker-removed",    # move: its worker left the fleet and cannot be reached
+    "worker-leaving",    # move: its worker left the fleet but answers (a stop, then a start)
+    "requirements",      # move: its worker no longer fits it
+    "drain",             # move: its worker drains
+    "rebalance",         # move: toward even load
+]
+CAUSES: frozenset[str] = frozenset(Cause.__args__)  # type: ignore[attr-defined]
+
 
 @dataclass(frozen=True)
 class Action:
     action: ActionName
     strategy: str
     reason: str                        # words for people
-    cause: str                         # a short code for machines: new, spec-changed, worker-offline, ...
+    cause: Cause
     worker: str | None = None          # start, stop, restart, pause, resume
     source: str | None = None          # move: from
     target: str | None = None          # move: to
@@ -50,9 +73,11 @@ class Action:
     def from_json(cls, raw: dict[str, Any]) -> "Action":
         if raw.get("action") not in ACTIONS:
             raise ValueError(f"unknown action {raw.get('action')!r}")
+        if raw.get("cause") not in CAUSES:     # as Terraform's planfile decoder: no guessing
+            raise ValueError(f"unknown cause {raw.get('cause')!r} of {raw.get('action')} {raw.get('strategy')}")
         return cls(
             action=raw["action"], strategy=raw["strategy"], reason=raw.get("reason", ""),
-            cause=raw.get("cause", ""), worker=raw.get("worker"), source=raw.get("from"),
+            cause=raw["cause"], worker=raw.get("worker"), source=raw.get("from"),
             target=raw.get("to"), epoch=raw.get("epoch"), spec_hash=raw.get("specHash"),
             paused=bool(raw.get("paused", False)),
         )
@@ -89,8 +114,9 @@ class Waiting:
 SUSPENDED = "suspended"
 SOURCE_CHANGE = "source-change"
 # Causes that come from what the fleet files say (not from a fault): the source-change guard holds them.
-DESIRED_CAUSES = frozenset({"removed", "desired-stopped", "spec-changed", "worker-changed", "lease-changed",
-                            "worker-removed", "worker-leaving", "requirements", "drain", "rebalance"})
+DESIRED_CAUSES: frozenset[Cause] = frozenset({
+    "removed", "desired-stopped", "spec-changed", "worker-changed", "lease-changed", "worker-removed",
+    "worker-leaving", "requirements", "drain", "rebalance"})
 
 
 @dataclass(frozen=True)

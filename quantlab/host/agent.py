@@ -1629,13 +1629,13 @@ class Supervisor(object):
             # Fail closed: a runner life starts only under a live lease (a restart delay may have
             # outlasted it: wait() looks only while it sleeps).
             if self.lease_expired():
-                self.finish(self.lease_reason("no runner was started"))
+                self.finish(self.lease_reason("no runner was started"), event="lease-expired")
                 return
             verdict, detail = self.run_runner(restarts)
             if verdict == "final":
                 return
             if self.lease_expired():       # the last life's stop outlasted the lease: no restart
-                self.finish(self.lease_reason("no runner was started after: %s" % detail))
+                self.finish(self.lease_reason("no runner was started after: %s" % detail), event="lease-expired")
                 return
             restarts = int(self.status.get("restarts", 0))
             if not self.sched.get("autoRestart", True) or restarts >= self.sched.get("maxRestarts", 5):
@@ -1661,7 +1661,11 @@ class Supervisor(object):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.stop_requested() or self.lease_expired():
-                self.finish(self.stop_requested() or self.lease_reason())
+                requested = self.stop_requested()
+                if requested:
+                    self.finish(requested)
+                else:
+                    self.finish(self.lease_reason(), event="lease-expired")
                 return False
             self.apply_pause()
             reap_children()
@@ -1669,9 +1673,10 @@ class Supervisor(object):
             time.sleep(self.poll)
         return True
 
-    def finish(self, reason, exit_code=None):
+    def finish(self, reason, exit_code=None, event="stopped"):
+        """The supervisor's end: `event` is "lease-expired" when its lease ran out, else "stopped"."""
         state = "stopped"
-        self.event("lease-expired" if reason.startswith("lease expired") else "stopped", reason)
+        self.event(event, reason)
         self.save_status(state=state, reason=reason, stoppedAt=now_ms(), exitCode=exit_code)
         if self.log is not None:       # `quantlab logs` says why the output ends here
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -1820,7 +1825,7 @@ class Supervisor(object):
                 late = self.lease_long_gone()
                 code = self.stop_runner(graceful=not late)
                 self.end_strategy_processes()
-                self.finish(self.lease_reason() + (LATE_FENCE if late else ""), code)
+                self.finish(self.lease_reason() + (LATE_FENCE if late else ""), code, event="lease-expired")
                 return "final", "lease expired"
             code = self.proc.poll()
             if code is not None:

@@ -653,8 +653,8 @@ def every_kind_of_plan() -> Plan:
                epoch=9, spec_hash="sha256:02", paused=True),
         Action("move", "mart-sol", "worker-001 offline 2m10s", "worker-offline", source="worker-001",
                target="worker-004", epoch=10, spec_hash="sha256:03"),
-        Action("pause", "scalp-bnb", "desired paused", "paused", worker="worker-006", epoch=4),
-        Action("resume", "scalp-eth", "desired running", "resumed", worker="worker-006", epoch=5),
+        Action("pause", "scalp-bnb", "desired paused", "desired-paused", worker="worker-006", epoch=4),
+        Action("resume", "scalp-eth", "desired running", "desired-running", worker="worker-006", epoch=5),
     )
     assert {a.action for a in actions} == set(ACTIONS)
     return Plan(
@@ -802,3 +802,16 @@ def test_a_checkpoint_from_a_host_is_checked_before_it_is_kept():
     truncated = base64.b64encode(zlib.compress(b"x" * 1000)[:-4]).decode()
     assert "incomplete" in problem({"files": {"a": truncated}})
     assert problem({"files": []}) == "not a checkpoint"
+
+
+def test_a_plan_file_with_an_unknown_cause_is_refused(tmp_path):
+    """Causes are a closed set: execute and the guards decide by them, so a plan file naming one this
+    release does not know is refused, never carried out by guesswork (as Terraform's planfile decoder)."""
+    from quantlab.plan import Action, Plan
+    from quantlab.store import StateError, read_plan, write_plan
+
+    path = tmp_path / "next.plan.json"
+    write_plan(path, Plan(actions=(Action("stop", "a", "removed", "removed", worker="w", epoch=1),)))
+    path.write_text(path.read_text().replace('"cause": "removed"', '"cause": "tidy-up"'))
+    with pytest.raises(StateError, match="unknown cause 'tidy-up'"):
+        read_plan(path)
