@@ -308,11 +308,9 @@ def _outcome_json(o: Outcome) -> dict[str, Any]:
 
 
 def _lease_warning(ctl: Controller, fleet: Fleet, memory: Any) -> None:
-    monitor = fleet.settings.monitor
-    if not monitor.fencing or not memory.placements or ctl.loop_renews(fleet.settings, memory):
-        return
-    err.print(f"[yellow]Warning:[/] strategies stop in {monitor.lease_ttl_s:g} s unless `quantlab reconcile` runs: "
-              "no reconcile loop has renewed their leases recently (see Fencing in the README).")
+    warning = ctl.lease_warning(fleet, memory)
+    if warning is not None:
+        err.print(f"[yellow]Warning:[/] {escape(warning)}")
 
 
 @app.command()
@@ -514,30 +512,13 @@ def logs(
     ctl = _controller(fleet, state, accept_new_host_keys)
     loaded, problems = ctl.fleet_or_fallback()
     _banner(problems)
-    memory = ctl.read_memory(loaded)
-    placed = memory.placements.get(strategy)
-    where = placed.worker if placed is not None else ctl.last_worker(strategy)
-    if where is None:
-        raise _fail(f"{strategy} has never been placed on a worker (see `quantlab status`)")
-    worker = loaded.workers.get(where)
-    if worker is None:
-        raise _fail(f"{strategy} was on worker {where}, which is not in the fleet any more")
-    if placed is None:      # its log stays on the worker it last ran on
-        err.print(f"{escape(strategy)} is not running: its output on {escape(where)}, up to its stop")
-    hosts = ctl.hosts(loaded)
-    agent = hosts.agent_for(worker)
-    request = {"workdir": hosts.workdir(worker), "strategy": strategy, "lines": lines, "follow": follow}
     sink = sys.stdout.buffer
     try:
-        if follow:
-            for chunk in agent.stream("logs", request):
-                sink.write(chunk)
-                sink.flush()
-        else:
-            done = agent.run("logs", request, loaded.settings.ssh.command_timeout_s)
-            if done.returncode != 0:
-                raise _fail(f"{worker.id}: logs failed: {done.stderr.decode(errors='replace').strip()}")
-            sink.write(done.stdout)
+        output = ctl.logs(loaded, strategy, lines, follow)
+        if output.stopped:      # its log stays on the worker it last ran on
+            err.print(f"{escape(strategy)} is not running: its output on {escape(output.worker)}, up to its stop")
+        for chunk in output.chunks:
+            sink.write(chunk)
             sink.flush()
     except KeyboardInterrupt:
         pass
@@ -560,7 +541,12 @@ def events(
         cutoff = render.parse_since(since, ctl.clock.wall()) if since else None
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    history = list(ctl.events.read()) + _unrecorded_host_events(ctl)
+    try:
+        unrecorded, problems = ctl.unrecorded_host_events()
+    finally:
+        ctl.close()
+    _banner(problems)
+    history = list(ctl.events.read()) + unrecorded
     history.sort(key=lambda e: e.get("t", 0))
     selected = [e for e in history
                 if (cutoff is None or e.get("t", 0) >= cutoff) and (strategy is None or e.get("strategy") == strategy)]
@@ -571,23 +557,6 @@ def events(
         out.print("No events.")
     for event in selected:
         out.print(render.event_line(event))
-
-
-def _unrecorded_host_events(ctl: Controller) -> list[dict[str, Any]]:
-    """What the supervisors logged on the hosts since the last run that writes state recorded it
-    (restarts, errors, a lease that ran out while no reconcile ran). Read only: the next apply or
-    reconcile records them for good (while the fleet does not validate, from the workers the state
-    file remembers). Nothing when a host does not answer; a state file that cannot be read is an error (StateError) like for every command."""
-    try:
-        loaded, problems = ctl.fleet_or_fallback()
-        _banner(problems)
-        memory = ctl.read_memory(loaded)
-        gathered = ctl.observe(loaded, memory)
-    except (TransportError, AgentError):
-        return []
-    finally:
-        ctl.close()
-    return [{**e, "actor": f"supervisor@{e['worker']}"} for e in gathered.host_events]
 
 
 @app.command()

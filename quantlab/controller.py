@@ -28,7 +28,8 @@ from .follow import load_working_tree
 from .execute import Executor, Outcome, Progress, Recorder, outcome_notices
 from .checkpoints import copy_round, wanted as checkpoints_wanted
 from .gather import Gathered, Prober, gather, remember_into, renewals
-from .hosts import Hosts
+from .hosts import AgentError, Hosts
+from .transport.base import TransportError
 from .ledger import Ledger
 from .memory import Memory
 from .notify import Notifier
@@ -65,6 +66,13 @@ def quiet_scheduler_logs() -> None:
 
 class PlanChanged(StateError):
     """What a plan was made from changed while apply waited for a person; nothing was done."""
+
+
+@dataclass
+class LogOutput:
+    worker: str                 # whose log it is
+    stopped: bool               # the strategy is not placed any more: its output up to its stop
+    chunks: Iterator[bytes]
 
 
 @dataclass
@@ -181,6 +189,50 @@ class Controller:
         workers = {wid: _remembered_worker(wid, a) for wid, a in memory.addresses.items()}
         return Fleet(root=self.fleet_dir, settings=settings, strategies=MappingProxyType({}),
                      workers=MappingProxyType(dict(sorted(workers.items()))), fleet_hash="", files=())
+
+    def lease_warning(self, fleet: Fleet, memory: Memory) -> str | None:
+        """After an apply: that strategies stop when their leases run out, unless a loop renews them."""
+        monitor = fleet.settings.monitor
+        if not monitor.fencing or not memory.placements or self.loop_renews(fleet.settings, memory):
+            return None
+        return (f"strategies stop in {monitor.lease_ttl_s:g} s unless `quantlab reconcile` runs: no reconcile "
+                "loop has renewed their leases recently (see Fencing in the README).")
+
+    def logs(self, fleet: Fleet, strategy: str, lines: int, follow: bool) -> "LogOutput":
+        """A strategy's output from the worker it runs on (a stopped one's from the worker it last
+        ran on, up to its stop): the tail of `lines` lines, then with `follow` what comes next."""
+        placed = self.read_memory(fleet).placements.get(strategy)
+        where = placed.worker if placed is not None else self.last_worker(strategy)
+        if where is None:
+            raise UnknownTarget(f"{strategy} has never been placed on a worker (see `quantlab status`)")
+        worker = fleet.workers.get(where)
+        if worker is None:
+            raise UnknownTarget(f"{strategy} was on worker {where}, which is not in the fleet any more")
+        hosts = self.hosts(fleet)
+        agent = hosts.agent_for(worker)
+        request = {"workdir": hosts.workdir(worker), "strategy": strategy, "lines": lines, "follow": follow}
+
+        def chunks() -> Iterator[bytes]:
+            if follow:
+                yield from agent.stream("logs", request)
+                return
+            done = agent.run("logs", request, fleet.settings.ssh.command_timeout_s)
+            if done.returncode != 0:
+                raise AgentError(worker.id, f"logs failed: {done.stderr.decode(errors='replace').strip()}")
+            yield done.stdout
+        return LogOutput(where, placed is None, chunks())
+
+    def unrecorded_host_events(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """What the supervisors logged on the hosts since the last run that writes state recorded it
+        (restarts, errors, a lease that ran out while no reconcile ran), and the fleet's problems
+        when it does not validate (then from the workers the state remembers). Read only: the next
+        apply or reconcile records them for good. Nothing from a host that does not answer."""
+        fleet, problems = self.fleet_or_fallback()
+        try:
+            gathered = self.observe(fleet, self.read_memory(fleet))
+        except (TransportError, AgentError):
+            return [], problems
+        return [{**e, "actor": f"supervisor@{e['worker']}"} for e in gathered.host_events], problems
 
     def loop_renews(self, settings: FleetSettings, memory: Memory) -> bool:
         """Whether a reconcile loop renewed this state's leases recently (so it runs)."""
