@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .gitsource import GitError, Mirror, Pulled, Repo, Checkouts
-from .spec import Fleet, FleetInvalid, load_fleet
+from .fleetfiles import load_fleet
+from .spec import Fleet, FleetInvalid
 from .vcs import fleet_revision
 
 

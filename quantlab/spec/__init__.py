@@ -1,5 +1,6 @@
-"""The desired state: fleet YAML loaded, validated against `schemas/`, and turned into frozen models."""
-from .loader import FleetInvalid, Problem, load_fleet
+"""The desired state: fleet YAML validated against `schemas/` and turned into frozen models. Pure:
+quantlab/fleetfiles.py reads the files (`load_fleet`)."""
+from .loader import FleetInvalid, Problem
 from .models import (
     LOCAL_HOST,
     Fleet,
@@ -19,5 +20,5 @@ from .models import (
 __all__ = [
     "LOCAL_HOST", "Fleet", "FleetInvalid", "FleetSettings", "Location", "MonitorSettings",
     "NotifySettings", "Problem", "Requirements", "SchedulingSpec", "SshSettings", "StrategySpec",
-    "WorkerSpec", "canonical_json", "load_fleet", "worker_launch",
+    "WorkerSpec", "canonical_json", "worker_launch",
 ]

@@ -1,27 +1,26 @@
-"""Read a fleet directory into a validated `Fleet`, or report every problem at once.
+"""Validate a fleet's files into a `Fleet`, or report every problem at once. Pure: the bytes come
+from an adapter (quantlab/fleetfiles.py reads the fleet directory or a checkout of a commit).
+
+Two steps, because which strategy files matter is known only from the YAML: `parse_fleet` parses
+and checks the YAML files, the adapter reads the strategy files they name, and `build_fleet` checks
+the cross-references and builds the models.
 
 Fast path: libyaml parses each file and the schemas validate the plain documents. Line marks are
 needed only to point at a problem, so a file is composed into marked nodes only when it has one.
-
-Fails closed: a folder or file that cannot be read is a problem, never a smaller fleet. Nothing in
-the directory may hang or exhaust the reader: files are opened without blocking, regular files
-only, size-capped, and each document is measured (values reached, nesting) before anything
-expands its aliases.
+Each document is measured (values reached, nesting) before anything expands its aliases.
 """
 from __future__ import annotations
 
 import difflib
-import errno
 import hashlib
 import math
-import os
+import posixpath
 import re
 import reprlib
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator, Mapping
 
 import yaml
 
@@ -297,91 +296,6 @@ def _check_document(data: Any) -> list[tuple[list[Any], str]]:
     return [(path, label + message) for e in errors for path, message in _schema_messages(e, kinds[kind])]
 
 
-# --- Files ---------------------------------------------------------------------------------------
-
-def _yaml_paths(root: Path, unreadable: Callable[[OSError], None]) -> Iterator[Path]:
-    """Every *.yaml/*.yml below `root`, hidden folders skipped; `unreadable` hears of each folder
-    that cannot be listed (os.walk would otherwise skip it without a word)."""
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        here = Path(dirpath)
-        names = sorted(filenames) + [d for d in dirnames if d.endswith(YAML_SUFFIXES)]
-        for name in sorted(names):
-            if name.endswith(YAML_SUFFIXES) and not name.startswith("."):
-                yield here / name
-
-
-def _resolve(path: Path) -> Path:
-    """Path.resolve(), but a symlink loop gives the path itself (reading it then fails cleanly)."""
-    try:
-        return path.resolve()
-    except RuntimeError:  # "Symlink loop from ..."
-        return Path(os.path.abspath(path))
-
-
-class _Refused(Exception):
-    """A fleet file that exists but must not be read."""
-
-
-class _NotRegular(_Refused):
-    def __init__(self, kind: str):
-        super().__init__(kind)
-        self.kind = kind  # "a FIFO (named pipe)", "a directory", ...
-
-
-class _TooLarge(_Refused):
-    pass
-
-
-class _LfsPointer(_Refused):
-    pass
-
-
-_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
-          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
-
-
-def _check_regular(mode: int) -> None:
-    if not stat.S_ISREG(mode):
-        raise _NotRegular(_KINDS.get(stat.S_IFMT(mode), "a special file"))
-
-
-def _read_regular(path: Path, cap: int = MAX_FILE_BYTES) -> bytes:
-    """The bytes of the regular file at `path` (symlinks followed), read without ever blocking.
-
-    A FIFO would block the open and a device would never end, so the type is checked before the
-    open, the open does not wait, and the type is checked again on the open file (the name may
-    have been swapped in between). Raises OSError, _NotRegular, or _TooLarge above `cap` bytes.
-    """
-    _check_regular(os.stat(path).st_mode)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    try:
-        info = os.fstat(fd)
-        _check_regular(info.st_mode)
-        if info.st_size > cap:
-            raise _TooLarge()
-        data = _read_at_most(fd, cap + 1, size_hint=info.st_size + 1)
-    finally:
-        os.close(fd)
-    if len(data) > cap:  # the file grew after fstat
-        raise _TooLarge()
-    return data
-
-
-def _read_at_most(fd: int, limit: int, size_hint: int) -> bytes:
-    chunks = []
-    total = 0
-    want = min(size_hint, limit)
-    while total < limit:
-        chunk = os.read(fd, want)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-        want = min(2**20, limit - total)
-    return b"".join(chunks)
-
-
 def _oversized(document: Any, budget: int) -> tuple[int, list[Any], str | None]:
     """Walk one parsed document without recursion, before anything else expands it.
 
@@ -491,56 +405,69 @@ LFS_MESSAGE = ("is a Git LFS pointer, not the file itself: quantlab reads files 
                "fetches LFS objects; commit this file without LFS (remove its pattern from .gitattributes)")
 
 
+@dataclass(frozen=True)
+class FleetFile:
+    """One YAML file of the fleet, as the adapter that reads the fleet directory found it."""
+
+    rel: str                       # its path below the fleet directory (posix)
+    shown: str                     # how messages name it
+    data: bytes | None = None
+    problem: str | None = None     # why it could not be read (then there is no data)
+
+
+@dataclass(frozen=True)
+class StrategyFile:
+    """A strategyFile as written in a Strategy, resolved and read by the adapter."""
+
+    path: Path | None = None       # where its bytes are (what is uploaded to the workers)
+    rel: str | None = None         # its canonical path below the fleet directory
+    sha256: str | None = None
+    problem: str | None = None     # why it cannot be used: the rest of "strategyFile 'x' ..."
+
+
+def file_problem(data: bytes) -> str | None:
+    """What is wrong with a fleet file's bytes whatever its kind (an LFS pointer), or None."""
+    return LFS_MESSAGE if _lfs_pointer(data) else None
+
+
 @dataclass
-class _Reader:
-    """Reads the fleet's files from `disk_root` (the fleet directory itself, or a checkout of one of
-    its commits) and names them in messages as if they were in `root`."""
+class ParsedFleet:
+    """The fleet's YAML files parsed and checked against the schemas: every valid document, and
+    every problem found so far. `build_fleet` adds the cross-references and the models."""
 
     root: Path
-    disk_root: Path | None = None
     problems: list[Problem] = field(default_factory=list)
     docs: list[_Doc] = field(default_factory=list)
     digests: dict[str, str] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        if self.disk_root is None:
-            self.disk_root = self.root
-        self.real_root = self.disk_root.resolve()
-
-    def shown(self, path: Path | str) -> str:
-        """`path` (below disk_root) as the user knows it: below the fleet directory."""
-        assert self.disk_root is not None
-        if self.disk_root == self.root:
-            return str(path)
-        try:
-            return str(self.root / Path(path).relative_to(self.disk_root))
-        except ValueError:
-            return str(path)
-
     def problem(self, where: Location | tuple[str, int], message: str) -> None:
         file, line = (where.file, where.line) if isinstance(where, Location) else where
         self.problems.append(Problem(file, line, _clip(message, MAX_MESSAGE)))
 
-    def read_all(self) -> None:
-        assert self.disk_root is not None
-        for path in _yaml_paths(self.disk_root, self.unreadable_folder):
-            self.read_file(path)
+    def by_kind(self) -> dict[str, list[_Doc]]:
+        out: dict[str, list[_Doc]] = {"Strategy": [], "Worker": [], "Fleet": []}
+        for doc in self.docs:
+            out[doc.kind].append(doc)
+        return out
 
-    def unreadable_folder(self, exc: OSError) -> None:
-        # Never a silently smaller fleet: its strategies would be stopped as "removed from fleet".
-        folder = self.shown(exc.filename) if exc.filename is not None else str(self.root)
-        self.problem((folder, 0), f"cannot read folder: {exc.strerror}; fix its permissions")
+    def strategy_files(self) -> list[str]:
+        """The strategyFile of every Strategy (relative ones: the adapter resolves and reads them)."""
+        return sorted({d.data["strategyFile"] for d in self.by_kind()["Strategy"]
+                       if not posixpath.isabs(d.data["strategyFile"])})
 
-    def read_file(self, path: Path) -> None:
-        assert self.disk_root is not None
-        shown = self.shown(path)
-        rel = path.relative_to(self.disk_root).as_posix()
-        self.files.append(rel)
-        raw = self.read_bytes(path, shown)
-        if raw is None:
+    def add_file(self, found: FleetFile) -> None:
+        shown = found.shown
+        self.files.append(found.rel)
+        if found.data is None:
+            self.problem((shown, 0), found.problem or "cannot be read")
             return
-        self.digests[rel] = hashlib.sha256(raw).hexdigest()
+        raw = found.data
+        unusable = file_problem(raw)
+        if unusable is not None:
+            self.problem((shown, 0), unusable)
+            return
+        self.digests[found.rel] = hashlib.sha256(raw).hexdigest()
         parsed = self.parse(raw, shown)
         if parsed is None:
             return
@@ -558,36 +485,6 @@ class _Reader:
             if not problems:
                 kind = data["kind"]
                 self.docs.append(_Doc(kind, apply_defaults(data, schemas_by_kind()[kind]), file, index))
-
-    def read_bytes(self, path: Path, shown: str) -> bytes | None:
-        """The file's bytes, or None once the reason it cannot be used is reported."""
-        if os.path.islink(path) and not _resolve(path).is_relative_to(self.real_root):
-            self.problem((shown, 0), "symlink points outside the fleet directory; copy the file in instead")
-            return None
-        try:
-            data = _read_regular(path)
-            if _lfs_pointer(data):
-                self.problem((shown, 0), LFS_MESSAGE)
-                return None
-            return data
-        except _NotRegular as exc:
-            if exc.kind == "a directory":
-                self.problem((shown, 0), "is a directory, not a YAML file; rename it")
-            else:
-                self.problem((shown, 0), f"is {exc.kind}, not a regular file; remove it or rename it")
-        except _TooLarge:
-            self.problem((shown, 0), f"larger than {MAX_FILE_BYTES // 2**20} MiB; split it into smaller files")
-        except FileNotFoundError:
-            if os.path.islink(path):
-                self.problem((shown, 0), "cannot read: broken symlink; fix or remove it")
-            else:
-                self.problem((shown, 0), "cannot read: it disappeared while being read; run again")
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                self.problem((shown, 0), "cannot read: symlink loop; fix or remove it")
-            else:
-                self.problem((shown, 0), f"cannot read: {exc.strerror}; check its permissions")
-        return None
 
     def parse(self, raw: bytes, shown: str) -> tuple[str, list[Any]] | None:
         """(text, documents), or None once the reason it cannot be parsed is reported."""
@@ -635,58 +532,24 @@ class _Reader:
 
 # --- Cross-references and models -----------------------------------------------------------------
 
-def _unusable_strategy_file(exc: OSError | _Refused, path: Path, shown: str) -> str:
-    """Why the strategy file at `path` (as written; `shown` to people) cannot be used, and what to do."""
-    if isinstance(exc, _LfsPointer):
-        return LFS_MESSAGE
-    if isinstance(exc, _NotRegular):
-        return f"is not a regular file but {exc.kind}; point strategyFile at a regular file"
-    if isinstance(exc, _TooLarge):
-        return (f"is larger than {MAX_FILE_BYTES // 2**20} MiB (strategy files are hashed and copied to "
-                "their worker); keep bulky data out of it")
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-        broken = " (symlink loop)" if exc.errno == errno.ELOOP else (
-            " (broken symlink)" if os.path.islink(path) else "")
-        return f"not found{broken}; expected {shown}"
-    return f"cannot be read: {exc.strerror}; check its permissions"
-
-
 class _Builder:
-    def __init__(self, reader: _Reader):
-        self.r = reader
-        # Each strategy file is read once: its sha256, or why it cannot be used.
-        self.file_sha: dict[Path, str | OSError | _Refused] = {}
+    def __init__(self, parsed: ParsedFleet, strategy_files: Mapping[str, StrategyFile]):
+        self.r = parsed
+        self.strategy_files = strategy_files
 
     def strategy_file(self, doc: _Doc) -> tuple[Path, str] | None:
         written = doc.data["strategyFile"]
         where = doc.loc("strategyFile")
         label = f"Strategy {doc.data['id']}: strategyFile {_shown(written)}"
-        if os.path.isabs(written):
+        if posixpath.isabs(written):
             self.r.problem(where, f"{label} must be relative to the fleet directory")
             return None
-        assert self.r.disk_root is not None
-        path = self.r.disk_root / written
-        real = _resolve(path)
-        if not real.is_relative_to(self.r.real_root):
-            self.r.problem(where, f"{label} resolves outside the fleet directory ({real}); keep strategy files inside it")
+        found = self.strategy_files.get(written) or StrategyFile(problem="was not read")
+        if found.problem is not None or found.path is None or found.sha256 is None or found.rel is None:
+            self.r.problem(where, f"{label} {found.problem}")
             return None
-        hidden = [part for part in real.relative_to(self.r.real_root).parts if part.startswith(".")]
-        if hidden:
-            self.r.problem(where, f"{label} is inside the hidden folder {hidden[0]!r} (quantlab keeps state and "
-                                  "secrets of local workers in .quantlab/); keep strategy files in a plain folder")
-            return None
-        if real not in self.file_sha:
-            try:
-                data = _read_regular(real)
-                self.file_sha[real] = _LfsPointer() if _lfs_pointer(data) else hashlib.sha256(data).hexdigest()
-            except (OSError, _Refused) as exc:
-                self.file_sha[real] = exc
-        sha = self.file_sha[real]
-        if not isinstance(sha, str):
-            self.r.problem(where, f"{label} {_unusable_strategy_file(sha, path, self.r.shown(path))}")
-            return None
-        self.r.digests[real.relative_to(self.r.real_root).as_posix()] = sha
-        return real, sha
+        self.r.digests[found.rel] = found.sha256
+        return found.path, found.sha256
 
     def params_json(self, doc: _Doc) -> str | None:
         encoded = canonical_json(doc.data["params"])
@@ -821,49 +684,30 @@ class _Builder:
             seen[key] = (doc, w)
 
 
-def _unusable_fleet_dir(root: Path) -> str | None:
-    """Why `root` cannot be a fleet directory, or None. A folder that cannot be listed is
-    reported by the walk, like any folder below it."""
-    try:
-        info = os.stat(root)
-    except (FileNotFoundError, NotADirectoryError):
-        return "fleet directory not found; pass --fleet DIR or set QUANTLAB_FLEET"
-    except OSError as exc:
-        return f"cannot read fleet directory: {exc.strerror}; fix its permissions or pass another --fleet DIR"
-    if not stat.S_ISDIR(info.st_mode):
-        return "fleet directory is not a directory; pass --fleet DIR or set QUANTLAB_FLEET"
-    return None
+def parse_fleet(root: Path, files: list[FleetFile], problems: list[Problem]) -> ParsedFleet:
+    """The YAML files of the fleet directory at `root` (as shown in messages) parsed and checked;
+    `problems`: what the adapter could not read (folders, a checkout), reported with the rest."""
+    parsed = ParsedFleet(root)
+    for problem in problems:
+        parsed.problem((problem.file, problem.line), problem.message)
+    for found in files:
+        parsed.add_file(found)
+    return parsed
 
 
-def load_fleet(root: str | Path, checkout: Path | None = None,
-               problems: tuple[tuple[str, str], ...] = ()) -> Fleet:
-    """Load and validate the fleet directory at `root`; raises FleetInvalid with every problem.
-
-    `checkout`: read the files from this folder instead (a checkout of one of the fleet's commits),
-    naming them as if they were in `root`; `problems`: (path relative to root, message) found while
-    checking it out, reported with the rest."""
-    root = Path(root)
-    unusable = _unusable_fleet_dir(checkout or root)
-    if unusable is not None:
-        raise FleetInvalid([Problem(str(root), 0, unusable)])
-    reader = _Reader(root, checkout)
-    for rel, message in problems:
-        reader.problem((str(root / rel), 0), message)
-    reader.read_all()
-    builder = _Builder(reader)
-
-    by_kind: dict[str, list[_Doc]] = {"Strategy": [], "Worker": [], "Fleet": []}
-    for doc in reader.docs:
-        by_kind[doc.kind].append(doc)
-
+def build_fleet(parsed: ParsedFleet, strategy_files: Mapping[str, StrategyFile]) -> Fleet:
+    """The validated Fleet, or FleetInvalid with every problem. `strategy_files`: what the adapter
+    found for each of `parsed.strategy_files()`."""
+    builder = _Builder(parsed, strategy_files)
+    by_kind = parsed.by_kind()
     fleet_docs = by_kind["Fleet"]
     for extra in fleet_docs[1:]:
-        reader.problem(extra.loc("kind"), f"more than one Fleet document: the first is at {fleet_docs[0].loc('kind')}")
+        parsed.problem(extra.loc("kind"), f"more than one Fleet document: the first is at {fleet_docs[0].loc('kind')}")
     settings = builder.settings(fleet_docs[0] if fleet_docs else None)
     broken = settings.lease_rule_problem()
     if broken is not None and fleet_docs:
         field_path = ("reconcile", "probeDeadlineSeconds") if broken.startswith("reconcile.") else ("monitor", "leaseTtlSeconds")
-        reader.problem(fleet_docs[0].loc(*field_path), f"Fleet: {broken}")
+        parsed.problem(fleet_docs[0].loc(*field_path), f"Fleet: {broken}")
 
     workers = [(d, builder.worker(d)) for d in builder.unique(by_kind["Worker"], "Worker")]
     builder.workdirs(workers)
@@ -874,19 +718,20 @@ def load_fleet(root: str | Path, checkout: Path | None = None,
             strategies.append((doc, spec))
     builder.shared_accounts(strategies)
 
-    if not reader.files and not reader.problems:
-        reader.problem((str(root), 0), "no *.yaml or *.yml files found; run `quantlab init` to start one")
-    if reader.problems:
-        raise FleetInvalid(reader.problems)
+    root = parsed.root
+    if not parsed.files and not parsed.problems:
+        parsed.problem((str(root), 0), "no *.yaml or *.yml files found; run `quantlab init` to start one")
+    if parsed.problems:
+        raise FleetInvalid(parsed.problems)
 
     digest = hashlib.sha256()
-    for rel in sorted(reader.digests):
-        digest.update(f"{rel}\0{reader.digests[rel]}\n".encode())
+    for rel in sorted(parsed.digests):
+        digest.update(f"{rel}\0{parsed.digests[rel]}\n".encode())
     return Fleet(
         root=root,
         settings=settings,
         strategies=MappingProxyType({s.id: s for _, s in sorted(strategies, key=lambda p: p[1].id)}),
         workers=MappingProxyType({w.id: w for _, w in sorted(workers, key=lambda p: p[1].id)}),
         fleet_hash="sha256:" + digest.hexdigest(),
-        files=tuple(reader.files),
+        files=tuple(parsed.files),
     )

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from quantlab.follow import Follower
-from quantlab.spec import FleetInvalid, load_fleet
+from quantlab.fleetfiles import load_fleet
+from quantlab.spec import FleetInvalid
 
 from test_gitops import git, commit
 

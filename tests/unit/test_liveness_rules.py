@@ -8,7 +8,8 @@ import pytest
 
 from quantlab.health import RESCHEDULE_DELAY_MS, RESCHEDULE_RESET_MS, lease_surely_expired_at
 from quantlab.planner import plan
-from quantlab.spec import FleetInvalid, FleetSettings, MonitorSettings, load_fleet
+from quantlab.fleetfiles import load_fleet
+from quantlab.spec import FleetInvalid, FleetSettings, MonitorSettings
 from tests.fleetkit import NOW, fleet, memory, observed, running, strategy, summary, worker
 
 # --- the lease rule ---------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from quantlab.spec import Fleet, FleetInvalid, Problem, load_fleet
+from quantlab.fleetfiles import load_fleet
+from quantlab.spec import Fleet, FleetInvalid, Problem
 from quantlab.spec import loader
 
 WORKERS = """\
@@ -357,7 +358,7 @@ def test_long_values_are_clipped_in_messages(tmp_path: Path, edit: Callable[[str
 
 
 def test_a_message_is_clipped_as_a_whole() -> None:
-    reader = loader._Reader(Path("."))
+    reader = loader.ParsedFleet(Path("."))
     reader.problem(("a.yaml", 1), "y" * 50_000)
     (problem,) = reader.problems
     assert problem.message == "y" * loader.MAX_MESSAGE + "… (50000 characters)"

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from quantlab.spec import Fleet, FleetInvalid, Problem, load_fleet
+from quantlab.fleetfiles import load_fleet
+from quantlab.spec import Fleet, FleetInvalid, Problem
 from quantlab.spec.models import FleetSettings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,44 @@
+"""The dependency rule, checked on the source: the core (spec, scheduling, observed, memory, plan,
+planner, health, status, explain) imports no I/O module, reads no clock and knows nothing of the
+edges; the host agent imports nothing of the controller."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "quantlab"
+CORE = ["spec/loader.py", "spec/models.py", "spec/__init__.py", "scheduling/__init__.py", "scheduling/filters.py",
+        "scheduling/pool.py", "scheduling/policies.py", "scheduling/scheduler.py", "observed.py", "memory.py",
+        "plan.py", "planner.py", "health.py", "status.py", "explain.py"]
+IO_MODULES = {"os", "io", "subprocess", "socket", "time", "datetime", "threading", "shutil", "tempfile",
+              "fcntl", "select", "signal", "paramiko", "typer", "rich", "apscheduler", "urllib", "http"}
+EDGES = {"fleetfiles", "gitsource", "follow", "controller", "hosts", "transport", "store", "gather", "execute",
+         "loop", "cli", "render", "notify", "ledger", "clock", "atomicfile", "checkpoints", "vcs", "scaffold"}
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ("." * node.level) + (node.module or "")
+            found.add(base)
+            found |= {f"{base}.{alias.name}" if base.endswith(".") else alias.name for alias in node.names}
+    return found
+
+
+def test_the_core_imports_no_io_and_no_edge():
+    for rel in CORE:
+        names = imports(PACKAGE / rel)
+        roots = {n.lstrip(".").split(".")[0] for n in names if not n.startswith(".")}
+        assert not roots & IO_MODULES, f"{rel} imports {sorted(roots & IO_MODULES)}"
+        local = {n.lstrip(".").split(".")[0] for n in names if n.startswith(".")} | \
+                {n.split(".")[1] for n in names if n.startswith("quantlab.") and n.count(".") >= 1}
+        assert not local & EDGES, f"{rel} imports the edge {sorted(local & EDGES)}"
+
+
+def test_the_agent_imports_nothing_of_the_controller():
+    for path in (PACKAGE / "host").glob("*.py"):
+        names = imports(path)
+        assert not any(n.startswith(("quantlab", ".")) for n in names), f"{path.name} imports {sorted(names)}"
