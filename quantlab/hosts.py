@@ -7,21 +7,23 @@ warm probe costs exactly one round trip.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from .atomicfile import MiB, read_regular
+from .host.agent.qlagent.protocol import EXIT_MISSING
 from .spec import Fleet, StrategySpec, WorkerSpec
 from .transport.base import Completed, Transport, TransportError
 
-EXIT_MISSING = 3            # the agent's answer when files a request names are absent
 STRATEGY_FILE_CAP = 16 * MiB   # the loader refuses larger strategy files
 
 
@@ -30,9 +32,32 @@ def _shipped(name: str) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()[:16]
 
 
-AGENT_SOURCE, AGENT_HASH = _shipped("agent.py")
+def _zipapp(folder: str) -> tuple[bytes, str]:
+    """The agent's folder as one zip application (runnable as `python3 agent.pyz`), built the same
+    byte for byte from the same sources, so that its content hash names it."""
+    root = resources.files("quantlab.host").joinpath(folder)
+    found: list[tuple[str, bytes]] = []
+    pending = [(root, "")]
+    while pending:
+        here, prefix = pending.pop()
+        for entry in here.iterdir():
+            if entry.is_dir() and entry.name != "__pycache__":
+                pending.append((entry, f"{prefix}{entry.name}/"))
+            elif entry.name.endswith(".py"):
+                found.append((prefix + entry.name, entry.read_bytes()))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in sorted(found):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+    data = buffer.getvalue()
+    return data, hashlib.sha256(data).hexdigest()[:16]
+
+
+AGENT_SOURCE, AGENT_HASH = _zipapp("agent")
 RUNNER_SOURCE, RUNNER_HASH = _shipped("runner.mjs")
-AGENT_PATH = f"agent/agent-{AGENT_HASH}.py"
+AGENT_PATH = f"agent/agent-{AGENT_HASH}.pyz"
 RUNNER_PATH = f"agent/runner-{RUNNER_HASH}.mjs"
 
 

@@ -1,7 +1,7 @@
 """The host agent against hostile instance files.
 
 A strategy runs as the agent's user with its instance folder as working directory, so it can replace
-any file there. Each test drives quantlab/host/agent.py directly, the way the controller does (one
+any file there. Each test drives the agent (quantlab/host/agent/) directly, the way the controller does (one
 subprocess per call, JSON on stdin), with real `node` runners on workdirs in tmp_path, and checks that
 a bad file is that instance's problem only: every probe answers quickly and in full, healthy neighbours
 keep running and get their leases renewed, and the hostile instance says what is wrong with it.
@@ -24,7 +24,7 @@ import pytest
 from tests.support import alive, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-AGENT = REPO / "quantlab" / "host" / "agent.py"
+AGENT = REPO / "quantlab" / "host" / "agent"       # the zipapp's folder, runnable as it is
 RUNNER = REPO / "quantlab" / "host" / "runner.mjs"
 CALL_TIMEOUT = 60.0     # no agent call may hang a test
 PROBE_BOUND = 5.0       # "answers quickly": a probe takes a fraction of a second here

@@ -1,6 +1,6 @@
 """Leases, locks and answers of the host agent, driven directly as the controller drives it.
 
-Each test runs quantlab/host/agent.py as a subprocess with JSON on stdin (see `AgentHost` in
+Each test runs the agent (quantlab/host/agent/) as a subprocess with JSON on stdin (see `AgentHost` in
 test_agent_hostile.py), with real `node` runners on workdirs in tmp_path:
 
 - a lease that has run out stays out: the agent refuses to renew it, and a supervisor (and its runner)

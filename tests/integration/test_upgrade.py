@@ -37,7 +37,7 @@ from tests.support import cli_env
 
 PREVIOUS_RELEASE = "cbd8d1f"
 REPO = Path(__file__).resolve().parents[2]
-NEW_AGENT = os.path.basename(AGENT_PATH)      # agent-<content hash>.py
+NEW_AGENT = os.path.basename(AGENT_PATH)      # agent-<content hash>.pyz
 
 # Settings both releases accept: the previous release's schema refuses the new Fleet fields
 # (reconcile.probeDeadlineSeconds, monitor.controllerRestartSeconds ...), so those keep their new
@@ -131,8 +131,10 @@ def supervise_processes(fleet: FleetDir, sid: str) -> list[Proc]:
 
 
 def supervisor_agent(fleet: FleetDir, sid: str) -> set[str]:
-    """The names of the agent files the instance's supervise processes run (agent-<content hash>.py)."""
-    return {os.path.basename(arg) for p in supervise_processes(fleet, sid) for arg in p.argv if arg.endswith(".py")}
+    """The names of the agent files the instance's supervise processes run (agent-<content hash>.py
+    of the previous release, .pyz since the agent is a zip application)."""
+    return {os.path.basename(arg) for p in supervise_processes(fleet, sid) for arg in p.argv
+            if arg.endswith((".py", ".pyz"))}
 
 
 def runner_file(fleet: FleetDir, sid: str) -> str:

@@ -159,7 +159,7 @@ def test_agent_is_uploaded_once_not_on_every_gather(ssh_fleet):
         assert counting.connects() == {"host-01": 2, "host-02": 2, "host-03": 1}
         assert {w: identity(p) for w, p in agents.items()} == shipped
         for wid in agents:
-            assert [p.name for p in (fl.workdir(wid) / "agent").glob("agent-*.py")] == [agents[wid].name]
+            assert [p.name for p in (fl.workdir(wid) / "agent").glob("agent-*.pyz")] == [agents[wid].name]
     finally:
         ctl.close()
         hosts.close()

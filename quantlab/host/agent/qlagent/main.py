@@ -1,0 +1,55 @@
+"""The entry point: `python3 agent.pyz COMMAND` with the request as JSON on stdin."""
+import json
+import sys
+
+from .protocol import EXIT_BAD_REQUEST
+from .probe import copy_checkpoints, probe
+from .control import set_paused, start, stop
+from .logs import logs
+from .supervisor import supervise
+
+# --- entry point ------------------------------------------------------------------------------------
+
+COMMANDS = {
+    "probe": probe,
+    "start": start,
+    "stop": stop,
+    "pause": lambda request, args: set_paused(request, True),
+    "resume": lambda request, args: set_paused(request, False),
+    "logs": logs,
+    "checkpoints": copy_checkpoints,
+}
+
+
+def main(argv):
+    if len(argv) < 2:
+        sys.stderr.write("usage: agent.pyz probe|start|stop|pause|resume|logs|checkpoints|supervise ...\n")
+        return EXIT_BAD_REQUEST
+    command, args = argv[1], argv[2:]
+    if command == "supervise":
+        return supervise(args)
+    if command not in COMMANDS:
+        sys.stderr.write("unknown command %r\n" % command)
+        return EXIT_BAD_REQUEST
+    if args and (args[0] != "--request" or len(args) != 2):
+        # Everything else travels in the request (a renewal needs its notAfter, say).
+        sys.stderr.write("unexpected arguments %s: the only option is --request FILE\n" % " ".join(args))
+        return EXIT_BAD_REQUEST
+    try:
+        if args:                       # the request from a file instead of stdin (by hand, other tools)
+            with open(args[1], "rb") as handle:
+                request = json.loads(handle.read())
+        else:
+            request = json.loads(sys.stdin.buffer.read() or b"{}")
+    except OSError as exc:
+        sys.stderr.write("cannot read the request: %s\n" % exc)
+        return EXIT_BAD_REQUEST
+    except ValueError as exc:
+        sys.stderr.write("request is not JSON: %s\n" % exc)
+        return EXIT_BAD_REQUEST
+    result = COMMANDS[command](request, args)
+    answer, code = result if isinstance(result, tuple) else (result, 0)
+    if answer is not None:
+        sys.stdout.write(json.dumps(answer))
+        sys.stdout.flush()
+    return code

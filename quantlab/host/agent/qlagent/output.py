@@ -1,0 +1,54 @@
+"""The output log: a runner's stdout and stderr, relayed into output.log and rotated at a size cap."""
+import os
+import select
+import time
+
+from .base import LOG_CAP_BYTES, open_append, remove_entry
+
+
+class OutputLog(object):
+    """The runner's stdout and stderr, relayed into output.log and rotated at a size cap."""
+
+    def __init__(self, path, cap=LOG_CAP_BYTES):
+        self.path, self.cap = path, cap
+        self.fd = open_append(path)
+        self.size = os.fstat(self.fd).st_size
+
+    def write(self, data):
+        if self.size + len(data) > self.cap and self.size:
+            self.rotate()
+        os.write(self.fd, data)
+        self.size += len(data)
+
+    def rotate(self):
+        os.close(self.fd)
+        try:
+            os.replace(self.path, self.path + ".1")
+        except OSError:
+            remove_entry(self.path + ".1")       # e.g. a directory a strategy put there
+            remove_entry(self.path)
+        self.fd = open_append(self.path)
+        self.size = os.fstat(self.fd).st_size
+
+    def pump(self, pipe, timeout):
+        try:
+            ready, _, _ = select.select([pipe], [], [], timeout)
+        except (OSError, ValueError, InterruptedError):
+            return
+        if ready:
+            data = os.read(pipe.fileno(), 65536)
+            if data:
+                self.write(data)
+            else:
+                time.sleep(timeout)              # EOF: the runner closed its output
+
+    def drain(self, pipe):
+        while True:
+            try:
+                ready, _, _ = select.select([pipe], [], [], 0)
+                data = os.read(pipe.fileno(), 65536) if ready else b""
+            except (OSError, ValueError):
+                return
+            if not data:
+                return
+            self.write(data)

@@ -1,0 +1,81 @@
+"""Parts of the host agent on their own, with a fake clock: the health watch and the restart
+backoff; and the protocol's vocabulary, which the controller reads."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "quantlab" / "host" / "agent"))
+
+from qlagent import protocol  # noqa: E402
+from qlagent.health import HealthWatch  # noqa: E402
+from qlagent.supervisor import restart_delay  # noqa: E402
+
+from quantlab.observed import KNOWN_STATUSES  # noqa: E402
+
+
+class FakeSupervisor:
+    """What the health watch reads of its supervisor."""
+
+    def __init__(self, folder: Path, heartbeat_s: float = 1.0, **sched: Any):
+        self.folder, self.heartbeat_s = folder, heartbeat_s
+        self.sched = {"initTimeoutSeconds": 5, "maxErrors": 2, **sched}
+        self.paused = False
+        self.status: dict[str, Any] = {"state": "starting", "restarts": 0}
+        self.problems: list[str] = []
+
+    def path(self, name: str) -> str:
+        return str(self.folder / name)
+
+    def note_problem(self, problem: str) -> None:
+        self.problems.append(problem)
+
+    def save_status(self, **fields: Any) -> None:
+        self.status.update(fields)
+
+    def event(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def beat(self, beats: int, errors: int = 0) -> None:
+        (self.folder / "heartbeat.json").write_text(json.dumps(
+            {"t": 1, "beats": beats, "errorCount": errors, "lastError": "boom" if errors else None, "paused": False}))
+
+
+def test_no_first_heartbeat_within_init_timeout(tmp_path):
+    sup = FakeSupervisor(tmp_path)
+    watch = HealthWatch(sup, started=100.0, restarts=0)
+    assert watch.check(now=104.9) is None
+    assert "st_init did not finish within 5s" in watch.check(now=105.1)
+
+
+def test_a_silent_runner_is_unhealthy_after_three_heartbeats(tmp_path):
+    sup = FakeSupervisor(tmp_path, heartbeat_s=1.0)
+    watch = HealthWatch(sup, started=100.0, restarts=0)
+    sup.beat(1)
+    assert watch.check(now=101.0) is None and sup.status["state"] == "running"
+    assert watch.check(now=103.9) is None
+    assert "no heartbeat for 3.1s" in watch.check(now=104.1)
+
+
+def test_too_many_errors_and_a_garbage_heartbeat(tmp_path):
+    sup = FakeSupervisor(tmp_path)
+    watch = HealthWatch(sup, started=100.0, restarts=0)
+    sup.beat(1, errors=3)
+    assert "errorCount 3 > maxErrors 2" in watch.check(now=101.0)
+    (tmp_path / "heartbeat.json").write_text('{"t": "yesterday"}')
+    assert watch.check(now=102.0) is None and sup.problems, "a bad file is noted, and counts as no heartbeat"
+    assert "no valid heartbeat" in watch.check(now=105.5)
+
+
+@pytest.mark.parametrize("restarts, jitter, delay", [(1, 1.0, 1.0), (3, 1.0, 4.0), (3, 0.5, 2.0), (20, 1.0, 600.0)])
+def test_restart_backoff_doubles_with_jitter_up_to_ten_minutes(restarts, jitter, delay):
+    assert restart_delay({"restartDelay": 1000}, restarts, jitter) == pytest.approx(delay)
+
+
+def test_the_controller_knows_every_status_the_agent_reports():
+    assert KNOWN_STATUSES == frozenset(protocol.INSTANCE_STATUSES)
+    assert set(protocol.FINAL_STATES) <= set(protocol.SUPERVISOR_STATES)
