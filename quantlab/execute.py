@@ -18,7 +18,7 @@ from .gather import not_after
 from .health import lease_surely_expired_at
 from .hosts import RUNNER_PATH, AgentError, HostKey, Hosts, host_key, strategy_remote_path
 from .ledger import Ledger
-from .memory import Memory, Placement
+from .memory import Launched, Memory, Placement
 from .plan import Action, Plan
 from .spec import Fleet, StrategySpec, WorkerSpec, worker_launch
 from .store import CheckpointStore, EventLog, StateError, checked_checkpoint
@@ -145,7 +145,7 @@ class Executor:
         if spec is not None:
             return spec.scheduling.stop_timeout_s
         placed = self.rec.memory.placements.get(strategy)
-        started_with = ((placed.launched or {}).get("scheduling") or {}) if placed is not None else {}
+        started_with = placed.launched.scheduling if placed is not None and placed.launched is not None else {}
         return float(started_with.get("stopTimeoutSeconds") or 30.0)
 
     # --- one action ----------------------------------------------------------------------------
@@ -247,7 +247,7 @@ class Executor:
         previous = self.rec.memory.placements.get(a.strategy)
         placed_at = previous.placed_at if (a.action == "restart" and previous is not None) else self.rec.clock.wall()
         intended = Placement(a.strategy, target, a.epoch, spec.spec_hash, a.paused, placed_at,
-                             {**spec.launch_fields(), "worker": worker_launch(worker)},
+                             Launched.from_json({**spec.launch_fields(), "worker": worker_launch(worker)}),
                              self.rec.revision.get("revision"))
 
         def record(m: Memory, placement: Placement | None) -> None:

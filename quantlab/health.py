@@ -52,10 +52,9 @@ def lease_surely_expired_at(strategy: str, worker_id: str, memory: Memory, monit
     placed = memory.placements.get(strategy)
     ttl_ms = int(monitor.lease_ttl_s * 1000)
     until = max(memory.leases.get(worker_id, 0), memory.answered.get(worker_id, 0) + ttl_ms)
-    if placed is not None and placed.launched:
+    if placed is not None and placed.launched is not None:
         # The copy there was started with its own stop timeout; a shorter one now must not count.
-        started_with = placed.launched.get("scheduling", {}).get("stopTimeoutSeconds", 0)
-        stop_timeout_s = max(stop_timeout_s, float(started_with or 0))
+        stop_timeout_s = max(stop_timeout_s, placed.launched.stop_timeout_s)
     return until + int((stop_timeout_s + monitor.failover_margin_s) * 1000)
 
 

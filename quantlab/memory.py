@@ -26,6 +26,44 @@ class MemoryFormatError(ValueError):
 
 
 @dataclass(frozen=True)
+class Launched:
+    """What a placement's copy was started with: the strategy's launch fields and its worker's (see
+    StrategySpec.launch_fields and worker_launch), to explain a restart and to honour the stop
+    timeout it was started with. Read tolerantly: a field of another shape is left out."""
+
+    file: str | None = None
+    params: dict[str, Any] | None = None
+    heartbeat_ms: int | None = None
+    scheduling: dict[str, Any] = field(default_factory=dict)
+    account: str | None = None
+    worker: dict[str, Any] | None = None     # runner, proxy, region
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"file": self.file, "params": self.params, "heartbeatMs": self.heartbeat_ms,
+                               "scheduling": self.scheduling, "account": self.account}
+        if self.worker is not None:
+            out["worker"] = self.worker
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "Launched | None":
+        if not isinstance(raw, dict):
+            return None
+
+        def typed(key: str, kind: type | tuple[type, ...]) -> Any:
+            value = raw.get(key)
+            return value if isinstance(value, kind) and not isinstance(value, bool) else None
+        return cls(file=typed("file", str), params=typed("params", dict), heartbeat_ms=typed("heartbeatMs", int),
+                   scheduling=typed("scheduling", dict) or {}, account=typed("account", str),
+                   worker=typed("worker", dict))
+
+    @property
+    def stop_timeout_s(self) -> float:
+        value = self.scheduling.get("stopTimeoutSeconds")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+@dataclass(frozen=True)
 class Placement:
     """Where a strategy is meant to run, and which copy (epoch) is the current one there."""
 
@@ -35,14 +73,14 @@ class Placement:
     spec_hash: str
     paused: bool = False
     placed_at: int = 0                       # ms
-    launched: dict[str, Any] | None = None   # launch fields it was started with, to explain restarts
+    launched: Launched | None = None         # what it was started with, to explain restarts
     revision: str | None = None              # the fleet's git commit when it was started
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"worker": self.worker, "epoch": self.epoch, "specHash": self.spec_hash,
                                "paused": self.paused, "placedAt": self.placed_at}
         if self.launched is not None:
-            out["launched"] = self.launched
+            out["launched"] = self.launched.to_json()
         if self.revision is not None:
             out["revision"] = self.revision
         return out
@@ -51,7 +89,7 @@ class Placement:
     def from_json(cls, strategy: str, raw: dict[str, Any]) -> "Placement":
         return cls(strategy=strategy, worker=str(raw["worker"]), epoch=int(raw["epoch"]),
                    spec_hash=str(raw["specHash"]), paused=bool(raw.get("paused", False)),
-                   placed_at=int(raw.get("placedAt", 0)), launched=raw.get("launched"),
+                   placed_at=int(raw.get("placedAt", 0)), launched=Launched.from_json(raw.get("launched")),
                    revision=raw.get("revision"))
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable
 
-from quantlab.memory import Memory, Placement
+from quantlab.memory import Launched, Memory, Placement
 from quantlab.observed import Instance, ObservedState, WorkerState
 from quantlab.spec import (
     Fleet,
@@ -90,7 +90,7 @@ def memory(placements: dict[str, tuple[str, int]] | None = None, *, specs: dict[
     for sid, (wid, epoch) in (placements or {}).items():
         spec = specs.get(sid)
         out[sid] = Placement(sid, wid, epoch, spec.spec_hash if spec else "sha256:old", placed_at=NOW - 3_600_000,
-                             launched=spec.launch_fields() if spec else None)
+                             launched=Launched.from_json(spec.launch_fields()) if spec else None)
     epochs = [e for _, e in (placements or {}).values()]
     # NOW is both clocks here: `last_seen` (shown) and `answered` (judged) get the same values.
     return Memory(lineage="test-lineage", serial=1, placements=out, leases=dict(leases or {}),

@@ -101,7 +101,7 @@ def judge(ctx: Context, spec: StrategySpec, cur: Current, epochs: Epochs) -> Ver
     if misfit:
         return Verdict(sid, "place", place=ToPlace(spec, "requirements", f"{wid} no longer fits: {misfit}", cur),
                        stays=True)
-    started_on = (cur.launched or {}).get("worker")
+    started_on = cur.launched.worker if cur.launched is not None else None
     if inst.spec_hash != spec.spec_hash:
         return act(Action("restart", sid, changes(spec, cur), "spec-changed", worker=wid, epoch=cur.epoch,
                           spec_hash=spec.spec_hash, paused=paused))
@@ -189,18 +189,18 @@ def changes(spec: StrategySpec, cur: Current) -> str:
     """Words for what changed since the running copy was started."""
     old = cur.launched
     new = spec.launch_fields()
-    if not old:
+    if old is None:
         return f"spec changed ({cur.spec_hash} → {spec.spec_hash})"
     parts = []
-    if old.get("file") != new["file"]:
+    if old.file != new["file"]:
         parts.append(f"{spec.strategy_file} changed")
-    for key, label in (("params", "params changed"), ("scheduling", "scheduling changed")):
-        before, after = old.get(key) or {}, new[key]
+    for before, after, label in ((old.params or {}, new["params"], "params changed"),
+                                 (old.scheduling, new["scheduling"], "scheduling changed")):
         diffs = [f"{k} {before.get(k, '∅')} → {after.get(k, '∅')}"
                  for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
         if diffs:
             more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
             parts.append(f"{label}: {', '.join(diffs[:3])}{more}")
-    if old.get("heartbeatMs") != new["heartbeatMs"]:
-        parts.append(f"heartbeatMs {old.get('heartbeatMs')} → {new['heartbeatMs']}")
+    if old.heartbeat_ms != new["heartbeatMs"]:
+        parts.append(f"heartbeatMs {old.heartbeat_ms} → {new['heartbeatMs']}")
     return "; ".join(parts) or "spec changed"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .. import health
 from ..health import WorkerLiveness, format_duration
-from ..memory import Memory
+from ..memory import Launched, Memory
 from ..observed import Instance, ObservedState
 from ..scheduling import WorkerView, filters
 from ..spec import Fleet, StrategySpec, WorkerSpec
@@ -34,7 +34,7 @@ class Current:
     paused: bool
     instance: Instance | None       # the observed instance of this placement, when its worker answered
     adopted: bool = False
-    launched: dict | None = None
+    launched: Launched | None = None
 
 
 @dataclass

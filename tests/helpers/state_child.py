@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root, for `quantlab`
 
-from quantlab.memory import Memory, Placement  # noqa: E402
+from quantlab.memory import Launched, Memory, Placement  # noqa: E402
 from quantlab.store import StateStore  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def version(n: int, lineage: str | None = None, serial: int = 0) -> Memory:
         f"strat-{i:02d}": Placement(strategy=f"strat-{i:02d}", worker=f"worker-{(n + i) % 5:03d}",
                                    epoch=n * 10 + i, spec_hash=f"sha256:{n:08x}{i:02x}",
                                    paused=bool((n + i) % 2), placed_at=1_700_000_000_000 + n,
-                                   launched={"params": {"n": n, "pad": "x" * ((n * 37 + i) % 200)}})
+                                   launched=Launched(params={"n": n, "pad": "x" * ((n * 37 + i) % 200)}))
         for i in range(n % 7)
     }
     return Memory(lineage=lineage, serial=serial, placements=placements,

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from quantlab.memory import Launched
 from quantlab.planner import PlanOptions, UnknownTarget, plan
 from tests.fleetkit import JP_PROXY, NOW, fleet, memory, observed, running, strategy, summary, worker
 
@@ -512,8 +513,8 @@ def test_a_worker_proxy_change_restarts_what_runs_there():
     new_worker = _replace(old_worker, proxy="http://127.0.0.1:8891")
     fl = fleet([s], [new_worker])
     mem = memory({"s": ("w-a", 2)}, specs={"s": s})
-    mem.placements["s"] = Placement("s", "w-a", 2, s.spec_hash, launched={**s.launch_fields(),
-                                                                           "worker": worker_launch(old_worker)})
+    mem.placements["s"] = Placement("s", "w-a", 2, s.spec_hash, launched=Launched.from_json(
+        {**s.launch_fields(), "worker": worker_launch(old_worker)}))
     result = plan(fl, observed(fl, {"w-a": [running(s, 2)]}), mem, NOW)
     assert summary(result) == [("restart", "s", "w-a")]
     assert result.actions[0].reason == "worker w-a changed: proxy http://127.0.0.1:8890 → http://127.0.0.1:8891"

@@ -28,7 +28,7 @@ from typing import Callable
 
 import pytest
 
-from quantlab.memory import HostClock, Memory, Placement
+from quantlab.memory import HostClock, Launched, Memory, Placement
 from quantlab.plan import ACTIONS, Action, Adopt, Blocked, Note, Plan, Queued, Waiting
 from quantlab.store import CheckpointStore, EventLog, LockHeld, StateError, StateStore, read_plan, write_plan
 
@@ -61,10 +61,10 @@ def full_memory() -> Memory:
         placements={
             "grid-btc-sub1": Placement("grid-btc-sub1", "worker-003", 7, "sha256:aa11", paused=True,
                                        placed_at=1_700_000_000_123,
-                                       launched={"strategyFile": "sha256:ff00", "heartbeatMs": 60000,
-                                                 "params": {"symbol": "BTCUSDT", "grid": [20, 24]},
-                                                 "scheduling": {"autoRestart": True, "maxRestarts": 5},
-                                                 "note": "résumé ✓"}),
+                                       launched=Launched(file="sha256:ff00", heartbeat_ms=60000,
+                                                         params={"symbol": "BTCUSDT", "grid": [20, 24],
+                                                                 "note": "résumé ✓"},
+                                                         scheduling={"autoRestart": True, "maxRestarts": 5})),
             "trend-eth-01": Placement("trend-eth-01", "worker-002", 3, "sha256:bb22"),
         },
         leases={"worker-003": 1_700_000_000_500, "worker-002": 1_700_000_000_400},
@@ -165,7 +165,7 @@ def test_round_trip_under_the_lock_loads_back_equal(tmp_path):
     assert uuid.UUID(saved.lineage)               # a real uuid, set on the first save
     loaded = StateStore(path).load()
     assert loaded == saved
-    assert loaded.placements["grid-btc-sub1"].launched["params"]["grid"] == [20, 24]
+    assert loaded.placements["grid-btc-sub1"].launched.params["grid"] == [20, 24]
     assert loaded.placements["trend-eth-01"].launched is None
     raw = json.loads(path.read_text())
     assert raw["version"] == 2 and raw["serial"] == 1 and raw["lineage"] == saved.lineage
@@ -815,3 +815,15 @@ def test_a_plan_file_with_an_unknown_cause_is_refused(tmp_path):
     path.write_text(path.read_text().replace('"cause": "removed"', '"cause": "tidy-up"'))
     with pytest.raises(StateError, match="unknown cause 'tidy-up'"):
         read_plan(path)
+
+
+def test_what_a_placement_was_launched_with_is_read_tolerantly():
+    """A typed record the core reads by attribute; a field of another shape (an older or newer
+    release, a hand edit) is left out instead of failing the state."""
+    raw = {"file": "sha256:ab", "params": {"grid": 3}, "heartbeatMs": True, "scheduling": "fast",
+           "account": 7, "worker": {"proxy": None}, "somethingNew": 1}
+    launched = Launched.from_json(raw)
+    assert launched == Launched(file="sha256:ab", params={"grid": 3}, worker={"proxy": None})
+    assert launched.stop_timeout_s == 0.0 and Launched.from_json("garbage") is None
+    assert Launched(scheduling={"stopTimeoutSeconds": 12}).stop_timeout_s == 12.0
+    assert Launched.from_json(launched.to_json()) == launched
