@@ -47,7 +47,7 @@ class Launched:
 
     @classmethod
     def from_json(cls, raw: Any) -> "Launched | None":
-        if not isinstance(raw, dict):
+        if not isinstance(raw, dict) or not raw:
             return None
 
         def typed(key: str, kind: type | tuple[type, ...]) -> Any:

@@ -153,7 +153,8 @@ def test_a_change_of_source_stops_nothing_until_confirmed(gitfleet):
 def test_the_loop_pauses_while_a_rebase_is_in_progress(gitfleet):
     fl, clone = gitfleet, gitfleet.clone
     once(fl)
-    pid = fl.runner_pid("s1")
+    fl.beating("s1", beats=1)
+    pid, spec_hash = fl.runner_pid("s1"), fl.placement("s1")["specHash"]
     # A rebase that stops on a conflict: the branch's commits are being rewritten.
     notes = clone / "notes.txt"
     notes.write_text("base\n")
@@ -173,7 +174,7 @@ def test_the_loop_pauses_while_a_rebase_is_in_progress(gitfleet):
 
     run = once(fl)
     assert "a rebase is in progress" in run.output and "renews leases" in run.output, run.output
-    assert fl.runner_pid("s1") == pid and fl.placement("s1")["specHash"] == fl.state()["placements"]["s1"]["specHash"]
+    assert fl.runner_pid("s1") == pid and fl.placement("s1")["specHash"] == spec_hash, "main's s1 v3 went live"
     assert fl.state()["loopRenewal"] != before, "leases are renewed while paused"
 
     git(clone, "rebase", "--abort")
@@ -233,6 +234,7 @@ def test_the_daemon_pulls_on_its_own_job(gitfleet, tmp_path, origin):
 def test_a_broken_commit_changes_nothing_alerts_once_and_status_still_works(gitfleet):
     fl, clone = gitfleet, gitfleet.clone
     once(fl)
+    fl.beating("s1", beats=1)
     pid = fl.runner_pid("s1")
     (fl.root / "strategies.yaml").write_text((fl.root / "strategies.yaml").read_text().replace("heartbeatMs", "heartbeatMz"))
     commit(clone, "typo")

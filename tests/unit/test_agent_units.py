@@ -79,3 +79,19 @@ def test_restart_backoff_doubles_with_jitter_up_to_ten_minutes(restarts, jitter,
 def test_the_controller_knows_every_status_the_agent_reports():
     assert KNOWN_STATUSES == frozenset(protocol.INSTANCE_STATUSES)
     assert set(protocol.FINAL_STATES) <= set(protocol.SUPERVISOR_STATES)
+
+
+def test_the_agent_answers_on_a_python_without_ctypes_or_zlib(tmp_path):
+    """Pythons built without libffi or zlib exist on hosts: the agent still probes (no prctl
+    containment, no checkpoint copies) instead of failing every command at import."""
+    import subprocess
+
+    from quantlab.hosts import AGENT_SOURCE
+
+    app = tmp_path / "agent.pyz"
+    app.write_bytes(AGENT_SOURCE)
+    run = ("import runpy, sys; sys.modules['ctypes'] = None; sys.modules['zlib'] = None; "
+           f"sys.argv = [{str(app)!r}, 'probe']; runpy.run_path({str(app)!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", run], input=b"{}", capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["host"]["cpus"] >= 1

@@ -1,11 +1,15 @@
 """Processes: pid files with their identity, the process table, subreapers, instance locks and events."""
-import ctypes
 import fcntl
 import os
 import signal
 import stat
 import sys
 import time
+
+try:                    # a Python built without libffi has no ctypes: no prctl then, nothing else lost
+    import ctypes
+except ImportError:
+    ctypes = None
 
 from .base import (
     BadFile,
@@ -220,7 +224,7 @@ def prctl_function():
     fork, so a child can call it without importing anything."""
     if not _PRCTL:
         function = None
-        if sys.platform.startswith("linux"):
+        if sys.platform.startswith("linux") and ctypes is not None:
             try:
                 function = ctypes.CDLL(None, use_errno=True).prctl
                 function.restype = ctypes.c_int
