@@ -65,8 +65,10 @@ class Output(str, Enum):
 # and exit 1 (typer's own check would exit 2 before anything could explain it).
 FleetOpt = Annotated[Optional[Path], typer.Option("--fleet", readable=False, metavar="DIR",
                                                   help="Fleet directory [default: $QUANTLAB_FLEET or ./fleet]")]
-StateOpt = Annotated[Optional[Path], typer.Option("--state", readable=False, metavar="FILE",
-                                                  help="State file [default: FLEET/.quantlab/state.json]")]
+StateOpt = Annotated[Optional[str], typer.Option("--state", envvar="QUANTLAB_STATE", metavar="FILE|DSN",
+                                                 help="State file, or postgresql://USER@HOST/DB (credentials from "
+                                                      "PGPASSFILE or a service file) [default: "
+                                                      "FLEET/.quantlab/state.json]")]
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", metavar="text|json", help="text or json")]
 TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", metavar="ID", help="Limit to this strategy or worker id (repeatable)")]
 LockOpt = Annotated[float, typer.Option("--lock-timeout", min=0, metavar="SECONDS", help="Wait this many seconds for the state lock")]
@@ -75,9 +77,13 @@ HostKeysOpt = Annotated[bool, typer.Option("--accept-new-host-keys",
 DetailedOpt = Annotated[bool, typer.Option("--detailed-exitcode", help="Exit 2 when there is something to do")]
 
 
-def _controller(fleet: Optional[Path], state: Optional[Path], accept_new_host_keys: bool = False) -> Controller:
+def _controller(fleet: Optional[Path], state: Optional[str], accept_new_host_keys: bool = False) -> Controller:
     fleet_dir = fleet or default_fleet_dir()
-    return Controller(fleet_dir, state or default_state_path(fleet_dir), accept_new_host_keys=accept_new_host_keys)
+    if state and state.startswith(("postgresql://", "postgres://")):
+        return Controller(fleet_dir, default_state_path(fleet_dir), accept_new_host_keys=accept_new_host_keys,
+                          state_dsn=state)
+    return Controller(fleet_dir, Path(state) if state else default_state_path(fleet_dir),
+                      accept_new_host_keys=accept_new_host_keys)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:

@@ -111,6 +111,7 @@ class Controller:
     state_path: Path
     clock: Clock = field(default_factory=Clock)
     accept_new_host_keys: bool = False
+    state_dsn: str | None = None      # postgresql://…: the state lives there (state_path: local files only)
     log: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
     store: StateStore = field(init=False)
     ledger: Ledger = field(init=False)
@@ -123,10 +124,19 @@ class Controller:
     _events_failure_said: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.store = StateStore(self.state_path)
+        if self.state_dsn is not None:
+            # The state, its events and checkpoint copies in PostgreSQL; what is this machine's own
+            # (checkouts of commits, the pull mirror) stays in the local state folder.
+            from .pgstate import PgCheckpointStore, PgEventLog, PgStore
+            pg = PgStore(self.state_dsn)
+            self.store = pg  # type: ignore[assignment]
+            self.events = PgEventLog(pg.db)  # type: ignore[assignment]
+            self.checkpoints = PgCheckpointStore(pg.db)  # type: ignore[assignment]
+        else:
+            self.store = StateStore(self.state_path)
+            self.events = EventLog(self.state_path.with_name("events.jsonl"))
+            self.checkpoints = CheckpointStore(self.state_path.with_name("checkpoints"))
         self.ledger = Ledger(self.store, self.clock)
-        self.events = EventLog(self.state_path.with_name("events.jsonl"))
-        self.checkpoints = CheckpointStore(self.state_path.with_name("checkpoints"))
 
     # --- pieces --------------------------------------------------------------------------------
 

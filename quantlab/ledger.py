@@ -85,7 +85,7 @@ class Ledger:
         """The state as it is on disk, judged on this process's clock; nothing is locked or written
         (plan, status, events). Read through a store of its own, so that what this process holds
         still knows which version of the file it wrote last."""
-        return StateStore(self.store.path).load().rebase(self.clock.mono(), self.clock.boot_id, ttl_s)
+        return self.store.fresh().load().rebase(self.clock.mono(), self.clock.boot_id, ttl_s)
 
     def refresh(self, ttl_s: float) -> Memory:
         """The newest memory: the file read again when another process wrote it since. `ttl_s`: the

@@ -9,13 +9,19 @@ events. TLS settings in the DSN (sslmode and friends) are passed on as they are.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import sys
+import threading
+import time
 import uuid
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterator
 
 from .memory import Memory, MemoryFormatError
-from .store import StateError
+from .store import LockHeld, StateError
 
 SCHEMA_VERSION = 1
 MIGRATION_LOCK = 0x716C6D67          # pg_advisory_xact_lock key: one migration at a time
@@ -85,7 +91,7 @@ class PgState:
                                   id bigserial PRIMARY KEY, t bigint NOT NULL, body jsonb NOT NULL)""")
                 conn.execute("""CREATE TABLE quantlab_checkpoints (
                                   strategy text PRIMARY KEY, hash text, body jsonb NOT NULL,
-                                  changed_at timestamptz NOT NULL DEFAULT now())""")
+                                  changed_at timestamptz NOT NULL DEFAULT now(), gone_at timestamptz)""")
                 conn.execute("INSERT INTO quantlab_schema (version) VALUES (1)")
             return SCHEMA_VERSION
 
@@ -128,3 +134,178 @@ class PgState:
             conn.execute("UPDATE quantlab_state SET serial = serial + 1, content = %s, saved_at = now() WHERE id = 1",
                          (json.dumps(mine.content_json()),))
             return replace(mine, serial=serial + 1)
+
+
+# --- the Ledger's store, the events log and the checkpoint copies, on PostgreSQL -------------------
+
+WRITE_LOCK = 0x716C7772              # held for one read-change-write of the state (milliseconds)
+STATE_LOCK = 0x716C6C6B              # held by the one run that plans and acts (`apply`, an act round)
+LOCK_POLL_S = 0.05
+
+
+class PgStore:
+    """What the Ledger needs of a state store (see store.StateStore), kept in PostgreSQL. A save is
+    a compare-and-swap on the serial this store last read or wrote; the write and state locks are
+    advisory locks held by a connection of their own for as long as the lock is held."""
+
+    def __init__(self, dsn: str):
+        self.db = PgState(dsn)
+        self.db.migrate()
+        self.path = self.db.where()          # how messages name the state
+        self._serial = 0
+        self._write_mutex = threading.RLock()
+        self._writing: Any = None            # the connection holding the write lock
+
+    def fresh(self) -> "PgStore":
+        return PgStore(self.db.dsn)
+
+    def load(self) -> Memory:
+        memory = self.db.load()
+        self._serial = memory.serial
+        return memory
+
+    def changed_since_saved(self) -> bool:
+        try:
+            with self.db._connect() as conn:
+                row = conn.execute("SELECT serial FROM quantlab_state WHERE id = 1").fetchone()
+        except StateError:
+            return True
+        return (row[0] if row else 0) != self._serial
+
+    def save(self, memory: Memory) -> Memory:
+        saved = self.db.save(memory, self._serial)
+        self._serial = saved.serial
+        return saved
+
+    def _advisory(self, key: int, timeout: float) -> Any:
+        """A connection holding advisory lock `key`, or None once `timeout` passed."""
+        conn = self.db._connect()
+        conn.autocommit = True
+        deadline = time.monotonic() + timeout
+        while True:
+            if conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+                return conn
+            if time.monotonic() >= deadline:
+                conn.close()
+                return None
+            time.sleep(LOCK_POLL_S)
+
+    @contextlib.contextmanager
+    def writing(self, timeout: float = 10.0) -> Iterator[None]:
+        with self._write_mutex:
+            if self._writing is not None:
+                yield
+                return
+            conn = self._advisory(WRITE_LOCK, timeout)
+            if conn is None:
+                raise StateError(f"{self.path}: another process held the state's write lock for more than "
+                                 f"{timeout:g}s; is a quantlab process stuck?")
+            self._writing = conn
+            try:
+                yield
+            finally:
+                self._writing = None
+                conn.close()
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = 0.0, command: str | None = None) -> Iterator[None]:
+        conn = self._advisory(STATE_LOCK, timeout)
+        if conn is None:
+            raise LockHeld(self._held_message(timeout))
+        try:
+            holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "command": command or " ".join(["quantlab"] + sys.argv[1:]),
+                      "startedAt": int(time.time() * 1000)}
+            conn.execute("CREATE TABLE IF NOT EXISTS quantlab_lock (id smallint PRIMARY KEY DEFAULT 1, holder jsonb)")
+            conn.execute("INSERT INTO quantlab_lock (id, holder) VALUES (1, %s) ON CONFLICT (id) DO UPDATE "
+                         "SET holder = excluded.holder", (json.dumps(holder),))
+            yield
+        finally:
+            conn.close()                      # closing releases the advisory lock
+
+    def holder(self) -> dict[str, Any] | None:
+        try:
+            with self.db._connect() as conn:
+                row = conn.execute("SELECT holder FROM quantlab_lock WHERE id = 1").fetchone()
+        except Exception:                     # no table yet, or no answer: nobody to name
+            return None
+        return row[0] if row else None
+
+    def _held_message(self, waited: float) -> str:
+        info = self.holder()
+        waited_words = f" after waiting {waited:g}s" if waited else ""
+        who = "another process" if info is None else \
+            f"pid {info.get('pid')} on {info.get('host')} ({info.get('command')})"
+        return f"{self.path}: state is locked by {who}{waited_words}; wait for it to finish or pass --lock-timeout SECONDS"
+
+
+class PgEventLog:
+    """The events log as a table; like the file's, an append that fails is said, never fatal."""
+
+    def __init__(self, db: PgState):
+        self.db = db
+        self.failure: str | None = None
+
+    def append(self, event: dict[str, Any]) -> bool:
+        try:
+            with self.db._connect() as conn:
+                conn.execute("INSERT INTO quantlab_events (t, body) VALUES (%s, %s)",
+                             (int(event.get("t") or 0), json.dumps(event)))
+        except Exception as exc:              # noqa: BLE001 - history is best effort
+            self.failure = f"cannot write the events to {self.db.where()}: {exc}"
+            return False
+        self.failure = None
+        return True
+
+    def read(self) -> Iterator[dict[str, Any]]:
+        with self.db._connect() as conn:
+            rows = conn.execute("SELECT body FROM quantlab_events ORDER BY id").fetchall()
+        for (body,) in rows:
+            if isinstance(body, dict):
+                yield body
+
+
+class PgCheckpointStore:
+    """The controller's checkpoint copies as rows; only changed ones are written."""
+
+    def __init__(self, db: PgState):
+        self.db = db
+        self.folder = db.where()
+
+    def save(self, strategy: str, checkpoint: dict[str, Any]) -> None:
+        self.save_many({strategy: checkpoint})
+
+    def save_many(self, copies: dict[str, dict[str, Any]]) -> None:
+        if not copies:
+            return
+        with self.db._connect() as conn:
+            for strategy, checkpoint in sorted(copies.items()):
+                conn.execute("INSERT INTO quantlab_checkpoints (strategy, hash, body) VALUES (%s, %s, %s) "
+                             "ON CONFLICT (strategy) DO UPDATE SET hash = excluded.hash, body = excluded.body, "
+                             "changed_at = now()", (strategy, checkpoint.get("hash"), json.dumps(checkpoint)))
+
+    def hash_of(self, strategy: str) -> str | None:
+        with self.db._connect() as conn:
+            row = conn.execute("SELECT hash FROM quantlab_checkpoints WHERE strategy = %s", (strategy,)).fetchone()
+        return row[0] if row else None
+
+    def forget(self, strategy: str) -> bool:
+        with self.db._connect() as conn:
+            return conn.execute("DELETE FROM quantlab_checkpoints WHERE strategy = %s", (strategy,)).rowcount > 0
+
+    def load(self, strategy: str) -> dict[str, Any] | None:
+        with self.db._connect() as conn:
+            row = conn.execute("SELECT body FROM quantlab_checkpoints WHERE strategy = %s", (strategy,)).fetchone()
+        return row[0] if row and isinstance(row[0], dict) else None
+
+    def prune(self, keep: set[str], now_s: float, retention_s: float) -> list[str]:
+        """Remove the copies of strategies not in `keep` `retention_s` after a run first found them
+        gone (gone_at); one that comes back loses its mark. The ids removed."""
+        names = sorted(keep)
+        with self.db._connect() as conn:
+            conn.execute("UPDATE quantlab_checkpoints SET gone_at = NULL WHERE strategy = ANY(%s)", (names,))
+            conn.execute("UPDATE quantlab_checkpoints SET gone_at = now() WHERE gone_at IS NULL AND "
+                         "NOT (strategy = ANY(%s))", (names,))
+            rows = conn.execute("DELETE FROM quantlab_checkpoints WHERE gone_at < now() - make_interval(secs => %s) "
+                                "RETURNING strategy", (retention_s,)).fetchall()
+        return sorted(r[0] for r in rows)

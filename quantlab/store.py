@@ -101,6 +101,10 @@ class StateStore:
         self._saved, self._serial, self._saved_bytes = memory.content_json(), memory.serial, data
         return memory
 
+    def fresh(self) -> "StateStore":
+        """A store of its own on the same file (it knows nothing of what this one read or wrote)."""
+        return StateStore(self.path)
+
     def changed_since_saved(self) -> bool:
         """Whether the file is other than what this store last read or wrote (another process wrote it)."""
         try:
