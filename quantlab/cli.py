@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import render
+from .atomicfile import atomic_write
 from .controller import Controller, default_fleet_dir, default_state_path
 from .execute import Outcome
 from .explain import outcome, verdicts
@@ -563,6 +564,46 @@ def events(
         out.print("No events.")
     for event in selected:
         out.print(render.event_line(event))
+
+
+state_app = typer.Typer(help="Read a state, or move it into another backend.", no_args_is_help=True,
+                        rich_markup_mode=None)
+app.add_typer(state_app, name="state")
+
+
+@state_app.command("pull")
+@_handled
+def state_pull(
+    fleet: FleetOpt = None,
+    state: StateOpt = None,
+    out_file: Annotated[Optional[Path], typer.Option("--out", readable=False, metavar="FILE",
+                                                     help="Write it to FILE (mode 0600) instead of stdout")] = None,
+) -> None:
+    """A read-only copy of the state as JSON (backups, inspection); the source is not changed."""
+    ctl = _controller(fleet, state)
+    text = json.dumps(ctl.stored_state().to_json(), indent=1, sort_keys=True) + "\n"
+    if out_file is None:
+        sys.stdout.write(text)
+        return
+    atomic_write(out_file, text.encode(), mode=0o600)
+    err.print(f"Wrote the state to {escape(str(out_file))}.")
+
+
+@state_app.command("push")
+@_handled
+def state_push(
+    destination: Annotated[str, typer.Argument(metavar="FILE|DSN", help="Where the state moves: an empty one")],
+    fleet: FleetOpt = None,
+    state: StateOpt = None,
+    lock_timeout: LockOpt = 0.0,
+) -> None:
+    """Move the state (placements, leases, restart counts, history, checkpoints) into another backend;
+    the state it came from is marked migrated, so that no controller acts on it any more."""
+    source = _controller(fleet, state)
+    dest = _controller(fleet, destination)
+    moved = source.push_state(dest, lock_timeout)
+    out.print(f"Moved the state (lineage {moved.lineage}, {len(moved.placements)} placements) to "
+              f"{escape(str(dest.store.path))}: pass that --state from now on (the old one refuses to act).")
 
 
 @app.command()

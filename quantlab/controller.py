@@ -286,6 +286,36 @@ class Controller:
             return fleet
         return replace(fleet, workers=MappingProxyType(dict(sorted({**fleet.workers, **extra}.items()))))
 
+    def stored_state(self) -> Memory:
+        """The state as stored: nothing rebased, locked or written (`quantlab state pull`)."""
+        return self.store.fresh().load()
+
+    def push_state(self, dest: "Controller", lock_timeout: float) -> Memory:
+        """Move this state into `dest`, which must hold none yet: placements, leases, restart
+        counts, history and checkpoint copies, under this state's lock (nothing acts meanwhile).
+        Then this state is marked migrated, so that no controller acts on it any more."""
+        settings = FleetSettings.from_snapshot(self.ledger.read(0.0).fleet_settings)
+        where = str(dest.store.path)
+        with self.ledger.hold(settings.monitor.lease_ttl_s, lock_timeout, "quantlab state push"):
+            memory = self.ledger.memory
+            existing = dest.store.fresh().load()
+            if existing.serial:
+                raise StateError(f"{where} already holds a state (lineage {existing.lineage}, serial "
+                                 f"{existing.serial}): push only into an empty one")
+            dest.store.load()
+            with dest.store.writing():
+                moved = dest.store.save(memory)
+            for event in self.events.read():
+                dest.events.append(event)
+            for sid in self.checkpoints.names():
+                copy = self.checkpoints.load(sid)
+                if copy is not None:
+                    dest.checkpoints.save(sid, copy)
+            self.ledger.update(lambda m: setattr(m, "migrated_to", where))
+        dest.record_event({"t": self.clock.wall(), "event": "state-pushed", "actor": self.actor("state push"),
+                           "detail": f"from {self.store.path} (lineage {memory.lineage})"})
+        return moved
+
     def fleet_or_fallback(self) -> tuple[Fleet, list[str]]:
         """The working tree's fleet; when it does not validate, the fleet as the state file remembers
         it (see fallback_fleet) and the problems, so that status, logs and events keep working."""

@@ -101,6 +101,9 @@ class Ledger:
         if self._memory is not None and not self.store.changed_since_saved():
             return
         loaded = self.store.load()
+        if loaded.migrated_to:
+            raise StateError(f"{self.store.path}: this state was moved to {loaded.migrated_to} by `quantlab state "
+                             f"push`; no controller acts on it any more: pass --state {loaded.migrated_to}")
         self.leases.read_from(loaded.leases)
         self._memory = loaded
         rebased = loaded.rebase(self.clock.mono(), self.clock.boot_id, self._ttl_s)

@@ -147,6 +147,8 @@ class Memory:
     # What the reconcile loop applies ({"kind", "ref"}, see follow.Source), the revision it last
     # applied ("revision") and since when ("at", epoch ms): a change of source is guarded
     loop_source: dict[str, Any] = field(default_factory=dict)
+    # Set by `quantlab state push` on the state it moved away: no controller acts on it any more.
+    migrated_to: str | None = None
 
     def copy(self) -> "Memory":
         return copy.deepcopy(self)
@@ -179,6 +181,7 @@ class Memory:
             **({"rebalancedAt": self.rebalanced_at, "rebalanced": sorted(self.rebalanced)}
                if self.rebalanced_at is not None else {}),
             **({"loopSource": dict(sorted(self.loop_source.items()))} if self.loop_source else {}),
+            **({"migratedTo": self.migrated_to} if self.migrated_to else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -222,6 +225,7 @@ class Memory:
                 rebalanced_at=raw.get("rebalancedAt") if version >= FORMAT_VERSION else None,
                 rebalanced=[str(s) for s in raw.get("rebalanced", [])],
                 loop_source=dict(raw.get("loopSource") or {}),
+                migrated_to=raw.get("migratedTo"),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc

@@ -284,6 +284,10 @@ class PgCheckpointStore:
                              "ON CONFLICT (strategy) DO UPDATE SET hash = excluded.hash, body = excluded.body, "
                              "changed_at = now()", (strategy, checkpoint.get("hash"), json.dumps(checkpoint)))
 
+    def names(self) -> list[str]:
+        with self.db._connect() as conn:
+            return sorted(r[0] for r in conn.execute("SELECT strategy FROM quantlab_checkpoints").fetchall())
+
     def hash_of(self, strategy: str) -> str | None:
         with self.db._connect() as conn:
             row = conn.execute("SELECT hash FROM quantlab_checkpoints WHERE strategy = %s", (strategy,)).fetchone()

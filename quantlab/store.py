@@ -416,6 +416,13 @@ class CheckpointStore:
                 self._hashes[strategy] = checkpoint.get("hash")
         fsync_dir(self.folder)
 
+    def names(self) -> list[str]:
+        """The strategies that have a copy here."""
+        try:
+            return sorted(p.stem for p in self.folder.glob("*.json"))
+        except OSError:
+            return []
+
     def hash_of(self, strategy: str) -> str | None:
         with self._lock:
             if strategy in self._hashes:
