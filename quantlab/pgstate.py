@@ -26,6 +26,8 @@ from .store import LockHeld, StateError
 SCHEMA_VERSION = 1
 MIGRATION_LOCK = 0x716C6D67          # pg_advisory_xact_lock key: one migration at a time
 CONNECT_TIMEOUT_S = 5
+# Every wait on the database has a deadline: a statement, a row lock, a transaction left open.
+SESSION_OPTIONS = "-c statement_timeout=10000 -c lock_timeout=10000 -c idle_in_transaction_session_timeout=30000"
 
 
 class StateConflict(StateError):
@@ -62,8 +64,10 @@ class PgState:
     def _connect(self) -> Any:
         import psycopg
 
+        options = {} if "options" in self.parts else {"options": SESSION_OPTIONS}
         try:
-            return psycopg.connect(self.dsn, connect_timeout=int(self.parts.get("connect_timeout") or CONNECT_TIMEOUT_S))
+            return psycopg.connect(self.dsn, connect_timeout=int(self.parts.get("connect_timeout") or CONNECT_TIMEOUT_S),
+                                   **options)
         except psycopg.OperationalError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StateError(f"cannot reach the state database {self.where()}: {first}") from None
