@@ -1,0 +1,73 @@
+"""Who leads, judged as Kubernetes' client-go leader election judges it: each side on its own
+monotonic clock, never on the other's or on a wall clock. Pure: the lease row comes in as data,
+the time as an argument.
+
+- A standby takes over only after it has seen the lease row unchanged for the full lease duration
+  (a renewing leader changes the row every round, so an unchanged row means nobody renews).
+- A leader considers itself deposed at the lease duration after the *send* time of its last
+  successful renewal, minus a margin (its renewal may have reached the database late, and clocks
+  run at slightly different rates).
+- Each term is a fencing token: a new term is above the row's and above every term a host has
+  reported, so a database restored from a backup cannot hand out a term the hosts already refuse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# A leader gives up this much before its lease could have run out on the database's side.
+DEPOSE_MARGIN_MS = 1_000
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    """The leadership row as read: who holds it, in which term, and a counter its holder bumps
+    with every renewal (so that an unchanged row is one nobody renewed)."""
+
+    holder: str | None
+    term: int
+    renewals: int
+    duration_ms: int
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A standby's memory of the row: the row as last seen, and since when (its monotonic ms) it
+    has been that way."""
+
+    row: LeaseRow | None = None
+    since_ms: int | None = None
+
+
+def observe(watch: Watch, row: LeaseRow | None, now_ms: int) -> Watch:
+    """The watch after reading `row` at `now_ms`: the clock restarts whenever the row changed."""
+    if watch.row != row or watch.since_ms is None:
+        return Watch(row, now_ms)
+    return watch
+
+
+def may_take_over(watch: Watch, now_ms: int) -> bool:
+    """Whether a standby may take the lead now: nobody holds the row, or it has stayed unchanged
+    for the full lease duration on this standby's clock."""
+    row = watch.row
+    if row is None or row.holder is None:
+        return True
+    return watch.since_ms is not None and now_ms - watch.since_ms >= row.duration_ms
+
+
+def still_leads(last_renewal_sent_ms: int | None, now_ms: int, duration_ms: int,
+                margin_ms: int = DEPOSE_MARGIN_MS) -> bool:
+    """Whether a leader may still act: its last successful renewal was sent less than the lease
+    duration (minus a margin) ago, on its own clock."""
+    return last_renewal_sent_ms is not None and now_ms < last_renewal_sent_ms + duration_ms - margin_ms
+
+
+def next_term(row_term: int, host_terms: list[int]) -> int:
+    """The term a new leader takes: above the row's and above every term any host has reported."""
+    return max([row_term] + host_terms) + 1
+
+
+def first_start_at(previous_lease_end_ms: int, lease_ttl_s: float, stop_timeout_s: float, margin_s: float) -> int:
+    """When a new leader may start a strategy elsewhere (its clock): only after the previous term's
+    leadership lease ended, then every strategy lease that term could have granted, then the
+    strategy's stop timeout, then a margin."""
+    return previous_lease_end_ms + int((lease_ttl_s + stop_timeout_s + margin_s) * 1000)

@@ -1,0 +1,36 @@
+"""Leadership judged on each side's own monotonic clock (a fake one here), as client-go does."""
+from __future__ import annotations
+
+from quantlab.leadership import LeaseRow, Watch, first_start_at, may_take_over, next_term, observe, still_leads
+
+ROW = LeaseRow(holder="ctl-a", term=4, renewals=10, duration_ms=15_000)
+
+
+def test_a_standby_takes_over_only_after_the_row_stood_still_for_a_whole_lease():
+    watch = observe(Watch(), ROW, now_ms=1_000)
+    assert not may_take_over(watch, 15_999)
+    renewed = LeaseRow("ctl-a", 4, 11, 15_000)
+    watch = observe(watch, renewed, now_ms=14_000)        # the leader renewed: the clock restarts
+    assert not may_take_over(watch, 28_999)
+    watch = observe(watch, renewed, now_ms=20_000)        # unchanged since 14 000
+    assert may_take_over(watch, 29_000)
+
+
+def test_a_free_row_may_be_taken_at_once():
+    assert may_take_over(observe(Watch(), None, 5), 5)
+    assert may_take_over(observe(Watch(), LeaseRow(None, 4, 0, 15_000), 5), 5)
+
+
+def test_a_leader_counts_from_the_send_time_of_its_last_renewal_minus_a_margin():
+    assert still_leads(last_renewal_sent_ms=10_000, now_ms=23_999, duration_ms=15_000)
+    assert not still_leads(last_renewal_sent_ms=10_000, now_ms=24_000, duration_ms=15_000)
+    assert not still_leads(None, 0, 15_000), "a leader that never renewed does not lead"
+
+
+def test_a_new_term_is_above_the_row_and_every_host():
+    assert next_term(4, []) == 5
+    assert next_term(4, [2, 9, 7]) == 10, "a database restored from a backup cannot reuse a term the hosts saw"
+
+
+def test_a_new_leader_starts_nothing_elsewhere_before_the_old_terms_leases_surely_ran_out():
+    assert first_start_at(previous_lease_end_ms=50_000, lease_ttl_s=25, stop_timeout_s=10, margin_s=2.25) == 87_250
