@@ -20,6 +20,7 @@ import uuid
 from dataclasses import replace
 from typing import Any, Iterator
 
+from .leadership import LeaseRow
 from .memory import Memory, MemoryFormatError
 from .store import LockHeld, StateError
 
@@ -96,6 +97,11 @@ class PgState:
                 conn.execute("""CREATE TABLE quantlab_checkpoints (
                                   strategy text PRIMARY KEY, hash text, body jsonb NOT NULL,
                                   changed_at timestamptz NOT NULL DEFAULT now(), gone_at timestamptz)""")
+                conn.execute("CREATE TABLE quantlab_lock (id smallint PRIMARY KEY DEFAULT 1, holder jsonb)")
+                conn.execute("""CREATE TABLE quantlab_leader (
+                                  id smallint PRIMARY KEY DEFAULT 1 CHECK (id = 1), holder text,
+                                  term bigint NOT NULL, renewals bigint NOT NULL, duration_ms bigint NOT NULL,
+                                  since timestamptz NOT NULL DEFAULT now())""")
                 conn.execute("INSERT INTO quantlab_schema (version) VALUES (1)")
             return SCHEMA_VERSION
 
@@ -220,7 +226,6 @@ class PgStore:
             holder = {"pid": os.getpid(), "host": socket.gethostname(),
                       "command": command or " ".join(["quantlab"] + sys.argv[1:]),
                       "startedAt": int(time.time() * 1000)}
-            conn.execute("CREATE TABLE IF NOT EXISTS quantlab_lock (id smallint PRIMARY KEY DEFAULT 1, holder jsonb)")
             conn.execute("INSERT INTO quantlab_lock (id, holder) VALUES (1, %s) ON CONFLICT (id) DO UPDATE "
                          "SET holder = excluded.holder", (json.dumps(holder),))
             yield
@@ -317,3 +322,47 @@ class PgCheckpointStore:
             rows = conn.execute("DELETE FROM quantlab_checkpoints WHERE gone_at < now() - make_interval(secs => %s) "
                                 "RETURNING strategy", (retention_s,)).fetchall()
         return sorted(r[0] for r in rows)
+
+
+# --- the leadership row -------------------------------------------------------------------------------
+
+class Leadership:
+    """The leadership row of one state (see leadership.py for who may take it and when): taking
+    it and renewing it are compare-and-swaps on what the caller last saw, so two controllers can
+    never both believe they took or renewed the same term."""
+
+    def __init__(self, db: PgState, name: str):
+        self.db, self.name = db, name
+
+    def read(self) -> LeaseRow | None:
+        with self.db._connect() as conn:
+            row = conn.execute("SELECT holder, term, renewals, duration_ms FROM quantlab_leader WHERE id = 1").fetchone()
+        return LeaseRow(row[0], int(row[1]), int(row[2]), int(row[3])) if row else None
+
+    def take(self, seen: LeaseRow | None, term: int, duration_ms: int) -> bool:
+        """Become the holder in `term`, if the row is still as `seen` (None: there was none)."""
+        with self.db._connect() as conn:
+            if seen is None:
+                done = conn.execute("INSERT INTO quantlab_leader (id, holder, term, renewals, duration_ms) "
+                                    "VALUES (1, %s, %s, 0, %s) ON CONFLICT (id) DO NOTHING",
+                                    (self.name, term, duration_ms))
+            else:
+                done = conn.execute("UPDATE quantlab_leader SET holder = %s, term = %s, renewals = 0, duration_ms = %s, "
+                                    "since = now() WHERE id = 1 AND term = %s AND renewals = %s AND "
+                                    "holder IS NOT DISTINCT FROM %s",
+                                    (self.name, term, duration_ms, seen.term, seen.renewals, seen.holder))
+            return done.rowcount == 1
+
+    def renew(self, term: int) -> bool:
+        """Renew the lead in `term`: False when another controller took it meanwhile."""
+        with self.db._connect() as conn:
+            done = conn.execute("UPDATE quantlab_leader SET renewals = renewals + 1 WHERE id = 1 AND holder = %s "
+                                "AND term = %s", (self.name, term))
+            return done.rowcount == 1
+
+    def step_down(self, term: int) -> bool:
+        """Give the lead up on purpose (an upgrade): the row is free at once for a standby."""
+        with self.db._connect() as conn:
+            done = conn.execute("UPDATE quantlab_leader SET holder = NULL, renewals = renewals + 1 WHERE id = 1 "
+                                "AND holder = %s AND term = %s", (self.name, term))
+            return done.rowcount == 1

@@ -1,0 +1,34 @@
+"""The leadership row in a real PostgreSQL server: taking and renewing it are compare-and-swaps,
+so two controllers never both hold one term; a standby takes a row only as it last saw it."""
+from __future__ import annotations
+
+from quantlab.leadership import Watch, may_take_over, next_term, observe
+from quantlab.pgstate import Leadership, PgState
+
+
+def test_two_controllers_never_hold_one_term(pg_dsn):
+    db = PgState(pg_dsn)
+    db.migrate()
+    a, b = Leadership(db, "ctl-a"), Leadership(db, "ctl-b")
+    assert a.read() is None
+    assert a.take(None, term=1, duration_ms=15_000)
+    assert not b.take(None, term=1, duration_ms=15_000), "the row exists now: b saw it wrong"
+    seen = b.read()
+    assert (seen.holder, seen.term) == ("ctl-a", 1)
+    assert a.renew(1)
+    assert not b.take(seen, term=2, duration_ms=15_000), "a renewed since b looked: b must look again"
+    assert not b.renew(1), "only the holder renews"
+
+
+def test_a_standby_takes_over_a_row_that_stood_still_and_the_old_leader_is_refused(pg_dsn):
+    db = PgState(pg_dsn)
+    db.migrate()
+    a, b = Leadership(db, "ctl-a"), Leadership(db, "ctl-b")
+    a.take(None, term=1, duration_ms=15_000)
+    watch = observe(Watch(), b.read(), now_ms=0)
+    watch = observe(watch, b.read(), now_ms=15_000)          # a renewed nothing for a whole lease
+    assert may_take_over(watch, 15_000)
+    assert b.take(watch.row, term=next_term(watch.row.term, host_terms=[3]), duration_ms=15_000)
+    assert (b.read().holder, b.read().term) == ("ctl-b", 4)
+    assert not a.renew(1), "the deposed leader's renewal is refused"
+    assert b.step_down(4) and b.read().holder is None
