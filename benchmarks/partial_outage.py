@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ sys.path.insert(0, str(REPO))
 from quantlab.controller import Controller  # noqa: E402
 from quantlab.loop import ReconcileLoop  # noqa: E402
 from tests.sshd_hosts import SshdCluster  # noqa: E402
+from benchmarks.readme_block import write_block  # noqa: E402
 from tests.support import kill_all  # noqa: E402
 
 STUB_RUNNER = (
@@ -305,14 +305,7 @@ def report(results: list[Case], baseline: Case | None) -> None:
                      f"took {worst:.1f} s, {baseline.failover / worst:.1f}× faster.")
     text = "\n".join(lines)
     print(text)
-    readme = REPO / "benchmarks" / "README.md"
-    body = readme.read_text()
-    block = f"<!-- partial_outage:start -->\n{text}\n<!-- partial_outage:end -->"
-    if "<!-- partial_outage:start -->" in body:
-        body = re.sub(r"<!-- partial_outage:start -->.*<!-- partial_outage:end -->", lambda _: block, body, flags=re.S)
-    else:
-        body = body.rstrip() + "\n\n## Partial outages\n\n" + block + "\n"
-    readme.write_text(body)
+    write_block("partial_outage", "Partial outages", text)
 
 
 if __name__ == "__main__":

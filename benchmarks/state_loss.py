@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from quantlab.controller import Controller  # noqa: E402
 from quantlab.loop import ReconcileLoop  # noqa: E402
 from tests.sshd_hosts import SshdCluster  # noqa: E402
+from benchmarks.readme_block import write_block  # noqa: E402
 from tests.support import kill_all  # noqa: E402
 
 INTERVAL, LEASE, OFFLINE, HEARTBEAT_MS = 2, 8, 4, 250
@@ -167,14 +167,7 @@ def report(lost: dict[str, list[int]]) -> None:
                  "last answered round.")
     text = "\n".join(lines)
     print(text)
-    readme = REPO / "benchmarks" / "README.md"
-    body = readme.read_text()
-    block = f"<!-- state_loss:start -->\n{text}\n<!-- state_loss:end -->"
-    if "<!-- state_loss:start -->" in body:
-        body = re.sub(r"<!-- state_loss:start -->.*<!-- state_loss:end -->", lambda _: block, body, flags=re.S)
-    else:
-        body = body.rstrip() + "\n\n## State lost by a move\n\n" + block + "\n"
-    readme.write_text(body)
+    write_block("state_loss", "State lost by a move", text)
 
 
 def main() -> None:

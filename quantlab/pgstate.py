@@ -280,6 +280,10 @@ class PgCheckpointStore:
     def __init__(self, db: PgState):
         self.db = db
         self.folder = db.where()
+        # strategy -> its copy's hash, read in one query and then kept as this process writes: the
+        # checkpoint call asks for every placement's hash each round
+        self._hashes: dict[str, str | None] | None = None
+        self._lock = threading.Lock()
 
     def save(self, strategy: str, checkpoint: dict[str, Any]) -> None:
         self.save_many({strategy: checkpoint})
@@ -292,17 +296,25 @@ class PgCheckpointStore:
                 conn.execute("INSERT INTO quantlab_checkpoints (strategy, hash, body) VALUES (%s, %s, %s) "
                              "ON CONFLICT (strategy) DO UPDATE SET hash = excluded.hash, body = excluded.body, "
                              "changed_at = now()", (strategy, checkpoint.get("hash"), json.dumps(checkpoint)))
+        with self._lock:
+            if self._hashes is not None:
+                self._hashes.update({sid: c.get("hash") for sid, c in copies.items()})
 
     def names(self) -> list[str]:
         with self.db._connect() as conn:
             return sorted(r[0] for r in conn.execute("SELECT strategy FROM quantlab_checkpoints").fetchall())
 
     def hash_of(self, strategy: str) -> str | None:
-        with self.db._connect() as conn:
-            row = conn.execute("SELECT hash FROM quantlab_checkpoints WHERE strategy = %s", (strategy,)).fetchone()
-        return row[0] if row else None
+        with self._lock:
+            if self._hashes is None:
+                with self.db._connect() as conn:
+                    self._hashes = dict(conn.execute("SELECT strategy, hash FROM quantlab_checkpoints").fetchall())
+            return self._hashes.get(strategy)
 
     def forget(self, strategy: str) -> bool:
+        with self._lock:
+            if self._hashes is not None:
+                self._hashes.pop(strategy, None)
         with self.db._connect() as conn:
             return conn.execute("DELETE FROM quantlab_checkpoints WHERE strategy = %s", (strategy,)).rowcount > 0
 
@@ -321,6 +333,9 @@ class PgCheckpointStore:
                          "NOT (strategy = ANY(%s))", (names,))
             rows = conn.execute("DELETE FROM quantlab_checkpoints WHERE gone_at < now() - make_interval(secs => %s) "
                                 "RETURNING strategy", (retention_s,)).fetchall()
+        with self._lock:
+            for (sid,) in rows:
+                (self._hashes or {}).pop(sid, None)
         return sorted(r[0] for r in rows)
 
 

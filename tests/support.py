@@ -147,3 +147,15 @@ def node_problem(path: str | None = None) -> str | None:
     if int(version.lstrip("v").split(".")[0] or 0) < 18:
         return f"node {version} is too old (the reference runner needs Node.js 18+)"
     return None
+
+
+def require(problem: str | None) -> None:
+    """Skip loudly when something a test needs is missing (`problem` says what), except under
+    CI=true, where that is a failure."""
+    if problem is None:
+        return
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{problem}; CI=true, so this is a failure, not a skip")
+    pytest.skip(problem)

@@ -2,21 +2,17 @@
 When PostgreSQL or psycopg is missing these tests skip loudly, except under CI=true, where they fail."""
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
 
 from tests.pg_server import PgServer, pg_problem
+from tests.support import require
 
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):
-    problem = pg_problem()
-    if problem is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{problem}; CI=true, so this is a failure, not a skip")
-        pytest.skip(problem)
+    require(pg_problem())
     server = PgServer(tmp_path_factory.mktemp("pg"))
     server.start()
     yield server
