@@ -3,6 +3,7 @@ When PostgreSQL or psycopg is missing these tests skip loudly, except under CI=t
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +30,12 @@ def pg_dsn(pg_server) -> str:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return pg_server.dsn.replace(f"/{pg_server.database}?", f"/{name}?")
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if here in Path(str(item.path)).resolve().parents:
+            # In the SSH tests' worker, one after the other: starting a server (initdb) is a burst of
+            # CPU that must not land on the SSH tests' handshakes and timing bounds.
+            item.add_marker(pytest.mark.xdist_group("ssh"))
