@@ -345,6 +345,8 @@ def status(
             ctl.close()
     report = fleet_status(loaded, gathered.observed, memory, ctl.clock.mono(), ctl.clock.wall(), result,
                           result.fleet_revision if result else None, problems)
+    if ctl.state_dsn is not None:
+        report["leader"] = _leadership(ctl, "status").describe()
     if output is not Output.json:
         _banner(problems)
     warning = ctl.state_warning()
@@ -353,6 +355,8 @@ def status(
     if output is Output.json:
         print(json.dumps(report, indent=1))
     else:
+        if "leader" in report:
+            out.print(escape(render.leader_line(report["leader"], ctl.clock.wall())))
         for table in render.status_tables(report, ctl.clock.wall()):
             out.print(table)
     if detailed_exitcode and unhealthy(report):
@@ -393,7 +397,9 @@ def reconcile(
         follower = Follower(ctl.fleet_dir, ctl.state_path.parent, working_tree=working_tree, pull=git_pull)
     except GitError as exc:
         raise _fail(str(exc)) from None
-    loop = ReconcileLoop(ctl, log, lock_timeout, follower, allow_source_change)
+    ctl.log = log                      # the controller's own notes (leadership, warnings) with a time too
+    leader = _leader_for_loop(ctl, follower) if ctl.state_dsn is not None else None
+    loop = ReconcileLoop(ctl, log, lock_timeout, follower, allow_source_change, leader)
     if once:
         try:
             tick = loop.tick()
@@ -413,6 +419,25 @@ def reconcile(
         # The interval of the last fleet that validated, as the state file remembers it.
         interval = FleetSettings.from_snapshot(ctl.read_memory(None).fleet_settings).reconcile_interval_s
     loop.run_forever(interval, pull_interval=git_pull_interval)
+
+
+def _leader_for_loop(ctl: Controller, follower: Any) -> Any:
+    """With PostgreSQL, a daemon leads only while it holds the leadership row: this process's side
+    of it. The fleet's lease must then also cover a takeover (see `validate`)."""
+    from .gitsource import GitError
+    from .leader import Leader
+    from .pgstate import Leadership
+
+    try:
+        settings = follower.load().settings
+    except (FleetInvalid, GitError):
+        settings = FleetSettings.from_snapshot(ctl.read_memory(None).fleet_settings)
+    broken = settings.lease_rule_problem(standbys=True)
+    if broken is not None:
+        where = f"{settings.source}: " if settings.source is not None else ""
+        raise _fail(f"{where}{broken} (with a PostgreSQL state a standby controller may take over, and the "
+                    "strategies' lease must outlast that); nothing was started", 2)
+    return Leader(Leadership(ctl.store.db, Leader.name("reconcile")), ctl.clock, settings.leader_lease)
 
 
 @app.command()
@@ -569,6 +594,46 @@ def events(
 state_app = typer.Typer(help="Read a state, or move it into another backend.", no_args_is_help=True,
                         rich_markup_mode=None)
 app.add_typer(state_app, name="state")
+
+
+leader_app = typer.Typer(help="Who leads the reconcile daemons of a PostgreSQL state.", no_args_is_help=True,
+                         rich_markup_mode=None)
+app.add_typer(leader_app, name="leader")
+
+
+def _leadership(ctl: Controller, command: str) -> Any:
+    if ctl.state_dsn is None:
+        raise _fail("leadership needs a PostgreSQL state (--state postgresql://… or QUANTLAB_STATE): with the "
+                    "state file, the one reconcile loop that holds its lock leads")
+    from .leader import Leader
+    from .pgstate import Leadership
+    return Leadership(ctl.store.db, Leader.name(command))
+
+
+@leader_app.command("show")
+@_handled
+def leader_show(fleet: FleetOpt = None, state: StateOpt = None, output: OutputOpt = Output.text) -> None:
+    """Who leads, in which term, since when."""
+    ctl = _controller(fleet, state)
+    row = _leadership(ctl, "leader show").describe()
+    if output is Output.json:
+        print(json.dumps(row, indent=1))
+    else:
+        out.print(escape(render.leader_line(row, ctl.clock.wall())))
+
+
+@leader_app.command("step-down")
+@_handled
+def leader_step_down(fleet: FleetOpt = None, state: StateOpt = None) -> None:
+    """Ask the leading daemon to hand over (before upgrading or stopping its machine): it steps down
+    after its current act round, and a standby takes over within a second or two."""
+    ctl = _controller(fleet, state)
+    asked = _leadership(ctl, "leader step-down").ask_handover()
+    if asked is None:
+        out.print("Nobody leads: nothing to hand over.")
+        return
+    out.print(f"Asked {escape(asked['holder'])} (term {asked['term']}) to step down; a standby takes over "
+              "once it has (`quantlab leader show`).")
 
 
 @state_app.command("pull")

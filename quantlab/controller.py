@@ -30,6 +30,7 @@ from .checkpoints import copy_round, wanted as checkpoints_wanted
 from .gather import Gathered, Prober, gather, remember_into, renewals
 from .hosts import AgentError, Hosts
 from .transport.base import TransportError
+from .leadership import next_term
 from .ledger import Ledger
 from .memory import Memory
 from .notify import Notifier
@@ -66,6 +67,15 @@ def quiet_scheduler_logs() -> None:
 
 class PlanChanged(StateError):
     """What a plan was made from changed while apply waited for a person; nothing was done."""
+
+
+class LeadHeld(StateError):
+    """Another process leads this PostgreSQL state: an `apply` hands its plan to it when it is a
+    reconcile daemon, and refuses otherwise (another `apply` leads for its run)."""
+
+    def __init__(self, message: str, daemon: bool):
+        super().__init__(message)
+        self.daemon = daemon
 
 
 @dataclass
@@ -122,6 +132,10 @@ class Controller:
     _notifier: Notifier | None = field(default=None, init=False)
     _lazy_lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _events_failure_said: str | None = field(default=None, init=False)
+    # With PostgreSQL: this process's side of the leadership, while it may lead (the loop, or an
+    # apply that leads for its duration). Its term is the fencing token of every command it sends.
+    leader: Any = field(default=None, init=False)
+    _lineage: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.state_dsn is not None:
@@ -137,6 +151,13 @@ class Controller:
             self.events = EventLog(self.state_path.with_name("events.jsonl"))
             self.checkpoints = CheckpointStore(self.state_path.with_name("checkpoints"))
         self.ledger = Ledger(self.store, self.clock)
+        self.ledger.may_defer = self.defers_writes
+
+    def defers_writes(self) -> bool:
+        """A PostgreSQL leader whose database is away keeps renewing from what it holds, for as long
+        as it may lead (its leadership lease): whatever lease it grants meanwhile ends before a standby
+        can start anything elsewhere (see took_over). Acting waits for the database."""
+        return self.state_dsn is not None and self.leader is not None and self.leader.leading()
 
     # --- pieces --------------------------------------------------------------------------------
 
@@ -148,6 +169,7 @@ class Controller:
         with self._lazy_lock:             # the renewal and act threads of a daemon both come here
             if self._hosts is None:
                 self._hosts = Hosts(fleet, accept_new_host_keys=self.accept_new_host_keys)
+                self._hosts.fence = self.fence
             else:
                 self._hosts.update(fleet)
             return self._hosts
@@ -178,6 +200,113 @@ class Controller:
             self._hosts.close()
             self._hosts = None
             self._prober = None
+
+    def fence(self) -> dict[str, Any] | None:
+        """The fencing token the commands to the hosts carry: this state's lineage and the term this
+        process acts in — the file's, or the PostgreSQL leader's (none while it does not lead: then
+        its probes only ask, and its other commands are not checked, like an emergency stop-all)."""
+        memory = self.ledger.known
+        lineage = memory.lineage if memory is not None else self._lineage
+        if lineage is None:
+            return None
+        if self.state_dsn is None:
+            term: int | None = memory.term if memory is not None else None
+        else:
+            # A deposed leader still carries its last term: the hosts a newer one reached refuse it.
+            term = self.leader.last_term if self.leader is not None else None
+        return {"lineage": lineage, "term": term}
+
+    def may_act(self) -> str | None:
+        """Why this process must not start, stop or move anything now, or None (checked before each
+        action: a leader that lost its lead mid-plan stops there)."""
+        if self.leader is None or self.leader.leading():
+            return None
+        return "not done: this controller does not lead any more (its leadership lease ran out or another took over)"
+
+    def follow_host_terms(self, gathered: Gathered) -> None:
+        """A host that has seen a term of this state above ours refuses us. With the file, that is a
+        state restored from a backup or left behind by `state push` (which then refuses to be read
+        again): the file goes on in a term above. A PostgreSQL leader does the same in its row."""
+        seen = sorted(set(gathered.fences.values()))
+        if not seen:
+            return
+        if self.state_dsn is None:
+            if seen[-1] > self.ledger.memory.term:
+                new = next_term(self.ledger.memory.term, seen)
+                self.ledger.update(lambda m: setattr(m, "term", max(m.term, new)))
+                self.log(f"controller term is now {new}: a host had seen term {seen[-1]} of this state "
+                         f"(restored from a backup, or pushed elsewhere and back)")
+            return
+        if self.leader is not None:
+            change = self.leader.raise_term(seen)
+            if change is not None:
+                self.leader_changed(change)
+
+    def leader_changed(self, change: Any) -> None:
+        """Say and record a change of this process's lead (leader.Change)."""
+        words = {"took": "took the lead", "deposed": "lost the lead", "stepped-down": "stepped down",
+                 "raised": "leads on"}[change.kind]
+        self.log(f"{words} in term {change.term}: {change.detail}")
+        if change.kind in ("took", "raised"):
+            self.ledger.update(lambda m: setattr(m, "term", max(m.term, change.term)))
+        self.record_event({"t": self.clock.wall(), "event": "leader", "change": change.kind, "term": change.term,
+                           "actor": self.leader.table.name if self.leader is not None else self.actor("reconcile"),
+                           "detail": f"{words} in term {change.term}: {change.detail}"})
+
+    def took_over(self, change: Any, settings: FleetSettings) -> None:
+        """A new term: every lease the previous one may have granted counts as running until now +
+        leaseTtlSeconds (its leader stopped acting by now, on any clock), so that nothing starts
+        elsewhere before they are surely over."""
+        memory = self.ledger.refresh(settings.monitor.lease_ttl_s)
+        until = self.clock.mono() + int(settings.monitor.lease_ttl_s * 1000)
+        workers = set(memory.leases) | {p.worker for p in memory.placements.values()}
+        self.ledger.extend_leases({w: until for w in workers})
+        self.leader_changed(change)
+
+    @contextlib.contextmanager
+    def lead_for_run(self, fleet: Fleet, command: str) -> Iterator[None]:
+        """With PostgreSQL, `apply` leads for its run (see Leader.take_for_run), renewing the lead on
+        a timer of its own, also while a person confirms; LeadHeld when a daemon leads. The file's
+        state lock is all the file needs."""
+        if self.state_dsn is None or self.leader is not None:
+            yield
+            return
+        from apscheduler.schedulers.background import BackgroundScheduler
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        from .leader import Change, Leader, describe_db_error
+        from .pgstate import Leadership
+        leader = Leader(Leadership(self.store.db, Leader.name(f"quantlab {command}")), self.clock,  # type: ignore[attr-defined]
+                        fleet.settings.leader_lease)
+        looked = self.observe(fleet, self.read_memory(fleet))
+        taken = leader.take_for_run(lambda: self.read_memory(None).term, list(looked.fences.values()))
+        if not isinstance(taken, Change):
+            raise LeadHeld(taken.words(), taken.daemon)
+        self.leader = leader
+        scheduler = BackgroundScheduler(timezone=timezone.utc)
+
+        def renew_lead() -> None:
+            try:
+                change = leader.renew()
+            except Exception as exc:  # noqa: BLE001 - the database is away; leading() runs out on its own
+                self.log(f"renewing the lead failed: {describe_db_error(exc)}")
+                return
+            if change is not None:
+                self.leader_changed(change)
+        try:
+            self.took_over(taken, fleet.settings)
+            quiet_scheduler_logs()
+            scheduler.add_job(renew_lead, IntervalTrigger(seconds=fleet.settings.reconcile_interval_s), id="lead",
+                              max_instances=1, coalesce=True, misfire_grace_time=None)
+            scheduler.start()
+            yield
+        finally:
+            if scheduler.running:
+                scheduler.shutdown(wait=True)
+            change = leader.step_down()
+            self.leader = None
+            if change is not None:
+                self.log(f"stepped down from term {change.term}")
 
     def actor(self, command: str) -> str:
         try:
@@ -351,7 +480,9 @@ class Controller:
     def read_memory(self, fleet: Fleet | None) -> Memory:
         """The state as on disk, judged on this process's clock; nothing locked or written."""
         ttl = fleet.settings.monitor.lease_ttl_s if fleet is not None else 0.0
-        return self.ledger.read(ttl)
+        memory = self.ledger.read(ttl)
+        self._lineage = memory.lineage or self._lineage     # what read-only probes ask the hosts about
+        return memory
 
     def observe(self, fleet: Fleet, memory: Memory) -> Gathered:
         """Probe every host without renewing anything (plan, status)."""
@@ -377,6 +508,7 @@ class Controller:
             if not fallback:
                 m.fleet_settings = fleet.settings.snapshot()
         memory = self.ledger.update(record)
+        self.follow_host_terms(gathered)
         self.record_host_events(gathered)
         notices, raised = health.watch(fleet, gathered.observed, memory, gathered.host_events, now,
                                        self.clock.wall())
@@ -410,6 +542,10 @@ class Controller:
 
         def job() -> None:
             try:
+                if self.leader is not None:          # the lead is renewed with the leases
+                    change = self.leader.renew()
+                    if change is not None:
+                        self.leader_changed(change)
                 self.renew(fleet, loop=loop)
             except Exception as exc:  # noqa: BLE001 - a round that fails is logged; the next one runs
                 self.log(f"renewal round failed: {exc!r}")
@@ -594,7 +730,7 @@ class Controller:
     def execute(self, fleet: Fleet, plan: Plan, command: str, progress: Progress | None = None) -> list[Outcome]:
         revision = {"revision": plan.fleet_revision, "dirty": plan.fleet_dirty}
         recorder = Recorder(self.ledger, self.events, self.actor(command), revision, self.clock, self.checkpoints)
-        outcomes = Executor(fleet, self.hosts(fleet), recorder, progress).execute(plan)
+        outcomes = Executor(fleet, self.hosts(fleet), recorder, progress, self.may_act).execute(plan)
         for blocked in plan.refused:             # a suspension is recorded once, by `suspend`
             recorder.event(event="blocked", guard=blocked.guard, reason=blocked.reason,
                            strategies=[a.strategy for a in blocked.actions])
@@ -614,6 +750,20 @@ class Controller:
         nothing it was made from has changed (else PlanChanged). `gathered`: plan from this
         observation instead of renewing first (the loop's act round, which loaded `fleet`)."""
         fleet = fleet or self.load_fleet()
+        if command == "apply" and self.state_dsn is not None and self.leader is None:
+            try:
+                with self.lead_for_run(fleet, command):
+                    return self.apply(options, command=command, fleet=fleet, saved=saved, shown=shown,
+                                      confirm=confirm, progress=progress, lock_timeout=lock_timeout)
+            except LeadHeld as held:
+                if not held.daemon:
+                    raise StateError(f"{held}: wait for it to finish (only one run acts at a time)") from None
+                if saved is not None:
+                    raise StateError(f"{held}: a saved plan cannot be handed to it (the state changes every "
+                                     "round). Run `quantlab apply` without a plan file, or `quantlab leader "
+                                     "step-down` first") from None
+                from .handover import apply_through_leader
+                return apply_through_leader(self, options, fleet, str(held), shown, confirm, progress)
         ttl = fleet.settings.monitor.lease_ttl_s
         with self.ledger.hold(ttl, lock_timeout, f"quantlab {command}"):
             fleet = self.with_leaving(fleet, self.ledger.memory)

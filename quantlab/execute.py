@@ -84,9 +84,11 @@ def start_request(hosts: Hosts, fleet: Fleet, worker: WorkerSpec, spec: Strategy
 
 
 class Executor:
-    def __init__(self, fleet: Fleet, hosts: Hosts, recorder: Recorder, progress: Progress | None = None):
+    def __init__(self, fleet: Fleet, hosts: Hosts, recorder: Recorder, progress: Progress | None = None,
+                 may_act: Callable[[], str | None] = lambda: None):
         self.fleet, self.hosts, self.rec = fleet, hosts, recorder
         self.progress = progress or (lambda *_: None)
+        self.may_act = may_act            # why this controller must not act any more (it lost the lead)
         self.settings = fleet.settings
 
     # --- agent calls ---------------------------------------------------------------------------
@@ -291,6 +293,9 @@ class Executor:
         started = time.monotonic()
         self.progress("begin", a, None)
         try:
+            refused = self.may_act()
+            if refused is not None:
+                raise AgentError(a.worker or a.target or a.strategy, refused, maybe_ran=False)
             outcome = fn(a)
         except (TransportError, AgentError, OSError, StateError) as exc:
             outcome = Outcome(a, False, str(exc))

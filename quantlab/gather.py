@@ -43,6 +43,7 @@ class Gathered:
     refused: dict[str, str] = field(default_factory=dict)        # worker -> why its host granted no renewal
     host_clocks: dict[str, HostClock] = field(default_factory=dict)
     host_events: list[dict[str, Any]] = field(default_factory=list)
+    fences: dict[str, int] = field(default_factory=dict)         # worker -> highest controller term its workdir saw
     seconds: float = 0.0
 
     @property
@@ -187,8 +188,13 @@ class Prober:
         budget_ms = int((deadline_s if deadline_s is not None else settings.probe_deadline_s) * 1000)
         first_round = self._rounds == 0
         self._rounds += 1
+        # A renewal round carries the controller's term (raising it on every host, even one with
+        # nothing to renew); any other round only asks which term the hosts have seen.
+        fence = self.hosts.fence()
+        if fence is not None and renew is None:
+            fence = {**fence, "term": None}
         sent, carried = self._claim(fleet, memory, wanted, t0, budget_ms,
-                                    int(settings.ssh.connect_timeout_s * 1000), first_round)
+                                    int(settings.ssh.connect_timeout_s * 1000), first_round, fence)
         ttl_ms = int(settings.monitor.lease_ttl_s * 1000)
         bounds = {wid: call.renewal_deadline + ttl_ms for call in sent if call.warm for wid in call.renew}
         booking = leases.request_leases(bounds) if bounds and leases is not None else None
@@ -208,7 +214,7 @@ class Prober:
         return result
 
     def _claim(self, fleet: Fleet, memory: Memory, wanted: dict[str, dict[str, int]], t0: int, budget_ms: int, connect_ms: int,
-               first_round: bool) -> tuple[list[_Call], list[_Call]]:
+               first_round: bool, fence: dict[str, Any] | None) -> tuple[list[_Call], list[_Call]]:
         """A new call for every host without one outstanding (claimed at once, so that an overlapping
         round never sends a second), and the outstanding ones, whose answers count in this round."""
         sent: list[_Call] = []
@@ -225,7 +231,7 @@ class Prober:
                 gives_up = t0 + budget_ms + (0 if warm else connect_ms)
                 # A first round waits for a cold host's plain probe and then for its renewals.
                 patience = gives_up + (budget_ms if renew and not warm else 0)
-                call = _Call(key, members, self._request(members, memory), renew,
+                call = _Call(key, members, self._request(members, memory, fence), renew,
                              wait_until=patience if first_round else t0 + budget_ms, gives_up_at=gives_up,
                              warm=warm, sent_at=t0, renewal_deadline=t0 + budget_ms)
                 self._outstanding[key] = call
@@ -234,10 +240,11 @@ class Prober:
 
     # --- one host ------------------------------------------------------------------------------
 
-    def _request(self, members: list[WorkerSpec], memory: Memory) -> dict[str, Any]:
+    def _request(self, members: list[WorkerSpec], memory: Memory, fence: dict[str, Any] | None) -> dict[str, Any]:
         return {
             "workers": [{"id": w.id, "workdir": self.hosts.workdir(w), "program": w.runner[0]} for w in members],
             "eventsSince": {w.id: memory.host_events.get(w.id, 0) for w in members},
+            **({"fence": fence} if fence is not None else {}),
         }
 
     def _dispatch(self, call: _Call, ttl_ms: int, budget_ms: int, leases: LeaseRequests | None) -> None:
@@ -333,7 +340,7 @@ class Prober:
             for w in members:
                 states[w.id] = WorkerState(w.id, False, error=str(exc) if str(exc) else type(exc).__name__)
                 for per_worker in (result.answered_at, result.seen_wall, result.host_clocks, result.refused,
-                                   result.renewed):
+                                   result.renewed, result.fences):
                     per_worker.pop(w.id, None)
             return
         with self._lock:
@@ -358,6 +365,11 @@ class Prober:
                 result.host_clocks[w.id] = call.host_clock
             if refused and w.id in call.renew:
                 result.refused[w.id] = str(refused)[:300]
+            fence = raw.get("fence")
+            if isinstance(fence, int) and not isinstance(fence, bool):
+                result.fences[w.id] = fence
+            if isinstance(raw.get("fenced"), str) and w.id in call.renew:
+                result.refused[w.id] = raw["fenced"][:300]
             renewed = raw.get("renewed") if isinstance(raw.get("renewed"), list) else []
             if renewed:
                 result.renewed[w.id] = [sid for sid in renewed if sid in state.instances]

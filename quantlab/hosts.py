@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from .atomicfile import MiB, read_regular
 from .host.agent.qlagent.protocol import EXIT_MISSING
@@ -91,14 +91,32 @@ def host_key(worker: WorkerSpec) -> HostKey:
     return HostKey(worker.host, worker.port, worker.user)
 
 
+class Fenced(AgentError):
+    """The host refused the command: a newer leader of this state has reached it (see the agent's
+    fence.py). Nothing was done."""
+
+    def __init__(self, host: str, message: str):
+        super().__init__(host, message, maybe_ran=False)
+
+
+# Commands that carry the controller's term (a probe carries its own: see gather.Prober.round).
+FENCED_COMMANDS = ("start", "stop", "pause", "resume")
+Fence = Callable[[], "dict[str, Any] | None"]
+
+
+def no_fence() -> None:
+    return None
+
+
 class Agent:
     """The agent on one host, reached through its transport."""
 
-    def __init__(self, transport: Transport, home_workdir: str, python: str, label: str):
+    def __init__(self, transport: Transport, home_workdir: str, python: str, label: str, fence: Fence = no_fence):
         self.transport = transport
         self.home = home_workdir          # the workdir whose agent/ copy runs the calls for this host
         self.python = python
         self.label = label
+        self.fence = fence                # {"lineage", "term"} of the controller, as of each call
 
     def _argv(self, command: str, args: tuple[str, ...]) -> list[str]:
         # -I -S: no site-packages, user site or PYTHON* variables of the host; the agent needs none,
@@ -106,7 +124,8 @@ class Agent:
         return [self.python, "-I", "-S", f"{self.home}/{AGENT_PATH}", command, *args]
 
     def run(self, command: str, request: dict[str, Any], timeout: float, args: tuple[str, ...] = ()) -> Completed:
-        payload = json.dumps(request).encode()
+        fence = self.fence() if command in FENCED_COMMANDS and "fence" not in request else None
+        payload = json.dumps({**request, "fence": fence} if fence is not None else request).encode()
         deadline = time.monotonic() + timeout
         done = self.transport.run(self._argv(command, args), payload, timeout)
         if self._agent_missing(done):
@@ -135,6 +154,8 @@ class Agent:
                                          f"{done.stdout[:200]!r}") from None
         if not isinstance(answer, dict):
             raise AgentError(self.label, f"agent {command} answered {type(answer).__name__}, not an object")
+        if answer.get("result") == "fenced":
+            raise Fenced(self.label, f"{command} {answer.get('reason')}")
         return answer
 
     def stream(self, command: str, request: dict[str, Any]) -> Iterator[bytes]:
@@ -159,6 +180,7 @@ class Hosts:
         # SSH handshakes cost CPU (key exchange): at most `parallelism` at once, so that a cold start
         # over hundreds of hosts makes progress instead of timing every handshake out.
         self._handshakes = threading.BoundedSemaphore(fleet.settings.ssh.parallelism)
+        self.fence: Fence = no_fence         # the controller's term, carried by every command that changes things
 
     def _default_transport(self, key: HostKey) -> Transport:
         if key.host == "local":
@@ -209,7 +231,7 @@ class Hosts:
     def agent(self, key: HostKey, workers: list[WorkerSpec], lane: Lane = "act") -> Agent:
         home = self.workdir(sorted(workers, key=lambda w: w.id)[0])
         python = sys.executable if key.host == "local" else "python3"
-        return Agent(self.transport(key, lane), home, python, str(key))
+        return Agent(self.transport(key, lane), home, python, str(key), lambda: self.fence())
 
     def agent_for(self, worker: WorkerSpec, lane: Lane = "act") -> Agent:
         return self.agent(host_key(worker), [worker], lane)

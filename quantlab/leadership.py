@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .spec.models import LEADER_DEPOSE_MARGIN_S
+
 # A leader gives up this much before its lease could have run out on the database's side.
-DEPOSE_MARGIN_MS = 1_000
+DEPOSE_MARGIN_MS = int(LEADER_DEPOSE_MARGIN_S * 1000)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from .clock import Clock
 from .memory import Memory
-from .store import StateError, StateStore
+from .store import StateConflict, StateError, StateStore
 
 
 class LeaseBook:
@@ -39,6 +39,11 @@ class LeaseBook:
         """The state file was (re)read: its leases are the floor. Requests still in flight stay booked."""
         with self._lock:
             self._floor = dict(leases)
+
+    def raise_floor(self, bounds: dict[str, int]) -> None:
+        with self._lock:
+            for worker, until in bounds.items():
+                self._floor[worker] = max(self._floor.get(worker, 0), until)
 
     def requested(self, bounds: dict[str, int]) -> int:
         with self._lock:
@@ -80,6 +85,10 @@ class Ledger:
         self._booked = 0
         self._saved_through = 0
         self._commit_lock = threading.Lock()
+        # Whether a change may stay in this process's memory while the store cannot be written (a
+        # PostgreSQL leader while the database is away: its renewals go on, see Controller.defer_writes).
+        self.may_defer: Callable[[], bool] = lambda: False
+        self.deferred: str | None = None          # why changes wait in memory, while they do
 
     def read(self, ttl_s: float) -> Memory:
         """The state as it is on disk, judged on this process's clock; nothing is locked or written
@@ -92,7 +101,12 @@ class Ledger:
         fleet's lease TTL, used when the state comes from another boot (see Memory.rebase)."""
         with self._update_lock:
             self._ttl_s = ttl_s or self._ttl_s
-            self._read()
+            try:
+                self._read()
+            except StateError as exc:
+                if self._memory is None or not self.may_defer():
+                    raise
+                self.deferred = str(exc)
             return self.memory
 
     def _read(self) -> None:
@@ -135,6 +149,19 @@ class Ledger:
                     self._exit = None
 
     @property
+    def known(self) -> Memory | None:
+        """The memory this process holds, if it read one (never reads)."""
+        return self._memory
+
+    def extend_leases(self, bounds: dict[str, int]) -> None:
+        """Take leases on these workers as living at least until these bounds (worker -> mono ms),
+        and save: a new leader counts every lease the previous term may have granted."""
+        with self._update_lock:
+            self._read()
+            self.leases.raise_floor(bounds)
+            self.update()
+
+    @property
     def memory(self) -> Memory:
         """The newest memory this process knows. Callers read it and never change it in place:
         `update` does."""
@@ -145,15 +172,28 @@ class Ledger:
     def update(self, change: Callable[[Memory], None] | None = None) -> Memory:
         """Apply `change` to a copy of the newest memory (the file read again if another process
         wrote it) and save it, with the leases as the book has them now."""
-        with self._update_lock, self.store.writing():
-            self._read()
-            memory = self.memory.copy()
-            if change is not None:
-                change(memory)
-            memory.leases = self.leases.leases()
-            memory.saved_at = self.clock.mono()
-            self._memory = self.store.save(memory)
+        with self._update_lock:
+            try:
+                with self.store.writing():
+                    self._read()
+                    self._memory = self.store.save(self._changed(change))
+                self.deferred = None
+            except StateError as exc:
+                if self._memory is None or not self.may_defer() or isinstance(exc, StateConflict):
+                    raise
+                # Kept here and saved with the next update that gets through: the bounds of the leases
+                # this leader grants meanwhile are covered by a takeover's wait (see Controller.took_over).
+                self._memory = self._changed(change)
+                self.deferred = str(exc)
             return self._memory
+
+    def _changed(self, change: Callable[[Memory], None] | None) -> Memory:
+        memory = self.memory.copy()
+        if change is not None:
+            change(memory)
+        memory.leases = self.leases.leases()
+        memory.saved_at = self.clock.mono()
+        return memory
 
     def request_leases(self, bounds: dict[str, int], change: Callable[[Memory], None] | None = None) -> int:
         """Book requests that may grant these leases (worker -> bound) and save them (with `change`)

@@ -16,6 +16,14 @@ that does not validate changes nothing: the act round reports it once (and raise
 and skips; renewals go on with the last valid fleet (or, at start, the workers the state file
 remembers).
 SIGINT/SIGTERM let the running rounds finish, then the daemon exits 0.
+
+With a PostgreSQL state several daemons may run; one leads (see leader.py). A `lead` job every
+second renews the leadership row once per interval while this daemon leads, or watches it while it
+stands by. A standby's renewal rounds only look (read only: nothing renewed, nothing written), and
+it does not act; once it takes over, it runs a renewal round at once, and counts every lease the
+previous term may have granted as running until now + leaseTtlSeconds (so nothing starts elsewhere
+before those are surely over). On SIGTERM, or when `quantlab leader step-down` asks, the leader
+steps down between act rounds, and a standby takes over within a second.
 """
 from __future__ import annotations
 
@@ -33,11 +41,14 @@ from .execute import Outcome
 from .follow import Follower, source_change
 from .gather import Gathered
 from .gitsource import GitError
+from .handover import serve_handed_plans
+from .leader import Change, Leader, describe_db_error
 from .plan import SOURCE_CHANGE, Plan
 from .planner import PlanOptions
 from .render import plan_summary
 from .memory import Memory
 from .spec import Fleet, FleetInvalid, FleetSettings
+from .spec.models import LEADER_WATCH_S
 from .store import LockHeld, StateError
 
 
@@ -61,8 +72,12 @@ def rebalance_options(settings: FleetSettings, memory: Memory, now_ms: int) -> P
 
 class ReconcileLoop:
     def __init__(self, controller: Controller, log: Callable[[str], None], lock_timeout: float = 0.0,
-                 follower: Follower | None = None, allow_source_change: bool = False):
+                 follower: Follower | None = None, allow_source_change: bool = False, leader: Leader | None = None):
         self.ctl = controller
+        self.leader = leader                          # PostgreSQL: this daemon's side of the leadership
+        controller.leader = leader
+        self._looked: Gathered | None = None          # a standby's latest read-only round (hosts' terms)
+        self._renewed_lead_at: int | None = None      # mono ms this leader last renewed its row
         self.log = log
         self.lock_timeout = lock_timeout
         self.follower = follower or Follower(controller.fleet_dir, controller.state_path.parent)
@@ -95,9 +110,10 @@ class ReconcileLoop:
             return self._fleet.settings
         return FleetSettings.from_snapshot(self.ctl.read_memory(None).fleet_settings)
 
-    def _load(self) -> Fleet | None:
+    def _load(self, read_only: bool = False) -> Fleet | None:
         """What the loop applies now, or None with the reason in `_idle` (said once per change):
-        the fleet does not validate, git cannot be read, or an operation is in progress."""
+        the fleet does not validate, git cannot be read, or an operation is in progress.
+        `read_only`: a standby's look, which writes nothing to the state."""
         f = self.follower
         try:
             paused = f.paused()
@@ -105,7 +121,7 @@ class ReconcileLoop:
             if paused is not None:
                 self._idle = f"paused: {paused}"
                 return None
-            if f.follows_commits:
+            if f.follows_commits and not read_only:
                 self._say_uncommitted(f.uncommitted())
             fleet = f.load()
         except GitError as exc:
@@ -179,6 +195,9 @@ class ReconcileLoop:
         self.ctl.ledger.refresh(ttl)
         fleet, fallback = self._renewal_fleet()
         gathered = self.ctl.renew(fleet, loop=True, fallback=fallback)
+        self._say("deferred", None if self.ctl.ledger.deferred is None else
+                  f"the state cannot be written ({self.ctl.ledger.deferred}); leases are renewed from memory for as "
+                  "long as this daemon may lead, and nothing is started or stopped until it is back")
         self._skip_reported = None
         with self._rounds:
             # Rounds may overlap (a slow host holds one open past the next one's start): keep the newest.
@@ -210,6 +229,9 @@ class ReconcileLoop:
         source = self.follower.source
         if not self.allow_source_change:
             options = replace(options, source_change=source_change(memory.loop_source, source))
+        if self.leader is not None and serve_handed_plans(self.ctl, fleet, gathered, self.lock_timeout):
+            # What runs changed since this round's observation: the next act round plans from a new one.
+            return self._done(started, True, "carried out the plans handed over by apply")
         result = self.ctl.apply(options, command="reconcile", fleet=fleet, gathered=gathered,
                                 lock_timeout=self.lock_timeout, background_renewals=False)
         held = any(b.guard == SOURCE_CHANGE for b in result.plan.blocked)
@@ -265,8 +287,31 @@ class ReconcileLoop:
         started = time.monotonic()
         try:
             self.ctl.require_fleet_dir()
+            if self.leader is not None:
+                busy = self._lead_once()
+                if busy is not None:
+                    return self._done(started, True, busy)
         except StateError as exc:
             return self._done(started, False, f"error: {exc}")
+        try:
+            return self._tick(started)
+        finally:
+            self.step_down()
+
+    def _lead_once(self) -> str | None:
+        """`--once` with PostgreSQL leads for its run (see Leader.take_for_run): None once it leads,
+        else who does, and this run does nothing."""
+        assert self.leader is not None
+        self._load(read_only=True)
+        self._standby_round()
+        assert self._looked is not None
+        taken = self.leader.take_for_run(lambda: self.ctl.read_memory(None).term, list(self._looked.fences.values()))
+        if not isinstance(taken, Change):
+            return f"{taken.words()}: this run does nothing"
+        self._took_over(taken, renew=False)
+        return None
+
+    def _tick(self, started: float) -> Tick:
         mirror = self.follower.mirror
         try:
             fleet = self._load() if mirror is None or self.follower.pulled_before() else None
@@ -289,8 +334,25 @@ class ReconcileLoop:
 
     # --- daemon ---------------------------------------------------------------------------------
 
+    def leads(self) -> bool:
+        return self.leader is None or self.leader.leading()
+
+    def _standby_round(self) -> None:
+        """A standby looks at every host (read only), ready to take over with the hosts' terms."""
+        memory = self.ctl.read_memory(self._fleet)
+        fleet = self._fleet if self._fleet is not None else self.ctl.fallback_fleet(memory)
+        self._looked = self.ctl.observe(fleet, memory)
+        who = self.leader.watch() if self.leader is not None else None
+        others = who is not None and who.holder is not None and who.holder != self.leader.table.name
+        self._say("standby", f"standing by: {who.holder} leads (term {who.term}); looking at the hosts, "
+                             "renewing nothing" if others else None)
+
     def _renew_job(self) -> None:
         try:
+            if not self.leads():
+                self._standby_round()
+                return
+            self._say("standby", None)
             self.renew_round()
         except StateError as exc:
             # Renewals are booked on disk before they are sent: without a writable state, none goes out.
@@ -300,6 +362,15 @@ class ReconcileLoop:
 
     def _act_job(self) -> None:
         started = time.monotonic()
+        if self.leader is not None:
+            if self.leader.leading() and self.leader.handover_asked:
+                self.step_down()                 # between act rounds: nothing of ours is half done
+            if not self.leader.leading():
+                try:
+                    self._load(read_only=True)   # the fleet a takeover would renew
+                except StateError as exc:
+                    self._say("standby-load", f"standing by, cannot read the state: {exc}")
+                return
         try:
             fleet = self._fleet
             settings = fleet.settings if fleet is not None else None
@@ -318,6 +389,50 @@ class ReconcileLoop:
             self.log("act round failed unexpectedly:\n" + traceback.format_exc())
         finally:
             self._acted_at = self.ctl.clock.mono()
+
+    def _lead_job(self) -> None:
+        """Every LEADER_WATCH_S: the leader renews its row once per interval; a standby watches it
+        and takes over once it has seen it unchanged for a whole lease (after one look at the hosts,
+        so that its term is above every term they have seen)."""
+        leader = self.leader
+        assert leader is not None
+        try:
+            if leader.term is not None:
+                now = self.ctl.clock.mono()
+                every = self._settings().reconcile_interval_s * 1000
+                if self._renewed_lead_at is None or now - self._renewed_lead_at >= every - 500:
+                    self._renewed_lead_at = now
+                    change = leader.renew()
+                    if change is not None:
+                        self.ctl.leader_changed(change)
+                if leader.term is not None and not leader.leading():
+                    self._say("lead", "the leadership row could not be renewed for a whole lease: acting "
+                                      "stops until this daemon leads again")
+                return
+            seen = leader.watch()
+            if not seen.may_take or self._looked is None:
+                return
+            change = leader.take(self.ctl.read_memory(None).term, list(self._looked.fences.values()))
+            if change is None:
+                return
+            self._renewed_lead_at = self.ctl.clock.mono()
+            self._took_over(change)
+        except Exception as exc:               # noqa: BLE001 - the database is away: said once, tried again
+            self._say("lead", f"leadership: {describe_db_error(exc)}")
+            return
+        self._say("lead", None)
+
+    def _took_over(self, change: Any, renew: bool = True) -> None:
+        self.ctl.took_over(change, self._settings())
+        self._say("standby", None)
+        if renew:
+            self._renew_job()                  # the renewals go out at once
+
+    def step_down(self) -> None:
+        if self.leader is not None:
+            change = self.leader.step_down()
+            if change is not None:
+                self.ctl.leader_changed(change)
 
     def _follow_interval(self, scheduler: Any, current: float) -> float:
         """Reschedule both jobs when the fleet's interval changed. Called from the main thread only:
@@ -353,6 +468,9 @@ class ReconcileLoop:
                                            ("reconcile", self._act_job, now + timedelta(milliseconds=10), 1)):
             scheduler.add_job(fn, IntervalTrigger(seconds=interval), id=job_id, max_instances=overlap,
                               coalesce=True, next_run_time=first, misfire_grace_time=None)
+        if self.leader is not None:            # the row, watched or renewed, off the renewal lane
+            scheduler.add_job(self._lead_job, IntervalTrigger(seconds=LEADER_WATCH_S), id="lead", max_instances=1,
+                              coalesce=True, next_run_time=now, misfire_grace_time=None)
         if self.follower.mirror is not None:   # fetching waits on the network: its own job, off both lanes
             scheduler.add_job(self._pull_job, IntervalTrigger(seconds=pull_interval), id="git-pull",
                               max_instances=1, coalesce=True, next_run_time=now, misfire_grace_time=None)
@@ -369,6 +487,7 @@ class ReconcileLoop:
             self.log("stopping: letting the running rounds finish")
         finally:
             scheduler.shutdown(wait=True)
+            self.step_down()                  # a standby takes over within a second, not a lease
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.ctl.close()

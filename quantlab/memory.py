@@ -149,6 +149,9 @@ class Memory:
     loop_source: dict[str, Any] = field(default_factory=dict)
     # Set by `quantlab state push` on the state it moved away: no controller acts on it any more.
     migrated_to: str | None = None
+    # The controller term its commands to the hosts carry (a fencing token, see host fence.py): the
+    # file's, or with PostgreSQL the leader's, kept here for `state pull` and a later push.
+    term: int = 0
 
     def copy(self) -> "Memory":
         return copy.deepcopy(self)
@@ -182,6 +185,7 @@ class Memory:
                if self.rebalanced_at is not None else {}),
             **({"loopSource": dict(sorted(self.loop_source.items()))} if self.loop_source else {}),
             **({"migratedTo": self.migrated_to} if self.migrated_to else {}),
+            **({"controllerTerm": self.term} if self.term else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -226,6 +230,7 @@ class Memory:
                 rebalanced=[str(s) for s in raw.get("rebalanced", [])],
                 loop_source=dict(raw.get("loopSource") or {}),
                 migrated_to=raw.get("migratedTo"),
+                term=int(raw.get("controllerTerm") or 0),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc

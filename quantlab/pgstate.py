@@ -22,17 +22,17 @@ from typing import Any, Iterator
 
 from .leadership import LeaseRow
 from .memory import Memory, MemoryFormatError
-from .store import LockHeld, StateError
+from .store import LockHeld, StateConflict, StateError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATION_LOCK = 0x716C6D67          # pg_advisory_xact_lock key: one migration at a time
 CONNECT_TIMEOUT_S = 5
 # Every wait on the database has a deadline: a statement, a row lock, a transaction left open.
 SESSION_OPTIONS = "-c statement_timeout=10000 -c lock_timeout=10000 -c idle_in_transaction_session_timeout=30000"
-
-
-class StateConflict(StateError):
-    """Another controller changed the state since this one read it; nothing was written."""
+# ... and so does the link, on this side: a server that stops answering (a partition that drops
+# packets) fails the call within about ten seconds instead of hanging it.
+LINK_DEADLINES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2,
+                  "tcp_user_timeout": 10000}
 
 
 def check_dsn(dsn: str) -> dict[str, str]:
@@ -65,19 +65,35 @@ class PgState:
     def _connect(self) -> Any:
         import psycopg
 
-        options = {} if "options" in self.parts else {"options": SESSION_OPTIONS}
+        extra: dict[str, Any] = {k: v for k, v in {"options": SESSION_OPTIONS, **LINK_DEADLINES}.items()
+                                 if k not in self.parts}
         try:
             return psycopg.connect(self.dsn, connect_timeout=int(self.parts.get("connect_timeout") or CONNECT_TIMEOUT_S),
-                                   **options)
+                                   **extra)
         except psycopg.OperationalError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StateError(f"cannot reach the state database {self.where()}: {first}") from None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Any]:
+        """One connection for one transaction (committed when the block ends without an error); a
+        database fault on the way is a StateError naming the database, never a crash."""
+        import psycopg
+
+        conn = self._connect()
+        try:
+            with conn:
+                yield conn
+        except psycopg.Error as exc:
+            text = str(exc).strip()
+            raise StateError(f"the state database {self.where()}: "
+                             f"{text.splitlines()[0] if text else type(exc).__name__}") from None
 
     # --- schema --------------------------------------------------------------------------------
 
     def migrate(self) -> int:
         """Create or upgrade the schema (one process at a time); the schema version now."""
-        with self._connect() as conn:
+        with self.session() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS quantlab_schema (version integer NOT NULL)")
             row = conn.execute("SELECT max(version) FROM quantlab_schema").fetchone()
@@ -103,12 +119,21 @@ class PgState:
                                   term bigint NOT NULL, renewals bigint NOT NULL, duration_ms bigint NOT NULL,
                                   since timestamptz NOT NULL DEFAULT now())""")
                 conn.execute("INSERT INTO quantlab_schema (version) VALUES (1)")
+            if found < 2:
+                # 2: a hand-over asked of the leader (`quantlab leader step-down`), and plans handed to
+                # the leader by an interactive `apply`.
+                conn.execute("ALTER TABLE quantlab_leader ADD COLUMN handover boolean NOT NULL DEFAULT false")
+                conn.execute("""CREATE TABLE quantlab_requests (
+                                  id bigserial PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now(),
+                                  by text NOT NULL, body jsonb NOT NULL, status text NOT NULL DEFAULT 'pending',
+                                  answer jsonb, answered_at timestamptz)""")
+                conn.execute("INSERT INTO quantlab_schema (version) VALUES (2)")
             return SCHEMA_VERSION
 
     # --- the state -----------------------------------------------------------------------------
 
     def load(self) -> Memory:
-        with self._connect() as conn:
+        with self.session() as conn:
             row = conn.execute("SELECT lineage, serial, content FROM quantlab_state WHERE id = 1").fetchone()
         if row is None:
             return Memory()
@@ -122,7 +147,7 @@ class PgState:
         """Write `memory` if its content changed, in one transaction that first checks that the
         stored serial is still `expected_serial` (StateConflict otherwise: nothing is written).
         Returns it with the serial (and lineage) it now has."""
-        with self._connect() as conn:
+        with self.session() as conn:
             row = conn.execute("SELECT lineage, serial, content FROM quantlab_state WHERE id = 1 FOR UPDATE").fetchone()
             if row is None:
                 if expected_serial != 0:
@@ -176,7 +201,7 @@ class PgStore:
 
     def changed_since_saved(self) -> bool:
         try:
-            with self.db._connect() as conn:
+            with self.db.session() as conn:
                 row = conn.execute("SELECT serial FROM quantlab_state WHERE id = 1").fetchone()
         except StateError:
             return True
@@ -234,7 +259,7 @@ class PgStore:
 
     def holder(self) -> dict[str, Any] | None:
         try:
-            with self.db._connect() as conn:
+            with self.db.session() as conn:
                 row = conn.execute("SELECT holder FROM quantlab_lock WHERE id = 1").fetchone()
         except Exception:                     # no table yet, or no answer: nobody to name
             return None
@@ -257,7 +282,7 @@ class PgEventLog:
 
     def append(self, event: dict[str, Any]) -> bool:
         try:
-            with self.db._connect() as conn:
+            with self.db.session() as conn:
                 conn.execute("INSERT INTO quantlab_events (t, body) VALUES (%s, %s)",
                              (int(event.get("t") or 0), json.dumps(event)))
         except Exception as exc:              # noqa: BLE001 - history is best effort
@@ -267,7 +292,7 @@ class PgEventLog:
         return True
 
     def read(self) -> Iterator[dict[str, Any]]:
-        with self.db._connect() as conn:
+        with self.db.session() as conn:
             rows = conn.execute("SELECT body FROM quantlab_events ORDER BY id").fetchall()
         for (body,) in rows:
             if isinstance(body, dict):
@@ -291,7 +316,7 @@ class PgCheckpointStore:
     def save_many(self, copies: dict[str, dict[str, Any]]) -> None:
         if not copies:
             return
-        with self.db._connect() as conn:
+        with self.db.session() as conn:
             for strategy, checkpoint in sorted(copies.items()):
                 conn.execute("INSERT INTO quantlab_checkpoints (strategy, hash, body) VALUES (%s, %s, %s) "
                              "ON CONFLICT (strategy) DO UPDATE SET hash = excluded.hash, body = excluded.body, "
@@ -301,13 +326,13 @@ class PgCheckpointStore:
                 self._hashes.update({sid: c.get("hash") for sid, c in copies.items()})
 
     def names(self) -> list[str]:
-        with self.db._connect() as conn:
+        with self.db.session() as conn:
             return sorted(r[0] for r in conn.execute("SELECT strategy FROM quantlab_checkpoints").fetchall())
 
     def hash_of(self, strategy: str) -> str | None:
         with self._lock:
             if self._hashes is None:
-                with self.db._connect() as conn:
+                with self.db.session() as conn:
                     self._hashes = dict(conn.execute("SELECT strategy, hash FROM quantlab_checkpoints").fetchall())
             return self._hashes.get(strategy)
 
@@ -315,11 +340,11 @@ class PgCheckpointStore:
         with self._lock:
             if self._hashes is not None:
                 self._hashes.pop(strategy, None)
-        with self.db._connect() as conn:
+        with self.db.session() as conn:
             return conn.execute("DELETE FROM quantlab_checkpoints WHERE strategy = %s", (strategy,)).rowcount > 0
 
     def load(self, strategy: str) -> dict[str, Any] | None:
-        with self.db._connect() as conn:
+        with self.db.session() as conn:
             row = conn.execute("SELECT body FROM quantlab_checkpoints WHERE strategy = %s", (strategy,)).fetchone()
         return row[0] if row and isinstance(row[0], dict) else None
 
@@ -327,7 +352,7 @@ class PgCheckpointStore:
         """Remove the copies of strategies not in `keep` `retention_s` after a run first found them
         gone (gone_at); one that comes back loses its mark. The ids removed."""
         names = sorted(keep)
-        with self.db._connect() as conn:
+        with self.db.session() as conn:
             conn.execute("UPDATE quantlab_checkpoints SET gone_at = NULL WHERE strategy = ANY(%s)", (names,))
             conn.execute("UPDATE quantlab_checkpoints SET gone_at = now() WHERE gone_at IS NULL AND "
                          "NOT (strategy = ANY(%s))", (names,))
@@ -350,34 +375,103 @@ class Leadership:
         self.db, self.name = db, name
 
     def read(self) -> LeaseRow | None:
-        with self.db._connect() as conn:
+        with self.db.session() as conn:
             row = conn.execute("SELECT holder, term, renewals, duration_ms FROM quantlab_leader WHERE id = 1").fetchone()
         return LeaseRow(row[0], int(row[1]), int(row[2]), int(row[3])) if row else None
 
+    def describe(self) -> dict[str, Any] | None:
+        """The row for people (`status`): who leads, in which term, since when (epoch ms)."""
+        with self.db.session() as conn:
+            row = conn.execute("SELECT holder, term, (extract(epoch FROM since) * 1000)::bigint, handover, "
+                               "duration_ms FROM quantlab_leader WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        return {"holder": row[0], "term": int(row[1]), "since": int(row[2]), "handover": bool(row[3]),
+                "leaseSeconds": int(row[4]) / 1000}
+
     def take(self, seen: LeaseRow | None, term: int, duration_ms: int) -> bool:
         """Become the holder in `term`, if the row is still as `seen` (None: there was none)."""
-        with self.db._connect() as conn:
+        with self.db.session() as conn:
             if seen is None:
                 done = conn.execute("INSERT INTO quantlab_leader (id, holder, term, renewals, duration_ms) "
                                     "VALUES (1, %s, %s, 0, %s) ON CONFLICT (id) DO NOTHING",
                                     (self.name, term, duration_ms))
             else:
-                done = conn.execute("UPDATE quantlab_leader SET holder = %s, term = %s, renewals = 0, duration_ms = %s, "
-                                    "since = now() WHERE id = 1 AND term = %s AND renewals = %s AND "
-                                    "holder IS NOT DISTINCT FROM %s",
+                done = conn.execute("UPDATE quantlab_leader SET holder = %s, term = %s, renewals = renewals + 1, "
+                                    "duration_ms = %s, handover = false, since = now() WHERE id = 1 AND term = %s "
+                                    "AND renewals = %s AND holder IS NOT DISTINCT FROM %s",
                                     (self.name, term, duration_ms, seen.term, seen.renewals, seen.holder))
             return done.rowcount == 1
 
-    def renew(self, term: int) -> bool:
-        """Renew the lead in `term`: False when another controller took it meanwhile."""
-        with self.db._connect() as conn:
-            done = conn.execute("UPDATE quantlab_leader SET renewals = renewals + 1 WHERE id = 1 AND holder = %s "
-                                "AND term = %s", (self.name, term))
+    def renew(self, term: int) -> tuple[bool, bool]:
+        """Renew the lead in `term`: (renewed, a hand-over was asked). Not renewed: another
+        controller took it meanwhile."""
+        with self.db.session() as conn:
+            row = conn.execute("UPDATE quantlab_leader SET renewals = renewals + 1 WHERE id = 1 AND holder = %s "
+                               "AND term = %s RETURNING handover", (self.name, term)).fetchone()
+        return (row is not None, bool(row and row[0]))
+
+    def raise_term(self, term: int, new_term: int) -> bool:
+        """Go on leading in a higher term (a host had seen one above ours: a restored database)."""
+        with self.db.session() as conn:
+            done = conn.execute("UPDATE quantlab_leader SET term = %s, renewals = renewals + 1 WHERE id = 1 AND "
+                                "holder = %s AND term = %s", (new_term, self.name, term))
             return done.rowcount == 1
 
     def step_down(self, term: int) -> bool:
         """Give the lead up on purpose (an upgrade): the row is free at once for a standby."""
-        with self.db._connect() as conn:
-            done = conn.execute("UPDATE quantlab_leader SET holder = NULL, renewals = renewals + 1 WHERE id = 1 "
-                                "AND holder = %s AND term = %s", (self.name, term))
+        with self.db.session() as conn:
+            done = conn.execute("UPDATE quantlab_leader SET holder = NULL, handover = false, renewals = renewals + 1 "
+                                "WHERE id = 1 AND holder = %s AND term = %s", (self.name, term))
+            return done.rowcount == 1
+
+    def ask_handover(self) -> dict[str, Any] | None:
+        """Ask whoever leads to step down after its current round (`quantlab leader step-down`):
+        the row as it was, or None when nobody leads."""
+        with self.db.session() as conn:
+            row = conn.execute("UPDATE quantlab_leader SET handover = true WHERE id = 1 AND holder IS NOT NULL "
+                               "RETURNING holder, term").fetchone()
+        return {"holder": row[0], "term": int(row[1])} if row else None
+
+
+# --- plans handed to the leader by an interactive `apply` ---------------------------------------------
+
+class PlanRequests:
+    """The queue of confirmed plans that `apply` hands to the leading daemon. A request carries how
+    long its sender waits (`waitSeconds`); the leader takes only requests still inside that time
+    (judged on the database's clock, the one clock both sides share), so a plan whose `apply` gave
+    up is never carried out later."""
+
+    def __init__(self, db: PgState):
+        self.db = db
+
+    def submit(self, by: str, body: dict[str, Any]) -> int:
+        with self.db.session() as conn:
+            return int(conn.execute("INSERT INTO quantlab_requests (by, body) VALUES (%s, %s) RETURNING id",
+                                    (by, json.dumps(body))).fetchone()[0])
+
+    def take(self) -> list[tuple[int, str, dict[str, Any]]]:
+        """The pending requests, marked taken (the ones past their sender's wait, marked expired)."""
+        with self.db.session() as conn:
+            conn.execute("UPDATE quantlab_requests SET status = 'expired', answered_at = now() WHERE status = 'pending' "
+                         "AND created_at < now() - make_interval(secs => (body->>'waitSeconds')::float)")
+            rows = conn.execute("UPDATE quantlab_requests SET status = 'taken' WHERE status = 'pending' "
+                                "RETURNING id, by, body").fetchall()
+        return sorted((int(r[0]), str(r[1]), r[2]) for r in rows)
+
+    def answer(self, request: int, answer: dict[str, Any]) -> None:
+        with self.db.session() as conn:
+            conn.execute("UPDATE quantlab_requests SET status = 'done', answer = %s, answered_at = now() WHERE id = %s",
+                         (json.dumps(answer), request))
+
+    def read(self, request: int) -> tuple[str, dict[str, Any] | None]:
+        with self.db.session() as conn:
+            row = conn.execute("SELECT status, answer FROM quantlab_requests WHERE id = %s", (request,)).fetchone()
+        return (str(row[0]), row[1]) if row else ("gone", None)
+
+    def withdraw(self, request: int) -> bool:
+        """Take back a request nobody took yet: True when it will never be carried out."""
+        with self.db.session() as conn:
+            done = conn.execute("UPDATE quantlab_requests SET status = 'withdrawn', answered_at = now() WHERE id = %s "
+                                "AND status = 'pending'", (request,))
             return done.rowcount == 1

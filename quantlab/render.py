@@ -1,6 +1,8 @@
 """Text for people: plans, status and events, with rich markup that plain output strips."""
 from __future__ import annotations
 
+from typing import Any
+
 from rich.markup import escape
 
 from .follow import Source
@@ -192,3 +194,12 @@ def explain_lines(report: dict) -> list[str]:
     if not rows:
         lines.append("  no workers in the fleet")
     return lines
+
+
+def leader_line(row: dict[str, Any] | None, now_wall: int) -> str:
+    """Who leads a PostgreSQL state's daemons, for people."""
+    if row is None or row.get("holder") is None:
+        return "Leader: nobody leads (no reconcile daemon holds the lead)"
+    since = max(0, now_wall - int(row["since"])) // 1000
+    asked = "; asked to step down" if row.get("handover") else ""
+    return f"Leader: {row['holder']}, term {row['term']}, since {since} s ago{asked}"

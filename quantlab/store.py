@@ -50,6 +50,10 @@ class StateError(Exception):
     """The state file (or its lock) cannot be used; the message says why and what to do."""
 
 
+class StateConflict(StateError):
+    """Another controller changed the state since this one read it; nothing was written."""
+
+
 class LockHeld(StateError):
     pass
 

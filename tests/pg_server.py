@@ -84,14 +84,18 @@ class PgServer:
                           "--no-sync", "-E", "UTF8", "--locale=C"])
         if done.returncode != 0:
             raise RuntimeError(f"initdb failed: {done.stderr.strip()[-500:]}")
+        self.resume()
+        self._create_database()
+        return self
+
+    def resume(self) -> None:
+        """Start the server (again, after `stop`) on the same folder and port."""
         options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} -c fsync=off "
-                   "-c max_connections=50")
+                   "-c max_connections=80")
         done = self._run([find_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
                           "-w", "-t", str(int(START_DEADLINE_S)), "start"])
         if done.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {done.stderr.strip()[-300:]}; log: {self.log_tail()}")
-        self._create_database()
-        return self
 
     def _create_database(self) -> None:
         import psycopg

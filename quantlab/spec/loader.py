@@ -619,6 +619,7 @@ class _Builder:
             cron_period_s=float(loop["cronPeriodSeconds"]) if loop["cronPeriodSeconds"] is not None else None,
             rebalance_every_s=float(loop["rebalance"]["intervalSeconds"]) if loop.get("rebalance") else None,
             rebalance_max_moves=int((loop.get("rebalance") or {}).get("maxMoves", 1)),
+            leader_lease_s=float(loop["leaderLeaseSeconds"]) if loop.get("leaderLeaseSeconds") is not None else None,
             monitor=MonitorSettings(
                 worker_offline_after_s=float(mon["workerOfflineAfterSeconds"]),
                 lease_ttl_s=float(mon["leaseTtlSeconds"]), auto_recover=mon["autoRecover"],
@@ -706,7 +707,8 @@ def build_fleet(parsed: ParsedFleet, strategy_files: Mapping[str, StrategyFile])
     settings = builder.settings(fleet_docs[0] if fleet_docs else None)
     broken = settings.lease_rule_problem()
     if broken is not None and fleet_docs:
-        field_path = ("reconcile", "probeDeadlineSeconds") if broken.startswith("reconcile.") else ("monitor", "leaseTtlSeconds")
+        field_path = ("reconcile", "probeDeadlineSeconds") if broken.startswith("reconcile.probe") else \
+            ("reconcile", "leaderLeaseSeconds") if broken.startswith("reconcile.leader") else ("monitor", "leaseTtlSeconds")
         parsed.problem(fleet_docs[0].loc(*field_path), f"Fleet: {broken}")
 
     workers = [(d, builder.worker(d)) for d in builder.unique(by_kind["Worker"], "Worker")]

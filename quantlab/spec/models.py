@@ -171,6 +171,11 @@ class SshSettings:
 MAX_DEFAULT_PROBE_DEADLINE_S = 5.0
 
 
+DEFAULT_LEADER_LEASE_S = 15.0        # Kubernetes' leader-election default
+LEADER_WATCH_S = 1.0                 # how often a standby reads the leadership row
+LEADER_DEPOSE_MARGIN_S = 1.0         # a leader gives up this much before its lease could end elsewhere
+
+
 def default_probe_deadline(interval_s: float) -> float:
     return min(MAX_DEFAULT_PROBE_DEADLINE_S, interval_s)
 
@@ -187,11 +192,24 @@ class FleetSettings:
     cron_period_s: float | None = None                       # set when `reconcile --once` runs from cron
     rebalance_every_s: float | None = None                   # the loop rebalances on its own (off: None)
     rebalance_max_moves: int = 1
+    leader_lease_s: float | None = None                      # set: several controllers may take over
+
+    @property
+    def leader_lease(self) -> float:
+        """The leadership lease with PostgreSQL (reconcile.leaderLeaseSeconds; Kubernetes' 15 s)."""
+        return self.leader_lease_s if self.leader_lease_s is not None else DEFAULT_LEADER_LEASE_S
+
+    def takeover_s(self) -> float:
+        """The longest a standby's takeover can leave the hosts without renewals: the lease it waits
+        out after the last renewal, plus its watch interval twice (seeing the last change, seeing the
+        lease over); its first renewal round then follows at once."""
+        return self.leader_lease + 2 * LEADER_WATCH_S
 
     def snapshot(self) -> dict[str, Any]:
         """What keeps leases renewed while the fleet dir does not validate (kept in the state file)."""
         return {"policy": self.policy, "reconcileIntervalSeconds": self.reconcile_interval_s,
                 "probeDeadlineSeconds": self.probe_deadline_s, "cronPeriodSeconds": self.cron_period_s,
+                "leaderLeaseSeconds": self.leader_lease_s,
                 "monitor": dataclasses.asdict(self.monitor), "ssh": dataclasses.asdict(self.ssh),
                 "notify": {"webhook": self.notify.webhook,
                            "command": list(self.notify.command) if self.notify.command else None}}
@@ -207,34 +225,50 @@ class FleetSettings:
         return cls(policy=raw.get("policy", "load-based"), reconcile_interval_s=interval,
                    probe_deadline_s=float(raw.get("probeDeadlineSeconds") or default_probe_deadline(interval)),
                    cron_period_s=raw.get("cronPeriodSeconds"),
+                   leader_lease_s=raw.get("leaderLeaseSeconds"),
                    # Fields a newer or older release wrote are left out: this must never fail.
                    monitor=MonitorSettings(**{k: v for k, v in raw.get("monitor", {}).items() if k in monitor_fields}),
                    ssh=SshSettings(**{k: v for k, v in raw.get("ssh", {}).items() if k in ssh_fields}),
                    notify=NotifySettings(webhook=notify.get("webhook"),
                                          command=tuple(notify["command"]) if notify.get("command") else None))
 
-    def lease_floor_s(self) -> float:
-        """The shortest lease these settings allow: the longest the loop may be away (two intervals,
-        two cron periods, or a restart of the controller), plus one probe deadline, plus the margin."""
-        away = max(2 * self.reconcile_interval_s, 2 * (self.cron_period_s or 0), self.monitor.controller_restart_s)
-        return away + self.probe_deadline_s + self.monitor.failover_margin_s
-
-    def lease_rule_problem(self) -> str | None:
-        """Why these settings break the lease rule, or None. A lease shorter than the loop may be away
-        fences healthy strategies; a probe deadline longer than the interval overlaps rounds."""
-        if self.probe_deadline_s > self.reconcile_interval_s:
-            return (f"reconcile.probeDeadlineSeconds {self.probe_deadline_s:g} is longer than "
-                    f"reconcile.intervalSeconds {self.reconcile_interval_s:g}; make it at most the interval")
-        if not self.monitor.fencing:
-            return None
-        ttl = self.monitor.lease_ttl_s
+    def _away(self, standbys: bool) -> dict[str, float]:
+        """The longest the loop may be away, by cause: two intervals, two cron periods, a restart of
+        the controller, and with standby controllers a takeover."""
         away = {"2 x reconcile.intervalSeconds": 2 * self.reconcile_interval_s,
                 "monitor.controllerRestartSeconds": self.monitor.controller_restart_s}
         if self.cron_period_s:
             away["2 x reconcile.cronPeriodSeconds"] = 2 * self.cron_period_s
+        if standbys or self.leader_lease_s is not None:
+            away[f"a takeover (reconcile.leaderLeaseSeconds + {2 * LEADER_WATCH_S:g} s)"] = self.takeover_s()
+        return away
+
+    def lease_floor_s(self, standbys: bool = False) -> float:
+        """The shortest lease these settings allow: the longest the loop may be away, plus one probe
+        deadline, plus the margin."""
+        return max(self._away(standbys).values()) + self.probe_deadline_s + self.monitor.failover_margin_s
+
+    def lease_rule_problem(self, standbys: bool = False) -> str | None:
+        """Why these settings break the lease rule, or None. A lease shorter than the loop may be away
+        fences healthy strategies; a probe deadline longer than the interval overlaps rounds; a
+        leadership lease shorter than two renewals deposes a healthy leader. `standbys`: several
+        controllers share the state (PostgreSQL), so a takeover counts even with the default lease."""
+        if self.probe_deadline_s > self.reconcile_interval_s:
+            return (f"reconcile.probeDeadlineSeconds {self.probe_deadline_s:g} is longer than "
+                    f"reconcile.intervalSeconds {self.reconcile_interval_s:g}; make it at most the interval")
+        if (standbys or self.leader_lease_s is not None) and \
+                self.leader_lease < 2 * self.reconcile_interval_s + LEADER_DEPOSE_MARGIN_S:
+            need = 2 * self.reconcile_interval_s + LEADER_DEPOSE_MARGIN_S
+            return (f"reconcile.leaderLeaseSeconds {self.leader_lease:g} is shorter than two renewals of the "
+                    f"lead (2 x reconcile.intervalSeconds + {LEADER_DEPOSE_MARGIN_S:g} s = {need:g} s): a late "
+                    "renewal would depose a healthy leader; raise it")
+        if not self.monitor.fencing:
+            return None
+        ttl = self.monitor.lease_ttl_s
+        away = self._away(standbys)
         longest = max(away, key=lambda k: away[k])
         # ttl >= away + deadline + 1 + 0.05 ttl  <=>  ttl >= (away + deadline + 1) / 0.95
-        floor = self.lease_floor_s()
+        floor = self.lease_floor_s(standbys)
         if ttl + 1e-9 >= floor:
             return None
         needed = math.ceil((away[longest] + self.probe_deadline_s + 1.0) / 0.95 * 10) / 10

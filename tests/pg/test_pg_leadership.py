@@ -15,9 +15,9 @@ def test_two_controllers_never_hold_one_term(pg_dsn):
     assert not b.take(None, term=1, duration_ms=15_000), "the row exists now: b saw it wrong"
     seen = b.read()
     assert (seen.holder, seen.term) == ("ctl-a", 1)
-    assert a.renew(1)
+    assert a.renew(1)[0]
     assert not b.take(seen, term=2, duration_ms=15_000), "a renewed since b looked: b must look again"
-    assert not b.renew(1), "only the holder renews"
+    assert not b.renew(1)[0], "only the holder renews"
 
 
 def test_a_standby_takes_over_a_row_that_stood_still_and_the_old_leader_is_refused(pg_dsn):
@@ -30,5 +30,5 @@ def test_a_standby_takes_over_a_row_that_stood_still_and_the_old_leader_is_refus
     assert may_take_over(watch, 15_000)
     assert b.take(watch.row, term=next_term(watch.row.term, host_terms=[3]), duration_ms=15_000)
     assert (b.read().holder, b.read().term) == ("ctl-b", 4)
-    assert not a.renew(1), "the deposed leader's renewal is refused"
+    assert not a.renew(1)[0], "the deposed leader's renewal is refused"
     assert b.step_down(4) and b.read().holder is None

@@ -14,7 +14,8 @@ CORE = ["spec/loader.py", "spec/models.py", "spec/__init__.py", "scheduling/__in
 IO_MODULES = {"os", "io", "subprocess", "socket", "time", "datetime", "threading", "shutil", "tempfile",
               "fcntl", "select", "signal", "paramiko", "typer", "rich", "apscheduler", "urllib", "http"}
 EDGES = {"fleetfiles", "gitsource", "follow", "controller", "hosts", "transport", "store", "gather", "execute",
-         "loop", "cli", "render", "notify", "ledger", "clock", "atomicfile", "checkpoints", "vcs", "scaffold"}
+         "loop", "cli", "render", "notify", "ledger", "clock", "atomicfile", "checkpoints", "vcs", "scaffold",
+         "leader", "pgstate"}
 
 
 def imports(path: Path) -> set[str]:

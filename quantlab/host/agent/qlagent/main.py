@@ -1,12 +1,18 @@
 """The entry point: `python3 agent.pyz COMMAND` with the request as JSON on stdin."""
 import json
+import os
 import sys
 
 from .protocol import EXIT_BAD_REQUEST
 from .probe import copy_checkpoints, probe
 from .control import set_paused, start, stop
+from .fence import admit
 from .logs import logs
 from .supervisor import supervise
+
+# Commands that change something here are checked against the controller's term (see fence.py);
+# probe checks it per worker, before its renewals.
+FENCED_COMMANDS = ("start", "stop", "pause", "resume")
 
 # --- entry point ------------------------------------------------------------------------------------
 
@@ -47,6 +53,12 @@ def main(argv):
     except ValueError as exc:
         sys.stderr.write("request is not JSON: %s\n" % exc)
         return EXIT_BAD_REQUEST
+    if command in FENCED_COMMANDS and isinstance(request, dict) and isinstance(request.get("workdir"), str):
+        workdir = os.path.abspath(os.path.expanduser(request["workdir"]))
+        refused, highest = admit(workdir, request)
+        if refused is not None:
+            sys.stdout.write(json.dumps({"result": "fenced", "reason": refused, "fence": highest}))
+            return 0
     result = COMMANDS[command](request, args)
     answer, code = result if isinstance(result, tuple) else (result, 0)
     if answer is not None:

@@ -40,6 +40,7 @@ from .base import (
     read_json,
     write_json,
 )
+from .fence import admit
 from .protocol import FINAL_STATES, SUPERVISOR_STATES
 from .procs import host_containment, live_pid
 
@@ -428,7 +429,13 @@ def probe(request, args):
     for spec in request.get("workers", []):
         wid, workdir = spec["id"], os.path.abspath(os.path.expanduser(spec["workdir"]))
         worker = {"workdir": workdir, "instances": {}, "renewed": [], "refused": {}}
-        renew_worker(workdir, renewals.get(wid) or {}, ttl, not_after, worker)
+        asked = renewals.get(wid) or {}
+        fenced, worker["fence"] = admit(workdir, request)
+        if fenced is not None:
+            worker["fenced"] = fenced
+            worker["refused"] = {name: clip(fenced) for name in sorted(asked)}
+        else:
+            renew_worker(workdir, asked, ttl, not_after, worker)
         workers.append((wid, spec, worker))
     containment = host_containment()
     cache = None

@@ -23,6 +23,12 @@ logs         {"workdir", "strategy", "lines", "follow"}     -> the output's byte
 checkpoints  {"workers": {worker: {"workdir", "instances": {strategy: {"epoch", "have"}}}}}
           -> {"workers": {worker: {strategy: {"result": CHECKPOINT_RESULTS, "checkpoint"?, ...}}}}
 supervise    INSTANCE_DIR (started by `start`, never by the controller)
+
+probe, start, stop, pause and resume may carry "fence": {"lineage", "term"}, the sending controller's
+leadership term of its state (see fence.py): a term below the highest the workdir has seen for that
+lineage is refused — start/stop/pause/resume answer {"result": "fenced", "reason", "fence": highest},
+a probe refuses that worker's renewals and says "fenced" — and every probe worker reports
+"fence": the highest term seen there (a null term asks without raising it).
 """
 
 EXIT_MISSING = 3        # files the request names are not on the host: upload them, then retry
@@ -37,7 +43,7 @@ FINAL_STATES = ("stopped", "error")
 # its runner runs on) or "unknown" (the folder cannot be read: the controller leaves it alone).
 INSTANCE_STATUSES = SUPERVISOR_STATES + ("orphaned", "unknown")
 
-START_RESULTS = ("started", "already-running", "busy", "missing", "refused", "unconfirmed")
-STOP_RESULTS = ("stopped", "not-running", "epoch-mismatch", "busy")
-PAUSE_RESULTS = ("paused", "running", "not-running", "unconfirmed", "busy")
+START_RESULTS = ("started", "already-running", "busy", "missing", "refused", "unconfirmed", "fenced")
+STOP_RESULTS = ("stopped", "not-running", "epoch-mismatch", "busy", "fenced")
+PAUSE_RESULTS = ("paused", "running", "not-running", "unconfirmed", "busy", "fenced")
 CHECKPOINT_RESULTS = ("unchanged", "copied", "too-large", "other-epoch", "missing", "error")

@@ -1,0 +1,183 @@
+"""One controller's side of the leadership of a PostgreSQL state: the row (pgstate.Leadership), the
+judgement (leadership.py) and this process's monotonic clock, put together.
+
+A leader renews the row once per round interval, and acts only while `leading()`: its
+last successful renewal was *sent* less than the lease (minus a margin) ago. A standby reads the
+row on a short timer of its own (`watch`) and takes the lead once it has seen the row unchanged for
+a whole lease, in a term above the row's, the state's and every term a host has reported.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .clock import Clock
+from .leadership import Watch, may_take_over, next_term, observe, still_leads
+from .pgstate import Leadership
+from .spec.models import LEADER_WATCH_S
+from .store import StateError
+
+try:
+    import psycopg
+    DB_ERRORS: tuple[type[BaseException], ...] = (StateError, psycopg.Error)
+except ImportError:                        # the postgres extra is not installed: no leader is made
+    DB_ERRORS = (StateError,)
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """A database fault in one line (psycopg's messages run over several)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class Change:
+    """What happened to this controller's lead, for the loop to say and record."""
+
+    kind: str            # "took", "deposed", "stepped-down", "raised"
+    term: int
+    detail: str
+
+
+class Leader:
+    def __init__(self, table: Leadership, clock: Clock, lease_s: float):
+        self.table = table
+        self.clock = clock
+        self.duration_ms = int(lease_s * 1000)
+        self.term: int | None = None               # the term this process leads in, while it does
+        self.last_term: int | None = None          # the term it led in last (a deposed one's commands carry it)
+        self.took_at: int | None = None            # mono ms it took the lead
+        self._sent: int | None = None              # mono ms the last successful renewal was sent
+        self._watch = Watch()
+        self.handover_asked = False
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def name(command: str) -> str:
+        return f"{command} pid {os.getpid()} on {socket.gethostname()}"
+
+    def leading(self) -> bool:
+        with self._lock:
+            return self.term is not None and still_leads(self._sent, self.clock.mono(), self.duration_ms)
+
+    def current_term(self) -> int | None:
+        """The term to carry in commands: this process's while it may still act, else none."""
+        with self._lock:
+            if self.term is None or not still_leads(self._sent, self.clock.mono(), self.duration_ms):
+                return None
+            return self.term
+
+    def renew(self) -> Change | None:
+        """Renew the row (the start of a renewal round). A refused renewal means another controller
+        took over: this one is deposed at once. A database that does not answer changes nothing
+        here: `leading()` runs out on its own."""
+        with self._lock:
+            term = self.term
+        if term is None:
+            return None
+        sent = self.clock.mono()
+        try:
+            renewed, handover = self.table.renew(term)
+        except DB_ERRORS:
+            return None
+        with self._lock:
+            if self.term != term:
+                return None
+            if not renewed:
+                self.term = None
+                return Change("deposed", term, "the leadership row names another holder or term: another "
+                                               "controller took the lead")
+            self._sent = max(self._sent or 0, sent)
+            self.handover_asked = handover
+        return None
+
+    def watch(self) -> LeaseRowSeen:
+        """A standby's look at the row (every LEADER_WATCH_S): the clock restarts when it changed."""
+        row = self.table.read()
+        with self._lock:
+            self._watch = observe(self._watch, row, self.clock.mono())
+            return LeaseRowSeen(self._watch.row.holder if self._watch.row else None,
+                                self._watch.row.term if self._watch.row else 0,
+                                may_take_over(self._watch, self.clock.mono()), self._watch.since_ms)
+
+    def take(self, state_term: int, host_terms: list[int]) -> Change | None:
+        """Take the lead if the row allows it now; the Change when taken."""
+        with self._lock:
+            watch = self._watch
+        if watch.since_ms is None or not may_take_over(watch, self.clock.mono()):
+            return None
+        seen = watch.row
+        term = next_term(max(seen.term if seen else 0, state_term), host_terms)
+        sent = self.clock.mono()
+        if not self.table.take(seen, term, self.duration_ms):
+            return None
+        with self._lock:
+            self.term, self._sent, self.took_at, self.handover_asked = term, sent, sent, False
+            self.last_term = term
+            self._watch = Watch()
+        if seen is None or seen.holder is None:
+            why = "nobody held the lead"
+        else:
+            why = f"{seen.holder} (term {seen.term}) had not renewed for {seen.duration_ms / 1000:g}s"
+        return Change("took", term, why)
+
+    def take_for_run(self, state_term: Callable[[], int], host_terms: list[int]) -> Change | LeaseRowSeen:
+        """Lead for one run (`apply`, `reconcile --once`): at once when nobody leads, else once the
+        row has stayed unchanged for a whole lease (a run that crashed left it held). The Change
+        when taken; else the row of whoever leads (and renews it), and the run must not act."""
+        deadline = time.monotonic() + self.duration_ms / 1000 + 2 * LEADER_WATCH_S
+        first = self.watch()
+        while True:
+            change = self.take(state_term(), host_terms)
+            if change is not None:
+                return change
+            seen = self.watch()
+            if seen.since_ms != first.since_ms or time.monotonic() >= deadline:
+                return seen
+            time.sleep(LEADER_WATCH_S)
+
+    def raise_term(self, host_terms: list[int]) -> Change | None:
+        """A host reported a term above ours (a database restored from a backup, a state pushed into
+        a fresh one): go on in a term above it, or hosts refuse us for ever."""
+        with self._lock:
+            term = self.term
+        if term is None or not host_terms or max(host_terms) <= term:
+            return None
+        new = next_term(term, host_terms)
+        if not self.table.raise_term(term, new):
+            return None
+        with self._lock:
+            if self.term == term:
+                self.term = self.last_term = new
+        return Change("raised", new, f"a host had seen term {max(host_terms)}, above this leader's {term}")
+
+    def step_down(self) -> Change | None:
+        with self._lock:
+            term, self.term = self.term, None
+        if term is None:
+            return None
+        try:
+            self.table.step_down(term)
+        except DB_ERRORS:
+            pass                                   # the row runs out on its own
+        return Change("stepped-down", term, "handed the lead over")
+
+
+@dataclass(frozen=True)
+class LeaseRowSeen:
+    holder: str | None
+    term: int
+    may_take: bool
+    since_ms: int | None          # since when the row has been as it is (changes when it changes)
+
+    @property
+    def daemon(self) -> bool:
+        """Whether a reconcile daemon holds it (one that carries out plans handed to it)."""
+        return (self.holder or "").startswith("reconcile ")
+
+    def words(self) -> str:
+        return f"{self.holder} leads (term {self.term}) and renews its lead"
