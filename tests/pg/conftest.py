@@ -1,9 +1,27 @@
 """The PostgreSQL tests (the server and database fixtures are in tests/conftest.py)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+from tests.integration.harness import FleetDir
+from tests.support import kill_all, node_problem, processes, require
+
+
+@pytest.fixture
+def daemon_fleet(tmp_path):
+    """A fleet of `local` workers for reconcile daemons on one database: interval 1 s, leadership lease
+    3 s, strategy lease 10 s (which covers a takeover). Every process it started is gone at the end."""
+    require(node_problem())
+    fl = FleetDir(tmp_path / "fleet", interval=1).short_lease(10)
+    fl.settings["reconcile"]["leaderLeaseSeconds"] = 3
+    yield fl
+    fl.stop_daemons()
+    marker = str(tmp_path) + os.sep
+    left = kill_all(marker)
+    assert not left and not processes(marker)
 
 
 def pytest_collection_modifyitems(config, items):

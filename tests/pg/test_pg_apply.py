@@ -10,61 +10,48 @@ import sys
 
 import pytest
 
-from tests.integration.harness import FleetDir
-from tests.support import kill_all, node_problem, processes, require, wait_for
+from tests.support import wait_for
 
 
-@pytest.fixture
-def fleet(tmp_path):
-    require(node_problem())
-    fl = FleetDir(tmp_path / "fleet", interval=1).short_lease(10)
-    fl.settings["reconcile"]["leaderLeaseSeconds"] = 3
-    yield fl
-    fl.stop_daemons()
-    marker = str(tmp_path) + os.sep
-    left = kill_all(marker)
-    assert not left and not processes(marker)
-
-
-def test_apply_while_a_daemon_leads_hands_its_plan_to_the_leader(fleet, pg_dsn, tmp_path):
-    fleet.worker("w1").strategy("s1").strategy("s2").write()
+def test_apply_while_a_daemon_leads_hands_its_plan_to_the_leader(daemon_fleet, pg_dsn, tmp_path):
+    daemon_fleet.worker("w1").strategy("s1").strategy("s2").write()
     log = tmp_path / "daemon.log"
-    fleet.spawn("reconcile", "--state", pg_dsn, log=log)
+    daemon_fleet.spawn("reconcile", "--state", pg_dsn, log=log)
     wait_for(lambda: "took the lead in term 1" in log.read_text(), 20, "the daemon to lead")
-    fleet.beating("s1", beats=1)
-    fleet.beating("s2", beats=1)
+    daemon_fleet.beating("s1", beats=1)
+    daemon_fleet.beating("s2", beats=1)
 
     # A move the loop would never make on its own (it does not rebalance): made by the leader, once.
-    fleet.worker("w2").write()
-    done = fleet.ql("apply", "--yes", "--rebalance", "--output", "json", "--state", pg_dsn)
+    daemon_fleet.worker("w2").write()
+    done = daemon_fleet.ql("apply", "--yes", "--rebalance", "--output", "json", "--state", pg_dsn)
     report = done.json()
     assert report["ok"] and [o["action"] for o in report["outcomes"]] == ["move"], done.describe()
     assert "the plan is handed to it once confirmed" in done.stderr
     moved = report["outcomes"][0]["strategy"]
     assert "plan handed over by" in log.read_text()
-    events = fleet.ql("events", "--output", "json", "--state", pg_dsn).json()
+    events = daemon_fleet.ql("events", "--output", "json", "--state", pg_dsn).json()
     moves = [e for e in events if e.get("strategy") == moved and e["event"] == "move"]
     assert len(moves) == 1 and "handed over by" in moves[0]["actor"] and moves[0]["to"] == "w2", moves
-    beat = fleet.workdir("w2") / "instances" / moved / "heartbeat.json"
-    wait_for(lambda: beat.exists() and fleet.runner_counts() == {"s1": 1, "s2": 1}, 15, f"{moved} beating on w2")
+    beat = daemon_fleet.workdir("w2") / "instances" / moved / "heartbeat.json"
+    wait_for(lambda: beat.exists() and daemon_fleet.runner_counts() == {"s1": 1, "s2": 1}, 15, f"{moved} beating on w2")
 
 
-def test_a_stale_handed_plan_is_refused_and_nothing_is_done(fleet, pg_dsn, tmp_path):
-    fleet.worker("w1").strategy("s1").strategy("s2").write()
+def test_a_stale_handed_plan_is_refused_and_nothing_is_done(daemon_fleet, pg_dsn, tmp_path):
+    daemon_fleet.worker("w1").strategy("s1").strategy("s2").write()
     log = tmp_path / "daemon.log"
-    fleet.spawn("reconcile", "--state", pg_dsn, log=log)
+    daemon_fleet.spawn("reconcile", "--state", pg_dsn, log=log)
     wait_for(lambda: "took the lead in term 1" in log.read_text(), 20, "the daemon to lead")
-    fleet.beating("s1", beats=1)
-    fleet.beating("s2", beats=1)
-    fleet.worker("w2").write()
+    daemon_fleet.beating("s1", beats=1)
+    daemon_fleet.beating("s2", beats=1)
+    daemon_fleet.worker("w2").write()
     from quantlab.controller import Controller, PlanChanged, default_state_path
     from quantlab.planner import PlanOptions
-    ctl = Controller(fleet.root, default_state_path(fleet.root), state_dsn=pg_dsn)
+    ctl = Controller(daemon_fleet.root, default_state_path(daemon_fleet.root), state_dsn=pg_dsn)
     asked = []
 
     def confirm(plan) -> bool:
         asked.append([a.action for a in plan.actions])
-        fleet.ql("stop-all", "--yes", "--state", pg_dsn)        # what the plan was made from changes
+        daemon_fleet.ql("stop-all", "--yes", "--state", pg_dsn)        # what the plan was made from changes
         return True
     try:
         with pytest.raises(PlanChanged, match="another run placed, moved or stopped strategies"):
@@ -72,19 +59,19 @@ def test_a_stale_handed_plan_is_refused_and_nothing_is_done(fleet, pg_dsn, tmp_p
     finally:
         ctl.close()
     assert asked == [["move"]]
-    events = fleet.ql("events", "--output", "json", "--state", pg_dsn).json()
+    events = daemon_fleet.ql("events", "--output", "json", "--state", pg_dsn).json()
     assert not [e for e in events if e["event"] == "move"], "the stale plan moved nothing"
 
 
-def test_two_applies_with_no_daemon_one_leads_the_other_refuses(fleet, pg_dsn, tmp_path):
-    fleet.worker("w1").strategy("s1").write()
-    fleet.ql("apply", "--yes", "--state", pg_dsn)
-    fleet.beating("s1", beats=1)
-    fleet.strategy("s2").write()
+def test_two_applies_with_no_daemon_one_leads_the_other_refuses(daemon_fleet, pg_dsn, tmp_path):
+    daemon_fleet.worker("w1").strategy("s1").write()
+    daemon_fleet.ql("apply", "--yes", "--state", pg_dsn)
+    daemon_fleet.beating("s1", beats=1)
+    daemon_fleet.strategy("s2").write()
     # The first apply holds the lead while a person reads its plan (its terminal, unanswered).
     from tests.support import cli_env
     person, terminal = pty.openpty()
-    first = subprocess.Popen([sys.executable, "-m", "quantlab", "apply", "--fleet", str(fleet.root), "--state", pg_dsn],
+    first = subprocess.Popen([sys.executable, "-m", "quantlab", "apply", "--fleet", str(daemon_fleet.root), "--state", pg_dsn],
                              stdin=terminal, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
     try:
         import psycopg
@@ -94,10 +81,10 @@ def test_two_applies_with_no_daemon_one_leads_the_other_refuses(fleet, pg_dsn, t
                 row = conn.execute("SELECT holder FROM quantlab_leader").fetchone()
             return bool(row and row[0] and f"pid {first.pid} " in row[0])
         wait_for(leads, 20, "the first apply to lead")
-        second = fleet.ql("apply", "--yes", "--state", pg_dsn, check=None)
+        second = daemon_fleet.ql("apply", "--yes", "--state", pg_dsn, check=None)
         assert second.returncode == 1 and "leads (term" in second.output and "wait for it to finish" in \
             second.output, second.describe()
-        assert fleet.runner_counts() == {"s1": 1}, "nothing was started by either"
+        assert daemon_fleet.runner_counts() == {"s1": 1}, "nothing was started by either"
     finally:
         first.kill()
         first.wait(10)

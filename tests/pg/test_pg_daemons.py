@@ -1,0 +1,50 @@
+"""Reconcile daemons on one PostgreSQL state with `local` workers: the lead is handed over on purpose
+(`quantlab leader step-down`, or SIGTERM) within a second or two, nothing restarts, and `status`
+and the events say who leads."""
+from __future__ import annotations
+
+import signal
+
+from tests.integration.harness import FleetDir, quantlab, runners
+from tests.support import wait_for
+
+
+def leader_of(fl: FleetDir, dsn: str) -> dict:
+    return quantlab("leader", "show", "--fleet", fl.root, "--output", "json", "--state", dsn).json() or {}
+
+
+def runner_pids(fl: FleetDir) -> list[int]:
+    return sorted(p.pid for p in runners(fl.marker))
+
+
+def test_step_down_and_sigterm_hand_the_lead_over_and_nothing_restarts(daemon_fleet, pg_dsn, tmp_path):
+    daemon_fleet.worker("w1").strategy("s1").write()
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    a = daemon_fleet.spawn("reconcile", "--state", pg_dsn, log=logs[0])
+    wait_for(lambda: f"pid {a.pid} " in (leader_of(daemon_fleet, pg_dsn).get("holder") or ""), 20, "a to lead")
+    wait_for(lambda: len(runner_pids(daemon_fleet)) == 1, 20, "s1 to run")
+    before = runner_pids(daemon_fleet)
+    b = daemon_fleet.spawn("reconcile", "--state", pg_dsn, log=logs[1])
+    wait_for(lambda: "standing by:" in logs[1].read_text(), 20, "b to stand by")
+
+    status = daemon_fleet.ql("status", "--output", "json", "--state", pg_dsn).json()
+    assert f"pid {a.pid} " in status["leader"]["holder"] and status["leader"]["term"] == 1
+    text = daemon_fleet.ql("status", "--state", pg_dsn).stdout
+    assert "Leader: reconcile pid" in text and "term 1" in text
+
+    asked = quantlab("leader", "step-down", "--fleet", daemon_fleet.root, "--state", pg_dsn)
+    assert "to step down" in asked.stdout
+    wait_for(lambda: f"pid {b.pid} " in (leader_of(daemon_fleet, pg_dsn).get("holder") or ""), 6,
+             "b to lead within a few seconds of the step-down")
+    assert leader_of(daemon_fleet, pg_dsn)["term"] == 2
+    assert "stepped down in term 1" in logs[0].read_text()
+
+    # SIGTERM: the leader steps down as it exits, and the standby (a again) takes over at once.
+    wait_for(lambda: "standing by:" in logs[0].read_text().split("stepped down")[-1], 10, "a to stand by")
+    b.send_signal(signal.SIGTERM)
+    assert b.wait(30) == 0
+    wait_for(lambda: f"pid {a.pid} " in (leader_of(daemon_fleet, pg_dsn).get("holder") or ""), 6, "a to lead again")
+    events = [e for e in daemon_fleet.ql("events", "--output", "json", "--state", pg_dsn).json() if e["event"] == "leader"]
+    assert [(e["change"], e["term"]) for e in events] == [("took", 1), ("stepped-down", 1), ("took", 2),
+                                                          ("stepped-down", 2), ("took", 3)], events
+    assert runner_pids(daemon_fleet) == before, "nothing restarted"
