@@ -34,6 +34,11 @@ def test_push_moves_a_running_state_into_postgresql_and_retires_the_file(fleet, 
     assert "moved to postgresql://" in refused.output, refused.output
     fleet.ql("reconcile", "--once", "--state", pg_dsn)
     assert {sid: fleet.runner_pid(sid) for sid in ("s1", "s2")} == pids, "the move restarted a strategy"
+    # The run on the database led in a term above the file's: a controller left behind on the file
+    # is refused by the host from now on, whatever it still had in flight.
+    fence = json.loads((fleet.workdir("w1") / "agent" / "fence.json").read_text())
+    term = json.loads(state(fleet, "pull", "--state", pg_dsn).stdout)["controllerTerm"]
+    assert fence == {before["lineage"]: term} and term > before.get("controllerTerm", 0)
     events = fleet.ql("events", "--output", "json", "--state", pg_dsn).json()
     assert any(e.get("event") == "start" and e.get("strategy") == "s1" for e in events), "history moved too"
     assert any(e.get("event") == "state-pushed" for e in events)
