@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from enum import Enum
 from pathlib import Path
@@ -73,6 +75,14 @@ StateOpt = Annotated[Optional[str], typer.Option("--state", envvar="QUANTLAB_STA
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", metavar="text|json", help="text or json")]
 TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", metavar="ID", help="Limit to this strategy or worker id (repeatable)")]
 LockOpt = Annotated[float, typer.Option("--lock-timeout", min=0, metavar="SECONDS", help="Wait this many seconds for the state lock")]
+TokenOpt = Annotated[Optional[Path], typer.Option("--token-file", metavar="FILE", readable=False,
+                                                 help="Require this bearer token (required beyond loopback)")]
+TlsCertOpt = Annotated[Optional[Path], typer.Option("--tls-cert", metavar="FILE", readable=False, help="TLS certificate (PEM)")]
+TlsKeyOpt = Annotated[Optional[Path], typer.Option("--tls-key", metavar="FILE", readable=False, help="TLS private key (PEM)")]
+InsecureOpt = Annotated[bool, typer.Option("--insecure-http",
+                                           help="Beyond loopback without TLS (a TLS proxy in front terminates it)")]
+AllowHostOpt = Annotated[Optional[list[str]], typer.Option("--allow-host", metavar="NAME",
+                                                           help="Also answer requests for this Host name (repeatable)")]
 HostKeysOpt = Annotated[bool, typer.Option("--accept-new-host-keys",
                                            help="Record the keys of SSH hosts never seen before (like OpenSSH accept-new)")]
 DetailedOpt = Annotated[bool, typer.Option("--detailed-exitcode", help="Exit 2 when there is something to do")]
@@ -381,6 +391,13 @@ def reconcile(
     allow_source_change: Annotated[bool, typer.Option(
         "--allow-source-change", help="Confirm that what the loop applies changed (working tree, commits, "
                                       "another ref): let its stops and restarts go ahead")] = False,
+    serve_at: Annotated[Optional[str], typer.Option(
+        "--serve", metavar="HOST:PORT", help="Also serve the fleet page and /metrics (see `quantlab serve`)")] = None,
+    token_file: TokenOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    insecure_http: InsecureOpt = False,
+    allow_host: AllowHostOpt = None,
 ) -> None:
     """Gather, plan and apply: once, or every reconcile.intervalSeconds until SIGINT/SIGTERM."""
     from .follow import Follower
@@ -418,7 +435,76 @@ def reconcile(
         err.print(f"[yellow]The fleet {what}; the loop starts anyway and keeps renewing leases.[/]")
         # The interval of the last fleet that validated, as the state file remembers it.
         interval = FleetSettings.from_snapshot(ctl.read_memory(None).fleet_settings).reconcile_interval_s
-    loop.run_forever(interval, pull_interval=git_pull_interval)
+    page = None
+    if serve_at is not None:
+        page = _page_server(ctl, serve_at, token_file, tls_cert, tls_key, insecure_http, allow_host)
+        threading.Thread(target=page.serve_forever, name="fleet-page", daemon=True).start()
+        log(f"serving the fleet page on {_page_url(page)}")
+    try:
+        loop.run_forever(interval, pull_interval=git_pull_interval)
+    finally:
+        if page is not None:
+            page.shutdown()
+            page.server_close()
+
+
+def _page_server(ctl: Controller, listen: str, token_file: Optional[Path], tls_cert: Optional[Path],
+                 tls_key: Optional[Path], insecure_http: bool, allow_host: Optional[list[str]]) -> Any:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .web.server import ServeRefused, Source, make_server
+
+    def logs(strategy: str, lines: int) -> bytes:
+        fleet, _ = ctl.fleet_or_fallback()
+        return b"".join(ctl.logs(fleet, strategy, lines, follow=False).chunks)
+    try:
+        installed = version("quantlab")
+    except PackageNotFoundError:
+        installed = "unknown"
+    source = Source(ctl.snapshot_store(), lambda: list(ctl.events.read()), logs, installed)
+    try:
+        return make_server(listen, source, token_file=token_file, tls_cert=tls_cert, tls_key=tls_key,
+                           insecure_http=insecure_http, allow_hosts=tuple(allow_host or ()))
+    except ServeRefused as exc:
+        raise _fail(str(exc), 2) from None
+
+
+def _page_url(server: Any) -> str:
+    host, port = server.server_address[:2]
+    scheme = "https" if server.tls is not None else "http"
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+
+@app.command()
+@_handled
+def serve(
+    fleet: FleetOpt = None,
+    state: StateOpt = None,
+    listen: Annotated[str, typer.Option("--listen", metavar="HOST:PORT", help="Where to listen")] = "127.0.0.1:8421",
+    token_file: TokenOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    insecure_http: InsecureOpt = False,
+    allow_host: AllowHostOpt = None,
+    accept_new_host_keys: HostKeysOpt = False,
+) -> None:
+    """A read-only web page of the fleet, its JSON API (/api/status, /api/events) and Prometheus
+    /metrics, from the snapshot the last apply or reconcile round recorded (no SSH load); a
+    strategy's log lines are fetched from its host on demand."""
+    ctl = _controller(fleet, state, accept_new_host_keys)
+    page = _page_server(ctl, listen, token_file, tls_cert, tls_key, insecure_http, allow_host)
+    err.print(f"Serving the fleet page on {_page_url(page)} (read only); stop with Ctrl-C.")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    threading.Thread(target=page.serve_forever, name="fleet-page", daemon=True).start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        page.shutdown()
+        page.server_close()
+        ctl.close()
 
 
 def _leader_for_loop(ctl: Controller, follower: Any) -> Any:

@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -36,7 +37,10 @@ from .memory import Memory
 from .notify import Notifier
 from .plan import Action, Plan
 from .planner import PlanOptions, UnknownTarget, plan as make_plan
+from . import snapshot
+from .snapshot import Counters, SnapshotFile, SnapshotWriter
 from .spec import Fleet, FleetInvalid, FleetSettings, Location, WorkerSpec
+from .status import fleet_status
 from .store import CheckpointStore, EventLog, StateError, StateStore
 from .vcs import tracked_by_git
 
@@ -136,6 +140,11 @@ class Controller:
     # apply that leads for its duration). Its term is the fencing token of every command it sends.
     leader: Any = field(default=None, init=False)
     _lineage: str | None = field(default=None, init=False)
+    # For the fleet page and /metrics: counts since start, the last rounds, the last plan.
+    counters: Counters = field(default_factory=Counters, init=False)
+    _rounds: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
+    _last_plan: Plan | None = field(default=None, init=False)
+    _snapshots: SnapshotWriter | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.state_dsn is not None:
@@ -193,6 +202,9 @@ class Controller:
 
     def close(self, flush_s: float = 5.0) -> None:
         """Close the connections; deliver what notices are queued for at most `flush_s`."""
+        if self._snapshots is not None:
+            self._snapshots.close(flush_s)
+            self._snapshots = None
         if self._notifier is not None:
             self._notifier.close(flush_s)
             self._notifier = None
@@ -517,6 +529,10 @@ class Controller:
                                         "message": f"{wid}: its host granted no renewal: {why}"}
         scopes = ("offline:", "instance:", "refused:") if not fallback else ("refused:",)
         self.notify(fleet.settings, notices + self._alerts(raised, scopes))
+        renewed = sum(len(v) for v in gathered.renewed.values())
+        self.counters.add("renewals", renewed)
+        self.record_round("renew", fleet, gathered, gathered.seconds, renewed=renewed,
+                          due=sum(len(v) for v in renewals(memory).values()))
         return gathered
 
     def _alerts(self, raised: dict[str, dict[str, Any]], scopes: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -736,6 +752,9 @@ class Controller:
                            strategies=[a.strategy for a in blocked.actions])
         notices, raised = outcome_notices(plan, outcomes, self.clock.wall())
         self.notify(fleet.settings, notices + self._alerts(raised, ("failed:", "guard:")))
+        for o in outcomes:
+            self.counters.add("actions", action=o.action.action, outcome="ok" if o.ok else "failed")
+        self.counters.add("failovers", sum(1 for n in notices if n.get("kind") == "failover"))
         return outcomes
 
     # --- one apply, for `apply` and the loop ---------------------------------------------------
@@ -799,8 +818,56 @@ class Controller:
     def _carry_out(self, fleet: Fleet, plan: Plan, gathered: Gathered, command: str,
                    progress: Progress | None, background_renewals: bool) -> ApplyResult:
         renewing = self.renewing(fleet) if background_renewals and plan.actions else contextlib.nullcontext()
+        started = time.monotonic()
         with renewing:
             outcomes = self.execute(fleet, plan, command, progress)
             self.copy_checkpoints(fleet, gathered, {a.strategy for a in plan.actions})
             self.prune_checkpoints(fleet)
+        self._last_plan = plan
+        self.record_round("act", fleet, gathered, time.monotonic() - started, actions=len(plan.actions),
+                          failed=sum(1 for o in outcomes if not o.ok))
         return ApplyResult(fleet, plan, gathered, outcomes)
+
+    # --- the fleet page's snapshot ---------------------------------------------------------------
+
+    def snapshot_store(self) -> Any:
+        """Where the snapshot of the last writing run is kept: beside the state file, or in the database."""
+        if self.state_dsn is not None:
+            from .pgstate import PgSnapshot
+            return PgSnapshot(self.store.db)  # type: ignore[attr-defined]
+        return SnapshotFile(self.state_path.with_name("snapshot.json"))
+
+    def record_round(self, kind: str, fleet: Fleet, gathered: Gathered, seconds: float, **extra: Any) -> None:
+        """Hand the snapshot of a round to the background writer (never waits). A standby, which
+        writes nothing, records none."""
+        if self.leader is not None and not self.leader.leading():
+            return
+        memory = self.ledger.known
+        if memory is None:
+            return
+        now, wall = self.clock.mono(), self.clock.wall()
+        self._rounds[kind] = {"at": wall, "seconds": round(seconds, 3), **extra}
+        if kind == "renew" and (extra.get("renewed") or not extra.get("due")):
+            self._rounds["lastRenewal"] = {"at": wall}      # renewed leases, or had none to renew
+        rounds = {k: dict(v) for k, v in self._rounds.items()}
+        plan, leader = self._last_plan, self.leader_info()
+        counters = self.counters.to_json()
+        settings = {"intervalSeconds": fleet.settings.reconcile_interval_s,
+                    "leaseTtlSeconds": fleet.settings.monitor.lease_ttl_s}
+
+        def make() -> dict[str, Any]:
+            report = fleet_status(fleet, gathered.observed, memory, now, wall, plan,
+                                  plan.fleet_revision if plan else fleet.revision)
+            report["leader"] = leader
+            return snapshot.build(report, plan, memory, now, wall, rounds, leader, counters, settings)
+        with self._lazy_lock:
+            if self._snapshots is None:
+                self._snapshots = SnapshotWriter(self.snapshot_store(), self.log)
+        self._snapshots.submit(make)
+
+    def leader_info(self) -> dict[str, Any] | None:
+        """Who leads, as this process knows without asking the database (None with the file)."""
+        if self.leader is None:
+            return None
+        return {"holder": self.leader.table.name, "term": self.leader.last_term, "leading": self.leader.leading(),
+                "since": self.leader.took_wall}

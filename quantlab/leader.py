@@ -51,6 +51,7 @@ class Leader:
         self.term: int | None = None               # the term this process leads in, while it does
         self.last_term: int | None = None          # the term it led in last (a deposed one's commands carry it)
         self.took_at: int | None = None            # mono ms it took the lead
+        self.took_wall: int | None = None          # the same, epoch ms (for people)
         self._sent: int | None = None              # mono ms the last successful renewal was sent
         self._watch = Watch()
         self.handover_asked = False
@@ -117,7 +118,7 @@ class Leader:
             return None
         with self._lock:
             self.term, self._sent, self.took_at, self.handover_asked = term, sent, sent, False
-            self.last_term = term
+            self.last_term, self.took_wall = term, self.clock.wall()
             self._watch = Watch()
         if seen is None or seen.holder is None:
             why = "nobody held the lead"

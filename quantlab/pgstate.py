@@ -24,7 +24,7 @@ from .leadership import LeaseRow
 from .memory import Memory, MemoryFormatError
 from .store import LockHeld, StateConflict, StateError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATION_LOCK = 0x716C6D67          # pg_advisory_xact_lock key: one migration at a time
 CONNECT_TIMEOUT_S = 5
 # Every wait on the database has a deadline: a statement, a row lock, a transaction left open.
@@ -128,6 +128,12 @@ class PgState:
                                   by text NOT NULL, body jsonb NOT NULL, status text NOT NULL DEFAULT 'pending',
                                   answer jsonb, answered_at timestamptz)""")
                 conn.execute("INSERT INTO quantlab_schema (version) VALUES (2)")
+            if found < 3:
+                # 3: the fleet page's snapshot of the leader's last round (`quantlab serve`).
+                conn.execute("""CREATE TABLE quantlab_snapshot (
+                                  id smallint PRIMARY KEY DEFAULT 1 CHECK (id = 1), version bigint NOT NULL,
+                                  body jsonb NOT NULL)""")
+                conn.execute("INSERT INTO quantlab_schema (version) VALUES (3)")
             return SCHEMA_VERSION
 
     # --- the state -----------------------------------------------------------------------------
@@ -475,3 +481,28 @@ class PlanRequests:
             done = conn.execute("UPDATE quantlab_requests SET status = 'withdrawn', answered_at = now() WHERE id = %s "
                                 "AND status = 'pending'", (request,))
             return done.rowcount == 1
+
+
+# --- the fleet page's snapshot --------------------------------------------------------------------------
+
+class PgSnapshot:
+    """The snapshot of the leader's last round (see snapshot.py), one row."""
+
+    def __init__(self, db: PgState):
+        self.db = db
+
+    def write(self, snapshot: dict[str, Any]) -> None:
+        with self.db.session() as conn:
+            conn.execute("INSERT INTO quantlab_snapshot (id, version, body) VALUES (1, 1, %s) ON CONFLICT (id) DO "
+                         "UPDATE SET version = quantlab_snapshot.version + 1, body = excluded.body",
+                         (json.dumps(snapshot, separators=(",", ":")),))
+
+    def read(self) -> dict[str, Any] | None:
+        with self.db.session() as conn:
+            row = conn.execute("SELECT body FROM quantlab_snapshot WHERE id = 1").fetchone()
+        return row[0] if row and isinstance(row[0], dict) else None
+
+    def version(self) -> str | None:
+        with self.db.session() as conn:
+            row = conn.execute("SELECT version FROM quantlab_snapshot WHERE id = 1").fetchone()
+        return str(row[0]) if row else None
