@@ -195,7 +195,8 @@ class Controller:
     def notifier(self, settings: FleetSettings) -> Notifier:
         with self._lazy_lock:
             if self._notifier is None:
-                self._notifier = Notifier(settings.notify, self.log)
+                self._notifier = Notifier(settings.notify, self.log, on_failure=lambda sink: self.counters.add(
+                    "notification-failures", sink=sink))
             else:
                 self._notifier.update(settings.notify)
             return self._notifier

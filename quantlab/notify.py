@@ -53,18 +53,27 @@ class Notifier:
     """Delivers notices in the background; see the module docstring. Thread-safe."""
 
     def __init__(self, settings: NotifySettings, log: Log, *, capacity: int = 200,
-                 webhook_deadline_s: float = 5.0, command_deadline_s: float = 10.0):
+                 webhook_deadline_s: float = 5.0, command_deadline_s: float = 10.0,
+                 on_failure: Callable[[str], None] = lambda sink: None, clock: Callable[[], float] = time.monotonic):
         self._settings = settings
         self._log = log
         self._lock = threading.Lock()
         self._closed = False
-        self._webhook = _Sink(_Webhook(), capacity, webhook_deadline_s, log)
-        self._command = _Sink(_Command(), capacity, command_deadline_s, log)
+        self._webhook = _Sink(_Webhook(), capacity, webhook_deadline_s, log, on_failure)
+        self._command = _Sink(_Command(), capacity, command_deadline_s, log, on_failure)
+        # One queue and one gate (de-duplication, rate limit) per kind of chat.
+        self._chats = {kind: _Sink(_Chat(kind), capacity, webhook_deadline_s, log, on_failure)
+                       for kind in ("telegram", "slack", "discord")}
+        self._gates = {kind: ChatGate(clock) for kind in self._chats}
+
+    @property
+    def _sinks(self) -> list[_Sink]:
+        return [self._webhook, self._command, *self._chats.values()]
 
     @property
     def dropped(self) -> int:
-        """Notices dropped on overflow so far, over both sinks (one notice dropped by both counts 2)."""
-        return self._webhook.dropped + self._command.dropped
+        """Notices dropped on overflow so far, over all sinks (one notice dropped by two counts 2)."""
+        return sum(sink.dropped for sink in self._sinks)
 
     def update(self, settings: NotifySettings) -> None:
         """The fleet was reloaded: notices submitted from now on go where `settings` say. Notices
@@ -78,7 +87,7 @@ class Notifier:
             with self._lock:
                 settings, closed = self._settings, self._closed
             if closed:
-                if notices and (settings.webhook or settings.command):
+                if notices and (settings.webhook or settings.command or settings.chats):
                     _log_safely(self._log, f"notify: {len(notices)} notices not sent: the notifier is closed")
                 return
             for notice in notices:
@@ -86,6 +95,10 @@ class Notifier:
                     self._webhook.put(dict(notice), settings.webhook)
                 if settings.command:
                     self._command.put(dict(notice), tuple(settings.command))
+                for chat in settings.chats:
+                    passed = self._gates[chat.kind].admit(notice, settings.chat_per_minute)
+                    if passed is not None:
+                        self._chats[chat.kind].put(passed, chat)
         except Exception as exc:  # noqa: BLE001 - telling people must never break the caller
             _log_safely(self._log, f"notify: could not queue notices: {type(exc).__name__}: {exc}")
 
@@ -93,8 +106,7 @@ class Notifier:
         """Wait until everything submitted so far is delivered or given up (both sinks idle).
         True when drained within `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        drained = self._webhook.wait_idle(deadline)
-        return self._command.wait_idle(deadline) and drained
+        return all([sink.wait_idle(deadline) for sink in self._sinks])
 
     def close(self, timeout: float = 5.0) -> None:
         """Deliver what is queued for at most `timeout` seconds, then stop: a delivery still under way
@@ -103,10 +115,10 @@ class Notifier:
         with self._lock:
             self._closed = True
         self.flush(max(0.0, deadline - time.monotonic()))
-        for sink in (self._webhook, self._command):
+        for sink in self._sinks:
             sink.stop()
         # A moment more for a delivery just cut short to say so, before the process may end.
-        for sink in (self._webhook, self._command):
+        for sink in self._sinks:
             sink.join(max(deadline, time.monotonic()) + CUT_SHORT_GRACE_S)
 
 
@@ -121,8 +133,10 @@ class _Job:
 class _Sink:
     """One destination's bounded queue and the daemon thread that drains it, one job at a time."""
 
-    def __init__(self, destination: _Webhook | _Command, capacity: int, deadline_s: float, log: Log):
+    def __init__(self, destination: Any, capacity: int, deadline_s: float, log: Log,
+                 on_failure: Callable[[str], None] = lambda sink: None):
         self._destination = destination
+        self._on_failure = on_failure
         self._capacity = max(1, capacity)
         self._deadline_s = deadline_s
         self._log = log
@@ -235,6 +249,7 @@ class _Sink:
                 reason = _scrub(f"{type(exc).__name__}: {exc}", destination.secrets(job.target))
             _log_safely(self._log, f"notify: {destination.name} {destination.where(job.target)}: "
                                    f"{job.notice.get('kind', 'a')} notice not delivered: {reason}")
+            _quietly(lambda: self._on_failure(destination.name))
 
 
 # --- the deadline of one delivery ---------------------------------------------------------------
@@ -423,6 +438,114 @@ def _headers(parts: SplitResult) -> dict[str, str]:
         credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
     return headers
+
+
+# --- chats: Telegram, Slack, Discord -------------------------------------------------------------
+
+CHAT_DEDUP_S = 600.0             # the same notice again within this long is not told twice
+SECRET_FILE_CAP = 4096
+ICONS = {"resolved": "✅", "failover": "🔁", "notices-dropped": "⚠️"}
+
+
+class ChatGate:
+    """What reaches one chat: state changes only (a notice identical to one told in the last ten
+    minutes is dropped) and at most `per_minute` a minute (a token bucket); what the limit holds
+    back is counted and said in the next message that goes."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self._clock = clock
+        self._told: dict[str, float] = {}
+        self._tokens: float | None = None
+        self._at = 0.0
+        self.suppressed = 0
+        self._lock = threading.Lock()
+
+    def admit(self, notice: dict[str, Any], per_minute: int) -> dict[str, Any] | None:
+        now = self._clock()
+        key = json.dumps([notice.get(k) for k in ("kind", "strategy", "worker", "message")], default=str)
+        with self._lock:
+            self._told = {k: t for k, t in self._told.items() if now - t < CHAT_DEDUP_S}
+            if key in self._told:
+                return None
+            tokens = per_minute if self._tokens is None else min(per_minute, self._tokens + (now - self._at) * per_minute / 60)
+            self._at = now
+            if tokens < 1:
+                self._tokens = tokens
+                self.suppressed += 1
+                return None
+            self._tokens = tokens - 1
+            self._told[key] = now
+            held, self.suppressed = self.suppressed, 0
+        return {**notice, "suppressed": held} if held else dict(notice)
+
+
+def chat_text(notice: dict[str, Any]) -> str:
+    """One line for people: what happened, where, and what was held back."""
+    kind = str(notice.get("kind", "notice"))
+    icon = ICONS.get(kind, "🔴" if kind in ALERT_KINDS else "ℹ️")
+    where = " ".join(str(notice[k]) for k in ("strategy", "worker") if notice.get(k))
+    text = f"{icon} quantlab {notice.get('fleet', '')}: {kind}{' ' + where if where else ''} — {notice.get('message', '')}"
+    if notice.get("suppressed"):
+        text += f" (and {notice['suppressed']} more notices held back by the rate limit; see `quantlab events`)"
+    return " ".join(text.split())
+
+
+def chat_request(kind: str, notice: dict[str, Any], secret: str, chat_id: str | None, api_url: str) -> tuple[str, bytes]:
+    """The URL to POST to and the JSON body, in each chat's own format. Plain text only: a
+    strategy's error message must not become markup, a link preview or a mention."""
+    text = chat_text(notice)
+    if kind == "telegram":
+        return (f"{api_url.rstrip('/')}/bot{secret}/sendMessage",
+                json.dumps({"chat_id": chat_id, "text": text[:4000], "disable_web_page_preview": True}).encode())
+    if kind == "slack":
+        escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        return secret, json.dumps({"text": escaped[:3000], "unfurl_links": False, "unfurl_media": False}).encode()
+    return secret, json.dumps({"content": text[:1900], "username": "quantlab",
+                               "allowed_mentions": {"parse": []}}).encode()
+
+
+def read_secret(sink: Any) -> str:
+    """The bot token or webhook URL, read at each delivery (a rotated secret is picked up)."""
+    if sink.secret_env is not None:
+        value = os.environ.get(sink.secret_env, "").strip()
+        if not value:
+            raise LookupError(f"the environment variable {sink.secret_env} is not set")
+        return value
+    try:
+        with open(sink.secret_file, "rb") as handle:
+            value = handle.read(SECRET_FILE_CAP).decode("utf-8", "replace").strip()
+    except OSError as exc:
+        raise LookupError(f"cannot read {sink.secret_file}: {exc.strerror}") from None
+    if not value:
+        raise LookupError(f"{sink.secret_file} is empty")
+    return value
+
+
+class _Chat:
+    """A chat as a sink's destination; its target is the spec.ChatSink. Log lines name the chat,
+    never its URL or token."""
+
+    def __init__(self, kind: str):
+        self.name = kind
+
+    def where(self, sink: Any) -> str:
+        return f"chat {sink.chat_id}" if self.name == "telegram" else "webhook"
+
+    def secrets(self, sink: Any) -> list[str]:
+        try:
+            secret = read_secret(sink)
+        except LookupError:
+            return []
+        return sorted({secret, *url_secrets(secret)} - {""}, key=len, reverse=True)
+
+    @staticmethod
+    def timeout_reason(seconds: float) -> str:
+        return f"no complete answer within {seconds:g}s"
+
+    def deliver(self, sink: Any, body: bytes, watchdog: _Watchdog) -> None:
+        notice = json.loads(body)
+        url, payload = chat_request(self.name, notice, read_secret(sink), sink.chat_id, sink.api_url)
+        post_json(url, payload, watchdog)
 
 
 # --- the command ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import health
+from .redact import redact_url
 from .memory import Memory
 from .observed import Instance, ObservedState
 from .plan import Plan
@@ -76,7 +77,7 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
         live = liveness[wid]
         status = live.status if live.status != "online" else ("busy" if running_on[wid] else "idle")
         workers.append({
-            "id": wid, "status": status, "host": w.host, "region": w.region, "proxy": w.proxy,
+            "id": wid, "status": status, "host": w.host, "region": w.region, "proxy": redact_url(w.proxy),
             "runningStrategies": running_on[wid], "maxStrategies": w.max_strategies,
             "cpu": state.cpu if state and state.reachable else None,
             "memory": state.mem_free_mb if state and state.reachable else None,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..health import WorkerLiveness
 from ..observed import ObservedState
 from ..plan import Action, Note, Queued
+from ..redact import redact_url
 from ..scheduling import (
     FailoverPolicy,
     LoadBasedPolicy,
@@ -180,5 +181,5 @@ def place(ctx: Context, located: Located, to_place: list[ToPlace], staying: dict
 def where(spec: StrategySpec) -> str:
     req = spec.requirements
     parts = [p for p in (f"region {req.region}" if req.region else "",
-                         f"proxy {req.proxy}" if req.proxy else "") if p]
+                         f"proxy {redact_url(req.proxy)}" if req.proxy else "") if p]
     return (", ".join(parts) + "; ") if parts else ""

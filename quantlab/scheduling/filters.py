@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..redact import redact_url
 from ..spec import StrategySpec
 from .pool import WorkerView
 
@@ -102,7 +103,7 @@ def describe_group(code: str, s: StrategySpec) -> str:
         "runtime": "runner program missing on the host",
         "api": f"no api {req.api}",
         "region": f"not in region {req.region}",
-        "proxy": f"not behind proxy {req.proxy}",
+        "proxy": f"not behind proxy {redact_url(req.proxy)}",
         "credentials": f"no secrets/{req.account}.env",
         "full": "full",
         "memory": f"under {req.min_memory} MB free",
@@ -121,7 +122,7 @@ def remedy(r: Rejection, s: StrategySpec) -> str:
         "runtime": "the runner program is installed on the host",
         "api": f"the worker's capabilities.supportedApis include {req.api}",
         "region": f"the worker's metadata.region is {req.region} (or the strategy drops requirements.region)",
-        "proxy": f"the worker's metadata.proxy is {req.proxy} (or the strategy drops requirements.proxy)",
+        "proxy": f"the worker's metadata.proxy is {redact_url(req.proxy)} (or the strategy drops requirements.proxy)",
         "credentials": f"the host has secrets/{req.account}.env in the worker's workdir",
         "full": f"a slot frees up ({r.detail}) or capabilities.maxStrategies is raised",
         "memory": f"{req.min_memory} MB are free (now {r.detail})",

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping
 import yaml
 
 from .models import (
+    ChatSink,
     Fleet,
     FleetSettings,
     Location,
@@ -551,6 +552,35 @@ class _Builder:
         self.r.digests[found.rel] = found.sha256
         return found.path, found.sha256
 
+    def chats(self, doc: _Doc) -> tuple[ChatSink, ...]:
+        """The chats to tell. A secret's file must be absolute and outside the fleet directory: that
+        directory is a git repository, and a token in it is one commit away from being shared."""
+        notify = doc.data["notify"]
+        out = []
+        for kind, file_key, env_key in (("telegram", "botTokenFile", "botTokenEnv"),
+                                        ("slack", "webhookUrlFile", "webhookUrlEnv"),
+                                        ("discord", "webhookUrlFile", "webhookUrlEnv")):
+            raw = notify.get(kind)
+            if not raw:
+                continue
+            secret_file = raw.get(file_key)
+            if secret_file is not None:
+                path = posixpath.normpath(secret_file)
+                root = posixpath.normpath(str(self.r.root))
+                if not posixpath.isabs(path):
+                    self.r.problem(doc.loc("notify", kind, file_key), f"Fleet: notify.{kind}.{file_key} must be an "
+                                   "absolute path (outside the fleet directory, which git tracks)")
+                    continue
+                if path == root or path.startswith(root.rstrip("/") + "/"):
+                    self.r.problem(doc.loc("notify", kind, file_key), f"Fleet: notify.{kind}.{file_key} is inside the "
+                                   "fleet directory, which git tracks: keep the secret outside it (e.g. /etc/quantlab/"
+                                   f"{kind}) or in an environment variable ({env_key})")
+                    continue
+            chat = raw.get("chatId")
+            out.append(ChatSink(kind, secret_file, raw.get(env_key), str(chat) if chat is not None else None,
+                                raw.get("apiUrl") or "https://api.telegram.org"))
+        return tuple(out)
+
     def params_json(self, doc: _Doc) -> str | None:
         encoded = canonical_json(doc.data["params"])
         size = len(encoded.encode("utf-8"))
@@ -603,8 +633,7 @@ class _Builder:
             runner=tuple(d["runner"]), cordoned=d["cordoned"], drain=d["drain"], source=doc.loc("id"),
         )
 
-    @staticmethod
-    def settings(doc: _Doc | None) -> FleetSettings:
+    def settings(self, doc: _Doc | None) -> FleetSettings:
         if doc is None:
             return FleetSettings()
         d = doc.data
@@ -629,6 +658,7 @@ class _Builder:
             notify=NotifySettings(
                 webhook=notify["webhook"],
                 command=(command,) if isinstance(command, str) else (tuple(command) if command else None),
+                chats=self.chats(doc), chat_per_minute=int(notify.get("chatPerMinute", 20)),
             ),
             ssh=SshSettings(
                 parallelism=ssh["parallelism"], connect_timeout_s=float(ssh["connectTimeoutSeconds"]),

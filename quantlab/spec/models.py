@@ -154,9 +154,33 @@ class MonitorSettings:
 
 
 @dataclass(frozen=True)
+class ChatSink:
+    """A chat to tell (Telegram, or a Slack or Discord incoming webhook). The secret — the bot
+    token, or the webhook URL — is never in the fleet files: it is read from `secret_file` or the
+    environment variable `secret_env` at each delivery."""
+
+    kind: Literal["telegram", "slack", "discord"]
+    secret_file: str | None = None
+    secret_env: str | None = None
+    chat_id: str | None = None                     # Telegram's chat
+    api_url: str = "https://api.telegram.org"      # Telegram's Bot API (a local server in tests)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "secretFile": self.secret_file, "secretEnv": self.secret_env,
+                "chatId": self.chat_id, "apiUrl": self.api_url}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "ChatSink":
+        return cls(raw["kind"], raw.get("secretFile"), raw.get("secretEnv"), raw.get("chatId"),
+                   raw.get("apiUrl") or "https://api.telegram.org")
+
+
+@dataclass(frozen=True)
 class NotifySettings:
     webhook: str | None = None
     command: tuple[str, ...] | None = None
+    chats: tuple[ChatSink, ...] = ()
+    chat_per_minute: int = 20                      # each chat gets at most this many messages a minute
 
 
 @dataclass(frozen=True)
@@ -212,7 +236,9 @@ class FleetSettings:
                 "leaderLeaseSeconds": self.leader_lease_s,
                 "monitor": dataclasses.asdict(self.monitor), "ssh": dataclasses.asdict(self.ssh),
                 "notify": {"webhook": self.notify.webhook,
-                           "command": list(self.notify.command) if self.notify.command else None}}
+                           "command": list(self.notify.command) if self.notify.command else None,
+                           "chats": [c.to_json() for c in self.notify.chats],
+                           "chatPerMinute": self.notify.chat_per_minute}}
 
     @classmethod
     def from_snapshot(cls, raw: dict[str, Any] | None) -> "FleetSettings":
@@ -230,7 +256,9 @@ class FleetSettings:
                    monitor=MonitorSettings(**{k: v for k, v in raw.get("monitor", {}).items() if k in monitor_fields}),
                    ssh=SshSettings(**{k: v for k, v in raw.get("ssh", {}).items() if k in ssh_fields}),
                    notify=NotifySettings(webhook=notify.get("webhook"),
-                                         command=tuple(notify["command"]) if notify.get("command") else None))
+                                         command=tuple(notify["command"]) if notify.get("command") else None,
+                                         chats=tuple(ChatSink.from_json(c) for c in notify.get("chats") or ()),
+                                         chat_per_minute=int(notify.get("chatPerMinute") or 20)))
 
     def _away(self, standbys: bool) -> dict[str, float]:
         """The longest the loop may be away, by cause: two intervals, two cron periods, a restart of

@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "quantlab"
 CORE = ["spec/loader.py", "spec/models.py", "spec/__init__.py", "scheduling/__init__.py", "scheduling/filters.py",
         "scheduling/pool.py", "scheduling/policies.py", "scheduling/scheduler.py", "observed.py", "memory.py",
         "plan.py", "planner/__init__.py", "planner/context.py", "planner/locate.py", "planner/classify.py",
-        "planner/place.py", "planner/guards.py", "health.py", "status.py", "explain.py", "leadership.py"]
+        "planner/place.py", "planner/guards.py", "health.py", "status.py", "explain.py", "leadership.py",
+        "redact.py", "web/metrics.py"]
 IO_MODULES = {"os", "io", "subprocess", "socket", "time", "datetime", "threading", "shutil", "tempfile",
               "fcntl", "select", "signal", "paramiko", "typer", "rich", "apscheduler", "urllib", "http"}
 EDGES = {"fleetfiles", "gitsource", "follow", "controller", "hosts", "transport", "store", "gather", "execute",
