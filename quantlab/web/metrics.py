@@ -49,6 +49,11 @@ def render(snapshot: dict[str, Any] | None, version: str) -> str:
                    [({}, renewal / 1000)] if renewal else [])
     out += _family("quantlab_snapshot_timestamp_seconds", "gauge", "when the last writing run recorded what it saw",
                    [({}, snapshot.get("at", 0) / 1000)])
+    settings = snapshot.get("settings") or {}
+    out += _family("quantlab_lease_ttl_seconds", "gauge", "monitor.leaseTtlSeconds: a strategy not renewed this long stops",
+                   [({}, float(settings["leaseTtlSeconds"]))] if settings.get("leaseTtlSeconds") is not None else [])
+    out += _family("quantlab_reconcile_interval_seconds", "gauge", "reconcile.intervalSeconds",
+                   [({}, float(settings["intervalSeconds"]))] if settings.get("intervalSeconds") is not None else [])
     out += _family("quantlab_round_duration_seconds", "gauge", "how long the last round took, by kind",
                    [({"kind": kind}, r.get("seconds", 0.0)) for kind, r in sorted(rounds.items()) if "seconds" in r])
 
