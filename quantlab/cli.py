@@ -31,7 +31,7 @@ app = typer.Typer(
     name="quantlab",
     help="Keep a fleet of trading strategies running where the fleet directory says they should be.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     # Plain help: the rich panels of this typer release print a "<bool>" placeholder on flags.
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
@@ -758,10 +758,19 @@ def state_push(
 
 
 @app.command()
-def init(directory: Annotated[Path, typer.Argument(readable=False, help="Folder for the new fleet")]) -> None:
-    """A new fleet directory with an example of each kind."""
+def init(
+    directory: Annotated[Path, typer.Argument(readable=False, help="Folder for the new fleet (with --systemd: a fleet)")],
+    systemd: Annotated[bool, typer.Option(
+        "--systemd", help="For an existing fleet: write a systemd unit for the loop (and a cron line, when the "
+                          "fleet's lease rule allows its reconcile.cronPeriodSeconds) into DIR/deploy/")] = False,
+    state: StateOpt = None,
+) -> None:
+    """A new fleet directory with an example of each kind; or, with --systemd, how to run its loop."""
     from .scaffold import FleetExists, create_fleet
 
+    if systemd:
+        _init_systemd(directory, state)
+        return
     try:
         written = create_fleet(directory)
     except FleetExists as exc:
@@ -770,6 +779,40 @@ def init(directory: Annotated[Path, typer.Argument(readable=False, help="Folder 
         out.print(f"  created {escape(str(path))}")
     out.print(f"\nNext: `quantlab validate --fleet {escape(str(directory))}`, then "
               f"`quantlab plan --fleet {escape(str(directory))}`.")
+
+
+def _init_systemd(directory: Path, state: Optional[str]) -> None:
+    """deploy/quantlab-reconcile.service, and deploy/quantlab-reconcile.cron when the lease rule allows
+    the fleet's cron period (reconcile.cronPeriodSeconds, in whole minutes)."""
+    import getpass
+    import shutil
+
+    from .scaffold import cron_line, systemd_unit
+
+    root = directory.resolve()
+    try:
+        loaded = Controller(root, default_state_path(root)).load_fleet()
+    except FleetInvalid as exc:
+        raise _invalid(exc) from None
+    # The quantlab beside this Python (its venv), else the one on PATH, else this Python with -m.
+    beside = Path(sys.executable).parent / "quantlab"
+    program = str(beside) if beside.is_file() else shutil.which("quantlab") or f"{sys.executable} -m quantlab"
+    deploy = root / "deploy"
+    deploy.mkdir(exist_ok=True)
+    unit = deploy / "quantlab-reconcile.service"
+    unit.write_text(systemd_unit(root, program, getpass.getuser(), state))
+    out.print(f"  created {escape(str(unit))}")
+    period = loaded.settings.cron_period_s
+    if period is None:
+        out.print("No cron line: set reconcile.cronPeriodSeconds to run `reconcile --once` from cron instead.")
+    elif period % 60:
+        out.print(f"No cron line: reconcile.cronPeriodSeconds {period:g} is not whole minutes (cron's granularity).")
+    else:
+        cron = deploy / "quantlab-reconcile.cron"
+        cron.write_text(cron_line(root, program, period))
+        out.print(f"  created {escape(str(cron))} (every {period / 60:g} min; the lease rule allows it)")
+    out.print(f"\nInstall: `sudo cp {escape(str(unit))} /etc/systemd/system/ && sudo systemctl daemon-reload && "
+              "sudo systemctl enable --now quantlab-reconcile` — or add the cron line with `crontab -e`, never both.")
 
 
 def main() -> None:

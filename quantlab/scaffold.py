@@ -102,3 +102,42 @@ def _write_fleet(directory: Path) -> list[Path]:
         path.write_text(text, encoding="utf-8")
         written.append(path)
     return written
+
+
+# --- running the loop: a systemd unit, or a cron line ----------------------------------------------
+
+def systemd_unit(fleet_dir: Path, quantlab: str, user: str, state: str | None) -> str:
+    """A unit for `quantlab reconcile`. KillMode=process: stopping or restarting the loop signals the
+    loop alone, never the `local` workers' supervisors it started (they live in its cgroup and must
+    outlive it: a restart of the loop never restarts a strategy)."""
+    state_env = f"Environment=QUANTLAB_STATE={state}\n" if state else ""
+    return f"""\
+[Unit]
+Description=quantlab reconcile loop for {fleet_dir}
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+User={user}
+WorkingDirectory={fleet_dir}
+Environment=QUANTLAB_FLEET={fleet_dir}
+{state_env}ExecStart={quantlab} reconcile --fleet {fleet_dir}
+Restart=always
+RestartSec=2
+# Only the loop is signalled on stop or restart: the supervisors of `local` workers keep running.
+KillMode=process
+# SIGTERM lets the running rounds finish (and a leader hand over) before the loop exits.
+TimeoutStopSec=60
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def cron_line(fleet_dir: Path, quantlab: str, period_s: float) -> str:
+    """`reconcile --once` every period (whole minutes: cron's granularity)."""
+    minutes = max(1, int(period_s // 60))
+    when = "*" if minutes == 1 else f"*/{minutes}"
+    return (f"{when} * * * * cd {fleet_dir} && {quantlab} reconcile --once --fleet {fleet_dir} "
+            f">> {fleet_dir}/.quantlab/cron.log 2>&1\n")
