@@ -3,7 +3,10 @@
 and the events say who leads."""
 from __future__ import annotations
 
+import http.client
+import json
 import signal
+import socket
 
 from tests.integration.harness import FleetDir, quantlab, runners
 from tests.support import wait_for
@@ -13,6 +16,25 @@ def leader_of(fl: FleetDir, dsn: str) -> dict:
     return quantlab("leader", "show", "--fleet", fl.root, "--output", "json", "--state", dsn).json() or {}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(port: int, path: str) -> dict | None:
+    """The page's JSON, straight to loopback (no proxy variables consulted)."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        body = answer.read()
+        conn.close()
+        return json.loads(body) if answer.status == 200 else None
+    except (OSError, ValueError):
+        return None
+
+
 def runner_pids(fl: FleetDir) -> list[int]:
     return sorted(p.pid for p in runners(fl.marker))
 
@@ -20,13 +42,18 @@ def runner_pids(fl: FleetDir) -> list[int]:
 def test_step_down_and_sigterm_hand_the_lead_over_and_nothing_restarts(daemon_fleet, pg_dsn, tmp_path):
     daemon_fleet.worker("w1").strategy("s1").write()
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    a = daemon_fleet.spawn("reconcile", "--state", pg_dsn, log=logs[0])
+    port = free_port()
+    a = daemon_fleet.spawn("reconcile", "--state", pg_dsn, "--serve", f"127.0.0.1:{port}", log=logs[0])
     wait_for(lambda: f"pid {a.pid} " in (leader_of(daemon_fleet, pg_dsn).get("holder") or ""), 20, "a to lead")
     wait_for(lambda: len(runner_pids(daemon_fleet)) == 1, 20, "s1 to run")
     before = runner_pids(daemon_fleet)
     b = daemon_fleet.spawn("reconcile", "--state", pg_dsn, log=logs[1])
     wait_for(lambda: "standing by:" in logs[1].read_text(), 20, "b to stand by")
 
+    # The page, served by the leader from the snapshot in the database, names it.
+    page = wait_for(lambda: (r := get(port, "/api/status")) and (r.get("leader") or {}).get("term") == 1 and r, 10,
+                    "the page to name the leader")
+    assert f"pid {a.pid} " in page["leader"]["holder"] and page["strategies"][0]["id"] == "s1"
     status = daemon_fleet.ql("status", "--output", "json", "--state", pg_dsn).json()
     assert f"pid {a.pid} " in status["leader"]["holder"] and status["leader"]["term"] == 1
     text = daemon_fleet.ql("status", "--state", pg_dsn).stdout
