@@ -437,7 +437,8 @@ def reconcile(
         interval = FleetSettings.from_snapshot(ctl.read_memory(None).fleet_settings).reconcile_interval_s
     page = None
     if serve_at is not None:
-        page = _page_server(ctl, serve_at, token_file, tls_cert, tls_key, insecure_http, allow_host)
+        page = _page_server(ctl, serve_at, token_file, tls_cert, tls_key, insecure_http, allow_host,
+                            fleet_for_logs=loop.current_fleet)
         threading.Thread(target=page.serve_forever, name="fleet-page", daemon=True).start()
         log(f"serving the fleet page on {_page_url(page)}")
     try:
@@ -449,13 +450,16 @@ def reconcile(
 
 
 def _page_server(ctl: Controller, listen: str, token_file: Optional[Path], tls_cert: Optional[Path],
-                 tls_key: Optional[Path], insecure_http: bool, allow_host: Optional[list[str]]) -> Any:
+                 tls_key: Optional[Path], insecure_http: bool, allow_host: Optional[list[str]],
+                 fleet_for_logs: Optional[Any] = None) -> Any:
+    """`fleet_for_logs`: inside the daemon, the fleet the loop applies (its hosts are the loop's:
+    fetching a log must not point them at another fleet)."""
     from importlib.metadata import PackageNotFoundError, version
 
     from .web.server import ServeRefused, Source, make_server
 
     def logs(strategy: str, lines: int) -> bytes:
-        fleet, _ = ctl.fleet_or_fallback()
+        fleet = fleet_for_logs() if fleet_for_logs is not None else ctl.fleet_or_fallback()[0]
         return b"".join(ctl.logs(fleet, strategy, lines, follow=False).chunks)
     try:
         installed = version("quantlab")

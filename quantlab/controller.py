@@ -203,9 +203,10 @@ class Controller:
 
     def close(self, flush_s: float = 5.0) -> None:
         """Close the connections; deliver what notices are queued for at most `flush_s`."""
-        if self._snapshots is not None:
-            self._snapshots.close(flush_s)
-            self._snapshots = None
+        with self._lazy_lock:
+            writer, self._snapshots = self._snapshots, None
+        if writer is not None:
+            writer.close(flush_s)
         if self._notifier is not None:
             self._notifier.close(flush_s)
             self._notifier = None
@@ -825,8 +826,11 @@ class Controller:
             self.copy_checkpoints(fleet, gathered, {a.strategy for a in plan.actions})
             self.prune_checkpoints(fleet)
         self._last_plan = plan
-        self.record_round("act", fleet, gathered, time.monotonic() - started, actions=len(plan.actions),
-                          failed=sum(1 for o in outcomes if not o.ok))
+        # The loop's next renewal round shows what this one did; an `apply` looks once more itself,
+        # so that the page never shows what was just started as not running.
+        after = self.observe(fleet, self.ledger.memory) if command == "apply" and plan.actions else None
+        self.record_round("act", fleet, after or gathered, time.monotonic() - started, shown=after is not None
+                          or not plan.actions, actions=len(plan.actions), failed=sum(1 for o in outcomes if not o.ok))
         return ApplyResult(fleet, plan, gathered, outcomes)
 
     # --- the fleet page's snapshot ---------------------------------------------------------------
@@ -838,19 +842,31 @@ class Controller:
             return PgSnapshot(self.store.db)  # type: ignore[attr-defined]
         return SnapshotFile(self.state_path.with_name("snapshot.json"))
 
-    def record_round(self, kind: str, fleet: Fleet, gathered: Gathered, seconds: float, **extra: Any) -> None:
-        """Hand the snapshot of a round to the background writer (never waits). A standby, which
-        writes nothing, records none."""
+    def record_round(self, kind: str, fleet: Fleet, gathered: Gathered, seconds: float, shown: bool = True,
+                     **extra: Any) -> None:
+        """Note a round's timing and hand its snapshot to the background writer (never waits, never
+        raises: the page is not worth a round). A standby, which writes nothing, records none.
+        `shown`: False when `gathered` predates what the round did (the next round shows it)."""
+        try:
+            self._record_round(kind, fleet, gathered, seconds, shown, extra)
+        except Exception as exc:  # noqa: BLE001
+            self.log(f"warning: the fleet page's snapshot was not recorded: {exc!r}")
+
+    def _record_round(self, kind: str, fleet: Fleet, gathered: Gathered, seconds: float, shown: bool,
+                      extra: dict[str, Any]) -> None:
         if self.leader is not None and not self.leader.leading():
             return
         memory = self.ledger.known
         if memory is None:
             return
         now, wall = self.clock.mono(), self.clock.wall()
-        self._rounds[kind] = {"at": wall, "seconds": round(seconds, 3), **extra}
-        if kind == "renew" and (extra.get("renewed") or not extra.get("due")):
-            self._rounds["lastRenewal"] = {"at": wall}      # renewed leases, or had none to renew
-        rounds = {k: dict(v) for k, v in self._rounds.items()}
+        with self._lazy_lock:                 # the renewal and act threads both come here
+            self._rounds[kind] = {"at": wall, "seconds": round(seconds, 3), **extra}
+            if kind == "renew" and (extra.get("renewed") or not extra.get("due")):
+                self._rounds["lastRenewal"] = {"at": wall}      # renewed leases, or had none to renew
+            rounds = {k: dict(v) for k, v in self._rounds.items()}
+        if not shown:
+            return
         plan, leader = self._last_plan, self.leader_info()
         counters = self.counters.to_json()
         settings = {"intervalSeconds": fleet.settings.reconcile_interval_s,
@@ -864,7 +880,8 @@ class Controller:
         with self._lazy_lock:
             if self._snapshots is None:
                 self._snapshots = SnapshotWriter(self.snapshot_store(), self.log)
-        self._snapshots.submit(make)
+            writer = self._snapshots
+        writer.submit(make)
 
     def leader_info(self) -> dict[str, Any] | None:
         """Who leads, as this process knows without asking the database (None with the file)."""

@@ -181,6 +181,11 @@ class ReconcileLoop:
         self._alerts["git-pull-refused"] = None
         return True
 
+    def current_fleet(self) -> Fleet:
+        """The fleet the loop applies now (the fleet page fetches logs through it)."""
+        fleet = self._fleet
+        return fleet if fleet is not None else self.ctl.fallback_fleet(self.ctl.read_memory(None))
+
     def _renewal_fleet(self) -> tuple[Fleet, bool]:
         """What renewal rounds probe: the last fleet that validated, else the state's memory of it."""
         if self._fleet is not None:

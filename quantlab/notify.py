@@ -21,6 +21,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -61,10 +62,11 @@ class Notifier:
         self._closed = False
         self._webhook = _Sink(_Webhook(), capacity, webhook_deadline_s, log, on_failure)
         self._command = _Sink(_Command(), capacity, command_deadline_s, log, on_failure)
-        # One queue and one gate (de-duplication, rate limit) per kind of chat.
+        # One queue per kind of chat.
         self._chats = {kind: _Sink(_Chat(kind), capacity, webhook_deadline_s, log, on_failure)
                        for kind in ("telegram", "slack", "discord")}
-        self._gates = {kind: ChatGate(clock) for kind in self._chats}
+        self._clock = clock
+        self._gates: dict[Any, ChatGate] = {}      # per chat: de-duplication and rate limit
 
     @property
     def _sinks(self) -> list[_Sink]:
@@ -96,7 +98,8 @@ class Notifier:
                 if settings.command:
                     self._command.put(dict(notice), tuple(settings.command))
                 for chat in settings.chats:
-                    passed = self._gates[chat.kind].admit(notice, settings.chat_per_minute)
+                    gate = self._gates.setdefault(chat, ChatGate(self._clock))
+                    passed = gate.admit(notice, settings.chat_per_minute)
                     if passed is not None:
                         self._chats[chat.kind].put(passed, chat)
         except Exception as exc:  # noqa: BLE001 - telling people must never break the caller
@@ -443,6 +446,10 @@ def _headers(parts: SplitResult) -> dict[str, str]:
 # --- chats: Telegram, Slack, Discord -------------------------------------------------------------
 
 CHAT_DEDUP_S = 600.0             # the same notice again within this long is not told twice
+DISCORD_SUPPRESS_EMBEDS = 1 << 2  # no link previews
+TELEGRAM_TOKEN = re.compile(r"[0-9]{3,12}:[A-Za-z0-9_-]{20,64}")
+CHAT_URLS = {"telegram": ("https://api.telegram.org/",), "slack": ("https://hooks.slack.com/",),
+             "discord": ("https://discord.com/api/webhooks/", "https://discordapp.com/api/webhooks/")}
 SECRET_FILE_CAP = 4096
 ICONS = {"resolved": "✅", "failover": "🔁", "notices-dropped": "⚠️"}
 
@@ -454,7 +461,7 @@ class ChatGate:
 
     def __init__(self, clock: Callable[[], float]):
         self._clock = clock
-        self._told: dict[str, float] = {}
+        self._told: dict[str, tuple[str, float]] = {}   # subject -> the last notice told of it, and when
         self._tokens: float | None = None
         self._at = 0.0
         self.suppressed = 0
@@ -462,10 +469,13 @@ class ChatGate:
 
     def admit(self, notice: dict[str, Any], per_minute: int) -> dict[str, Any] | None:
         now = self._clock()
-        key = json.dumps([notice.get(k) for k in ("kind", "strategy", "worker", "message")], default=str)
+        # A repeat is the same notice told last about the same subject: a problem raised again after
+        # it was resolved is a change, and is told.
+        subject = json.dumps([notice.get("strategy"), notice.get("worker")], default=str)
+        key = json.dumps([notice.get(k) for k in ("kind", "message")], default=str)
         with self._lock:
-            self._told = {k: t for k, t in self._told.items() if now - t < CHAT_DEDUP_S}
-            if key in self._told:
+            last = self._told.get(subject)
+            if last is not None and last[0] == key and now - last[1] < CHAT_DEDUP_S:
                 return None
             tokens = per_minute if self._tokens is None else min(per_minute, self._tokens + (now - self._at) * per_minute / 60)
             self._at = now
@@ -474,7 +484,7 @@ class ChatGate:
                 self.suppressed += 1
                 return None
             self._tokens = tokens - 1
-            self._told[key] = now
+            self._told[subject] = (key, now)
             held, self.suppressed = self.suppressed, 0
         return {**notice, "suppressed": held} if held else dict(notice)
 
@@ -500,8 +510,27 @@ def chat_request(kind: str, notice: dict[str, Any], secret: str, chat_id: str | 
     if kind == "slack":
         escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
         return secret, json.dumps({"text": escaped[:3000], "unfurl_links": False, "unfurl_media": False}).encode()
-    return secret, json.dumps({"content": text[:1900], "username": "quantlab",
+    markdown = re.sub(r"([\\*_~`|>\[\]()#-])", r"\\\1", text)
+    return secret, json.dumps({"content": markdown[:1900], "username": "quantlab", "flags": DISCORD_SUPPRESS_EMBEDS,
                                "allowed_mentions": {"parse": []}}).encode()
+
+
+def check_secret(kind: str, secret: str, api_url: str) -> None:
+    """The fleet files name where a secret is read from; they must not be able to send any file or
+    variable of the controller to any host. So the secret must look like what it claims to be, and
+    goes only to its service (other addresses only when the operator allows them, outside the fleet:
+    QUANTLAB_CHAT_URL_PREFIXES, space-separated)."""
+    allowed = tuple(os.environ.get("QUANTLAB_CHAT_URL_PREFIXES", "").split())
+    if kind == "telegram":
+        if not TELEGRAM_TOKEN.fullmatch(secret):
+            raise LookupError("the bot token does not look like one (digits, a colon, then its key)")
+        where = api_url.rstrip("/") + "/"
+    else:
+        where = secret
+    official = CHAT_URLS[kind]
+    if not where.startswith(official) and not (allowed and where.startswith(allowed)):
+        raise LookupError(f"a {kind} message goes only to {' or '.join(official)} (or an address in "
+                          "QUANTLAB_CHAT_URL_PREFIXES)")
 
 
 def read_secret(sink: Any) -> str:
@@ -510,7 +539,7 @@ def read_secret(sink: Any) -> str:
         value = os.environ.get(sink.secret_env, "").strip()
         if not value:
             raise LookupError(f"the environment variable {sink.secret_env} is not set")
-        return value
+        return _plain(value, f"the environment variable {sink.secret_env}")
     try:
         with open(sink.secret_file, "rb") as handle:
             value = handle.read(SECRET_FILE_CAP).decode("utf-8", "replace").strip()
@@ -518,6 +547,14 @@ def read_secret(sink: Any) -> str:
         raise LookupError(f"cannot read {sink.secret_file}: {exc.strerror}") from None
     if not value:
         raise LookupError(f"{sink.secret_file} is empty")
+    return _plain(value, sink.secret_file)
+
+
+def _plain(value: str, where: str) -> str:
+    """A secret is one word of printable characters; anything else is refused before it can reach
+    a URL (or, mangled by an error message, a log line)."""
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise LookupError(f"{where} holds whitespace or control characters")
     return value
 
 
@@ -532,11 +569,13 @@ class _Chat:
         return f"chat {sink.chat_id}" if self.name == "telegram" else "webhook"
 
     def secrets(self, sink: Any) -> list[str]:
+        """The token, the whole URL and its long parts (a webhook's key); not its short words like
+        `api`, which would garble every message they appear in."""
         try:
             secret = read_secret(sink)
         except LookupError:
             return []
-        return sorted({secret, *url_secrets(secret)} - {""}, key=len, reverse=True)
+        return sorted({secret, *(p for p in url_secrets(secret) if len(p) >= 12)}, key=len, reverse=True)
 
     @staticmethod
     def timeout_reason(seconds: float) -> str:
@@ -544,7 +583,9 @@ class _Chat:
 
     def deliver(self, sink: Any, body: bytes, watchdog: _Watchdog) -> None:
         notice = json.loads(body)
-        url, payload = chat_request(self.name, notice, read_secret(sink), sink.chat_id, sink.api_url)
+        secret = read_secret(sink)
+        check_secret(self.name, secret, sink.api_url)
+        url, payload = chat_request(self.name, notice, secret, sink.chat_id, sink.api_url)
         post_json(url, payload, watchdog)
 
 

@@ -3,9 +3,10 @@ time come in, text goes out. Names follow Prometheus' conventions: the `quantlab
 units (seconds), `_total` for counters; label values are ids, never URLs or secrets."""
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
-Sample = tuple[dict[str, str], float]
+Sample = tuple[dict[str, str], Any]
 
 # name -> (type, help, counter name in the snapshot and its label keys)
 COUNTERS = {
@@ -20,15 +21,31 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _line(name: str, labels: dict[str, str], value: float) -> str:
+def _number(value: Any) -> str | None:
+    """A sample value in the exposition format, or None when it is no number (a host's report is
+    hostile input: a 400-digit error count must not break the whole scrape)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if math.isnan(number):
+        return "NaN"
+    if math.isinf(number):
+        return "+Inf" if number > 0 else "-Inf"
+    return str(int(number)) if number.is_integer() and abs(number) < 2 ** 53 else repr(number)
+
+
+def _line(name: str, labels: dict[str, str], value: str) -> str:
     inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(labels.items()))
-    number = "NaN" if value != value else repr(float(value)) if not float(value).is_integer() else str(int(value))
-    return f"{name}{{{inner}}} {number}" if inner else f"{name} {number}"
+    return f"{name}{{{inner}}} {value}" if inner else f"{name} {value}"
 
 
 def _family(name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> list[str]:
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    lines += [_line(name, labels, value) for labels, value in samples]
+    for labels, value in samples:
+        number = _number(value)
+        if number is not None:
+            lines.append(_line(name, labels, number))
     return lines
 
 
@@ -58,7 +75,13 @@ def render(snapshot: dict[str, Any] | None, version: str) -> str:
                    [({"kind": kind}, r.get("seconds", 0.0)) for kind, r in sorted(rounds.items()) if "seconds" in r])
 
     def per_strategy(field: str, scale: float = 1.0) -> list[Sample]:
-        return [({"strategy": s["id"]}, s[field] * scale) for s in strategies if s.get(field) is not None]
+        out = []
+        for s in strategies:
+            try:
+                out.append(({"strategy": s["id"]}, float(s[field]) * scale))
+            except (KeyError, TypeError, ValueError, OverflowError):
+                continue                  # absent, or not a number a gauge can hold
+        return out
     out += _family("quantlab_strategy_up", "gauge", "1 when the strategy runs healthy where it is placed",
                    [({"strategy": s["id"], "worker": s.get("workerId") or ""},
                      1 if s.get("healthy") and s.get("status") in ("running", "paused") else 0) for s in strategies])

@@ -37,7 +37,9 @@ SECURITY_HEADERS = {
 LOG_LINES_MAX = 1000
 LOG_EVERY_S = 2.0             # one log fetch per strategy per this many seconds
 LOG_AT_ONCE = 2               # log fetches in flight at once, over all strategies
-REQUEST_TIMEOUT_S = 10.0      # a client that sends nothing (or a TLS handshake that stalls) is dropped
+READ_TIMEOUT_S = 10.0         # one read from a client (or a TLS handshake step) that stalls ends its connection
+CONNECTION_DEADLINE_S = 60.0  # and no connection lives longer than this, however slowly it trickles
+MAX_CONNECTIONS = 32          # more at once are closed at once: the page must never cost the loop its threads
 
 
 class ServeRefused(Exception):
@@ -105,38 +107,59 @@ class PageServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], source: Source, policy: Policy, tls: ssl.SSLContext | None):
         self.source, self.policy, self.tls = source, policy, tls
         self.limiter = LogLimiter()
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
         super().__init__(address, Handler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = super().get_request()
-        sock.settimeout(REQUEST_TIMEOUT_S)
-        if self.tls is not None:      # the handshake happens in the request's own thread (see Handler.setup)
+        sock.settimeout(READ_TIMEOUT_S)
+        if self.tls is not None:      # the handshake happens in the request's own thread (see Handler.handle)
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)        # too many at once: this one is dropped, not queued
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # However slowly a client trickles its bytes in, its connection ends at the deadline.
+        deadline = threading.Timer(CONNECTION_DEADLINE_S, lambda: _shut(request))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            deadline.cancel()
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass                                      # a client that misbehaved: nothing to print, nothing to do
+
+
+def _shut(sock: Any) -> None:
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class Handler(BaseHTTPRequestHandler):
     server: PageServer
     server_version = "quantlab"
     sys_version = ""
-    protocol_version = "HTTP/1.1"
-
-    def setup(self) -> None:
-        if isinstance(self.request, ssl.SSLSocket):
-            try:
-                self.request.do_handshake()
-            except (OSError, ssl.SSLError):
-                self.close_connection = True
-                raise ConnectionAbortedError("TLS handshake failed") from None
-        super().setup()
+    protocol_version = "HTTP/1.0"        # one request per connection: the connection deadline bounds it
 
     def handle(self) -> None:
         try:
+            if isinstance(self.request, ssl.SSLSocket):
+                self.request.do_handshake()
             super().handle()
-        except (ConnectionError, TimeoutError, ssl.SSLError):
-            pass                         # a client that went away or never spoke: nothing to answer
+        except (OSError, ssl.SSLError):
+            pass                         # a client that went away, never spoke or failed its handshake
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass                             # no access log: the page polls every two seconds
@@ -150,6 +173,7 @@ class Handler(BaseHTTPRequestHandler):
         self._serve(head=True)
 
     def _refuse_method(self) -> None:
+        self.close_connection = True     # its body, unread, must not be taken for another request
         self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"read only: GET and HEAD\n", "text/plain", {"Allow": "GET, HEAD"})
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_method  # type: ignore[assignment]

@@ -56,6 +56,8 @@ def settings(chats, tmp_path, monkeypatch):
     token_file.write_text(BOT_TOKEN + "\n")
     (tmp_path / "slack-url").write_text(f"{chats.url}/services/{SLACK_SECRET}\n")
     monkeypatch.setenv("QL_TEST_DISCORD", f"{chats.url}/api/webhooks/{DISCORD_SECRET}")
+    # The stand-in's address is allowed by the operator (outside the fleet files), as a local Bot API server would be.
+    monkeypatch.setenv("QUANTLAB_CHAT_URL_PREFIXES", chats.url + "/")
     return NotifySettings(chats=(
         ChatSink("telegram", secret_file=str(token_file), chat_id="-100200300", api_url=chats.url),
         ChatSink("slack", secret_file=str(tmp_path / "slack-url")),
@@ -137,3 +139,29 @@ def test_validate_refuses_a_secret_kept_in_the_fleet_directory(fleet, tmp_path):
                                 "slack": {"webhookUrlFile": str(tmp_path / "slack-url")}}
     fleet.write()
     fleet.ql("validate")
+
+
+def test_the_fleet_files_cannot_send_a_secret_anywhere_else(chats, settings, monkeypatch, tmp_path):
+    monkeypatch.delenv("QUANTLAB_CHAT_URL_PREFIXES")
+    (tmp_path / "not-a-token").write_text("postgres-password-in-a-file")
+    lines: list[str] = []
+    notifier = Notifier(NotifySettings(chats=(
+        settings.chats[0],                                   # a real-looking token, to an address not allowed
+        ChatSink("telegram", secret_file=str(tmp_path / "not-a-token"), chat_id="1", api_url="https://api.telegram.org"),
+        settings.chats[2])), lines.append)                   # a webhook URL that is not Discord's
+    notifier.submit([notice()])
+    assert notifier.flush(10)
+    assert not chats.requests, "nothing left this process"
+    assert sum("goes only to https://api.telegram.org/" in line for line in lines) == 1, lines
+    assert sum("does not look like one" in line for line in lines) == 1, lines
+    assert sum("goes only to https://discord.com/api/webhooks/" in line for line in lines) == 1, lines
+    assert not any("postgres-password" in line or BOT_TOKEN in line for line in lines)
+    notifier.close(5)
+
+
+def test_a_problem_raised_again_after_it_cleared_is_told_again():
+    gate = ChatGate(lambda: 0.0)
+    raised = notice(kind="worker-offline", message="w1 offline")
+    assert gate.admit(raised, per_minute=20) is not None
+    assert gate.admit(notice(kind="resolved", message="w1 offline"), per_minute=20) is not None
+    assert gate.admit(raised, per_minute=20) is not None

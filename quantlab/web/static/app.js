@@ -10,7 +10,9 @@ const state = { etag: null, report: null, offset: 0, filter: "", eventsFor: null
 (function takeToken() {
   const match = location.hash.match(/token=([^&]+)/);
   if (match) {
-    sessionStorage.setItem("quantlab-token", decodeURIComponent(match[1]));
+    let token = match[1];
+    try { token = decodeURIComponent(token); } catch (error) { /* a stray % : take it as written */ }
+    sessionStorage.setItem("quantlab-token", token);
     history.replaceState(null, "", location.pathname);
   }
 })();
