@@ -80,6 +80,13 @@ def test_the_page_shows_the_fleet_live_in_a_browser(fleet, browser, tmp_path):
     wait.until(lambda d: "fetching" not in d.find_element(By.ID, "log").text and d.find_element(By.ID, "log").text)
     wait.until(lambda d: "start" in d.find_element(By.ID, "events").text)
 
+    # Readable on a phone: nothing wider than the screen but the strategies' own scrolling table.
+    browser.set_window_size(390, 844)
+    wait.until(lambda d: d.execute_script("return window.innerWidth") <= 400)
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+    assert browser.find_element(By.CSS_SELECTOR, 'tr[data-strategy="alpha"]').is_displayed()
+    browser.set_window_size(1280, 900)
+
     shot = browser.get_screenshot_as_png()
     (tmp_path / "page.png").write_bytes(shot)
     assert png_colours(shot) > 16, "the screenshot is a single colour"
