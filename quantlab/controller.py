@@ -268,11 +268,18 @@ class Controller:
                            "detail": f"{words} in term {change.term}: {change.detail}"})
 
     def took_over(self, change: Any, settings: FleetSettings) -> None:
-        """A new term: every lease the previous one may have granted counts as running until now +
-        leaseTtlSeconds (its leader stopped acting by now, on any clock), so that nothing starts
-        elsewhere before they are surely over."""
+        """A new term. The previous leader's sessions lose the state locks (it does not lead any more,
+        whatever its connection still holds). Every lease the previous term may have granted counts as
+        running until now + leaseTtlSeconds + a probe deadline + a connect timeout: its leader stopped
+        sending by now, on any clock, but a renewal it sent just before may carry a deadline that far
+        ahead. Nothing starts elsewhere before those are surely over."""
+        if self.state_dsn is not None:
+            ended = self.store.break_locks()  # type: ignore[attr-defined]
+            if ended:
+                self.log(f"ended {ended} session(s) of the previous leader that still held the state's locks")
         memory = self.ledger.refresh(settings.monitor.lease_ttl_s)
-        until = self.clock.mono() + int(settings.monitor.lease_ttl_s * 1000)
+        until = self.clock.mono() + int((settings.monitor.lease_ttl_s + settings.probe_deadline_s
+                                         + settings.ssh.connect_timeout_s) * 1000)
         workers = set(memory.leases) | {p.worker for p in memory.placements.values()}
         self.ledger.extend_leases({w: until for w in workers})
         self.leader_changed(change)
@@ -285,10 +292,7 @@ class Controller:
         if self.state_dsn is None or self.leader is not None:
             yield
             return
-        from apscheduler.schedulers.background import BackgroundScheduler
-        from apscheduler.triggers.interval import IntervalTrigger
-
-        from .leader import Change, Leader, describe_db_error
+        from .leader import Change, Leader
         from .pgstate import Leadership
         leader = Leader(Leadership(self.store.db, Leader.name(f"quantlab {command}")), self.clock,  # type: ignore[attr-defined]
                         fleet.settings.leader_lease)
@@ -297,30 +301,45 @@ class Controller:
         if not isinstance(taken, Change):
             raise LeadHeld(taken.words(), taken.daemon)
         self.leader = leader
-        scheduler = BackgroundScheduler(timezone=timezone.utc)
-
-        def renew_lead() -> None:
-            try:
-                change = leader.renew()
-            except Exception as exc:  # noqa: BLE001 - the database is away; leading() runs out on its own
-                self.log(f"renewing the lead failed: {describe_db_error(exc)}")
-                return
-            if change is not None:
-                self.leader_changed(change)
         try:
             self.took_over(taken, fleet.settings)
-            quiet_scheduler_logs()
-            scheduler.add_job(renew_lead, IntervalTrigger(seconds=fleet.settings.reconcile_interval_s), id="lead",
-                              max_instances=1, coalesce=True, misfire_grace_time=None)
-            scheduler.start()
-            yield
+            with self.keep_lead(fleet, renew_leases=True):
+                yield
         finally:
-            if scheduler.running:
-                scheduler.shutdown(wait=True)
             change = leader.step_down()
             self.leader = None
             if change is not None:
                 self.log(f"stepped down from term {change.term}")
+
+    @contextlib.contextmanager
+    def keep_lead(self, fleet: Fleet, renew_leases: bool) -> Iterator[None]:
+        """While a run that leads (`apply`, `reconcile --once`) works or waits for a person: its own
+        timer renews the lead every interval, and with `renew_leases` the strategies' leases too (no
+        daemon does meanwhile: they stand by)."""
+        from apscheduler.schedulers.background import BackgroundScheduler
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        from .leader import describe_db_error
+        leader = self.leader
+
+        def job() -> None:
+            try:
+                change = leader.renew()
+                if change is not None:
+                    self.leader_changed(change)
+                if renew_leases and leader.leading():
+                    self.renew(fleet)
+            except Exception as exc:  # noqa: BLE001 - the database is away; leading() runs out on its own
+                self.log(f"renewing the lead failed: {describe_db_error(exc)}")
+        quiet_scheduler_logs()
+        scheduler = BackgroundScheduler(timezone=timezone.utc)
+        scheduler.add_job(job, IntervalTrigger(seconds=fleet.settings.reconcile_interval_s), id="lead",
+                          max_instances=1, coalesce=True, misfire_grace_time=None)
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.shutdown(wait=True)
 
     def actor(self, command: str) -> str:
         try:

@@ -107,7 +107,8 @@ def serve_handed_plans(ctl: "Controller", fleet: Fleet, gathered: Gathered, lock
 
     requests = PlanRequests(ctl.store.db)  # type: ignore[attr-defined]
     carried = 0
-    for request, by, body in requests.take():
+    while (taken := requests.take()) is not None:
+        request, by, body = taken
         try:
             answer = _carry_out(ctl, fleet, gathered, by, body, lock_timeout, _basis)
         except StateError as exc:

@@ -55,6 +55,7 @@ class Leader:
         self._sent: int | None = None              # mono ms the last successful renewal was sent
         self._watch = Watch()
         self.handover_asked = False
+        self._quiet_until = 0                      # mono ms: no taking back the lead just handed over
         self._lock = threading.Lock()
 
     @staticmethod
@@ -106,10 +107,12 @@ class Leader:
                                 may_take_over(self._watch, self.clock.mono()), self._watch.since_ms)
 
     def take(self, state_term: int, host_terms: list[int]) -> Change | None:
-        """Take the lead if the row allows it now; the Change when taken."""
+        """Take the lead if the row allows it now; the Change when taken. Not for a lease after this
+        process stepped down: the hand-over goes to another controller."""
         with self._lock:
             watch = self._watch
-        if watch.since_ms is None or not may_take_over(watch, self.clock.mono()):
+        now = self.clock.mono()
+        if watch.since_ms is None or not may_take_over(watch, now) or now < self._quiet_until:
             return None
         seen = watch.row
         term = next_term(max(seen.term if seen else 0, state_term), host_terms)
@@ -159,6 +162,8 @@ class Leader:
     def step_down(self) -> Change | None:
         with self._lock:
             term, self.term = self.term, None
+            if term is not None:
+                self._quiet_until = self.clock.mono() + self.duration_ms
         if term is None:
             return None
         try:

@@ -234,7 +234,7 @@ class ReconcileLoop:
         source = self.follower.source
         if not self.allow_source_change:
             options = replace(options, source_change=source_change(memory.loop_source, source))
-        if self.leader is not None and serve_handed_plans(self.ctl, fleet, gathered, self.lock_timeout):
+        if self.leader is not None and self._serve_handed(fleet, gathered):
             # What runs changed since this round's observation: the next act round plans from a new one.
             return self._done(started, True, "carried out the plans handed over by apply")
         result = self.ctl.apply(options, command="reconcile", fleet=fleet, gathered=gathered,
@@ -256,6 +256,16 @@ class ReconcileLoop:
             self.ctl.ledger.update(remember)
         tick = self._summary(started, gathered, result.plan, result.outcomes)
         return replace(tick, ok=tick.ok and not self._pull_refused)
+
+    def _serve_handed(self, fleet: Fleet, gathered: Gathered) -> int:
+        """Plans handed over by `apply`; a database that cannot be asked holds none up (said once)."""
+        try:
+            carried = serve_handed_plans(self.ctl, fleet, gathered, self.lock_timeout)
+        except StateError as exc:
+            self._say("handed", f"plans handed over by apply cannot be read now: {exc}")
+            return 0
+        self._say("handed", None)
+        return carried
 
     def _summary(self, started: float, gathered: Gathered, plan: Plan, outcomes: list[Outcome]) -> Tick:
         failed = [o for o in outcomes if not o.ok]
@@ -292,16 +302,21 @@ class ReconcileLoop:
         started = time.monotonic()
         try:
             self.ctl.require_fleet_dir()
-            if self.leader is not None:
-                busy = self._lead_once()
-                if busy is not None:
-                    return self._done(started, True, busy)
+            if self.leader is None:
+                return self._tick(started)
+            busy = self._lead_once()
+            if busy is not None:
+                return self._done(started, True, busy)
+            # The lead is renewed on a timer of its own from here (the round may wait for hosts).
+            with self.ctl.keep_lead(self._renewal_fleet_for_lead(), renew_leases=False):
+                return self._tick(started)
         except StateError as exc:
             return self._done(started, False, f"error: {exc}")
-        try:
-            return self._tick(started)
         finally:
             self.step_down()
+
+    def _renewal_fleet_for_lead(self) -> Fleet:
+        return self._fleet if self._fleet is not None else self.ctl.fallback_fleet(self.ctl.read_memory(None))
 
     def _lead_once(self) -> str | None:
         """`--once` with PostgreSQL leads for its run (see Leader.take_for_run): None once it leads,
@@ -428,10 +443,21 @@ class ReconcileLoop:
         self._say("lead", None)
 
     def _took_over(self, change: Any, renew: bool = True) -> None:
-        self.ctl.took_over(change, self._settings())
+        """A new term begins: if it cannot begin properly (the database went away meanwhile), the lead
+        is handed back rather than held half-taken."""
+        try:
+            self.ctl.took_over(change, self._settings())
+        except StateError:
+            self.step_down()
+            raise
+        with self._rounds:                    # nothing observed before this term is planned from
+            self._latest = None
+            self._acted_at = self.ctl.clock.mono()
         self._say("standby", None)
         if renew:
-            self._renew_job()                  # the renewals go out at once
+            # The renewals go out at once, on a thread of their own: a cold round may wait for a hung
+            # host longer than the lead may go unrenewed, and the lead job renews it.
+            threading.Thread(target=self._renew_job, name="takeover-renewal", daemon=True).start()
 
     def step_down(self) -> None:
         if self.leader is not None:

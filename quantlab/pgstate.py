@@ -28,7 +28,12 @@ SCHEMA_VERSION = 3
 MIGRATION_LOCK = 0x716C6D67          # pg_advisory_xact_lock key: one migration at a time
 CONNECT_TIMEOUT_S = 5
 # Every wait on the database has a deadline: a statement, a row lock, a transaction left open.
-SESSION_OPTIONS = "-c statement_timeout=10000 -c lock_timeout=10000 -c idle_in_transaction_session_timeout=30000"
+SESSION_OPTIONS = ("-c statement_timeout=10000 -c lock_timeout=10000 -c idle_in_transaction_session_timeout=30000 "
+                   # the server drops a dead client's session (and the advisory locks it holds) too
+                   "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3")
+# After a failed connection, calls fail at once for this long (see PgState._connect), per DSN.
+UNREACHABLE_S = 10.0
+_UNREACHABLE: dict[str, tuple[float, str]] = {}
 # ... and so does the link, on this side: a server that stops answering (a partition that drops
 # packets) fails the call within about ten seconds instead of hanging it.
 LINK_DEADLINES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2,
@@ -62,25 +67,36 @@ class PgState:
         p = self.parts
         return f"postgresql://{p.get('user', '')}@{p.get('host', 'localhost')}:{p.get('port', '5432')}/{p.get('dbname', '')}"
 
-    def _connect(self) -> Any:
+    def _connect(self, probe: bool = False) -> Any:
+        """A connection. Once one could not be made, the next calls fail at once for a while
+        (UNREACHABLE_S) instead of each waiting out the connect timeout: a renewal round makes
+        several calls and must not spend its time on a database that is away. Only a `probe` (the
+        leadership row's renewal, on its own job) tries meanwhile, and a success closes the breaker."""
         import psycopg
 
+        broken = _UNREACHABLE.get(self.dsn)
+        if broken is not None and not probe and time.monotonic() < broken[0]:
+            raise StateError(broken[1])
         extra: dict[str, Any] = {k: v for k, v in {"options": SESSION_OPTIONS, **LINK_DEADLINES}.items()
                                  if k not in self.parts}
         try:
-            return psycopg.connect(self.dsn, connect_timeout=int(self.parts.get("connect_timeout") or CONNECT_TIMEOUT_S),
+            conn = psycopg.connect(self.dsn, connect_timeout=int(self.parts.get("connect_timeout") or CONNECT_TIMEOUT_S),
                                    **extra)
         except psycopg.OperationalError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StateError(f"cannot reach the state database {self.where()}: {first}") from None
+            message = f"cannot reach the state database {self.where()}: {first}"
+            _UNREACHABLE[self.dsn] = (time.monotonic() + UNREACHABLE_S, message)
+            raise StateError(message) from None
+        _UNREACHABLE.pop(self.dsn, None)
+        return conn
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[Any]:
+    def session(self, probe: bool = False) -> Iterator[Any]:
         """One connection for one transaction (committed when the block ends without an error); a
         database fault on the way is a StateError naming the database, never a crash."""
         import psycopg
 
-        conn = self._connect()
+        conn = self._connect(probe)
         try:
             with conn:
                 yield conn
@@ -263,6 +279,16 @@ class PgStore:
         finally:
             conn.close()                      # closing releases the advisory lock
 
+    def break_locks(self) -> int:
+        """End every other session that holds the state or write lock (a new leader's first act):
+        a leader that died, froze or was cut off may still hold them on the server for as long as its
+        connection looks alive there, and it does not lead any more. How many were ended."""
+        with self.db.session() as conn:
+            rows = conn.execute("SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+                                "pid <> pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = ANY(%s)",
+                                ([STATE_LOCK, WRITE_LOCK],)).fetchall()
+            return sum(1 for (pid,) in rows if conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0])
+
     def holder(self) -> dict[str, Any] | None:
         try:
             with self.db.session() as conn:
@@ -381,13 +407,13 @@ class Leadership:
         self.db, self.name = db, name
 
     def read(self) -> LeaseRow | None:
-        with self.db.session() as conn:
+        with self.db.session(probe=True) as conn:
             row = conn.execute("SELECT holder, term, renewals, duration_ms FROM quantlab_leader WHERE id = 1").fetchone()
         return LeaseRow(row[0], int(row[1]), int(row[2]), int(row[3])) if row else None
 
     def describe(self) -> dict[str, Any] | None:
         """The row for people (`status`): who leads, in which term, since when (epoch ms)."""
-        with self.db.session() as conn:
+        with self.db.session(probe=True) as conn:
             row = conn.execute("SELECT holder, term, (extract(epoch FROM since) * 1000)::bigint, handover, "
                                "duration_ms FROM quantlab_leader WHERE id = 1").fetchone()
         if row is None:
@@ -397,7 +423,7 @@ class Leadership:
 
     def take(self, seen: LeaseRow | None, term: int, duration_ms: int) -> bool:
         """Become the holder in `term`, if the row is still as `seen` (None: there was none)."""
-        with self.db.session() as conn:
+        with self.db.session(probe=True) as conn:
             if seen is None:
                 done = conn.execute("INSERT INTO quantlab_leader (id, holder, term, renewals, duration_ms) "
                                     "VALUES (1, %s, %s, 0, %s) ON CONFLICT (id) DO NOTHING",
@@ -412,21 +438,21 @@ class Leadership:
     def renew(self, term: int) -> tuple[bool, bool]:
         """Renew the lead in `term`: (renewed, a hand-over was asked). Not renewed: another
         controller took it meanwhile."""
-        with self.db.session() as conn:
+        with self.db.session(probe=True) as conn:
             row = conn.execute("UPDATE quantlab_leader SET renewals = renewals + 1 WHERE id = 1 AND holder = %s "
                                "AND term = %s RETURNING handover", (self.name, term)).fetchone()
         return (row is not None, bool(row and row[0]))
 
     def raise_term(self, term: int, new_term: int) -> bool:
         """Go on leading in a higher term (a host had seen one above ours: a restored database)."""
-        with self.db.session() as conn:
+        with self.db.session(probe=True) as conn:
             done = conn.execute("UPDATE quantlab_leader SET term = %s, renewals = renewals + 1 WHERE id = 1 AND "
                                 "holder = %s AND term = %s", (new_term, self.name, term))
             return done.rowcount == 1
 
     def step_down(self, term: int) -> bool:
         """Give the lead up on purpose (an upgrade): the row is free at once for a standby."""
-        with self.db.session() as conn:
+        with self.db.session(probe=True) as conn:
             done = conn.execute("UPDATE quantlab_leader SET holder = NULL, handover = false, renewals = renewals + 1 "
                                 "WHERE id = 1 AND holder = %s AND term = %s", (self.name, term))
             return done.rowcount == 1
@@ -434,7 +460,7 @@ class Leadership:
     def ask_handover(self) -> dict[str, Any] | None:
         """Ask whoever leads to step down after its current round (`quantlab leader step-down`):
         the row as it was, or None when nobody leads."""
-        with self.db.session() as conn:
+        with self.db.session(probe=True) as conn:
             row = conn.execute("UPDATE quantlab_leader SET handover = true WHERE id = 1 AND holder IS NOT NULL "
                                "RETURNING holder, term").fetchone()
         return {"holder": row[0], "term": int(row[1])} if row else None
@@ -456,14 +482,16 @@ class PlanRequests:
             return int(conn.execute("INSERT INTO quantlab_requests (by, body) VALUES (%s, %s) RETURNING id",
                                     (by, json.dumps(body))).fetchone()[0])
 
-    def take(self) -> list[tuple[int, str, dict[str, Any]]]:
-        """The pending requests, marked taken (the ones past their sender's wait, marked expired)."""
+    def take(self) -> tuple[int, str, dict[str, Any]] | None:
+        """The oldest pending request still inside its sender's wait, marked taken (the ones past it
+        marked expired); None when there is none. One at a time, just before it is carried out."""
         with self.db.session() as conn:
             conn.execute("UPDATE quantlab_requests SET status = 'expired', answered_at = now() WHERE status = 'pending' "
                          "AND created_at < now() - make_interval(secs => (body->>'waitSeconds')::float)")
-            rows = conn.execute("UPDATE quantlab_requests SET status = 'taken' WHERE status = 'pending' "
-                                "RETURNING id, by, body").fetchall()
-        return sorted((int(r[0]), str(r[1]), r[2]) for r in rows)
+            row = conn.execute("UPDATE quantlab_requests SET status = 'taken' WHERE id = (SELECT id FROM "
+                               "quantlab_requests WHERE status = 'pending' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) "
+                               "RETURNING id, by, body").fetchone()
+        return (int(row[0]), str(row[1]), row[2]) if row else None
 
     def answer(self, request: int, answer: dict[str, Any]) -> None:
         with self.db.session() as conn:

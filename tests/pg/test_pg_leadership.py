@@ -2,6 +2,8 @@
 so two controllers never both hold one term; a standby takes a row only as it last saw it."""
 from __future__ import annotations
 
+import pytest
+
 from quantlab.leadership import Watch, may_take_over, next_term, observe
 from quantlab.pgstate import Leadership, PgState
 
@@ -32,3 +34,34 @@ def test_a_standby_takes_over_a_row_that_stood_still_and_the_old_leader_is_refus
     assert (b.read().holder, b.read().term) == ("ctl-b", 4)
     assert not a.renew(1)[0], "the deposed leader's renewal is refused"
     assert b.step_down(4) and b.read().holder is None
+
+
+def test_a_new_leader_ends_the_sessions_that_still_hold_the_state_locks(pg_dsn):
+    from quantlab.pgstate import PgStore
+    from quantlab.store import LockHeld
+
+    frozen, new = PgStore(pg_dsn), PgStore(pg_dsn)
+    with frozen.lock(command="quantlab reconcile (frozen)"):
+        with pytest.raises(LockHeld):
+            with new.lock(timeout=0.2):
+                pass
+        assert new.break_locks() == 1
+        with new.lock(timeout=2.0, command="quantlab reconcile (new leader)"):
+            assert new.holder()["command"] == "quantlab reconcile (new leader)"
+
+
+def test_after_a_failed_connection_calls_fail_at_once_until_the_lead_renewal_gets_through(pg_dsn):
+    import time
+
+    from quantlab import pgstate
+    from quantlab.store import StateError
+
+    db = pgstate.PgState(pg_dsn)
+    db.migrate()
+    pgstate._UNREACHABLE[pg_dsn] = (time.monotonic() + 60, "cannot reach the state database (earlier)")
+    began = time.monotonic()
+    with pytest.raises(StateError, match="earlier"):
+        db.load()
+    assert time.monotonic() - began < 0.5, "no connect timeout waited on the renewal path"
+    assert Leadership(db, "a").read() is None, "the lead's own calls still try, and close the breaker"
+    assert db.load().serial == 0

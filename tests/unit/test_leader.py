@@ -121,3 +121,19 @@ def test_the_lease_rule_counts_a_takeover_when_controllers_may_stand_by():
     assert short.lease_floor_s(standbys=True) == 3.0 + 2.0 + 0.5 + 1.0 + 0.4
     too_short = replace(base, leader_lease_s=2.5)
     assert "shorter than two renewals of the lead" in (too_short.lease_rule_problem() or "")
+
+
+def test_a_leader_that_stepped_down_leaves_the_lead_to_another_for_a_lease():
+    now = [1_000]
+    a, b, shared = pair(now)
+    a.watch()
+    a.take(0, [])
+    assert a.step_down() is not None and shared["row"].holder is None
+    a.watch()
+    b.watch()
+    assert a.take(0, []) is None, "not straight back"
+    assert b.take(0, []) is not None
+    b.step_down()
+    now[0] += 3_000
+    a.watch()
+    assert a.take(0, []) is not None, "a lease later it may lead again"
