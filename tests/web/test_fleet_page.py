@@ -8,6 +8,7 @@ import struct
 import zlib
 
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -45,8 +46,16 @@ def fleet(tmp_path):
 
 
 def cell(driver, sid: str, column: int) -> str:
-    rows = driver.find_elements(By.CSS_SELECTOR, f'tr[data-strategy="{sid}"] td')
-    return rows[column].text if len(rows) > column else ""
+    """A cell's text, read in one script call: the page re-renders its table every poll, so an element
+    found in one call may be gone by the next."""
+    texts = driver.execute_script("return Array.from(document.querySelectorAll(arguments[0]), td => td.innerText)",
+                                  f'tr[data-strategy="{sid}"] td')
+    return texts[column].strip() if len(texts) > column else ""
+
+
+def click_strategy(driver, sid: str) -> None:
+    WebDriverWait(driver, 10, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-strategy="{sid}"] a.sid').click() or True)
 
 
 def test_the_page_shows_the_fleet_live_in_a_browser(fleet, browser, tmp_path):
@@ -61,7 +70,7 @@ def test_the_page_shows_the_fleet_live_in_a_browser(fleet, browser, tmp_path):
     browser.get(f"http://127.0.0.1:{port}/")
     wait = WebDriverWait(browser, 20, poll_frequency=0.1)
     wait.until(lambda d: cell(d, "alpha", 1) == "running")
-    page = browser.find_element(By.TAG_NAME, "body").text
+    page = browser.execute_script("return document.body.innerText")
     for name in ("alpha", "beta", "w1", "w2", "JP", "US"):
         assert name in page, f"{name} is not on the page:\n{page}"
     assert cell(browser, "alpha", 2) == "w1" or cell(browser, "alpha", 2) == "w2"
@@ -76,7 +85,7 @@ def test_the_page_shows_the_fleet_live_in_a_browser(fleet, browser, tmp_path):
     assert browser.execute_script("return window.stillHere;") == 42
 
     # A strategy's log lines and events, on demand.
-    browser.find_element(By.CSS_SELECTOR, 'tr[data-strategy="alpha"] a.sid').click()
+    click_strategy(browser, "alpha")
     wait.until(lambda d: "fetching" not in d.find_element(By.ID, "log").text and d.find_element(By.ID, "log").text)
     wait.until(lambda d: "start" in d.find_element(By.ID, "events").text)
 
@@ -84,7 +93,7 @@ def test_the_page_shows_the_fleet_live_in_a_browser(fleet, browser, tmp_path):
     browser.set_window_size(390, 844)
     wait.until(lambda d: d.execute_script("return window.innerWidth") <= 400)
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
-    assert browser.find_element(By.CSS_SELECTOR, 'tr[data-strategy="alpha"]').is_displayed()
+    assert cell(browser, "alpha", 0) == "alpha"
     browser.set_window_size(1280, 900)
 
     shot = browser.get_screenshot_as_png()
