@@ -19,7 +19,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from quantlab.snapshot import SnapshotFile  # noqa: E402
 from quantlab.status import fleet_status  # noqa: E402
 from quantlab.web.server import Source, make_server  # noqa: E402
 from tests.fleetkit import NOW, observed  # noqa: E402
-from tests.support import cli_env, kill_all, wait_for  # noqa: E402
+from tests.support import cli_env, free_port, kill_all, wait_for  # noqa: E402
 
 
 def write_snapshot(path: Path, strategies: int, workers: int) -> tuple[float, float]:
@@ -117,11 +116,6 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def daemon_cpu_per_round(root: Path, serving: bool, rounds: int = 30) -> float:

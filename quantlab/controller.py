@@ -579,11 +579,7 @@ class Controller:
 
         def job() -> None:
             try:
-                if self.leader is not None:          # the lead is renewed with the leases
-                    change = self.leader.renew()
-                    if change is not None:
-                        self.leader_changed(change)
-                self.renew(fleet, loop=loop)
+                self.renew(fleet, loop=loop)      # (a run that leads keeps its lead with keep_lead)
             except Exception as exc:  # noqa: BLE001 - a round that fails is logged; the next one runs
                 self.log(f"renewal round failed: {exc!r}")
         interval = fleet.settings.reconcile_interval_s
@@ -792,9 +788,10 @@ class Controller:
         fleet = fleet or self.load_fleet()
         if command == "apply" and self.state_dsn is not None and self.leader is None:
             try:
-                with self.lead_for_run(fleet, command):
+                with self.lead_for_run(fleet, command):      # whose timer renews the leases meanwhile
                     return self.apply(options, command=command, fleet=fleet, saved=saved, shown=shown,
-                                      confirm=confirm, progress=progress, lock_timeout=lock_timeout)
+                                      confirm=confirm, progress=progress, lock_timeout=lock_timeout,
+                                      background_renewals=False)
             except LeadHeld as held:
                 if not held.daemon:
                     raise StateError(f"{held}: wait for it to finish (only one run acts at a time)") from None

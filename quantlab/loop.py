@@ -182,7 +182,8 @@ class ReconcileLoop:
         return True
 
     def current_fleet(self) -> Fleet:
-        """The fleet the loop applies now (the fleet page fetches logs through it)."""
+        """The fleet the loop applies now (the fleet page fetches logs through it; --once keeps its lead
+        with it)."""
         fleet = self._fleet
         return fleet if fleet is not None else self.ctl.fallback_fleet(self.ctl.read_memory(None))
 
@@ -308,15 +309,12 @@ class ReconcileLoop:
             if busy is not None:
                 return self._done(started, True, busy)
             # The lead is renewed on a timer of its own from here (the round may wait for hosts).
-            with self.ctl.keep_lead(self._renewal_fleet_for_lead(), renew_leases=False):
+            with self.ctl.keep_lead(self.current_fleet(), renew_leases=False):
                 return self._tick(started)
         except StateError as exc:
             return self._done(started, False, f"error: {exc}")
         finally:
             self.step_down()
-
-    def _renewal_fleet_for_lead(self) -> Fleet:
-        return self._fleet if self._fleet is not None else self.ctl.fallback_fleet(self.ctl.read_memory(None))
 
     def _lead_once(self) -> str | None:
         """`--once` with PostgreSQL leads for its run (see Leader.take_for_run): None once it leads,

@@ -14,12 +14,12 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 from tests.sshd_hosts import DEFAULT_LOGIN_USER, ensure_login_user
+from tests.support import free_port
 
 START_DEADLINE_S = 30.0
 
@@ -42,11 +42,6 @@ def pg_problem() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class PgServer:
     def __init__(self, base: Path, database: str = "quantlab"):
@@ -54,7 +49,7 @@ class PgServer:
         self.data = self.base / "data"
         self.sockets = self.base / "sockets"
         self.database = database
-        self.port = _free_port()
+        self.port = free_port()
         self.as_root = os.geteuid() == 0
         self.user = DEFAULT_LOGIN_USER if self.as_root else pwd.getpwuid(os.getuid()).pw_name
         self.log = self.base / "server.log"

@@ -7,6 +7,7 @@ Zombies count as gone: PID 1 on the test machines may never reap orphans.
 from __future__ import annotations
 
 import os
+import socket
 import shutil
 import signal
 import subprocess
@@ -159,3 +160,10 @@ def require(problem: str | None) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{problem}; CI=true, so this is a failure, not a skip")
     pytest.skip(problem)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (to listen on, or to be refused at)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import ssl
 import subprocess
 import sys
@@ -14,15 +13,10 @@ from pathlib import Path
 import pytest
 
 from harness import REPO, wait_for
-from tests.support import cli_env
+from tests.support import cli_env, free_port
 
 TOKEN = "s3cret-token-for-the-page-0123456789"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:

@@ -7,22 +7,28 @@ import os
 import pty
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.support import wait_for
 
 
-def test_apply_while_a_daemon_leads_hands_its_plan_to_the_leader(daemon_fleet, pg_dsn, tmp_path):
+def leading_with_room_to_rebalance(daemon_fleet, pg_dsn: str, tmp_path) -> Path:
+    """A daemon that leads, s1 and s2 running on w1, and an empty w2 added: a rebalance would move one,
+    which the loop never does on its own. The daemon's log."""
     daemon_fleet.worker("w1").strategy("s1").strategy("s2").write()
     log = tmp_path / "daemon.log"
     daemon_fleet.spawn("reconcile", "--state", pg_dsn, log=log)
     wait_for(lambda: "took the lead in term 1" in log.read_text(), 20, "the daemon to lead")
     daemon_fleet.beating("s1", beats=1)
     daemon_fleet.beating("s2", beats=1)
-
-    # A move the loop would never make on its own (it does not rebalance): made by the leader, once.
     daemon_fleet.worker("w2").write()
+    return log
+
+
+def test_apply_while_a_daemon_leads_hands_its_plan_to_the_leader(daemon_fleet, pg_dsn, tmp_path):
+    log = leading_with_room_to_rebalance(daemon_fleet, pg_dsn, tmp_path)
     done = daemon_fleet.ql("apply", "--yes", "--rebalance", "--output", "json", "--state", pg_dsn)
     report = done.json()
     assert report["ok"] and [o["action"] for o in report["outcomes"]] == ["move"], done.describe()
@@ -37,13 +43,7 @@ def test_apply_while_a_daemon_leads_hands_its_plan_to_the_leader(daemon_fleet, p
 
 
 def test_a_stale_handed_plan_is_refused_and_nothing_is_done(daemon_fleet, pg_dsn, tmp_path):
-    daemon_fleet.worker("w1").strategy("s1").strategy("s2").write()
-    log = tmp_path / "daemon.log"
-    daemon_fleet.spawn("reconcile", "--state", pg_dsn, log=log)
-    wait_for(lambda: "took the lead in term 1" in log.read_text(), 20, "the daemon to lead")
-    daemon_fleet.beating("s1", beats=1)
-    daemon_fleet.beating("s2", beats=1)
-    daemon_fleet.worker("w2").write()
+    leading_with_room_to_rebalance(daemon_fleet, pg_dsn, tmp_path)
     from quantlab.controller import Controller, PlanChanged, default_state_path
     from quantlab.planner import PlanOptions
     ctl = Controller(daemon_fleet.root, default_state_path(daemon_fleet.root), state_dsn=pg_dsn)

@@ -6,20 +6,14 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import socket
 
 from tests.integration.harness import FleetDir, quantlab, runners
-from tests.support import wait_for
+from tests.support import free_port, wait_for
 
 
 def leader_of(fl: FleetDir, dsn: str) -> dict:
     return quantlab("leader", "show", "--fleet", fl.root, "--output", "json", "--state", dsn).json() or {}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(port: int, path: str) -> dict | None:

@@ -17,7 +17,7 @@ import pytest
 
 from sshfleet import SshFleet, wait_for
 
-from tests.support import cli_env
+from tests.support import cli_env, free_port
 
 pytestmark = pytest.mark.ssh
 
@@ -203,7 +203,7 @@ def test_a_leader_cut_off_from_the_database_with_a_host_only_it_reaches_never_ma
         shutil.copytree(fl.dir, other, ignore=shutil.ignore_patterns(".quantlab"))
         config = Path(fl.ssh["config"]).read_text()
         host3 = fl.hosts["host-03"]
-        blocked = config.replace(f"Port {host3.port}\n", f"Port {closed_port()}\n")
+        blocked = config.replace(f"Port {host3.port}\n", f"Port {free_port()}\n")
         (other / "ssh_config").write_text(blocked)
 
         def standby_copy() -> None:
@@ -273,12 +273,6 @@ def test_the_database_restarted_renewals_go_on_and_acting_resumes(ssh_fleet, pg_
     pids = wait_for(lambda: (p := watcher.look(same=False)) and len(p) == 4 and p, 20, "delta to run")
     assert {sid: pids[sid] for sid in expected} == expected, "nothing restarted"
 
-
-def closed_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn_in(fl: SshFleet, fleet_dir: Path, args: list[str], log: Path) -> subprocess.Popen:

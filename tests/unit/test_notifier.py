@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import faulthandler
 import json
-import socket
 import sys
 import threading
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from quantlab.notify import ALERT_KINDS, Notifier
 from quantlab.spec import NotifySettings
+from tests.support import free_port
 
 SLEEPER = "import time; time.sleep(60)"
 
@@ -74,12 +74,6 @@ def alive(pid: int) -> bool:
         return False
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
-
-def free_port() -> int:
-    """A port nothing listens on (a connection to it is refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Hook:

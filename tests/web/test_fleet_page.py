@@ -3,7 +3,6 @@ daemon serving the page) looked at in a real headless browser."""
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import zlib
 
@@ -13,13 +12,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.integration.harness import FleetDir
-from tests.support import kill_all, node_problem, processes, require, wait_for
+from tests.support import free_port, kill_all, node_problem, processes, require, wait_for
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_colours(png: bytes) -> int:
