@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import threading
@@ -36,6 +37,18 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
+
+
+def _usage_name(self: Any) -> str:
+    """A required argument as `STRATEGY`, an optional one as `[PLANFILE]`: recent typer releases write
+    `{STRATEGY}`, which reads like a template left unfilled."""
+    name = self.metavar or self.name.upper()
+    return (name if self.required or name.startswith("[") else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+
+if hasattr(getattr(typer, "core", None), "TyperArgument") and \
+        hasattr(typer.core.TyperArgument, "_usage_display_name"):
+    typer.core.TyperArgument._usage_display_name = _usage_name   # type: ignore[method-assign]
 
 
 def _show_version(value: bool) -> None:
@@ -90,7 +103,7 @@ DetailedOpt = Annotated[bool, typer.Option("--detailed-exitcode", help="Exit 2 w
 
 def _controller(fleet: Optional[Path], state: Optional[str], accept_new_host_keys: bool = False) -> Controller:
     fleet_dir = fleet or default_fleet_dir()
-    if state and state.startswith(("postgresql://", "postgres://")):
+    if state and _is_dsn(state):
         return Controller(fleet_dir, default_state_path(fleet_dir), accept_new_host_keys=accept_new_host_keys,
                           state_dsn=state)
     return Controller(fleet_dir, Path(state) if state else default_state_path(fleet_dir),
@@ -126,11 +139,15 @@ def _handled(fn: Any) -> Any:
     return wrapper
 
 
-def _header(ctl: Controller, fleet: Fleet, plan: Plan, observed: Any, serial: int) -> str:
+def _header(ctl: Controller, fleet: Fleet, plan: Plan, observed: Any, memory: Any) -> str:
+    serial = memory.serial
     at = (f"at {plan.fleet_revision} (working tree, {'uncommitted changes' if plan.fleet_dirty else 'clean'})"
           if plan.fleet_revision else "(not in git)")
-    down = sum(1 for s in observed.workers.values() if not s.reachable)
-    workers = f"{len(fleet.workers)} workers" + (f" ({down} not answering)" if down else "")
+    loop = ctl.loop_applies(fleet, memory)
+    if loop is not None:       # what goes live is what the loop applies, not this working tree
+        at += f" · the loop applies {loop.get('ref')} at {loop.get('revision')}"
+    down = sorted(wid for wid, s in observed.workers.items() if not s.reachable)
+    workers = f"{len(fleet.workers)} workers" + (f" ({render.not_answering(down)})" if down else "")
     header = (f"Fleet {escape(str(ctl.fleet_dir))}/ {at} · {workers} · {len(fleet.strategies)} strategies · "
               f"state serial {serial}")
     # Say why each silent worker did not answer (refused, timed out, host key...): the plan's
@@ -197,8 +214,11 @@ def plan(
     if output is Output.json:
         print(json.dumps(result.to_json(), indent=1))
     else:
-        for line in render.plan_lines(result, _header(ctl, loaded, result, gathered.observed, memory.serial)):
+        for line in render.plan_lines(result, _header(ctl, loaded, result, gathered.observed, memory)):
             out.print(line)
+    conflict = ctl.loop_conflict(loaded, memory, result)
+    if conflict is not None:
+        err.print(f"[yellow]Warning:[/] apply would refuse this plan: {escape(conflict)}")
         if out_file is not None:
             out.print(f"Saved the plan to {escape(str(out_file))}: apply it with "
                       f"`quantlab apply {escape(str(out_file))}`.")
@@ -240,7 +260,8 @@ class _ApplyProgress:
 @app.command()
 @_handled
 def apply(
-    planfile: Annotated[Optional[Path], typer.Argument(readable=False, help="A plan saved by `quantlab plan --out`")] = None,
+    planfile: Annotated[Optional[Path], typer.Argument(readable=False, metavar="[PLANFILE]",
+                                                                help="A plan saved by `quantlab plan --out`")] = None,
     fleet: FleetOpt = None,
     state: StateOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
@@ -270,7 +291,7 @@ def apply(
     def shown(loaded: Fleet, result: Plan, gathered: Any) -> None:
         planned.append(result)
         if not quiet:
-            header = _header(ctl, loaded, result, gathered.observed, ctl.ledger.memory.serial)
+            header = _header(ctl, loaded, result, gathered.observed, ctl.ledger.memory)
             for line in render.plan_lines(result, header):
                 out.print(line)
 
@@ -533,7 +554,7 @@ def _leader_for_loop(ctl: Controller, follower: Any) -> Any:
 @app.command()
 @_handled
 def explain(
-    strategy: Annotated[str, typer.Argument(help="Strategy id")],
+    strategy: Annotated[str, typer.Argument(metavar="STRATEGY", help="Strategy id")],
     fleet: FleetOpt = None,
     state: StateOpt = None,
     output: OutputOpt = Output.text,
@@ -609,6 +630,24 @@ def stop_all(
 
 @app.command()
 @_handled
+def retry(
+    strategies: Annotated[list[str], typer.Argument(metavar="STRATEGY", help="Strategy ids in error")],
+    reason: Annotated[Optional[str], typer.Option("--reason", metavar="TEXT", help="Why, for events")] = None,
+    fleet: FleetOpt = None,
+    state: StateOpt = None,
+    accept_new_host_keys: HostKeysOpt = False,
+) -> None:
+    """Start strategies that are in error again, with a fresh restart budget, at the next round."""
+    ctl = _controller(fleet, state, accept_new_host_keys)
+    asked = ctl.retry(list(strategies), reason)
+    for sid, worker in asked.items():
+        out.print(f"  {escape(sid)} on {escape(worker)}: to be started again")
+    out.print("The next round starts them (a running loop within one interval; else `quantlab apply`); "
+              "`quantlab events` records who asked.")
+
+
+@app.command()
+@_handled
 def resume(target: TargetOpt = None, fleet: FleetOpt = None, state: StateOpt = None) -> None:
     """Lift what suspend held (for the targets, or everything)."""
     ctl = _controller(fleet, state)
@@ -623,20 +662,33 @@ def resume(target: TargetOpt = None, fleet: FleetOpt = None, state: StateOpt = N
 @app.command()
 @_handled
 def logs(
-    strategy: Annotated[str, typer.Argument(help="Strategy id")],
+    strategy: Annotated[str, typer.Argument(metavar="STRATEGY", help="Strategy id")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new output")] = False,
     lines: Annotated[int, typer.Option("--lines", "-n", min=0, metavar="N", help="How many lines of the tail")] = 200,
+    since: Annotated[Optional[str], typer.Option(
+        "--since", metavar="WHEN", help="Only lines written since: 10m, 2h, 3d or an ISO time (by each line's "
+                                        "leading time; lines without one go with the line before)")] = None,
+    grep: Annotated[Optional[str], typer.Option(
+        "--grep", metavar="PATTERN", help="Only lines matching this regular expression (searched on the host)")] = None,
     fleet: FleetOpt = None,
     state: StateOpt = None,
     accept_new_host_keys: HostKeysOpt = False,
 ) -> None:
     """The strategy's output, from its worker."""
     ctl = _controller(fleet, state, accept_new_host_keys)
+    try:
+        since_ms = render.parse_since(since, ctl.clock.wall()) if since else None
+        if grep is not None:
+            re.compile(grep)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    except re.error as exc:
+        raise _fail(f"--grep {grep!r} is not a regular expression: {exc}") from None
     loaded, problems = ctl.fleet_or_fallback()
     _banner(problems)
     sink = sys.stdout.buffer
     try:
-        output = ctl.logs(loaded, strategy, lines, follow)
+        output = ctl.logs(loaded, strategy, lines, follow, since_ms, grep)
         if output.stopped:      # its log stays on the worker it last ran on
             err.print(f"{escape(strategy)} is not running: its output on {escape(output.worker)}, up to its stop")
         for chunk in output.chunks:
@@ -754,6 +806,9 @@ def state_push(
 ) -> None:
     """Move the state (placements, leases, restart counts, history, checkpoints) into another backend;
     the state it came from is marked migrated, so that no controller acts on it any more."""
+    if destination.strip() in ("", "-"):
+        raise _fail("state push needs where the state goes: a state FILE or a postgresql:// DSN (`-` is not one; "
+                    "`quantlab state pull` writes a copy to stdout)")
     source = _controller(fleet, state)
     dest = _controller(fleet, destination)
     moved = source.push_state(dest, lock_timeout)
@@ -763,10 +818,12 @@ def state_push(
 
 @app.command()
 def init(
-    directory: Annotated[Path, typer.Argument(readable=False, help="Folder for the new fleet (with --systemd: a fleet)")],
+    directory: Annotated[Path, typer.Argument(readable=False, metavar="DIR",
+                                                          help="Folder for the new fleet (with --systemd: a fleet)")],
     systemd: Annotated[bool, typer.Option(
         "--systemd", help="For an existing fleet: write a systemd unit for the loop (and a cron line, when the "
-                          "fleet's lease rule allows its reconcile.cronPeriodSeconds) into DIR/deploy/")] = False,
+                          "fleet's lease rule allows its reconcile.cronPeriodSeconds) into the state folder's "
+                          "deploy/ (DIR/.quantlab/deploy/, which git ignores)")] = False,
     state: StateOpt = None,
 ) -> None:
     """A new fleet directory with an example of each kind; or, with --systemd, how to run its loop."""
@@ -786,37 +843,51 @@ def init(
 
 
 def _init_systemd(directory: Path, state: Optional[str]) -> None:
-    """deploy/quantlab-reconcile.service, and deploy/quantlab-reconcile.cron when the lease rule allows
-    the fleet's cron period (reconcile.cronPeriodSeconds, in whole minutes)."""
+    """quantlab-reconcile.service, and quantlab-reconcile.cron when the lease rule allows the fleet's
+    cron period (reconcile.cronPeriodSeconds, in whole minutes), in the state folder's deploy/: they
+    name this machine's paths and user, so they are not fleet content (the fleet folder is shared
+    through git, and the loop would report them as uncommitted changes)."""
     import getpass
     import shutil
 
     from .scaffold import cron_line, systemd_unit
 
     root = directory.resolve()
+    if state and not _is_dsn(state):
+        state = str(Path(state).resolve())      # the unit runs in another working directory
+    state_file = Path(state) if state and not _is_dsn(state) else default_state_path(root)
     try:
-        loaded = Controller(root, default_state_path(root)).load_fleet()
+        loaded = Controller(root, state_file).load_fleet()
     except FleetInvalid as exc:
         raise _invalid(exc) from None
     # The quantlab beside this Python (its venv), else the one on PATH, else this Python with -m.
     beside = Path(sys.executable).parent / "quantlab"
     program = str(beside) if beside.is_file() else shutil.which("quantlab") or f"{sys.executable} -m quantlab"
-    deploy = root / "deploy"
-    deploy.mkdir(exist_ok=True)
-    unit = deploy / "quantlab-reconcile.service"
-    unit.write_text(systemd_unit(root, program, getpass.getuser(), state))
+    deploy = state_file.parent / "deploy"
+    try:
+        deploy.mkdir(mode=0o700, parents=True, exist_ok=True)
+        unit = deploy / "quantlab-reconcile.service"
+        unit.write_text(systemd_unit(root, program, getpass.getuser(), state))
+    except OSError as exc:
+        raise _fail(f"cannot write into {deploy}: {exc.strerror}") from None
     out.print(f"  created {escape(str(unit))}")
+    install = (f"`sudo cp {escape(str(unit))} /etc/systemd/system/ && sudo systemctl daemon-reload && "
+               "sudo systemctl enable --now quantlab-reconcile`")
     period = loaded.settings.cron_period_s
-    if period is None:
-        out.print("No cron line: set reconcile.cronPeriodSeconds to run `reconcile --once` from cron instead.")
-    elif period % 60:
-        out.print(f"No cron line: reconcile.cronPeriodSeconds {period:g} is not whole minutes (cron's granularity).")
-    else:
-        cron = deploy / "quantlab-reconcile.cron"
-        cron.write_text(cron_line(root, program, period))
-        out.print(f"  created {escape(str(cron))} (every {period / 60:g} min; the lease rule allows it)")
-    out.print(f"\nInstall: `sudo cp {escape(str(unit))} /etc/systemd/system/ && sudo systemctl daemon-reload && "
-              "sudo systemctl enable --now quantlab-reconcile` — or add the cron line with `crontab -e`, never both.")
+    if period is None or period % 60:
+        why = ("set reconcile.cronPeriodSeconds (whole minutes) to run `reconcile --once` from cron instead"
+               if period is None else f"reconcile.cronPeriodSeconds {period:g} is not whole minutes (cron's granularity)")
+        out.print(f"No cron line: {why}.")
+        out.print(f"\nInstall: {install}.")
+        return
+    cron = deploy / "quantlab-reconcile.cron"
+    cron.write_text(cron_line(root, program, period, state))
+    out.print(f"  created {escape(str(cron))} (every {period / 60:g} min; the lease rule allows it)")
+    out.print(f"\nInstall one of them, never both: {install}, or the line in {escape(str(cron))} with `crontab -e`.")
+
+
+def _is_dsn(state: str) -> bool:
+    return state.startswith(("postgresql://", "postgres://"))
 
 
 def main() -> None:

@@ -145,6 +145,9 @@ class Controller:
     _rounds: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
     _last_plan: Plan | None = field(default=None, init=False)
     _snapshots: SnapshotWriter | None = field(default=None, init=False)
+    # The last act round that acted: when it ended (mono ms) and what it left each strategy as
+    # (snapshot.acted_marks), shown over every observation taken before then.
+    _acted: tuple[int, dict[str, dict[str, Any]]] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.state_dsn is not None:
@@ -370,19 +373,34 @@ class Controller:
         return (f"strategies stop in {monitor.lease_ttl_s:g} s unless `quantlab reconcile` runs: no reconcile "
                 "loop has renewed their leases recently (see Fencing in the README).")
 
-    def logs(self, fleet: Fleet, strategy: str, lines: int, follow: bool) -> "LogOutput":
+    def logs(self, fleet: Fleet, strategy: str, lines: int, follow: bool, since_ms: int | None = None,
+             grep: str | None = None) -> "LogOutput":
         """A strategy's output from the worker it runs on (a stopped one's from the worker it last
-        ran on, up to its stop): the tail of `lines` lines, then with `follow` what comes next."""
+        ran on, up to its stop): the tail of `lines` lines, then with `follow` what comes next. With
+        `since_ms` (epoch ms) and `grep` (a regular expression), only the lines written since then
+        that match, filtered on the host."""
         placed = self.read_memory(fleet).placements.get(strategy)
         where = placed.worker if placed is not None else self.last_worker(strategy)
         if where is None:
-            raise UnknownTarget(f"{strategy} has never been placed on a worker (see `quantlab status`)")
+            if strategy not in fleet.strategies:
+                raise UnknownTarget(f"unknown strategy {strategy}: not in the fleet {self.fleet_dir} nor its "
+                                    "state (`quantlab status` lists them)")
+            raise UnknownTarget(f"{strategy} has never been placed on a worker, so it has no output yet "
+                                "(`quantlab plan` says why)")
         worker = fleet.workers.get(where)
         if worker is None:
             raise UnknownTarget(f"{strategy} was on worker {where}, which is not in the fleet any more")
         hosts = self.hosts(fleet)
         agent = hosts.agent_for(worker)
-        request = {"workdir": hosts.workdir(worker), "strategy": strategy, "lines": lines, "follow": follow}
+        request: dict[str, Any] = {"workdir": hosts.workdir(worker), "strategy": strategy, "lines": lines,
+                                   "follow": follow}
+        if since_ms is not None:
+            request["since"] = since_ms
+        if grep is not None:
+            request["grep"] = grep
+        if since_ms is not None or grep is not None:
+            # Host CPU the search may take: no more than the call waits for (the agent caps it, too).
+            request["cpuSeconds"] = max(1, int(fleet.settings.ssh.command_timeout_s)) if not follow else None
 
         def chunks() -> Iterator[bytes]:
             if follow:
@@ -411,28 +429,45 @@ class Controller:
         recent_ms = 1000 * max(3 * settings.reconcile_interval_s, settings.monitor.lease_ttl_s / 2)
         return memory.loop_renewal is not None and self.clock.mono() - memory.loop_renewal <= recent_ms
 
-    def refuse_uncommitted(self, fleet: Fleet, memory: Memory, plan: Plan) -> None:
-        """`apply` of a working tree other than the commit the loop applies (uncommitted changes,
-        another branch, commits not pushed), while a loop that applies commits renews this state:
-        the loop would undo it within a round. Actions only on what is suspended (which the loop
-        leaves alone) may go: `quantlab suspend --target S`, then `quantlab apply --target S`."""
-        source, applied = memory.loop_source.get("kind"), memory.loop_source.get("revision")
-        if source not in ("commits", "upstream") or not self.loop_renews(fleet.settings, memory):
-            return
+    def loop_applies(self, fleet: Fleet, memory: Memory) -> dict[str, Any] | None:
+        """What a running reconcile loop that applies commits applies (its source, ref and revision),
+        or None when no such loop renews this state."""
+        if memory.loop_source.get("kind") not in ("commits", "upstream") or not self.loop_renews(fleet.settings, memory):
+            return None
+        return dict(memory.loop_source)
+
+    def loop_conflict(self, fleet: Fleet, memory: Memory, plan: Plan) -> str | None:
+        """Why `apply` of this plan would be refused, or None: the working tree is not what a running
+        loop applies (uncommitted changes, another branch, commits not pushed or not pulled), so the
+        loop would undo it within a round. Actions only on what is suspended (which the loop leaves
+        alone) may go: `quantlab suspend --target S`, then `quantlab apply --target S`."""
+        loop = self.loop_applies(fleet, memory)
+        if loop is None:
+            return None
+        applied, ref = loop.get("revision"), loop.get("ref")
         if fleet.uncommitted:
             differs = "has uncommitted changes"
         elif fleet.revision is None or fleet.revision != applied:
             differs = f"is at {fleet.revision or 'a commit git could not name'}, not at {applied}, the commit the loop applies"
         else:
-            return
+            return None
         loose = sorted({a.strategy for a in plan.actions
                         if not any(k in memory.suspended for k in ("*", a.strategy, *a.workers) if k)})
-        if loose:
-            raise StateError(f"the working tree of {self.fleet_dir} {differs}, and a reconcile loop that applies "
-                             f"{memory.loop_source.get('ref')} renews this state: it would undo this within a "
-                             f"round ({', '.join(loose)}). Commit (and push) for the loop to apply it, or "
-                             "`quantlab suspend --target ID` first (the loop then leaves it alone) and apply with "
-                             "--target ID")
+        if not loose:
+            return None
+        if loop.get("kind") == "upstream" and not fleet.uncommitted:
+            fix = (f"Run `git pull` to plan from what the loop applies; a change goes live when it is pushed to "
+                   f"{ref}")
+        else:
+            fix = f"Commit{' and push' if loop.get('kind') == 'upstream' else ''} for the loop to apply it"
+        return (f"the working tree of {self.fleet_dir} {differs}, and a reconcile loop that applies {ref} renews "
+                f"this state: it would undo this within a round ({', '.join(loose)}). {fix}, or "
+                "`quantlab suspend --target ID` first (the loop then leaves it alone) and apply with --target ID")
+
+    def refuse_uncommitted(self, fleet: Fleet, memory: Memory, plan: Plan) -> None:
+        conflict = self.loop_conflict(fleet, memory, plan)
+        if conflict is not None:
+            raise StateError(conflict)
 
     @staticmethod
     def with_leaving(fleet: Fleet, memory: Memory) -> Fleet:
@@ -456,8 +491,15 @@ class Controller:
         """Move this state into `dest`, which must hold none yet: placements, leases, restart
         counts, history and checkpoint copies, under this state's lock (nothing acts meanwhile).
         Then this state is marked migrated, so that no controller acts on it any more."""
-        settings = FleetSettings.from_snapshot(self.ledger.read(0.0).fleet_settings)
+        stored = self.ledger.read(0.0)
         where = str(dest.store.path)
+        if not stored.serial:
+            # Most likely the direction is mistaken (`push` names where the state goes, `--state`
+            # where it is now): pushing nothing would leave an empty state that looks like a move.
+            raise StateError(f"{self.store.path} holds no state (nothing was ever applied with it), so there is "
+                             f"nothing to push. To move the state of another backend into it, run `quantlab state "
+                             f"push {self.store.path} --state WHERE-IT-IS-NOW`")
+        settings = FleetSettings.from_snapshot(stored.fleet_settings)
         with self.ledger.hold(settings.monitor.lease_ttl_s, lock_timeout, "quantlab state push"):
             memory = self.ledger.memory
             existing = dest.store.fresh().load()
@@ -693,6 +735,48 @@ class Controller:
                         rr_cursor=memory.rr_cursor, next_epoch=memory.next_epoch, policy="stop-all")
             return self.execute(fleet, plan, "stop-all", progress)
 
+    def retry(self, strategies: list[str], reason: str | None) -> dict[str, str]:
+        """Ask the next plan to start each strategy's copy that is in error again, with a fresh restart
+        budget (strategy -> its worker). All or nothing: each must be in error on a worker that answers
+        now. Only the short write lock is taken, so it works while a loop runs; a PostgreSQL leader
+        reads the request from the shared state at its next act round."""
+        self.require_fleet_dir()
+        fleet, problems = self.fleet_or_fallback()
+        memory = self.read_memory(None if problems else fleet)
+        unknown = sorted(s for s in set(strategies) if s not in fleet.strategies and s not in memory.placements)
+        if unknown:
+            raise UnknownTarget(f"unknown strateg{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}: not in "
+                                f"the fleet {self.fleet_dir} nor its state; `quantlab status` lists them")
+        try:
+            observed = self.observe(fleet, memory).observed
+        finally:
+            self.close()
+        asked: dict[str, dict[str, Any]] = {}
+        for sid in dict.fromkeys(strategies):
+            placed = memory.placements.get(sid)
+            if placed is None:
+                raise StateError(f"{sid} is not placed on any worker (see `quantlab status`): there is no copy in "
+                                 "error to retry")
+            state = observed.worker(placed.worker)
+            if state is None or not state.reachable:
+                raise StateError(f"{placed.worker}, where {sid} is placed, is not answering "
+                                 f"({state.error if state else 'no answer'}): retry once it answers")
+            inst = state.instances.get(sid)
+            if inst is None or inst.epoch != placed.epoch or inst.status != "error":
+                now = inst.status if inst is not None and inst.epoch == placed.epoch else "not there"
+                raise StateError(f"{sid} is {now} on {placed.worker}, not in error: nothing to retry")
+            asked[sid] = {"epoch": placed.epoch, "worker": placed.worker}
+        by, at = self.actor("retry"), self.clock.wall()
+
+        def change(m: Memory) -> None:
+            for sid, what in asked.items():
+                m.retry[sid] = {"epoch": what["epoch"], "by": by, "reason": reason, "at": at}
+        self.ledger.update(change)
+        for sid, what in asked.items():
+            self.record_event({"t": at, "event": "retry", "strategy": sid, "worker": what["worker"], "actor": by,
+                               "detail": f"started again with a fresh restart budget{': ' + reason if reason else ''}"})
+        return {sid: what["worker"] for sid, what in asked.items()}
+
     def _memory_for_writing(self, targets: list[str]) -> tuple[Memory, set[str]]:
         """The state, read with the lease TTL in force (so a state from another boot is judged right),
         after checking that every target names a strategy or worker known here."""
@@ -753,7 +837,11 @@ class Controller:
         changed = []
         if saved.lineage != memory.lineage and saved.lineage is not None:
             changed.append(f"the state file is another one (lineage {memory.lineage}, plan has {saved.lineage})")
-        if saved.state_serial != memory.serial:
+        # A plan made before any state existed still applies to the state this run has just created
+        # (it records the clock it judges leases on): nothing has been decided in it yet.
+        unborn = saved.lineage is None and saved.state_serial == 0 and \
+            _basis(memory) == _basis(Memory(lineage=memory.lineage))
+        if saved.state_serial != memory.serial and not unborn:
             changed.append(f"the state changed since (serial {memory.serial}, plan has {saved.state_serial})")
         if saved.fleet_hash != fleet.fleet_hash:
             changed.append("the fleet files changed since")
@@ -842,11 +930,12 @@ class Controller:
             self.copy_checkpoints(fleet, gathered, {a.strategy for a in plan.actions})
             self.prune_checkpoints(fleet)
         self._last_plan = plan
-        # The loop's next renewal round shows what this one did; an `apply` looks once more itself,
-        # so that the page never shows what was just started as not running.
+        # An `apply` looks once more, so that the page never shows what was just started as not
+        # running; the loop shows the outcomes until its next renewal round sees them on the hosts.
         after = self.observe(fleet, self.ledger.memory) if command == "apply" and plan.actions else None
-        self.record_round("act", fleet, after or gathered, time.monotonic() - started, shown=after is not None
-                          or not plan.actions, actions=len(plan.actions), failed=sum(1 for o in outcomes if not o.ok))
+        self.record_round("act", fleet, after or gathered, time.monotonic() - started,
+                          acted=outcomes if after is None else None,
+                          actions=len(plan.actions), failed=sum(1 for o in outcomes if not o.ok))
         return ApplyResult(fleet, plan, gathered, outcomes)
 
     # --- the fleet page's snapshot ---------------------------------------------------------------
@@ -858,18 +947,20 @@ class Controller:
             return PgSnapshot(self.store.db)  # type: ignore[attr-defined]
         return SnapshotFile(self.state_path.with_name("snapshot.json"))
 
-    def record_round(self, kind: str, fleet: Fleet, gathered: Gathered, seconds: float, shown: bool = True,
-                     **extra: Any) -> None:
+    def record_round(self, kind: str, fleet: Fleet, gathered: Gathered, seconds: float,
+                     acted: list[Outcome] | None = None, **extra: Any) -> None:
         """Note a round's timing and hand its snapshot to the background writer (never waits, never
         raises: the page is not worth a round). A standby, which writes nothing, records none.
-        `shown`: False when `gathered` predates what the round did (the next round shows it)."""
+        `acted`: the outcomes of what the round did after `gathered` was taken, which no probe has
+        seen yet: the strategies they concern are shown as the outcomes left them, in this snapshot
+        and in any other whose observation began before this round ended."""
         try:
-            self._record_round(kind, fleet, gathered, seconds, shown, extra)
+            self._record_round(kind, fleet, gathered, seconds, acted, extra)
         except Exception as exc:  # noqa: BLE001
             self.log(f"warning: the fleet page's snapshot was not recorded: {exc!r}")
 
-    def _record_round(self, kind: str, fleet: Fleet, gathered: Gathered, seconds: float, shown: bool,
-                      extra: dict[str, Any]) -> None:
+    def _record_round(self, kind: str, fleet: Fleet, gathered: Gathered, seconds: float,
+                      acted: list[Outcome] | None, extra: dict[str, Any]) -> None:
         if self.leader is not None and not self.leader.leading():
             return
         memory = self.ledger.known
@@ -881,8 +972,10 @@ class Controller:
             if kind == "renew" and (extra.get("renewed") or not extra.get("due")):
                 self._rounds["lastRenewal"] = {"at": wall}      # renewed leases, or had none to renew
             rounds = {k: dict(v) for k, v in self._rounds.items()}
-        if not shown:
-            return
+            if acted:
+                self._acted = (now, snapshot.acted_marks(acted))
+            # A renewal round begun while the act round acted may be recorded after it.
+            marks = self._acted[1] if self._acted is not None and gathered.started <= self._acted[0] else None
         plan, leader = self._last_plan, self.leader_info()
         counters = self.counters.to_json()
         settings = {"intervalSeconds": fleet.settings.reconcile_interval_s,
@@ -890,9 +983,9 @@ class Controller:
 
         def make() -> dict[str, Any]:
             report = fleet_status(fleet, gathered.observed, memory, now, wall, plan,
-                                  plan.fleet_revision if plan else fleet.revision)
+                                  plan.fleet_revision if plan else fleet.revision, acted=marks)
             report["leader"] = leader
-            return snapshot.build(report, plan, memory, now, wall, rounds, leader, counters, settings)
+            return snapshot.build(report, plan, memory, now, wall, rounds, leader, counters, settings, marks)
         with self._lazy_lock:
             if self._snapshots is None:
                 self._snapshots = SnapshotWriter(self.snapshot_store(), self.log)

@@ -281,6 +281,7 @@ class Executor:
 
         def started(m: Memory) -> None:
             m.restarts[a.strategy] = 0
+            m.retry.pop(a.strategy, None)           # a new copy: what retry asked for is done
             if failover:                            # counted for the reschedule backoff
                 count, _ = m.reschedules.get(a.strategy, (0, now))
                 m.reschedules[a.strategy] = (count + 1, now)

@@ -148,6 +148,9 @@ class Repo:
         would (the commit's .gitattributes, filters, symlinks), submodules at their recorded commits.
         Returns where the fleet directory is in it, and problems as (path in the fleet dir, message).
         `git_dir`: read objects from this repository (the pull mirror) instead."""
+        # git runs in another folder (the work tree's top, with a scratch work tree): a relative
+        # path would be read from there, and the checkout would land in the scratch folder.
+        into = Path(os.path.abspath(into))
         try:
             into.mkdir(mode=0o700, parents=True)
             problems = self._checkout(commit, into, self.prefix, git_dir)
@@ -221,7 +224,7 @@ class Checkouts:
     newest one stays, older ones go."""
 
     def __init__(self, folder: Path):
-        self.folder = folder
+        self.folder = Path(os.path.abspath(folder))      # handed to git, which runs elsewhere
 
     def make(self, repo: Repo, commit: str, git_dir: Path | None = None) -> tuple[Path, list[tuple[str, str]]]:
         try:
@@ -264,7 +267,7 @@ class Mirror:
     SYNCED, FETCHED = "refs/quantlab/synced", "refs/quantlab/fetched"
 
     def __init__(self, path: Path, repo: Repo):
-        self.path = path
+        self.path = Path(os.path.abspath(path))          # handed to git, which runs elsewhere
         self.repo = repo
 
     def _git(self, *args: str, **kw) -> subprocess.CompletedProcess:

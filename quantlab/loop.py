@@ -45,7 +45,7 @@ from .handover import serve_handed_plans
 from .leader import Change, Leader, describe_db_error
 from .plan import SOURCE_CHANGE, Plan
 from .planner import PlanOptions
-from .render import plan_summary
+from .render import not_answering, plan_summary
 from .memory import Memory
 from .spec import Fleet, FleetInvalid, FleetSettings
 from .spec.models import LEADER_WATCH_S
@@ -68,6 +68,20 @@ def rebalance_options(settings: FleetSettings, memory: Memory, now_ms: int) -> P
     if every is None or (last is not None and 0 <= now_ms - last < every * 1000):
         return PlanOptions()
     return PlanOptions(rebalance=True, max_moves=settings.rebalance_max_moves, cooldown=frozenset(memory.rebalanced))
+
+
+def not_deployed(fleet: Fleet, memory: Memory, plan: Plan) -> str | None:
+    """The alert for strategies whose running copy is not what the fleet asks for, and which the
+    plan leaves so (a change together with a requirement no worker meets): None when there is none."""
+    stale = []
+    for n in plan.notes:
+        spec, placed = fleet.strategies.get(n.strategy), memory.placements.get(n.strategy)
+        if spec is not None and placed is not None and placed.spec_hash != spec.spec_hash:
+            stale.append(f"{n.strategy} ({n.note})")
+    if not stale:
+        return None
+    return (f"{len(stale)} strateg{'y' if len(stale) == 1 else 'ies'} keep running a previous version because "
+            f"the fleet's can be placed nowhere: {'; '.join(stale)}")
 
 
 class ReconcileLoop:
@@ -225,10 +239,11 @@ class ReconcileLoop:
         for kind, problem in list(self._alerts.items()):
             self.ctl.raise_alert(kind, settings, problem)
         if fleet is None:
-            down = len(gathered.silent)
-            paused = self._idle.startswith("paused")
-            return self._done(started, paused, f"{self._idle}; renewed leases on "
-                                               f"{len(gathered.renewed)} workers, {down} not answering")
+            # Nothing was reconciled (an invalid fleet, git unreadable, a rebase in progress): a failed
+            # round, so that `--once` under cron exits 1 and its wrapper tells someone.
+            down = sorted(gathered.silent)
+            return self._done(started, False, f"{self._idle}; renewed leases on {len(gathered.renewed)} workers, "
+                                              f"{not_answering(down) if down else '0 not answering'}")
         self._interval = fleet.settings.reconcile_interval_s       # the main thread follows it
         memory = self.ctl.ledger.memory
         options = rebalance_options(fleet.settings, memory, self.ctl.clock.mono())
@@ -255,6 +270,7 @@ class ReconcileLoop:
                 m.loop_source = {**synced, "at": wall, **{k: v for k, v in m.loop_source.items() if k == "uncommitted"}}
         if options.rebalance or new_source:
             self.ctl.ledger.update(remember)
+        self.ctl.raise_alert("not-deployed", fleet.settings, not_deployed(fleet, self.ctl.ledger.memory, result.plan))
         tick = self._summary(started, gathered, result.plan, result.outcomes)
         return replace(tick, ok=tick.ok and not self._pull_refused)
 
@@ -270,7 +286,7 @@ class ReconcileLoop:
 
     def _summary(self, started: float, gathered: Gathered, plan: Plan, outcomes: list[Outcome]) -> Tick:
         failed = [o for o in outcomes if not o.ok]
-        down = len(gathered.silent)
+        down = sorted(gathered.silent)
         for o in outcomes:
             mark = "ok" if o.ok else f"FAILED: {o.detail}"
             self.log(f"  {o.action.action} {o.action.strategy} {o.action.worker or o.action.target}: {mark}")
@@ -278,9 +294,13 @@ class ReconcileLoop:
             self.log(f"  blocked ({b.guard}): {b.reason}")
             for a in b.actions:
                 self.log(f"    held: {a.action} {a.strategy} on {a.worker or a.source}: {a.reason}")
+        # What the plan cannot do and why (a change no worker can take, a strategy in error): said
+        # once per change, not every round.
+        self._say("notes", "\n".join(f"  note: {n.strategy}{f' on {n.worker}' if n.worker else ''}: {n.note}"
+                                     for n in plan.notes) or None)
         unrecorded = self.ctl.events.failure
         message = (f"probed {len(gathered.observed.workers)} workers in {gathered.seconds:.2f}s"
-                   f"{f' ({down} not answering)' if down else ''}; {plan_summary(plan)}"
+                   f"{f' ({not_answering(down)})' if down else ''}; {plan_summary(plan)}"
                    f"{f' {len(failed)} failed.' if failed else ''}{f' {unrecorded}.' if unrecorded else ''}")
         return self._done(started, not failed and not plan.refused and not unrecorded, message, outcomes)
 
@@ -337,7 +357,11 @@ class ReconcileLoop:
             if mirror is not None:
                 self.pull()
                 pulled = self._load()
-                if pulled is not None and (fleet is None or pulled.fleet_hash != fleet.fleet_hash):
+                if pulled is None:
+                    # The newest commit cannot be applied: as in the daemon, nothing is planned from
+                    # the one before it either (the round reports why and fails).
+                    fleet = None
+                elif fleet is None or pulled.fleet_hash != fleet.fleet_hash:
                     fleet = pulled
                     if set(fleet.workers) - set(gathered.observed.workers):
                         gathered = self.renew_round()

@@ -140,6 +140,9 @@ class Memory:
     fleet_settings: dict[str, Any] = field(default_factory=dict)  # the last valid fleet's settings
     # target (strategy or worker id, or "*" for everything) -> {"by", "reason", "at"}: held by `suspend`
     suspended: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # strategy -> {"epoch", "by", "reason", "at"}: `quantlab retry` asked to start its copy of that
+    # epoch again, which is in error (its restart budget spent); the next plan does, with a fresh budget
+    retry: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The loop's own rebalancing (reconcile.rebalance): when it last ran, on the judged clock, and
     # what it moved then (those stay put at the next one)
     rebalanced_at: int | None = None
@@ -181,6 +184,7 @@ class Memory:
             "fleetSettings": self.fleet_settings,
             # Only when set: a state that never suspended anything stays as the previous release wrote it.
             **({"suspended": dict(sorted(self.suspended.items()))} if self.suspended else {}),
+            **({"retry": dict(sorted(self.retry.items()))} if self.retry else {}),
             **({"rebalancedAt": self.rebalanced_at, "rebalanced": sorted(self.rebalanced)}
                if self.rebalanced_at is not None else {}),
             **({"loopSource": dict(sorted(self.loop_source.items()))} if self.loop_source else {}),
@@ -226,6 +230,7 @@ class Memory:
                 alerts={str(k): str(v) for k, v in raw.get("alerts", {}).items()},
                 fleet_settings=dict(raw.get("fleetSettings") or {}),
                 suspended={str(k): dict(v) for k, v in raw.get("suspended", {}).items()},
+                retry={str(k): dict(v) for k, v in raw.get("retry", {}).items()},
                 rebalanced_at=raw.get("rebalancedAt") if version >= FORMAT_VERSION else None,
                 rebalanced=[str(s) for s in raw.get("rebalanced", [])],
                 loop_source=dict(raw.get("loopSource") or {}),

@@ -37,7 +37,7 @@ from .spec import NotifySettings
 
 # Kinds that are alerts (told once when raised, once when they clear): kept when a queue overflows.
 ALERT_KINDS = frozenset({"worker-offline", "action-failed", "guard-blocked", "resolved", "failover-brake",
-                         "fleet-invalid", "instance-problem", "renew-refused"})
+                         "fleet-invalid", "instance-problem", "renew-refused", "git-pull-refused", "not-deployed"})
 
 MAX_REPLY_BYTES = 64 * 1024      # a webhook's answer is read (it is part of the delivery) but not kept
 STDERR_SHOWN_CHARS = 200
@@ -451,7 +451,7 @@ TELEGRAM_TOKEN = re.compile(r"[0-9]{3,12}:[A-Za-z0-9_-]{20,64}")
 CHAT_URLS = {"telegram": ("https://api.telegram.org/",), "slack": ("https://hooks.slack.com/",),
              "discord": ("https://discord.com/api/webhooks/", "https://discordapp.com/api/webhooks/")}
 SECRET_FILE_CAP = 4096
-ICONS = {"resolved": "✅", "failover": "🔁", "notices-dropped": "⚠️"}
+ICONS = {"resolved": "✅", "failover": "🔁", "notices-dropped": "⚠️", "strategy-error": "🔴", "lease-expired": "⚠️"}
 
 
 class ChatGate:

@@ -16,6 +16,7 @@ ACTIONS: tuple[str, ...] = ("start", "stop", "restart", "move", "pause", "resume
 Cause = Literal[
     "new",               # start: a strategy not placed yet
     "not-running",       # start: its copy is gone from its worker
+    "retry",             # start: its copy is in error, and `quantlab retry` asked to start it again
     "orphaned",          # start: its supervisor is gone, its runner runs on (an earlier release's)
     "spec-changed",      # restart: its file, params, heartbeat or scheduling changed
     "worker-changed",    # restart: its worker's runner, region or proxy changed

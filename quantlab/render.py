@@ -30,6 +30,12 @@ def action_line(a: Action, width: int = 16) -> str:
             f"{_col(where, 24)} [dim]{escape(a.reason)}[/]")
 
 
+def not_answering(workers: list[str], shown: int = 5) -> str:
+    """"2 not answering: w3, w7" (the first few named: the fix is on those hosts)."""
+    names = ", ".join(workers[:shown]) + (f" and {len(workers) - shown} more" if len(workers) > shown else "")
+    return f"{len(workers)} not answering: {names}"
+
+
 def plan_summary(plan: Plan) -> str:
     counts = plan.counts()
     verbs = {"start": "to start", "restart": "to restart", "move": "to move", "stop": "to stop",
@@ -43,6 +49,8 @@ def plan_summary(plan: Plan) -> str:
     held = sum(len(b.actions) for b in plan.blocked)
     if held:
         extra.append(f"{held} blocked")
+    if plan.notes:
+        extra.append(f"{len(plan.notes)} note{'s' if len(plan.notes) != 1 else ''}")
     head = "Plan: " + ", ".join(parts) + "." if parts else "No changes."
     return head + (" " + ", ".join(extra) + "." if extra else "")
 
@@ -128,14 +136,12 @@ def status_tables(report: dict, now_ms: int) -> list:
         if not s["upToDate"] and s["desiredSpecHash"]:
             revision += " [yellow](changed)[/]"
         lease = "—" if s["leaseLeftSeconds"] is None else _age(s["leaseLeftSeconds"] * 1000)
-        note = "; ".join(s.get("problems") or ()) or s["lastError"] or s["reason"] or ""
+        note = "; ".join(s.get("problems") or ()) or s["lastError"] or s["reason"] or s.get("note") or ""
         strategies.add_row(
             s["id"], f"[{colors.get(s['status'], 'white')}]{status}[/]", s["workerId"] or "—",
             _age(s["heartbeatAgeMs"]), "—" if s["errorCount"] is None else str(s["errorCount"]),
             str(s["restarts"] or 0), revision, lease, escape(note[:80]))
-    held = [f"[yellow bold]Suspended:[/] {'everything' if t == '*' else escape(t)} by {escape(str(h.get('by')))}"
-            f"{': ' + escape(str(h['reason'])) if h.get('reason') else ''} — nothing starts, stops or moves "
-            "there until `quantlab resume`; leases are renewed" for t, h in report.get("suspended", {}).items()]
+    held = [_suspension_line(t, h) for t, h in report.get("suspended", {}).items()]
     loop = report.get("loop") or {}
     source = Source.from_key(loop)
     synced = []
@@ -144,6 +150,16 @@ def status_tables(report: dict, now_ms: int) -> list:
         synced.append(f"Reconcile loop applies {escape(source.words())}; last synced revision "
                       f"{escape(str(loop.get('revision') or '—'))}{since}")
     return [*held, *synced, workers, strategies]
+
+
+def _suspension_line(target: str, hold: dict) -> str:
+    what = "everything" if target == "*" else escape(target)
+    who = f" by {escape(str(hold.get('by')))}{': ' + escape(str(hold['reason'])) if hold.get('reason') else ''}"
+    if hold.get("stopAll"):
+        return (f"[red bold]Stopped by stop-all:[/] {what}{who} — every strategy was stopped and no lease is "
+                "renewed; `quantlab resume` brings them back")
+    return (f"[yellow bold]Suspended:[/] {what}{who} — nothing starts, stops or moves there until "
+            "`quantlab resume`; leases are renewed")
 
 
 # --- events --------------------------------------------------------------------------------------

@@ -135,9 +135,12 @@ WantedBy=multi-user.target
 """
 
 
-def cron_line(fleet_dir: Path, quantlab: str, period_s: float) -> str:
-    """`reconcile --once` every period (whole minutes: cron's granularity)."""
+def cron_line(fleet_dir: Path, quantlab: str, period_s: float, state: str | None = None) -> str:
+    """`reconcile --once` every period (whole minutes: cron's granularity), logging beside the state."""
     minutes = max(1, int(period_s // 60))
     when = "*" if minutes == 1 else f"*/{minutes}"
-    return (f"{when} * * * * cd {fleet_dir} && {quantlab} reconcile --once --fleet {fleet_dir} "
-            f">> {fleet_dir}/.quantlab/cron.log 2>&1\n")
+    state_opt = f" --state {state}" if state else ""
+    log = Path(state).parent if state and not state.startswith(("postgresql://", "postgres://")) else \
+        fleet_dir / ".quantlab"
+    return (f"{when} * * * * cd {fleet_dir} && {quantlab} reconcile --once --fleet {fleet_dir}{state_opt} "
+            f">> {log}/cron.log 2>&1\n")

@@ -12,11 +12,14 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .atomicfile import atomic_write
 from .memory import Memory
 from .plan import Plan
+
+if TYPE_CHECKING:
+    from .execute import Outcome
 
 FORMAT = 1
 
@@ -58,14 +61,42 @@ def plan_reasons(plan: Plan | None) -> dict[str, dict[str, str]]:
     return out
 
 
+def acted_marks(outcomes: list["Outcome"]) -> dict[str, dict[str, str | None]]:
+    """strategy -> {"status", "reason"}: what an act round left each strategy it acted on as, for a
+    snapshot whose observation was taken before the round acted (status.fleet_status's `acted`).
+    A copy just started is `pending` until a probe sees it run; a failed action keeps the status
+    judged from the state and says what failed."""
+    marks: dict[str, dict[str, str | None]] = {}
+    for o in outcomes:
+        a = o.action
+        where = a.target if a.action == "move" else a.worker
+        if a.action == "stop" and a.cause == "stale-copy":
+            continue                  # an old copy went; the strategy's current one runs elsewhere
+        if not o.ok:
+            marks[a.strategy] = {"status": None, "reason": f"{a.action} {'to' if a.action == 'move' else 'on'} "
+                                                           f"{where} failed: {o.detail}"}
+        elif a.action == "move":
+            marks[a.strategy] = {"status": "pending",
+                                 "reason": f"moved from {a.source} to {a.target}; not seen running there yet"}
+        elif a.action in ("start", "restart"):
+            marks[a.strategy] = {"status": "pending", "reason": f"{a.action}ed on {where}; not seen running yet"}
+        elif a.action == "stop":
+            marks[a.strategy] = {"status": "stopped", "reason": f"stopped on {where}: {a.reason}"}
+        else:                         # pause, resume: the agent confirmed it
+            marks[a.strategy] = {"status": "paused" if a.action == "pause" else "running",
+                                 "reason": f"{a.action}d on {where}"}
+    return marks
+
+
 def build(report: dict[str, Any], plan: Plan | None, memory: Memory, now_ms: int, wall_ms: int,
           rounds: dict[str, Any], leader: dict[str, Any] | None, counters: list[dict[str, Any]],
-          settings: dict[str, Any]) -> dict[str, Any]:
+          settings: dict[str, Any], acted: dict[str, Any] | None = None) -> dict[str, Any]:
     """The snapshot of a round (pure): the status report with each strategy's plan reason and
-    checkpoint age added."""
+    checkpoint age added. `acted`: the strategies the round carried its plan out on, whose plan
+    reason is done with (their status says what came of it)."""
     reasons = plan_reasons(plan)
     for s in report["strategies"]:
-        s["plan"] = reasons.get(s["id"])
+        s["plan"] = None if acted and s["id"] in acted else reasons.get(s["id"])
         changed = memory.checkpoints.get(s["id"])
         s["checkpointAgeSeconds"] = round(max(0, now_ms - changed) / 1000, 1) if changed else None
     return {"format": FORMAT, "at": wall_ms, "status": report, "rounds": rounds, "leader": leader,

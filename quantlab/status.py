@@ -5,7 +5,7 @@ from typing import Any
 
 from . import health
 from .redact import redact_url
-from .memory import Memory
+from .memory import Memory, Placement
 from .observed import Instance, ObservedState
 from .plan import Plan
 from .spec import Fleet
@@ -23,11 +23,16 @@ def _instance(observed: ObservedState, worker: str | None, sid: str) -> Instance
 
 def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: int, wall_ms: int,
                  plan: Plan | None = None, revision: str | None = None,
-                 problems: list[str] | None = None) -> dict[str, Any]:
+                 problems: list[str] | None = None,
+                 acted: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """`now_ms` is the controller's boot-time clock (what it judges by), `wall_ms` epoch ms (what it shows).
     `problems`: the fleet does not validate and `fleet` is the state file's memory of it, so what
-    each strategy should be is unknown."""
+    each strategy should be is unknown. `acted`: strategy -> {"status", "reason"} for what a round
+    did after `observed` was taken (see snapshot.acted_marks): `observed` cannot show it yet, so
+    those strategies are shown as the round left them (a status of None keeps the judged one)."""
     queued = {q.strategy: q.reason for q in plan.queued} if plan else {}
+    # What the plan cannot do for a strategy (a change no worker can take, an error it leaves alone)
+    noted = {n.strategy: n.note for n in plan.notes} if plan else {}
     liveness = {wid: health.worker_liveness(wid, observed, memory, fleet.settings.monitor, now_ms)
                 for wid in fleet.workers}
     strategies = []
@@ -61,13 +66,23 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
                          startedAt=None, stoppedAt=None, errorCount=None, lastError=None, restarts=0,
                          heartbeatAgeMs=None, leaseLeftSeconds=None, reason=queued.get(sid))
             healthy = stopped
+        mark = (acted or {}).get(sid)
+        if mark is not None:
+            if mark.get("status"):
+                # What the hosts said about it predates the act: none of it is about this copy.
+                entry.update(status=mark["status"], heartbeatAgeMs=None, leaseLeftSeconds=None, problems=[],
+                             startedAt=placed.placed_at if placed else None)
+                healthy = mark["status"] == "stopped" and desired == "stopped"
+            entry["reason"] = mark["reason"]
         entry["healthy"] = bool(healthy)
         entry["workerStatus"] = live.status if live else None
         entry["revision"] = placed.revision if placed else None
         entry["specHash"] = inst.spec_hash if inst is not None else (placed.spec_hash if placed else None)
         entry["desiredSpecHash"] = spec.spec_hash if spec else None
         entry["desiredRevision"] = revision
+        entry["proxy"] = redact_url(_proxy_of(fleet, placed))
         entry["upToDate"] = spec is not None and entry["specHash"] == spec.spec_hash
+        entry["note"] = noted.get(sid)
         if worker in running_on and entry["status"] in ("running", "paused", "pending"):
             running_on[worker].append(sid)
         strategies.append(entry)
@@ -80,6 +95,7 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
             "id": wid, "status": status, "host": w.host, "region": w.region, "proxy": redact_url(w.proxy),
             "runningStrategies": running_on[wid], "maxStrategies": w.max_strategies,
             "cpu": state.cpu if state and state.reachable else None,
+            "cpus": state.cpus if state and state.reachable else None,
             "memory": state.mem_free_mb if state and state.reachable else None,
             "lastSeen": memory.last_seen.get(wid) if not (state and state.reachable) else wall_ms,
             "error": state.error if state else None, "cordoned": w.cordoned, "drain": w.drain,
@@ -93,6 +109,19 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
             # what the reconcile loop applies, the revision it last applied and since when (epoch ms)
             "loop": dict(memory.loop_source) or None,
             "problems": list(problems or [])}
+
+
+def _proxy_of(fleet: Fleet, placed: Placement | None) -> str | None:
+    """The proxy a placed strategy trades through: the one its copy was started with, else (a copy
+    this state adopted, or started before that was recorded) its worker's."""
+    if placed is None:
+        return None
+    launched = placed.launched.worker if placed.launched is not None else None
+    if launched is not None:
+        proxy = launched.get("proxy")
+        return proxy if isinstance(proxy, str) else None
+    worker = fleet.workers.get(placed.worker)
+    return worker.proxy if worker is not None else None
 
 
 def unhealthy(report: dict[str, Any]) -> list[str]:

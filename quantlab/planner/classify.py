@@ -89,9 +89,14 @@ def judge(ctx: Context, spec: StrategySpec, cur: Current, epochs: Epochs) -> Ver
                           spec_hash=spec.spec_hash, paused=paused))
     if inst is None or not inst.alive:
         if inst is not None and inst.status == "error" and inst.spec_hash == spec.spec_hash:
+            why = f"in error after {inst.restarts} restarts: {inst.reason or inst.last_error or 'unhealthy'}"
+            asked = ctx.memory.retry.get(sid)
+            if asked is not None and asked.get("epoch") == cur.epoch and not misfit:
+                said = f" ({asked['reason']})" if asked.get("reason") else ""
+                return act(Action("start", sid, f"retry asked by {asked.get('by')}{said}; {why}", "retry",
+                                  worker=wid, epoch=epochs.take(), spec_hash=spec.spec_hash, paused=paused))
             return Verdict(sid, "note", stays=True, note=Note(
-                sid, wid, f"in error after {inst.restarts} restarts: {inst.reason or inst.last_error or 'unhealthy'}; "
-                "change the strategy or its params to start it again"))
+                sid, wid, f"{why}; `quantlab retry {sid}` starts it again (or change the strategy or its params)"))
         why = f"not running on {wid} ({inst.reason or inst.status})" if inst else f"not running on {wid}"
         if misfit:
             return Verdict(sid, "place", place=ToPlace(spec, "requirements", f"{why}, which no longer fits: {misfit}", cur),

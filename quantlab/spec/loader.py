@@ -3,7 +3,9 @@ from an adapter (quantlab/fleetfiles.py reads the fleet directory or a checkout 
 
 Two steps, because which strategy files matter is known only from the YAML: `parse_fleet` parses
 and checks the YAML files, the adapter reads the strategy files they name, and `build_fleet` checks
-the cross-references and builds the models.
+the cross-references and builds the models. A document with schema errors still takes part in the
+cross-references, from its fields that passed, so that one run reports every problem; models are
+built only when there is none.
 
 Fast path: libyaml parses each file and the schemas validate the plain documents. Line marks are
 needed only to point at a problem, so a file is composed into marked nodes only when it has one.
@@ -11,6 +13,7 @@ Each document is measured (values reached, nesting) before anything expands its 
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import math
@@ -248,7 +251,12 @@ def _schema_message(error: Any, schema: dict[str, Any]) -> tuple[list[Any], str]
             note = " (YAML reads yes/no/on/off/NO as booleans: quote the value)"
         return path, f"{where}: expected {expected}, got {_type_name(value)} {_shown(value)}{note}"
     if v == "pattern":
-        return path, f"{where}: {_shown(value)} does not match {error.validator_value}{hint}"
+        # A regex tells a person little: the schema says in words what the field takes (the key
+        # editors show too), and a schema without such words still never shows the regex.
+        words = error.schema.get("patternErrorMessage")
+        if words:
+            return path, f"{where}: {_shown(value)} {words}"
+        return path, f"{where}: {_shown(value)} is not in the form this field takes{hint}"
     if v in ("minimum", "exclusiveMinimum"):
         word = "at least" if v == "minimum" else "more than"
         return path, f"{where}: {_shown(value)} is too small (must be {word} {error.validator_value})"
@@ -259,42 +267,61 @@ def _schema_message(error: Any, schema: dict[str, Any]) -> tuple[list[Any], str]
     return path, f"{where}: {_clip(error.message, 4 * CLIP)}{hint}"
 
 
-def _schema_messages(error: Any, schema: dict[str, Any]) -> Iterator[tuple[list[Any], str]]:
-    """Like _schema_message, but one message for each unknown field (jsonschema groups them)."""
-    if error.validator != "additionalProperties":
-        yield _schema_message(error, schema)
+def _schema_messages(error: Any, schema: dict[str, Any]) -> Iterator[tuple[list[Any], str, tuple[Any, ...]]]:
+    """Like _schema_message, but one message for each unknown field (jsonschema groups them), and
+    with the field each one spoils: a missing field's own path, not its parent's (where it is shown)."""
+    if error.validator == "additionalProperties":
+        path = list(error.absolute_path)
+        allowed = sorted(error.schema.get("properties", {}))
+        for key in sorted(k for k in error.instance if k not in allowed):
+            yield path + [key], (
+                f"unknown field {_dotted(path + [key])!r}{_did_you_mean(key, allowed)}; "
+                f"allowed here: {', '.join(allowed)}"
+            ), (*path, key)
         return
-    path = list(error.absolute_path)
-    allowed = sorted(error.schema.get("properties", {}))
-    for key in sorted(k for k in error.instance if k not in allowed):
-        yield path + [key], (
-            f"unknown field {_dotted(path + [key])!r}{_did_you_mean(key, allowed)}; "
-            f"allowed here: {', '.join(allowed)}"
-        )
+    path, message = _schema_message(error, schema)
+    spoiled = tuple(path)
+    if error.validator == "required" and "'" in error.message:
+        spoiled += (error.message.split("'")[1],)
+    yield path, message, spoiled
 
 
-def _check_document(data: Any) -> list[tuple[list[Any], str]]:
-    """Schema problems of one parsed document as (path, message); empty when valid."""
+@dataclass(frozen=True)
+class _Checked:
+    """One document against its schema: its problems as (path, message), the fields they spoil, and
+    whether the schema could run at all (a mapping of a known apiVersion and kind)."""
+
+    problems: list[tuple[list[Any], str]]
+    spoiled: tuple[tuple[Any, ...], ...] = ()
+    schema_ran: bool = False
+
+
+def _check_document(data: Any) -> _Checked:
+    """Schema problems of one parsed document; none when valid."""
     if data is None:
-        return [([], "empty document: remove the extra '---' or fill it in")]
+        return _Checked([([], "empty document: remove the extra '---' or fill it in")])
     if not isinstance(data, dict):
-        return [([], f"document is a {_type_name(data)}; expected a mapping with apiVersion and kind")]
+        return _Checked([([], f"document is a {_type_name(data)}; expected a mapping with apiVersion and kind")])
     kinds = schemas_by_kind()
     version = api_version()
     if data.get("apiVersion") != version:
+        # Another version's fields may mean something else: nothing in it is read.
         got = data.get("apiVersion")
         what = "missing apiVersion" if got is None else f"unknown apiVersion {_shown(got)}"
-        return [(["apiVersion"] if got is not None else [], f"{what}; expected {version}")]
+        return _Checked([(["apiVersion"] if got is not None else [], f"{what}; expected {version}")])
     kind = data.get("kind")
     if not isinstance(kind, str) or kind not in kinds:
         if kind is None:
-            return [([], f"missing kind; expected one of {', '.join(kinds)}")]
+            return _Checked([([], f"missing kind; expected one of {', '.join(kinds)}")])
         suggestion = "" if isinstance(kind, (dict, list)) else _did_you_mean(str(kind), list(kinds))
-        return [(["kind"], f"unknown kind {_shown(kind)}{suggestion}; "
-                           f"expected one of {', '.join(kinds)}")]
+        return _Checked([(["kind"], f"unknown kind {_shown(kind)}{suggestion}; "
+                                    f"expected one of {', '.join(kinds)}")])
     label = f"{kind} {_clip(data['id'])}: " if isinstance(data.get("id"), str) else f"{kind}: "
     errors = sorted(validator_for(kind).iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
-    return [(path, label + message) for e in errors for path, message in _schema_messages(e, kinds[kind])]
+    found = [(path, label + message, spoiled)
+             for e in errors for path, message, spoiled in _schema_messages(e, kinds[kind])]
+    return _Checked([(path, message) for path, message, _ in found], tuple({s: None for _, _, s in found}),
+                    schema_ran=True)
 
 
 def _oversized(document: Any, budget: int) -> tuple[int, list[Any], str | None]:
@@ -383,15 +410,61 @@ class _File:
         return docs if len(docs) == self.doc_count else []
 
 
+_UNSET = object()
+
+
 @dataclass
 class _Doc:
+    """A document of a known kind, schema defaults filled in. `spoiled`: the paths of its fields
+    with schema errors (none: the document is valid, and only then is a model built from it). The
+    cross-references still read its other fields, so that one run reports every problem."""
+
     kind: str
     data: dict[str, Any]
     file: _File
     index: int
+    spoiled: tuple[tuple[Any, ...], ...] = ()
+
+    @property
+    def valid(self) -> bool:
+        return not self.spoiled
 
     def loc(self, *path: Any) -> Location:
         return Location(self.file.shown, self.file.line(self.index, list(path)))
+
+    def usable(self, *path: Any) -> bool:
+        """Whether the field at `path` passed the schema: no error on it or on a section around it."""
+        return not self.spoiled or not any(path[:len(bad)] == bad for bad in self.spoiled)
+
+    def value(self, *path: Any) -> Any:
+        """The field at `path` as written, or its schema default (None without one) where it is
+        missing or has a schema error."""
+        node: Any = self.data
+        if self.usable(*path):
+            for part in path:
+                if not isinstance(node, dict) or part not in node:
+                    node = _UNSET
+                    break
+                node = node[part]
+            if node is not _UNSET:
+                return node
+        return copy.deepcopy(schema_at(schemas_by_kind()[self.kind], list(path)).get("default"))
+
+    def ident(self) -> str | None:
+        """Its id when that passed the schema."""
+        return self.data["id"] if self.usable("id") and isinstance(self.data.get("id"), str) else None
+
+    def label(self) -> str:
+        """How messages name it: "Strategy s1" (the id as written, also one with a schema error), or
+        the kind alone when the id is not a string."""
+        written = self.data.get("id")
+        return f"{self.kind} {_clip(written)}" if isinstance(written, str) else self.kind
+
+    def written_strategy_file(self) -> str | None:
+        """Its strategyFile when that names a file at all (a path with a wrong extension is still
+        checked: a missing file is a second problem, not a consequence of the first)."""
+        written = self.data.get("strategyFile") if self.kind == "Strategy" else None
+        return written if isinstance(written, str) and written else None
 
 
 # What a file stored with Git LFS holds when git-lfs did not fetch it: a pointer, not the file.
@@ -433,8 +506,9 @@ def file_problem(data: bytes) -> str | None:
 
 @dataclass
 class ParsedFleet:
-    """The fleet's YAML files parsed and checked against the schemas: every valid document, and
-    every problem found so far. `build_fleet` adds the cross-references and the models."""
+    """The fleet's YAML files parsed and checked against the schemas: every document of a known
+    kind (valid or with schema errors, see _Doc.spoiled), and every problem found so far.
+    `build_fleet` adds the cross-references and the models."""
 
     root: Path
     problems: list[Problem] = field(default_factory=list)
@@ -453,9 +527,10 @@ class ParsedFleet:
         return out
 
     def strategy_files(self) -> list[str]:
-        """The strategyFile of every Strategy (relative ones: the adapter resolves and reads them)."""
-        return sorted({d.data["strategyFile"] for d in self.by_kind()["Strategy"]
-                       if not posixpath.isabs(d.data["strategyFile"])})
+        """The strategyFile of every Strategy, those with schema errors too (relative ones: the
+        adapter resolves and reads them)."""
+        written = (d.written_strategy_file() for d in self.by_kind()["Strategy"])
+        return sorted({w for w in written if w is not None and not posixpath.isabs(w)})
 
     def add_file(self, found: FleetFile) -> None:
         shown = found.shown
@@ -480,12 +555,13 @@ class ParsedFleet:
         if not self.small_enough(file, documents):
             return
         for index, data in enumerate(documents):
-            problems = _check_document(data)
-            for path, message in problems:
+            checked = _check_document(data)
+            for path, message in checked.problems:
                 self.problem((shown, file.line(index, path) if path else file.doc_start(index)), message)
-            if not problems:
+            if checked.schema_ran:
                 kind = data["kind"]
-                self.docs.append(_Doc(kind, apply_defaults(data, schemas_by_kind()[kind]), file, index))
+                self.docs.append(_Doc(kind, apply_defaults(data, schemas_by_kind()[kind]), file, index,
+                                      checked.spoiled))
 
     def parse(self, raw: bytes, shown: str) -> tuple[str, list[Any]] | None:
         """(text, documents), or None once the reason it cannot be parsed is reported."""
@@ -534,14 +610,20 @@ class ParsedFleet:
 # --- Cross-references and models -----------------------------------------------------------------
 
 class _Builder:
+    """The cross-references. They read every document of a known kind, also one with schema errors
+    (from its fields that passed), so that one run reports every problem; models are built from
+    valid documents only."""
+
     def __init__(self, parsed: ParsedFleet, strategy_files: Mapping[str, StrategyFile]):
         self.r = parsed
         self.strategy_files = strategy_files
 
     def strategy_file(self, doc: _Doc) -> tuple[Path, str] | None:
-        written = doc.data["strategyFile"]
+        written = doc.written_strategy_file()
+        if written is None:
+            return None  # missing or not a string: the schema check said so
         where = doc.loc("strategyFile")
-        label = f"Strategy {doc.data['id']}: strategyFile {_shown(written)}"
+        label = f"{doc.label()}: strategyFile {_shown(written)}"
         if posixpath.isabs(written):
             self.r.problem(where, f"{label} must be relative to the fleet directory")
             return None
@@ -555,15 +637,13 @@ class _Builder:
     def chats(self, doc: _Doc) -> tuple[ChatSink, ...]:
         """The chats to tell. A secret's file must be absolute and outside the fleet directory: that
         directory is a git repository, and a token in it is one commit away from being shared."""
-        notify = doc.data["notify"]
         out = []
         for kind, file_key, env_key in (("telegram", "botTokenFile", "botTokenEnv"),
                                         ("slack", "webhookUrlFile", "webhookUrlEnv"),
                                         ("discord", "webhookUrlFile", "webhookUrlEnv")):
-            raw = notify.get(kind)
-            if not raw:
+            if not doc.value("notify", kind):
                 continue
-            secret_file = raw.get(file_key)
+            secret_file = doc.value("notify", kind, file_key)
             if secret_file is not None:
                 path = posixpath.normpath(secret_file)
                 root = posixpath.normpath(str(self.r.root))
@@ -576,28 +656,33 @@ class _Builder:
                                    "fleet directory, which git tracks: keep the secret outside it (e.g. /etc/quantlab/"
                                    f"{kind}) or in an environment variable ({env_key})")
                     continue
-            chat = raw.get("chatId")
-            out.append(ChatSink(kind, secret_file, raw.get(env_key), str(chat) if chat is not None else None,
-                                raw.get("apiUrl") or "https://api.telegram.org"))
+            chat = doc.value("notify", kind, "chatId")
+            out.append(ChatSink(kind, secret_file, doc.value("notify", kind, env_key),
+                                str(chat) if chat is not None else None,
+                                doc.value("notify", kind, "apiUrl") or "https://api.telegram.org"))
         return tuple(out)
 
     def params_json(self, doc: _Doc) -> str | None:
+        if not doc.usable("params"):
+            return None  # not a mapping: the schema check said so
         encoded = canonical_json(doc.data["params"])
         size = len(encoded.encode("utf-8"))
         if size > MAX_PARAMS_BYTES:
             self.r.problem(doc.loc("params"), (
-                f"Strategy {doc.data['id']}: params are {size:,} bytes as JSON, more than "
+                f"{doc.label()}: params are {size:,} bytes as JSON, more than "
                 f"{MAX_PARAMS_BYTES // 1024} KiB: they reach the strategy in one environment variable and "
                 "Linux caps one at 128 KiB; keep bulky data in a file beside the strategy and read it from there"))
             return None
         return encoded
 
     def strategy(self, doc: _Doc) -> StrategySpec | None:
-        d = doc.data
+        """The spec of a valid Strategy whose file and params are fine; the file and the params of
+        any Strategy are checked."""
         params_json = self.params_json(doc)
         found = self.strategy_file(doc)
-        if found is None or params_json is None:
+        if found is None or params_json is None or not doc.valid:
             return None
+        d = doc.data
         path, sha = found
         req, sch = d["requirements"], d["scheduling"]
         return StrategySpec(
@@ -634,85 +719,127 @@ class _Builder:
         )
 
     def settings(self, doc: _Doc | None) -> FleetSettings:
+        """The settings of the Fleet document; where a field has a schema error, its default (what
+        the lease rule is then checked with, see lease_rule)."""
         if doc is None:
             return FleetSettings()
-        d = doc.data
-        mon, notify, ssh, loop = d["monitor"], d["notify"], d["ssh"], d["reconcile"]
-        command = notify["command"]
-        interval = float(loop["intervalSeconds"])
-        deadline = loop["probeDeadlineSeconds"]
+        v = doc.value
+        command = v("notify", "command")
+        interval = float(v("reconcile", "intervalSeconds"))
+        deadline = v("reconcile", "probeDeadlineSeconds")
+        cron = v("reconcile", "cronPeriodSeconds")
+        rebalance = v("reconcile", "rebalance", "intervalSeconds")
+        leader = v("reconcile", "leaderLeaseSeconds")
         return FleetSettings(
-            policy=d["policy"],
+            policy=v("policy"),
             reconcile_interval_s=interval,
             probe_deadline_s=float(deadline) if deadline is not None else default_probe_deadline(interval),
-            cron_period_s=float(loop["cronPeriodSeconds"]) if loop["cronPeriodSeconds"] is not None else None,
-            rebalance_every_s=float(loop["rebalance"]["intervalSeconds"]) if loop.get("rebalance") else None,
-            rebalance_max_moves=int((loop.get("rebalance") or {}).get("maxMoves", 1)),
-            leader_lease_s=float(loop["leaderLeaseSeconds"]) if loop.get("leaderLeaseSeconds") is not None else None,
+            cron_period_s=float(cron) if cron is not None else None,
+            rebalance_every_s=float(rebalance) if rebalance is not None else None,
+            rebalance_max_moves=int(v("reconcile", "rebalance", "maxMoves")),
+            leader_lease_s=float(leader) if leader is not None else None,
             monitor=MonitorSettings(
-                worker_offline_after_s=float(mon["workerOfflineAfterSeconds"]),
-                lease_ttl_s=float(mon["leaseTtlSeconds"]), auto_recover=mon["autoRecover"],
-                controller_restart_s=float(mon["controllerRestartSeconds"]),
-                brake_share=float(mon["failoverBrakeShare"]),
+                worker_offline_after_s=float(v("monitor", "workerOfflineAfterSeconds")),
+                lease_ttl_s=float(v("monitor", "leaseTtlSeconds")), auto_recover=v("monitor", "autoRecover"),
+                controller_restart_s=float(v("monitor", "controllerRestartSeconds")),
+                brake_share=float(v("monitor", "failoverBrakeShare")),
             ),
             notify=NotifySettings(
-                webhook=notify["webhook"],
+                webhook=v("notify", "webhook"),
                 command=(command,) if isinstance(command, str) else (tuple(command) if command else None),
-                chats=self.chats(doc), chat_per_minute=int(notify.get("chatPerMinute", 20)),
+                chats=self.chats(doc), chat_per_minute=int(v("notify", "chatPerMinute")),
             ),
             ssh=SshSettings(
-                parallelism=ssh["parallelism"], connect_timeout_s=float(ssh["connectTimeoutSeconds"]),
-                command_timeout_s=float(ssh["commandTimeoutSeconds"]), config=ssh["config"],
-                known_hosts=ssh["knownHosts"],
+                parallelism=v("ssh", "parallelism"), connect_timeout_s=float(v("ssh", "connectTimeoutSeconds")),
+                command_timeout_s=float(v("ssh", "commandTimeoutSeconds")), config=v("ssh", "config"),
+                known_hosts=v("ssh", "knownHosts"),
             ),
             source=doc.loc("kind"),
         )
 
+    def lease_rule(self, doc: _Doc, settings: FleetSettings) -> None:
+        """The lease rule of the Fleet document `doc`, whose settings are `settings`. A break that
+        rests on a default put in for a field with a schema error is not reported: that field's
+        problem is, and the rule is judged again once it has a value."""
+        broken = settings.lease_rule_break()
+        if broken is None or any(_replaced(doc, field) for field in broken.reads):
+            return
+        self.r.problem(doc.loc(*broken.field.split(".")), f"Fleet: {broken.message}")
+
     def unique(self, docs: list[_Doc], kind: str) -> list[_Doc]:
+        """`docs` less those that repeat an earlier id (each reported). A document whose id failed
+        the schema cannot be compared, and stays."""
         first: dict[str, _Doc] = {}
         out = []
         for doc in docs:
-            ident = doc.data["id"]
-            if ident in first:
+            ident = doc.ident()
+            if ident is not None and ident in first:
                 other = first[ident].loc("id")
                 self.r.problem(doc.loc("id"), f"duplicate {kind} id {ident!r}: also defined at {other}; ids must be unique")
                 continue
-            first[ident] = doc
+            if ident is not None:
+                first[ident] = doc
             out.append(doc)
         return out
 
-    def shared_accounts(self, strategies: list[tuple[_Doc, StrategySpec]]) -> None:
-        """Two strategies must not trade one account+symbol unless both say shareAccount."""
-        seen: dict[tuple[str, str], tuple[_Doc, StrategySpec]] = {}
-        for doc, spec in strategies:
-            symbol = spec.params.get("symbol")
-            account = spec.requirements.account
+    def shared_accounts(self, docs: list[_Doc]) -> None:
+        """Two strategies must not trade one account+symbol unless both say shareAccount. A Strategy
+        takes part when its account, params and shareAccount passed the schema."""
+        seen: dict[tuple[str, str], _Doc] = {}
+        for doc in docs:
+            needed = (("requirements", "account"), ("params",), ("scheduling", "shareAccount"))
+            if not all(doc.usable(*f) for f in needed):
+                continue
+            account = doc.value("requirements", "account")
+            params = doc.value("params")
+            symbol = params.get("symbol") if isinstance(params, dict) else None
             if account is None or not isinstance(symbol, str):
                 continue
             key = (account, symbol)
             if key in seen:
-                other_doc, other = seen[key]
-                if not (spec.scheduling.share_account and other.scheduling.share_account):
+                other = seen[key]
+                if not (doc.value("scheduling", "shareAccount") and other.value("scheduling", "shareAccount")):
                     self.r.problem(
                         doc.loc("requirements", "account"),
-                        f"Strategy {spec.id}: account {account} already trades {symbol} in strategy {other.id} "
-                        f"({other_doc.loc('requirements', 'account')}); set scheduling.shareAccount: true on both "
+                        f"{doc.label()}: account {account} already trades {symbol} in {_named(other, 'strategy')} "
+                        f"({other.loc('requirements', 'account')}); set scheduling.shareAccount: true on both "
                         "if they may share it",
                     )
                 continue
-            seen[key] = (doc, spec)
+            seen[key] = doc
 
-    def workdirs(self, workers: list[tuple[_Doc, WorkerSpec]]) -> None:
-        seen: dict[tuple[str, int | None, str | None, str], tuple[_Doc, WorkerSpec]] = {}
-        for doc, w in workers:
-            if w.workdir is None:
+    def workdirs(self, docs: list[_Doc]) -> None:
+        """Two workers must not share a workdir on one host. A Worker takes part when its host, port,
+        user and workdir passed the schema."""
+        seen: dict[tuple[str, int | None, str | None, str], _Doc] = {}
+        for doc in docs:
+            if not all(doc.usable(f) for f in ("host", "port", "user", "workdir")):
                 continue
-            key = (w.host, w.port, w.user, w.workdir.rstrip("/"))
+            workdir, host = doc.value("workdir"), doc.value("host")
+            if workdir is None:
+                continue
+            key = (host, doc.value("port"), doc.value("user"), workdir.rstrip("/"))
             if key in seen:
-                self.r.problem(doc.loc("workdir"), f"Worker {w.id}: workdir {w.workdir} on host {w.host} is "
-                               f"also used by worker {seen[key][1].id}; give each worker its own workdir")
+                self.r.problem(doc.loc("workdir"), f"{doc.label()}: workdir {workdir} on host {host} is "
+                               f"also used by {_named(seen[key], 'worker')}; give each worker its own workdir")
                 continue
-            seen[key] = (doc, w)
+            seen[key] = doc
+
+
+def _named(doc: _Doc, noun: str) -> str:
+    """"strategy s1" in a message about another document; "another strategy" when its id is not a string."""
+    written = doc.data.get("id")
+    return f"{noun} {_clip(written)}" if isinstance(written, str) else f"another {noun}"
+
+
+def _replaced(doc: _Doc, field: str) -> bool:
+    """Whether the Fleet document's `field` (dotted) holds a default put in for a schema error."""
+    path = tuple(field.split("."))
+    if not doc.usable(*path):
+        return True
+    # A probe deadline not written follows the interval.
+    return (path == ("reconcile", "probeDeadlineSeconds") and doc.value(*path) is None
+            and not doc.usable("reconcile", "intervalSeconds"))
 
 
 def parse_fleet(root: Path, files: list[FleetFile], problems: list[Problem]) -> ParsedFleet:
@@ -735,20 +862,20 @@ def build_fleet(parsed: ParsedFleet, strategy_files: Mapping[str, StrategyFile])
     for extra in fleet_docs[1:]:
         parsed.problem(extra.loc("kind"), f"more than one Fleet document: the first is at {fleet_docs[0].loc('kind')}")
     settings = builder.settings(fleet_docs[0] if fleet_docs else None)
-    broken = settings.lease_rule_problem()
-    if broken is not None and fleet_docs:
-        field_path = ("reconcile", "probeDeadlineSeconds") if broken.startswith("reconcile.probe") else \
-            ("reconcile", "leaderLeaseSeconds") if broken.startswith("reconcile.leader") else ("monitor", "leaseTtlSeconds")
-        parsed.problem(fleet_docs[0].loc(*field_path), f"Fleet: {broken}")
+    if fleet_docs:
+        builder.lease_rule(fleet_docs[0], settings)
 
-    workers = [(d, builder.worker(d)) for d in builder.unique(by_kind["Worker"], "Worker")]
-    builder.workdirs(workers)
+    worker_docs = builder.unique(by_kind["Worker"], "Worker")
+    builder.workdirs(worker_docs)
+    workers = [(d, builder.worker(d)) for d in worker_docs if d.valid]
+    first_of_id = {id(d) for d in builder.unique(by_kind["Strategy"], "Strategy")}
     strategies = []
-    for doc in builder.unique(by_kind["Strategy"], "Strategy"):
+    for doc in by_kind["Strategy"]:
+        # Every Strategy's file and params are checked, a repeated id's too; specs only of the first.
         spec = builder.strategy(doc)
-        if spec is not None:
+        if spec is not None and id(doc) in first_of_id:
             strategies.append((doc, spec))
-    builder.shared_accounts(strategies)
+    builder.shared_accounts([d for d in by_kind["Strategy"] if id(d) in first_of_id])
 
     root = parsed.root
     if not parsed.files and not parsed.problems:

@@ -260,49 +260,77 @@ class FleetSettings:
                                          chats=tuple(ChatSink.from_json(c) for c in notify.get("chats") or ()),
                                          chat_per_minute=int(notify.get("chatPerMinute") or 20)))
 
-    def _away(self, standbys: bool) -> dict[str, float]:
-        """The longest the loop may be away, by cause: two intervals, two cron periods, a restart of
-        the controller, and with standby controllers a takeover."""
-        away = {"2 x reconcile.intervalSeconds": 2 * self.reconcile_interval_s,
-                "monitor.controllerRestartSeconds": self.monitor.controller_restart_s}
+    def _away(self, standbys: bool) -> dict[str, tuple[float, str]]:
+        """The longest the loop may be away, by cause in words: (seconds, the field they come from).
+        Two intervals, two cron periods, a restart of the controller, and with standby controllers a
+        takeover."""
+        away = {"2 x reconcile.intervalSeconds": (2 * self.reconcile_interval_s, "reconcile.intervalSeconds"),
+                "monitor.controllerRestartSeconds": (self.monitor.controller_restart_s,
+                                                     "monitor.controllerRestartSeconds")}
         if self.cron_period_s:
-            away["2 x reconcile.cronPeriodSeconds"] = 2 * self.cron_period_s
+            away["2 x reconcile.cronPeriodSeconds"] = (2 * self.cron_period_s, "reconcile.cronPeriodSeconds")
         if standbys or self.leader_lease_s is not None:
-            away[f"a takeover (reconcile.leaderLeaseSeconds + {2 * LEADER_WATCH_S:g} s)"] = self.takeover_s()
+            away[f"a takeover (reconcile.leaderLeaseSeconds + {2 * LEADER_WATCH_S:g} s)"] = (
+                self.takeover_s(), "reconcile.leaderLeaseSeconds")
         return away
 
     def lease_floor_s(self, standbys: bool = False) -> float:
         """The shortest lease these settings allow: the longest the loop may be away, plus one probe
         deadline, plus the margin."""
-        return max(self._away(standbys).values()) + self.probe_deadline_s + self.monitor.failover_margin_s
+        return max(s for s, _ in self._away(standbys).values()) + self.probe_deadline_s + \
+            self.monitor.failover_margin_s
 
     def lease_rule_problem(self, standbys: bool = False) -> str | None:
         """Why these settings break the lease rule, or None. A lease shorter than the loop may be away
         fences healthy strategies; a probe deadline longer than the interval overlaps rounds; a
         leadership lease shorter than two renewals deposes a healthy leader. `standbys`: several
         controllers share the state (PostgreSQL), so a takeover counts even with the default lease."""
+        broken = self.lease_rule_break(standbys)
+        return broken.message if broken is not None else None
+
+    def lease_rule_break(self, standbys: bool = False) -> "LeaseRuleBreak | None":
+        """lease_rule_problem, with the field it is about and the fields its verdict rests on."""
         if self.probe_deadline_s > self.reconcile_interval_s:
-            return (f"reconcile.probeDeadlineSeconds {self.probe_deadline_s:g} is longer than "
-                    f"reconcile.intervalSeconds {self.reconcile_interval_s:g}; make it at most the interval")
+            return LeaseRuleBreak(
+                "reconcile.probeDeadlineSeconds", ("reconcile.probeDeadlineSeconds", "reconcile.intervalSeconds"),
+                f"reconcile.probeDeadlineSeconds {self.probe_deadline_s:g} is longer than "
+                f"reconcile.intervalSeconds {self.reconcile_interval_s:g}; make it at most the interval")
         if (standbys or self.leader_lease_s is not None) and \
                 self.leader_lease < 2 * self.reconcile_interval_s + LEADER_DEPOSE_MARGIN_S:
             need = 2 * self.reconcile_interval_s + LEADER_DEPOSE_MARGIN_S
-            return (f"reconcile.leaderLeaseSeconds {self.leader_lease:g} is shorter than two renewals of the "
-                    f"lead (2 x reconcile.intervalSeconds + {LEADER_DEPOSE_MARGIN_S:g} s = {need:g} s): a late "
-                    "renewal would depose a healthy leader; raise it")
+            return LeaseRuleBreak(
+                "reconcile.leaderLeaseSeconds", ("reconcile.leaderLeaseSeconds", "reconcile.intervalSeconds"),
+                f"reconcile.leaderLeaseSeconds {self.leader_lease:g} is shorter than two renewals of the "
+                f"lead (2 x reconcile.intervalSeconds + {LEADER_DEPOSE_MARGIN_S:g} s = {need:g} s): a late "
+                "renewal would depose a healthy leader; raise it")
         if not self.monitor.fencing:
             return None
         ttl = self.monitor.lease_ttl_s
         away = self._away(standbys)
-        longest = max(away, key=lambda k: away[k])
+        longest = max(away, key=lambda k: away[k][0])
+        away_s, cause = away[longest]
         # ttl >= away + deadline + 1 + 0.05 ttl  <=>  ttl >= (away + deadline + 1) / 0.95
         floor = self.lease_floor_s(standbys)
         if ttl + 1e-9 >= floor:
             return None
-        needed = math.ceil((away[longest] + self.probe_deadline_s + 1.0) / 0.95 * 10) / 10
-        return (f"monitor.leaseTtlSeconds {ttl:g} is shorter than the loop may be away: it must cover "
-                f"{longest} ({away[longest]:g} s) + reconcile.probeDeadlineSeconds ({self.probe_deadline_s:g} s) "
-                f"+ a margin of 1 s + 5 % of the lease, so at least {needed:g} s; raise it, or renew more often")
+        needed = math.ceil((away_s + self.probe_deadline_s + 1.0) / 0.95 * 10) / 10
+        # The causes shorter than the longest do not decide: any value of theirs that is longer
+        # only breaks the rule further.
+        return LeaseRuleBreak(
+            "monitor.leaseTtlSeconds", ("monitor.leaseTtlSeconds", "reconcile.probeDeadlineSeconds", cause),
+            f"monitor.leaseTtlSeconds {ttl:g} is shorter than the loop may be away: it must cover "
+            f"{longest} ({away_s:g} s) + reconcile.probeDeadlineSeconds ({self.probe_deadline_s:g} s) "
+            f"+ a margin of 1 s + 5 % of the lease, so at least {needed:g} s; raise it, or renew more often")
+
+
+@dataclass(frozen=True)
+class LeaseRuleBreak:
+    """How settings break the lease rule: `field` (dotted, as in the Fleet document) is the one to
+    change, `reads` every field the verdict rests on, `message` says why in words."""
+
+    field: str
+    reads: tuple[str, ...]
+    message: str
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ def api_version() -> str:
 
 
 def apply_defaults(instance: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a *valid* instance with every schema `default` filled in, recursively."""
+    """A copy of `instance` with every schema `default` filled in where a field is missing, recursively.
+    Also safe on an instance with schema errors: a field of the wrong type is kept as it is."""
     out = dict(instance)
     for key, sub in schema.get("properties", {}).items():
         if key not in out and "default" in sub:

@@ -32,7 +32,11 @@ def _number(value: Any) -> str | None:
         return "NaN"
     if math.isinf(number):
         return "+Inf" if number > 0 else "-Inf"
-    return str(int(number)) if number.is_integer() and abs(number) < 2 ** 53 else repr(number)
+    if number.is_integer() and abs(number) < 2 ** 53:
+        return str(int(number))
+    # 15 significant digits: what a double holds exactly, so that 2.421 is not shown as the
+    # 2.4210000000000003 that arithmetic left behind
+    return format(number, ".15g")
 
 
 def _line(name: str, labels: dict[str, str], value: str) -> str:

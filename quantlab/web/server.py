@@ -18,6 +18,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -249,7 +250,7 @@ class Handler(BaseHTTPRequestHandler):
                        "application/json")
             return
         report = dict(snap["status"])
-        strategies = report.get("strategies") or []
+        strategies = everything = report.get("strategies") or []
         text = (query.get("q") or [""])[0].lower()
         if text:
             strategies = [s for s in strategies if text in s["id"].lower() or text in (s.get("workerId") or "").lower()
@@ -260,7 +261,10 @@ class Handler(BaseHTTPRequestHandler):
         if limit:
             strategies = strategies[offset:offset + limit]
         report["strategies"] = strategies
-        report["page"] = {"offset": offset, "limit": limit, "total": total}
+        # `total`: what matches the filter; `fleet` and `counts`: the whole fleet, whatever the filter
+        # and the page show, so that a filter never reads as strategies gone.
+        report["page"] = {"offset": offset, "limit": limit, "total": total, "fleet": len(everything)}
+        report["counts"] = dict(sorted(Counter(str(s.get("status")) for s in everything).items()))
         report["snapshot"] = {"at": snap.get("at"), "rounds": snap.get("rounds"), "settings": snap.get("settings")}
         self._send(HTTPStatus.OK, json.dumps(report, separators=(",", ":")).encode(), "application/json",
                    {"ETag": etag} if etag and not text else None)

@@ -110,6 +110,8 @@ def spawn_quantlab(*args: Any, log: Path) -> subprocess.Popen:
 #   hangAfter: N     st_heartbeat never settles from beat N+1 on (a timer keeps the loop busy, so this
 #                    is a live process that stops heartbeating, not an exit)
 #   throwAlways      st_heartbeat throws every time
+#   throwWhile: F    st_heartbeat throws while the file F exists (an exchange that is down, then back)
+#   logBeats         ctx.log a line at every beat
 #   exitDelayMs      st_exit takes this long
 #   envHash: [K..]   writes sha256 of process.env[K] (or null) to env-hash.json, never the value
 #   token            printed with ctx.log by st_init
@@ -147,6 +149,8 @@ export async function st_heartbeat(ctx) {
   ctx.state.beats = (ctx.state.beats ?? 0) + 1;
   const p = ctx.params;
   if (p.throwAlways) throw new Error(`probe failure number ${beats}`);
+  if (p.throwWhile && fs.existsSync(p.throwWhile)) throw new Error(`probe: ${p.throwWhile} exists`);
+  if (p.logBeats) ctx.log(`beat ${beats} epoch ${ctx.epoch}`);
   if (p.hangAfter !== undefined && beats > p.hangAfter) {
     add('hang.log', `${process.pid} ${Date.now()}`);
     setInterval(() => {}, 1000);

@@ -172,7 +172,7 @@ def test_the_loop_pauses_while_a_rebase_is_in_progress(gitfleet):
     assert (clone / ".git" / "rebase-merge").exists() or (clone / ".git" / "rebase-apply").exists()
     before = fl.state()["loopRenewal"]
 
-    run = once(fl)
+    run = once(fl, check=1)                          # nothing was reconciled: cron's wrapper hears of it
     assert "a rebase is in progress" in run.output and "renews leases" in run.output, run.output
     assert fl.runner_pid("s1") == pid and fl.placement("s1")["specHash"] == spec_hash, "main's s1 v3 went live"
     assert fl.state()["loopRenewal"] != before, "leases are renewed while paused"
@@ -262,3 +262,45 @@ def test_a_broken_commit_changes_nothing_alerts_once_and_status_still_works(gitf
     resolved = [e for e in fl.events() if e.get("kind") == "resolved" and e.get("alert") == "fleet-invalid"]
     assert len(resolved) == 1
     assert alive(pid)
+
+
+def test_plan_says_what_a_pulling_loop_applies_and_that_apply_would_be_refused(gitfleet, tmp_path, origin):
+    fl, clone = gitfleet, gitfleet.clone
+    mate = tmp_path / "mate"
+    git(tmp_path, "clone", "-q", str(origin), str(mate))
+    (mate / "fleet" / "strategies.yaml").write_text((fl.root / "strategies.yaml").read_text() + STRATEGY_S2)
+    pushed = commit(mate, "add s2")
+    git(mate, "push", "-q", "origin", "main")
+    once(fl, "--git-pull")                            # the loop now applies the teammate's commit
+
+    # The operator's clone is behind: its plan would stop s2, which the loop just started.
+    shown = fl.ql("plan")
+    assert f"the loop applies origin/main at {pushed}" in shown.stdout, shown.describe()
+    assert "apply would refuse this plan" in shown.stderr and "git pull" in shown.stderr, shown.describe()
+    assert "Commit" not in shown.stderr, "a clean clone that is behind is told to commit"
+    refused = fl.ql("apply", "--yes", check=1)
+    assert "git pull" in refused.output and fl.placement("s2") is not None, refused.describe()
+    git(clone, "pull", "-q")
+    assert "apply would refuse" not in fl.ql("plan").stderr
+
+
+def test_a_change_no_worker_can_take_is_said_in_the_log_status_and_a_notification(gitfleet):
+    fl, clone = gitfleet, gitfleet.clone
+    once(fl)
+    fl.beating("s1", beats=1)
+    pid = fl.runner_pid("s1")
+    # New code together with a region no worker is in: nothing can deploy it.
+    js = fl.root / "strategies" / "probe.mjs"
+    js.write_text(js.read_text() + "\n// v2\n")
+    fl.strategies["s1"]["requirements"]["region"] = "XX"
+    fl.write()
+    commit(clone, "s1 v2 for region XX")
+    run = once(fl)
+    assert "note: s1 on w1" in run.output and "1 note" in run.output, run.output
+    notices = [e for e in fl.events() if e.get("kind") == "not-deployed"]
+    assert len(notices) == 1 and "s1" in notices[0]["message"] and "previous version" in notices[0]["message"]
+    once(fl)
+    assert len([e for e in fl.events() if e.get("kind") == "not-deployed"]) == 1, "told once"
+    assert fl.runner_pid("s1") == pid
+    s1 = fl.strategy_status("s1")
+    assert s1["upToDate"] is False and "no longer fits" in (s1.get("note") or ""), s1

@@ -460,6 +460,9 @@ def test_stop_all_stops_everything_at_once_renews_nothing_and_resume_brings_it_b
     assert json.loads(fleet.ql("status", "--output", "json").stdout)["suspended"]["*"]["stopAll"] is True
     fleet.ql("suspend", "--reason", "still looking")      # another suspend keeps renewing nothing
     assert json.loads(fleet.ql("status", "--output", "json").stdout)["suspended"]["*"]["stopAll"] is True
+    banner = fleet.ql("status").stdout
+    assert "Stopped by stop-all" in banner and "no lease is renewed" in banner, banner
+    assert "leases are renewed" not in banner, "status says leases are renewed while stop-all renews none"
 
     fleet.ql("resume")
     fleet.apply()

@@ -16,6 +16,7 @@ from harness import REPO, wait_for
 from tests.support import cli_env, free_port
 
 TOKEN = "s3cret-token-for-the-page-0123456789"
+PROXY_SECRET = "hunter2-proxy-password"
 
 
 
@@ -27,7 +28,7 @@ class Served:
             self.proc = subprocess.Popen([sys.executable, "-m", "quantlab", "serve", "--fleet", str(fleet.root),
                                           *[a.replace("PORT", str(self.port)) for a in args]],
                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=cli_env(), cwd=REPO)
+                                         env=cli_env(), cwd=REPO, start_new_session=True)  # killed by group
         fleet.daemons.append(self.proc)
 
     def ready(self) -> "Served":
@@ -131,3 +132,88 @@ def test_beyond_loopback_a_token_and_tls_are_required(running, tmp_path):
     assert served.get("/api/status", tls=trusted)[0] == 401
     with pytest.raises((ssl.SSLError, ConnectionError, http.client.RemoteDisconnected)):
         served.get("/api/status", token=TOKEN)          # plain HTTP to a TLS port gets nothing
+
+
+def snapshot_of(fleet, sid: str) -> dict:
+    snap = json.loads((fleet.root / ".quantlab" / "snapshot.json").read_text())
+    return next(s for s in snap["status"]["strategies"] if s["id"] == sid)
+
+
+def test_the_act_round_s_snapshot_shows_what_it_did(fleet, tmp_path):
+    """The loop's act round plans from an observation taken before it acts; its snapshot shows the
+    strategies it acted on as the outcomes left them (here moved off a draining worker), not as that
+    observation had them, though no renewal round runs before the next interval."""
+    proxy = f"http://trader:{PROXY_SECRET}@127.0.0.1:9"
+    fleet.settings["reconcile"]["intervalSeconds"] = 30     # no renewal round between acting and reading
+    fleet.worker("w1", proxy=proxy).worker("w2", proxy=proxy).strategy("s1").write()
+    fleet.apply()
+    source = fleet.placement("s1")["worker"]
+    target = "w2" if source == "w1" else "w1"
+    fleet.workers[source]["drain"] = True
+    fleet.write()
+    fleet.ql("reconcile", "--once")
+    assert fleet.placement("s1")["worker"] == target
+    s1 = snapshot_of(fleet, "s1")
+    assert (s1["workerId"], s1["status"]) == (target, "pending"), s1
+    assert s1["reason"] == f"moved from {source} to {target}; not seen running there yet" and s1["plan"] is None
+
+    served = Served(fleet, tmp_path, "--listen", "127.0.0.1:PORT").ready()
+    status, _, body = served.get("/api/status?q=no-such-strategy")
+    assert status == 200 and PROXY_SECRET not in body.decode()
+    report = json.loads(body)
+    # A filter narrows the list, not the fleet's counts.
+    assert report["strategies"] == [] and report["page"]["total"] == 0 and report["page"]["fleet"] == 1
+    assert report["counts"] == {"pending": 1}
+    workers = {w["id"]: w for w in report["workers"]}
+    assert workers[target]["runningStrategies"] == ["s1"] and workers[source]["runningStrategies"] == []
+    assert workers[source]["drain"] is True and workers[target]["proxy"] == "http://***@127.0.0.1:9"
+    assert isinstance(workers[target]["cpus"], int) and workers[target]["cpus"] >= 1
+    status, _, body = served.get("/api/status")
+    assert json.loads(body)["strategies"][0]["proxy"] == "http://***@127.0.0.1:9"
+
+
+def test_a_renewal_round_begun_before_an_act_round_ended_shows_what_it_did(tmp_path):
+    """Renewal rounds run beside the act round: one that observed before the act ended may be
+    recorded after it, and must not show the strategies it acted on as they were before."""
+    from harness import FleetDir
+    from quantlab.controller import Controller
+    from quantlab.execute import Outcome
+    from quantlab.gather import Gathered
+    from quantlab.observed import ObservedState
+    from quantlab.plan import Action
+
+    fl = FleetDir(tmp_path / "fleet").worker("w1").strategy("s1").write()
+    ctl = Controller(fl.root, fl.state_path, log=lambda line: None)
+    fleet = ctl.load_fleet()
+    ctl.ledger.refresh(fleet.settings.monitor.lease_ttl_s)
+    nothing_seen = ObservedState({})
+
+    def recorded(kind: str, began: int, **extra) -> dict:
+        ctl.record_round(kind, fleet, Gathered(nothing_seen, started=began), 0.1, **extra)
+        ctl.close()                                      # writes what is pending
+        return snapshot_of(fl, "s1")
+
+    before = ctl.clock.mono()
+    start = Action("start", "s1", "new", "new", worker="w1", epoch=1)
+    acted = recorded("act", before, acted=[Outcome(start, True, "started")])
+    assert (acted["status"], acted["reason"]) == ("pending", "started on w1; not seen running yet")
+    assert recorded("renew", before) == acted
+    later = recorded("renew", ctl.clock.mono() + 1)
+    assert later["reason"] is None, "an observation taken after the act round ended shows the hosts' word"
+
+
+def test_an_act_round_s_marks_say_what_each_outcome_left():
+    from quantlab.execute import Outcome
+    from quantlab.plan import Action
+    from quantlab.snapshot import acted_marks
+
+    marks = acted_marks([
+        Outcome(Action("stop", "old", "a copy of an older epoch", "stale-copy", worker="w1", epoch=1), True),
+        Outcome(Action("stop", "gone", "desiredState: stopped", "desired-stopped", worker="w1", epoch=2), True),
+        Outcome(Action("pause", "calm", "desiredState: paused", "desired-paused", worker="w2", epoch=3), True),
+        Outcome(Action("move", "far", "drain", "drain", source="w1", target="w2", epoch=4), False, "refused"),
+    ])
+    assert "old" not in marks, "a stale copy's stop says nothing about the strategy's current copy"
+    assert marks["gone"] == {"status": "stopped", "reason": "stopped on w1: desiredState: stopped"}
+    assert marks["calm"] == {"status": "paused", "reason": "paused on w2"}
+    assert marks["far"] == {"status": None, "reason": "move to w2 failed: refused"}

@@ -44,3 +44,21 @@ def test_push_moves_a_running_state_into_postgresql_and_retires_the_file(fleet, 
     assert any(e.get("event") == "state-pushed" for e in events)
     again = state(fleet, "push", pg_dsn, check=1)
     assert "moved to" in again.output or "already holds a state" in again.output
+
+
+def test_push_of_an_empty_backend_is_refused_and_names_the_fix(fleet, pg_dsn, tmp_path):  # noqa: F811
+    """The direction mistaken, as a newcomer easily does: the database holds no state yet."""
+    fleet.worker("w1").strategy("s1").write()
+    fleet.apply()
+    before = fleet.state()
+    target = tmp_path / "moved.json"
+    refused = state(fleet, "push", str(target), "--state", pg_dsn, check=1)
+    assert "holds no state" in refused.output and "--state" in refused.output, refused.output
+    assert not target.exists(), "an empty state was written"
+    dash = quantlab("state", "push", "-", "--fleet", fleet.root, "--state", pg_dsn, check=1,
+                    cwd=tmp_path)
+    assert "`-` is not one" in dash.output, dash.output
+    assert not (tmp_path / "-").exists(), "a state file named '-' was written"
+    # The right direction still works, and the file's state is what arrives.
+    state(fleet, "push", pg_dsn)
+    assert json.loads(state(fleet, "pull", "--state", pg_dsn).stdout)["placements"] == before["placements"]

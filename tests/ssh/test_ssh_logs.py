@@ -9,6 +9,8 @@ import subprocess
 import pytest
 
 from quantlab.gather import gather
+from sshfleet import processes
+from tests.support import wait_for
 
 pytestmark = pytest.mark.ssh
 
@@ -90,3 +92,62 @@ def test_logs_tail_of_a_5mb_non_utf8_log_is_byte_exact(ssh_fleet):
         assert again.stdout == tail(log, 3)
     finally:
         ctl.close()
+
+
+FLAKY_JS = r"""
+import fs from 'node:fs';
+export async function st_init(ctx) { ctx.log(`flaky ${ctx.id} started, epoch ${ctx.epoch}`); }
+export async function st_heartbeat(ctx) {
+  if (fs.existsSync(ctx.params.downFile)) throw new Error('exchange down');
+  ctx.log(`beat ok epoch ${ctx.epoch}`);
+}
+export async function st_exit(ctx) {}
+"""
+
+
+def stamped(line: str, second: int) -> bytes:
+    return f"2026-01-01T00:00:{second:02d}.000Z {line}\n".encode()
+
+
+@pytest.mark.slow
+def test_logs_since_grep_and_retry_over_ssh(ssh_fleet):
+    fl = ssh_fleet(1, command_timeout=3)
+    down = fl.hosts["host-01"].workdir_root / "exchange-down"
+    down.write_text("")
+    (fl.dir / "strategies" / "flaky.mjs").write_text(FLAKY_JS)
+    fl.worker("w-1", "host-01").strategy("noisy")
+    fl.strategy("flaky", file="strategies/flaky.mjs", params={"downFile": str(down)}, heartbeat_ms=100,
+                maxErrors=0, maxRestarts=1)
+    fl.write()
+    fl.apply()
+
+    # A known log: stamped lines, a stack trace without stamps, and a line that backtracks forever.
+    idir = fl.instance_dir("w-1", "noisy")
+    data = (stamped("boot", 1) + stamped("order placed id=1", 2) + b"  trace line of order 1\n"
+            + stamped("order filled id=1", 3) + stamped("tick", 4) + b"a" * 30_000 + b"!\n")
+    tmp = idir / ".output.log.test"
+    tmp.write_bytes(data)
+    fl.give_to_login_user(tmp)
+    os.replace(tmp, idir / "output.log")
+    since = fl.cli("logs", "noisy", "--since", "2026-01-01T00:00:02+00:00").stdout
+    assert since == data[data.index(b"2026-01-01T00:00:02"):], since
+    grep = fl.cli("logs", "noisy", "--grep", r"order \w+ id=1").stdout
+    assert grep == stamped("order placed id=1", 2) + stamped("order filled id=1", 3)
+    both = fl.cli("logs", "noisy", "--since", "2026-01-01T00:00:03Z", "--grep", "order", "-n", "5").stdout
+    assert both == stamped("order filled id=1", 3)
+    # A pattern that backtracks without end on the strategy's text costs the host a bounded CPU time.
+    runaway = fl.cli("logs", "noisy", "--grep", r"(a|aa)+$", check=1, timeout=60)
+    assert b"did not finish" in runaway.stderr or b"was ended" in runaway.stderr, runaway.describe()
+    wait_for(lambda: not [p for p in processes(fl.markers) if "agent" in p.cmdline and " logs" in p.cmdline],
+             10, what="the runaway search ended on the host")
+
+    # retry over SSH: the exchange is back; no commit is needed to start the strategy again.
+    wait_for(lambda: any(s["id"] == "flaky" and s["status"] == "error" for s in fl.status()["strategies"]), 20,
+             what="flaky in error")
+    down.unlink()
+    fl.cli("retry", "flaky", "--reason", "exchange back")
+    fl.cli("reconcile", "--once")
+    wait_for(lambda: b"beat ok" in fl.cli("logs", "flaky", "--grep", "beat ok").stdout, 20,
+             what="flaky beating again after the retry")
+    state = next(s for s in fl.status()["strategies"] if s["id"] == "flaky")
+    assert state["status"] == "running" and state["restarts"] == 0, state

@@ -212,7 +212,7 @@ def test_problems_from_every_phase_come_out_in_file_line_order(tmp_path: Path) -
     shown = [(Path(p.file).name, p.line) for p in info.value.problems]
     assert shown == [("a.yaml", 11), ("strategies.yaml", 5), ("workers.yaml", 3), ("z.yaml", 7)]
     messages = [p.message for p in info.value.problems]
-    assert "does not match" in messages[0]
+    assert "host: 'Bad Host' must be a host name" in messages[0]
     assert "not found" in messages[1]
     assert "duplicate Worker id 'w1'" in messages[2] and f"{root / 'a.yaml'}:3" in messages[2]
     assert "port: 0 is too small" in messages[3]
@@ -226,7 +226,11 @@ def test_the_same_problem_is_reported_once(tmp_path: Path) -> None:
         load_fleet(root)
     texts = [str(p) for p in info.value.problems]
     assert len(texts) == len(set(texts))
-    assert sorted(Path(p.file).name for p in info.value.problems) == ["again.yaml", "strategies.yaml"]
+    # Each path's unknown field, and (a document with schema errors still counts) its id twice.
+    expected = [("again.yaml", 11, "unknown field 'bogus'"), ("strategies.yaml", 3, "duplicate Strategy id 's1'"),
+                ("strategies.yaml", 11, "unknown field 'bogus'")]
+    assert [(Path(p.file).name, p.line) for p in info.value.problems] == [e[:2] for e in expected]
+    assert all(e[2] in p.message for p, e in zip(info.value.problems, expected))
 
 
 def test_problem_text() -> None:
@@ -270,6 +274,206 @@ def test_odd_yaml_is_a_problem_not_a_crash(tmp_path: Path, text: str, fragment: 
     (problem,) = info.value.problems
     assert problem.file == str(root / "strategies.yaml") and problem.line == 9
     assert fragment in problem.message
+
+
+# --- Every problem in one run --------------------------------------------------------------------
+# A document with schema errors still takes part in the cross-references, from its fields that
+# passed; no model is built from it.
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _refused(root: Path, checkout: Path | None = None) -> list[Problem]:
+    with pytest.raises(FleetInvalid) as info:
+        load_fleet(root, checkout=checkout)
+    return info.value.problems
+
+
+def test_every_mistake_in_one_file_is_reported_in_one_run() -> None:
+    # 9 schema errors, and 5 cross-references that each involve a document with schema errors (so
+    # they are found in the same run only when such a document still takes part).
+    root = DATA / "invalid" / "mistakes-of-every-kind-in-one-file" / "fleet"
+    problems = _refused(root)
+    assert {p.file for p in problems} == {str(root / "fleet.yaml")}
+    assert [(p.line, p.message.split(":")[0]) for p in problems] == [
+        (5, "Fleet"),                                   # policy: not one of
+        (8, "Fleet"),                                   # the lease rule, with autoRecover and ssh broken
+        (9, "Fleet"),                                   # autoRecover: not a boolean
+        (10, "Fleet"),                                  # ssh.parallelism: too small
+        (14, "Worker Worker_1"),                        # id: not lowercase
+        (16, "Worker Worker_1"),                        # maxStrategies: too small
+        (17, "Worker Worker_1"),                        # unknown field
+        (31, "Worker w3"),                              # workdir of w2 again, w3 has a schema error
+        (32, "Worker w3"),                              # cordoned: not a boolean
+        (44, "Strategy s2"),                            # strategy file missing, s2 has a schema error
+        (45, "Strategy s2"),                            # account+symbol of s1
+        (47, "Strategy s2"),                            # heartbeatMs: not an integer
+        (51, "duplicate Strategy id 's1'"),             # the repeat has a schema error
+        (54, "Strategy s1"),                            # desiredState: not one of
+    ]
+
+
+FLEET_DOC = "apiVersion: quantlab/v1\nkind: Fleet\n"
+
+
+@pytest.mark.parametrize("text,lines,lease", [
+    # The field a break rests on has an error: its default would decide, so only the error is said.
+    ("reconcile: {intervalSeconds: 30s}\nmonitor: {leaseTtlSeconds: 12}\n", [3], False),
+    ("reconcile: {intervalSeconds: 30}\nmonitor: {leaseTtlSeconds: -5}\n", [4], False),
+    ("reconcile: {intervalSeconds: fast, probeDeadlineSeconds: 10}\n", [3], False),
+    ("reconcile: {intervalSeconds: 2, leaderLeaseSeconds: 0}\nmonitor: {leaseTtlSeconds: 60}\n", [3], False),
+    ("reconcile: {intervalSeconds: 30}\nmonitor: 40\n", [4], False),
+    # Errors elsewhere, or in a term the break does not rest on: the break is real either way.
+    ("reconcile: {intervalSeconds: 30}\nmonitor: {leaseTtlSeconds: 40, autoRecover: 1}\n", [4, 4], True),
+    ("reconcile: {intervalSeconds: 30, bogus: 1}\nmonitor: {leaseTtlSeconds: 40}\npolicy: fair\n", [3, 4, 5], True),
+    ("reconcile: {intervalSeconds: fast, probeDeadlineSeconds: 1}\n"
+     "monitor: {controllerRestartSeconds: 60, leaseTtlSeconds: 30}\n", [3, 4], True),
+], ids=["interval-broken", "ttl-broken", "interval-broken-deadline-written", "leader-lease-broken",
+        "monitor-not-a-mapping", "unrelated-field", "unknown-field-and-policy", "interval-broken-restart-decides"])
+def test_the_lease_rule_is_checked_from_the_fields_that_passed(tmp_path: Path, text: str, lines: list[int],
+                                                               lease: bool) -> None:
+    root = make_fleet(tmp_path / "fleet")
+    (root / "fleet.yaml").write_text(FLEET_DOC + text)
+    problems = _refused(root)
+    assert [p.line for p in problems] == lines, problems
+    said = [p for p in problems if "leaseTtlSeconds" in p.message and "shorter than the loop" in p.message]
+    assert len(said) == lease, problems
+
+
+def test_a_document_with_schema_errors_keeps_its_cross_references(tmp_path: Path) -> None:
+    root = make_fleet(tmp_path / "fleet", STRATEGY + "bogus: 1\n")
+    (root / "more.yaml").write_text(
+        STRATEGY.replace("strategies/grid.js", "strategies/gone.js").replace("heartbeatMs: 60000", "heartbeatMs: 1")
+        + "---\n" + WORKERS.replace("w1", "w2") + "workdir: /srv/w\nport: 22\n"
+        + "---\n" + WORKERS.replace("w1", "w3") + "workdir: /srv/w/\nport: 22\ncordoned: maybe\n")
+    shown = [(Path(p.file).name, p.line, p.message) for p in _refused(root)]
+    assert [s[:2] for s in shown] == [("more.yaml", 5), ("more.yaml", 8), ("more.yaml", 27), ("more.yaml", 29),
+                                      ("strategies.yaml", 3), ("strategies.yaml", 11)]
+    assert "Strategy s1: strategyFile 'strategies/gone.js' not found" in shown[0][2]
+    assert "heartbeatMs: 1 is too small" in shown[1][2]
+    assert "Worker w3: workdir /srv/w/ on host local is also used by worker w2" in shown[2][2]
+    assert "cordoned: expected boolean" in shown[3][2]
+    assert "duplicate Strategy id 's1'" in shown[4][2] and "more.yaml:3" in shown[4][2]
+    assert "unknown field 'bogus'" in shown[5][2]
+    # The repeated id stays out of the account check (same account and symbol, no shareAccount):
+    # which of the two would it be?
+    assert not any("already trades" in s[2] for s in shown)
+
+
+def _doc(kind: str, **fields: Any) -> str:
+    return yaml.safe_dump({"apiVersion": "quantlab/v1", "kind": kind, **fields}, sort_keys=False)
+
+
+def _strategy(ident: str, account: str = "acc1", **fields: Any) -> str:
+    return _doc("Strategy", id=ident, **{"strategyFile": "strategies/grid.js", "params": {"symbol": "BTCUSDT"},
+                                         "requirements": {"api": "bybit", "account": account}, **fields})
+
+
+def _worker(ident: str, **fields: Any) -> str:
+    return _doc("Worker", id=ident, host="local", capabilities={"maxStrategies": 1, "supportedApis": ["bybit"]},
+                **{"workdir": "/srv/w", **fields})
+
+
+@pytest.mark.parametrize("pair,fragments", [
+    # Two documents that the check would compare, if the field with an error took part.
+    ((_strategy("Bad_Id"), _strategy("Bad_Id", "acc2")), ["id: 'Bad_Id' must be", "id: 'Bad_Id' must be"]),
+    ((_strategy("s1", "acc 1"), _strategy("s2", "acc 1")),
+     ["requirements.account: 'acc 1' must be", "requirements.account: 'acc 1' must be"]),
+    ((_strategy("s1", scheduling={"shareAccount": True}), _strategy("s2", scheduling={"shareAccount": "yes"})),
+     ["scheduling.shareAccount: expected boolean"]),
+    ((_strategy("s1"), _strategy("s2", params=["symbol", "BTCUSDT"])), ["params: expected object"]),
+    ((_strategy("s1"), _strategy("s2", "acc2", strategyFile="")),
+     ["strategyFile: '' must end in", "strategyFile: '' should be non-empty"]),
+    ((_worker("w1", workdir="~quant/w"), _worker("w2", workdir="~quant/w")),
+     ["workdir: '~quant/w' must not start with ~user", "workdir: '~quant/w' must not start with ~user"]),
+    ((_worker("w1", port="22"), _worker("w2", port="22")), ["port: expected integer", "port: expected integer"]),
+], ids=["id", "account", "share-account", "params", "empty-strategy-file", "workdir", "port"])
+def test_a_field_with_an_error_is_left_out_of_the_cross_references(tmp_path: Path, pair: tuple[str, str],
+                                                                   fragments: list[str]) -> None:
+    # Only the errors are said: a repeated id, a shared account, a shared workdir or a strategy
+    # file that is not one would be a consequence of them (the file '' is the fleet dir itself).
+    root = make_fleet(tmp_path / "fleet")
+    (root / ("strategies.yaml" if "Strategy" in pair[0] else "workers.yaml")).unlink()
+    (root / "pair.yaml").write_text("---\n".join(pair))
+    messages = [p.message for p in _refused(root)]
+    assert len(messages) == len(fragments), messages
+    assert all(f in m for f, m in zip(fragments, messages)), messages
+
+
+def test_the_adapter_reads_the_strategy_files_of_documents_with_errors(tmp_path: Path) -> None:
+    texts = [STRATEGY.replace("heartbeatMs: 60000", "heartbeatMs: fast"),
+             STRATEGY.replace("id: s1", "id: s2").replace("strategies/grid.js", "b.js") + "bogus: 1\n",
+             STRATEGY.replace("id: s1", "id: S3").replace("strategies/grid.js", "c.py"),
+             STRATEGY.replace("id: s1", "id: s4").replace("strategies/grid.js", "/abs/d.js"),
+             STRATEGY.replace("strategyFile: strategies/grid.js", "strategyFile: [e.js]")]
+    files = [loader.FleetFile(f"{i}.yaml", f"{i}.yaml", data=t.encode()) for i, t in enumerate(texts)]
+    parsed = loader.parse_fleet(tmp_path, files, [])
+    assert parsed.strategy_files() == ["b.js", "c.py", "strategies/grid.js"]
+    # Each one the adapter found is taken as read (none "was not read"); still no model is built.
+    found = {w: loader.StrategyFile(path=tmp_path / w, rel=w, sha256="0" * 64) for w in parsed.strategy_files()}
+    with pytest.raises(FleetInvalid) as info:
+        loader.build_fleet(parsed, found)
+    problems = info.value.problems
+    assert {p.file for p in problems} == {f"{i}.yaml" for i in range(5)}
+    assert not any("was not read" in p.message for p in problems), problems
+    assert any("'/abs/d.js' must be relative to the fleet directory" in p.message for p in problems)
+
+
+def test_a_checkout_of_a_commit_reads_them_too(tmp_path: Path) -> None:
+    # What the loop applies: the files of a commit checked out elsewhere, named as in the fleet dir.
+    root = tmp_path / "fleet"
+    checkout = make_fleet(tmp_path / "checkout", STRATEGY.replace("strategies/grid.js", "strategies/gone.js")
+                          .replace("desiredState: running", "desiredState: sleeping"))
+    problems = _refused(root, checkout)
+    assert [(p.file, p.line) for p in problems] == [(str(root / "strategies.yaml"), 5),
+                                                    (str(root / "strategies.yaml"), 7)]
+    assert f"not found; expected {root / 'strategies' / 'gone.js'}" in problems[0].message
+
+
+# --- No regexes in messages ----------------------------------------------------------------------
+
+def _patterns(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        if "pattern" in node:
+            yield node
+        for value in node.values():
+            yield from _patterns(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _patterns(value)
+
+
+def test_every_pattern_in_the_schemas_says_in_words_what_it_allows() -> None:
+    # patternErrorMessage is also what editors (yaml-language-server, VS Code) show for it.
+    from quantlab.spec.schemas import schemas_by_kind
+    found = [s for schema in schemas_by_kind().values() for s in _patterns(schema)]
+    assert len(found) >= 15
+    for sub in found:
+        words = sub.get("patternErrorMessage", "")
+        assert words.startswith("must ") and sub["pattern"] not in words, sub
+
+
+def test_no_message_of_the_invalid_corpus_shows_a_regex() -> None:
+    from quantlab.spec.schemas import schemas_by_kind
+    patterns = {s["pattern"] for schema in schemas_by_kind().values() for s in _patterns(schema)}
+    messages = []
+    for case in sorted((DATA / "invalid").iterdir()):
+        if (case / "fleet").exists() or (case / "fleet").is_symlink():
+            messages += [p.message for p in _refused(case / "fleet")]
+    assert len(messages) > 80
+    for message in messages:
+        assert "^[" not in message and "{0," not in message and "]{" not in message, message
+        assert not any(p in message for p in patterns), message
+
+
+def test_a_pattern_without_words_is_still_not_shown() -> None:
+    import jsonschema
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$",
+                                                         "description": "three capital letters"}}}
+    (error,) = jsonschema.Draft202012Validator(schema).iter_errors({"code": "eu"})
+    path, message = loader._schema_message(error, schema)
+    assert path == ["code"]
+    assert message == "code: 'eu' is not in the form this field takes (three capital letters)"
 
 
 # --- Limits: nesting, aliases, sizes, long values ------------------------------------------------

@@ -287,6 +287,21 @@ def test_an_instance_in_error_is_reported_not_restarted_until_its_spec_changes()
     assert summary(result) == [("start", "s", "w-a")]
 
 
+def test_a_retry_starts_the_copy_in_error_again_in_place_and_only_that_copy():
+    s = strategy("s")
+    fl = fleet([s], [worker("w-a"), worker("w-b")])
+    failed = running(s, 3, status="error", restarts=5, reason="heartbeat threw 11 times")
+    mem = memory({"s": ("w-a", 3)}, specs={"s": s})
+    assert "`quantlab retry s`" in plan(fl, observed(fl, {"w-a": [failed]}), mem, NOW).notes[0].note
+    mem.retry["s"] = {"epoch": 3, "by": "ops@desk retry", "reason": "exchange was down", "at": NOW}
+    result = plan(fl, observed(fl, {"w-a": [failed]}), mem, NOW)
+    assert summary(result) == [("start", "s", "w-a")] and result.actions[0].cause == "retry"
+    assert result.actions[0].epoch == 4 and "exchange was down" in result.actions[0].reason
+    # A request for another copy (an older epoch) starts nothing: the copy in error now was not asked about.
+    mem.retry["s"] = {"epoch": 2, "by": "ops@desk retry", "reason": None, "at": NOW}
+    assert plan(fl, observed(fl, {"w-a": [failed]}), mem, NOW).actions == ()
+
+
 def test_a_running_copy_the_memory_does_not_know_is_adopted():
     s = strategy("s")
     fl = fleet([s], [worker("w-a"), worker("w-b")])

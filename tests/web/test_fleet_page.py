@@ -7,12 +7,12 @@ import struct
 import zlib
 
 import pytest
-from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.integration.harness import FleetDir
 from tests.support import free_port, kill_all, node_problem, processes, require, wait_for
+from tests.web.pagekit import cell, click_strategy
 
 
 
@@ -39,19 +39,6 @@ def fleet(tmp_path):
     assert not left and not processes(marker)
 
 
-def cell(driver, sid: str, column: int) -> str:
-    """A cell's text, read in one script call: the page re-renders its table every poll, so an element
-    found in one call may be gone by the next."""
-    texts = driver.execute_script("return Array.from(document.querySelectorAll(arguments[0]), td => td.innerText)",
-                                  f'tr[data-strategy="{sid}"] td')
-    return texts[column].strip() if len(texts) > column else ""
-
-
-def click_strategy(driver, sid: str) -> None:
-    WebDriverWait(driver, 10, ignored_exceptions=(StaleElementReferenceException,)).until(
-        lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-strategy="{sid}"] a.sid').click() or True)
-
-
 def test_the_page_shows_the_fleet_live_in_a_browser(fleet, browser, tmp_path):
     fleet.worker("w1", region="JP", max_strategies=2).worker("w2", region="US", max_strategies=2)
     fleet.strategy("alpha").strategy("beta", requirements={"region": "EU"}).write()   # beta: no EU worker
@@ -63,19 +50,19 @@ def test_the_page_shows_the_fleet_live_in_a_browser(fleet, browser, tmp_path):
 
     browser.get(f"http://127.0.0.1:{port}/")
     wait = WebDriverWait(browser, 20, poll_frequency=0.1)
-    wait.until(lambda d: cell(d, "alpha", 1) == "running")
+    wait.until(lambda d: cell(d, "alpha", "status") == "running")
     page = browser.execute_script("return document.body.innerText")
     for name in ("alpha", "beta", "w1", "w2", "JP", "US"):
         assert name in page, f"{name} is not on the page:\n{page}"
-    assert cell(browser, "alpha", 2) == "w1" or cell(browser, "alpha", 2) == "w2"
-    why = cell(browser, "beta", 9)
+    assert cell(browser, "alpha", "worker") == "w1" or cell(browser, "alpha", "worker") == "w2"
+    why = cell(browser, "beta", "why")
     assert why.startswith("queued:") and "EU" in why, why
 
     # A change of status shows without navigating: the page is the same document throughout.
     browser.execute_script("window.stillHere = 42;")
     fleet.strategies["alpha"]["desiredState"] = "paused"
     fleet.write()
-    wait.until(lambda d: cell(d, "alpha", 1) == "paused")
+    wait.until(lambda d: cell(d, "alpha", "status") == "paused")
     assert browser.execute_script("return window.stillHere;") == 42
 
     # A strategy's log lines and events, on demand.
@@ -87,7 +74,7 @@ def test_the_page_shows_the_fleet_live_in_a_browser(fleet, browser, tmp_path):
     browser.set_window_size(390, 844)
     wait.until(lambda d: d.execute_script("return window.innerWidth") <= 400)
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
-    assert cell(browser, "alpha", 0) == "alpha"
+    assert cell(browser, "alpha", "strategy") == "alpha"
     browser.set_window_size(1280, 900)
 
     shot = browser.get_screenshot_as_png()

@@ -19,7 +19,8 @@ start        {"worker", "workdir", "strategy", "epoch", "specHash", "file", "run
 stop         {"workdir", "strategy", "epoch", "stopTimeoutSeconds", "reason", "checkpoint", "keep"}
                                                            -> {"result": STOP_RESULTS, "checkpoint"?, ...}
 pause/resume {"workdir", "strategy", "epoch"}              -> {"result": ...}
-logs         {"workdir", "strategy", "lines", "follow"}     -> the output's bytes (not JSON)
+logs         {"workdir", "strategy", "lines", "follow", "since"?, "grep"?, "cpuSeconds"?}
+                                                           -> the output's bytes (not JSON)
 checkpoints  {"workers": {worker: {"workdir", "instances": {strategy: {"epoch", "have"}}}}}
           -> {"workers": {worker: {strategy: {"result": CHECKPOINT_RESULTS, "checkpoint"?, ...}}}}
 supervise    INSTANCE_DIR (started by `start`, never by the controller)

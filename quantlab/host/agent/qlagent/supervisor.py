@@ -247,8 +247,9 @@ class Supervisor(object):
         return self.lease_deadline is not None and boottime() > self.lease_deadline
 
     def lease_reason(self, detail=None):
-        why = ("lease expired: the controller did not renew it for %gs (is `quantlab reconcile` "
-               "running?); stopped so that no second copy can run" % self.ttl)
+        why = ("lease expired: no renewal reached this host for %gs (the reconcile loop not running, this "
+               "host cut off from the controller, or this host frozen); stopped so that no second copy can "
+               "run" % self.ttl)
         return "%s; %s" % (why, detail) if detail else why
 
     def tend_files(self):
@@ -363,7 +364,7 @@ class Supervisor(object):
                 self.log.drain(self.proc.stdout)
                 self.end_strategy_processes()
                 self.save_status(exitCode=code)
-                return "unhealthy", "runner exited with code %d" % code
+                return "unhealthy", exit_words(code)
             problem = watch.check()
             if problem:
                 self.stop_runner()
@@ -576,6 +577,16 @@ def record_failure(idir, why):
     except OSError:
         pass
     return 1
+
+
+def exit_words(code):
+    """How the runner ended, for people: a signal by its name (Popen gives it as a negative code)."""
+    if code < 0:
+        try:
+            return "runner was killed by %s" % signal.Signals(-code).name
+        except ValueError:
+            return "runner was killed by signal %d" % -code
+    return "runner exited with code %d" % code
 
 
 def restart_delay(sched, restarts, jitter):
