@@ -216,12 +216,12 @@ def plan(
     else:
         for line in render.plan_lines(result, _header(ctl, loaded, result, gathered.observed, memory)):
             out.print(line)
-    conflict = ctl.loop_conflict(loaded, memory, result)
-    if conflict is not None:
-        err.print(f"[yellow]Warning:[/] apply would refuse this plan: {escape(conflict)}")
         if out_file is not None:
             out.print(f"Saved the plan to {escape(str(out_file))}: apply it with "
                       f"`quantlab apply {escape(str(out_file))}`.")
+    conflict = ctl.loop_conflict(loaded, memory, result)
+    if conflict is not None:
+        err.print(f"[yellow]Warning:[/] apply would refuse this plan: {escape(conflict)}")
     if detailed_exitcode and result.has_changes:
         raise typer.Exit(2)
 

@@ -272,6 +272,7 @@ def test_plan_says_what_a_pulling_loop_applies_and_that_apply_would_be_refused(g
     pushed = commit(mate, "add s2")
     git(mate, "push", "-q", "origin", "main")
     once(fl, "--git-pull")                            # the loop now applies the teammate's commit
+    once(fl, "--git-pull")                            # and renews its leases (cron's next run)
 
     # The operator's clone is behind: its plan would stop s2, which the loop just started.
     shown = fl.ql("plan")

@@ -69,3 +69,27 @@ def test_step_down_and_sigterm_hand_the_lead_over_and_nothing_restarts(daemon_fl
     assert [(e["change"], e["term"]) for e in events] == [("took", 1), ("stepped-down", 1), ("took", 2),
                                                           ("stepped-down", 2), ("took", 3)], events
     assert runner_pids(daemon_fleet) == before, "nothing restarted"
+
+
+def test_retry_through_the_leading_daemon(daemon_fleet, pg_dsn, tmp_path):
+    """`quantlab retry` writes the request into the shared state; the leading daemon starts the
+    strategy in error again at its next act round."""
+    down = tmp_path / "exchange-down"
+    down.write_text("")
+    daemon_fleet.worker("w1").strategy("s1", {"throwWhile": str(down)}, heartbeat_ms=100, maxErrors=0,
+                                       maxRestarts=1).write()
+    daemon_fleet.spawn("reconcile", "--state", pg_dsn, log=tmp_path / "a.log")
+    wait_for(lambda: (s := daemon_fleet.host_status("s1")) and s.get("state") == "error", 30, "s1 in error")
+    down.unlink()
+    placed = json.loads(quantlab("state", "pull", "--fleet", daemon_fleet.root, "--state", pg_dsn).stdout)
+    epoch = placed["placements"]["s1"]["epoch"]
+    daemon_fleet.ql("retry", "s1", "--reason", "exchange back", "--state", pg_dsn)
+
+    def retried():
+        state = json.loads(quantlab("state", "pull", "--fleet", daemon_fleet.root, "--state", pg_dsn).stdout)
+        return state["placements"]["s1"]["epoch"] > epoch
+    wait_for(retried, 20, "the leader to start s1 again")
+    wait_for(lambda: (s := daemon_fleet.host_status("s1")) and s.get("state") == "running"
+             and s.get("restarts") == 0, 20, "s1 running with a fresh restart budget")
+    events = daemon_fleet.ql("events", "--output", "json", "--strategy", "s1", "--state", pg_dsn).json()
+    assert any(e["event"] == "retry" and "exchange back" in e["detail"] for e in events), events
