@@ -24,6 +24,9 @@ def daemon_fleet(tmp_path):
     assert not left and not processes(marker)
 
 
+# tryfirst: xdist's own hook turns the group marker into the test's id suffix (what --dist loadgroup
+# distributes by), so the marker must be there before it runs.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     here = Path(__file__).resolve().parent
     for item in items:

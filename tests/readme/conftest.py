@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 
+# tryfirst: xdist's own hook turns the group marker into the test's id suffix (what --dist loadgroup
+# distributes by), so the marker must be there before it runs.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     here = Path(__file__).resolve().parent
     for item in items:

@@ -72,6 +72,9 @@ def require_sshd() -> None:
     pytest.skip(f"!!! SSH TEST NOT RUN: real sshd unavailable: {reason} (set QUANTLAB_REQUIRE_SSHD=1 to fail instead)")
 
 
+# tryfirst: xdist's own hook turns the group marker into the test's id suffix (what --dist loadgroup
+# distributes by), so the marker must be there before it runs.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _THIS_DIR in Path(str(item.path)).resolve().parents:

@@ -48,6 +48,9 @@ def browser():
     driver.quit()
 
 
+# tryfirst: xdist's own hook turns the group marker into the test's id suffix (what --dist loadgroup
+# distributes by), so the marker must be there before it runs.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     here = Path(__file__).resolve().parent
     for item in items:
