@@ -1,5 +1,5 @@
-"""Regenerates docs/fleet-page.png, the README's screenshot of the fleet page: a small fleet of
-`local` workers in two regions (one strategy queued for want of a worker), its reconcile daemon
+"""Regenerates docs/fleet-page.png, the fleet page's screenshot in docs/operations.md: a small fleet
+of `local` workers in two regions (one strategy queued for want of a worker), its reconcile daemon
 serving the page, and headless Chromium taking the picture.
 
     .venv/bin/python docs/screenshot.py
@@ -65,6 +65,7 @@ def main() -> None:
                 WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#strategies tbody tr")) == 5)
                 driver.find_element(By.CSS_SELECTOR, 'tr[data-strategy="grid-btc-jp"] a.sid').click()
                 time.sleep(1.5)                    # the log and events panels fill in
+                driver.execute_script("window.scrollTo(0, 0)")   # the page's top, not where the log opened
                 driver.save_screenshot(str(REPO / "docs" / "fleet-page.png"))
             finally:
                 driver.quit()

@@ -24,7 +24,9 @@ def beats_in(copy: dict) -> int:
 def test_each_round_brings_the_copy_up_to_date(fleet):
     fleet.running("w1", ["s1"])
     for _ in range(3):
-        before = fleet.recorded("s1", "state.json")["beats"]
+        # ctx.state is saved in the background after the beat that the heartbeat file already shows.
+        before = wait_for(lambda: (fleet.recorded("s1", "state.json") or {}).get("beats"), 10,
+                          what="s1's saved ctx.state to count a beat")
         fleet.ql("reconcile", "--once")
         # Never older than the run that copied it: at least what the runner had written before.
         assert beats_in(copy_of(fleet, "s1")) >= before

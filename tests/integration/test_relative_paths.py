@@ -76,3 +76,36 @@ def test_a_pulled_commit_that_does_not_validate_fails_the_round(node, reaper, tm
     run = quantlab("reconcile", "--once", "--git-pull", "--fleet", "fleet", cwd=clone, check=1)
     assert "does not validate" in run.output and "heartbeatMz" in run.output, run.describe()
     assert fl.runner_pid("s1") == pid, "the broken commit changed what runs"
+
+
+def test_serve_reads_a_relative_token_file_and_fleet(node, reaper, tmp_path):
+    import http.client
+    import subprocess
+    import sys
+
+    from tests.support import cli_env, free_port
+
+    fl = FleetDir(tmp_path / "fleet")
+    fl.worker("w1").strategy("s1").write()
+    quantlab("apply", "--fleet", "fleet", "--yes", cwd=tmp_path)
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "page-token").write_text("a-token-of-twenty-chars\n")
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "quantlab", "serve", "--fleet", "fleet", "--listen",
+                                 f"127.0.0.1:{port}", "--token-file", "secrets/page-token"], cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=cli_env(),
+                                start_new_session=True)
+    fl.daemons.append(proc)
+    wait_for(lambda: "Serving the fleet page" in log.read_text() or proc.poll() is not None, 20, what="serve")
+    assert proc.poll() is None, log.read_text()
+
+    def status(token: str | None) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/status", headers={"Authorization": f"Bearer {token}"} if token else {})
+        code = conn.getresponse().status
+        conn.close()
+        return code
+    assert status(None) == 401 and status("a-token-of-twenty-chars") == 200
+    fl.stop_daemons()
