@@ -62,20 +62,28 @@ def tail_bytes(path, lines):
     return b"\n".join(data.split(b"\n")[-keep:]) if keep else b""
 
 
-def stamp_ms(line):
-    """The epoch ms of a line's leading time, or None when it has none."""
+def stamp_ms(line, seconds_of=None):
+    """The epoch ms of a line's leading time, or None when it has none. `seconds_of`: a cache of
+    (date and time to the second, zone) -> epoch seconds (a log has many lines per second)."""
     found = STAMP.match(line)
     if found is None:
         return None
     year, month, day, hour, minute, second, fraction, zone = found.groups()
-    try:
-        seconds = calendar.timegm((int(year), int(month), int(day), int(hour), int(minute), int(second), 0, 0, 0))
-    except (ValueError, OverflowError):
-        return None
-    if zone and zone != b"Z":
-        sign = -1 if zone[:1] == b"-" else 1
-        digits = zone[1:].replace(b":", b"")
-        seconds -= sign * (int(digits[:2]) * 3600 + int(digits[2:4]) * 60)
+    key = (line[:19], zone)
+    seconds = seconds_of.get(key) if seconds_of is not None else None
+    if seconds is None:
+        try:
+            seconds = calendar.timegm((int(year), int(month), int(day), int(hour), int(minute), int(second), 0, 0, 0))
+        except (ValueError, OverflowError):
+            return None
+        if zone and zone != b"Z":
+            sign = -1 if zone[:1] == b"-" else 1
+            digits = zone[1:].replace(b":", b"")
+            seconds -= sign * (int(digits[:2]) * 3600 + int(digits[2:4]) * 60)
+        if seconds_of is not None:
+            if len(seconds_of) > 4096:
+                seconds_of.clear()
+            seconds_of[key] = seconds
     return seconds * 1000 + (int((fraction or b"0")[:3].ljust(3, b"0")))
 
 
@@ -86,9 +94,10 @@ class LineFilter(object):
     def __init__(self, since, pattern):
         self.since, self.pattern = since, pattern
         self.stamp = None
+        self.seconds_of = {}
 
     def keeps(self, line):
-        found = stamp_ms(line) if self.since is not None else None
+        found = stamp_ms(line, self.seconds_of) if self.since is not None else None
         if found is not None:
             self.stamp = found
         if self.since is not None and (self.stamp is None or self.stamp < self.since):
