@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal
 from .clock import Clock
 from .gather import not_after
 from .health import lease_surely_expired_at
+from .host.agent.qlagent.protocol import instance_key
 from .hosts import RUNNER_PATH, AgentError, HostKey, Hosts, host_key, strategy_remote_path
 from .ledger import Ledger
 from .memory import Launched, Memory, Placement
@@ -107,6 +108,9 @@ class Executor:
         request = start_request(self.hosts, self.fleet, worker, spec, epoch, paused)
         if self.settings.monitor.fencing:
             request["notAfter"] = not_after(self.rec.memory.host_clocks[worker_id], until)
+            key = self.rec.memory.lease_key
+            if key is not None:      # only renewals proved with the copy's key extend its lease
+                request["leaseKey"] = instance_key(bytes.fromhex(key), spec.id, epoch)
         if checkpoint:
             request["checkpoint"] = checkpoint
         timeout = max(0.1, (until - self.rec.clock.mono()) / 1000)

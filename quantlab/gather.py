@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .clock import Clock
+from .host.agent.qlagent.protocol import instance_key, lease_proof
 from .hosts import AgentError, HostKey, Hosts
 from .memory import HostClock, Memory
 from .observed import Instance, ObservedState, WorkerState
@@ -77,6 +78,17 @@ def renewals(memory: Memory) -> dict[str, dict[str, int]]:
     for sid, p in memory.placements.items():
         out.setdefault(p.worker, {})[sid] = p.epoch
     return out
+
+
+def renewal_proofs(lease_key: str | None, renew: dict[str, dict[str, int]],
+                   limit: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """worker -> strategy -> the proof that this renewal (up to `limit`) comes from the controller,
+    which each copy's supervisor checks with the key its start gave it (see protocol.lease_proof)."""
+    if lease_key is None:
+        return {}
+    secret = bytes.fromhex(lease_key)
+    return {wid: {sid: lease_proof(instance_key(secret, sid, epoch), epoch, limit) for sid, epoch in asked.items()}
+            for wid, asked in renew.items()}
 
 
 def not_after(host_clock: HostClock, until_mono_ms: int) -> dict[str, Any]:
@@ -147,6 +159,7 @@ class _Call:
     answer: dict[str, Any] | None = None
     answered_at: int = 0
     host_clock: HostClock | None = None
+    lease_key: str | None = None           # the state's, to prove each renewal (renewal_proofs)
 
     @property
     def done(self) -> bool:
@@ -233,7 +246,7 @@ class Prober:
                 patience = gives_up + (budget_ms if renew and not warm else 0)
                 call = _Call(key, members, self._request(members, memory, fence), renew,
                              wait_until=patience if first_round else t0 + budget_ms, gives_up_at=gives_up,
-                             warm=warm, sent_at=t0, renewal_deadline=t0 + budget_ms)
+                             warm=warm, sent_at=t0, renewal_deadline=t0 + budget_ms, lease_key=memory.lease_key)
                 self._outstanding[key] = call
                 sent.append(call)
         return sent, carried
@@ -292,8 +305,9 @@ class Prober:
         for attempt in (1, 2):
             if self.clock.mono() >= call.renewal_deadline:
                 raise OutOfTime(str(call.key))
-            request = {**call.request, "renew": call.renew, "leaseTtlSeconds": ttl_ms / 1000,
-                       "notAfter": not_after(host_clock, call.renewal_deadline)}
+            limit = not_after(host_clock, call.renewal_deadline)
+            request = {**call.request, "renew": call.renew, "leaseTtlSeconds": ttl_ms / 1000, "notAfter": limit,
+                       "proofs": renewal_proofs(call.lease_key, call.renew, limit)}
             call.renewals_sent = True
             answer = self._ask(call, request, call.renewal_deadline)
             if not (answer.get("host") or {}).get("renewRefused") or attempt == 2 or call.host_clock is None:

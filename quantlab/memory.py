@@ -21,6 +21,11 @@ SUSPENDED_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # 1: judged times were wall-clock ms; read, then rebased
 
 
+def _lease_key(raw: Any) -> str | None:
+    """A lease key as stored (64 hex digits), or None: one of another shape is made again."""
+    return raw if isinstance(raw, str) and len(raw) == 64 and all(c in "0123456789abcdef" for c in raw) else None
+
+
 class MemoryFormatError(ValueError):
     """The state file's content is not a state this version understands."""
 
@@ -155,6 +160,9 @@ class Memory:
     # The controller term its commands to the hosts carry (a fencing token, see host fence.py): the
     # file's, or with PostgreSQL the leader's, kept here for `state pull` and a later push.
     term: int = 0
+    # The secret (hex) from which each copy's lease key derives (protocol.instance_key): only
+    # renewals proved with it extend a lease on a host. Made by the store at the first save.
+    lease_key: str | None = None
 
     def copy(self) -> "Memory":
         return copy.deepcopy(self)
@@ -190,6 +198,7 @@ class Memory:
             **({"loopSource": dict(sorted(self.loop_source.items()))} if self.loop_source else {}),
             **({"migratedTo": self.migrated_to} if self.migrated_to else {}),
             **({"controllerTerm": self.term} if self.term else {}),
+            **({"leaseKey": self.lease_key} if self.lease_key else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -236,6 +245,7 @@ class Memory:
                 loop_source=dict(raw.get("loopSource") or {}),
                 migrated_to=raw.get("migratedTo"),
                 term=int(raw.get("controllerTerm") or 0),
+                lease_key=_lease_key(raw.get("leaseKey")),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc

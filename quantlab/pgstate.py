@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -175,7 +176,7 @@ class PgState:
                 if expected_serial != 0:
                     raise StateConflict(f"the state in {self.where()} is gone (expected serial {expected_serial})")
                 lineage = memory.lineage or str(uuid.uuid4())
-                saved = replace(memory, lineage=lineage, serial=1)
+                saved = replace(memory, lineage=lineage, serial=1, lease_key=memory.lease_key or secrets.token_hex(32))
                 conn.execute("INSERT INTO quantlab_state (id, lineage, serial, content) VALUES (1, %s, 1, %s)",
                              (lineage, json.dumps(saved.content_json())))
                 return saved
@@ -185,7 +186,9 @@ class PgState:
                                     f"this one read {expected_serial}); nothing was written: read it again")
             if memory.lineage is not None and memory.lineage != lineage:
                 raise StateConflict(f"the state in {self.where()} is another lineage ({lineage}, not {memory.lineage})")
-            mine = replace(memory, lineage=lineage)
+            # The lease key is made once, like the lineage; a memory read before it existed keeps the stored one.
+            mine = replace(memory, lineage=lineage,
+                           lease_key=memory.lease_key or content.get("leaseKey") or secrets.token_hex(32))
             if mine.content_json() == content:
                 return replace(mine, serial=serial)          # nothing changed: the serial stays
             conn.execute("UPDATE quantlab_state SET serial = serial + 1, content = %s, saved_at = now() WHERE id = 1",

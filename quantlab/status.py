@@ -49,7 +49,9 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
             entry.update(status=_STATUS_OF.get(inst.status, inst.status), startedAt=inst.started_at,
                          stoppedAt=inst.stopped_at, errorCount=inst.error_count, lastError=inst.last_error,
                          restarts=inst.restarts, heartbeatAgeMs=inst.heartbeat_age_ms,
-                         leaseLeftSeconds=inst.lease_left_s, reason=inst.reason, problems=list(inst.problems))
+                         leaseLeftSeconds=_lease_left(inst, memory, worker, fleet.settings.monitor.lease_ttl_s,
+                                                      now_ms),
+                         reason=inst.reason, problems=list(inst.problems))
             healthy = health.instance_healthy(inst, spec)[0] if spec else False
         elif placed is not None:
             # Not seen now: its worker is not answering, or the copy is gone.
@@ -109,6 +111,17 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
             # what the reconcile loop applies, the revision it last applied and since when (epoch ms)
             "loop": dict(memory.loop_source) or None,
             "problems": list(problems or [])}
+
+
+def _lease_left(inst: Instance, memory: Memory, worker: str | None, ttl_s: float, now_ms: int) -> float | None:
+    """What the host says is left of the lease, never more than this controller granted (the bound
+    its lease book keeps for the worker, or one TTL): the number comes from a file the strategy can
+    write."""
+    if inst.lease_left_s is None:
+        return None
+    bound = memory.leases.get(worker) if worker is not None else None
+    granted = (bound - now_ms) / 1000 if bound is not None else ttl_s
+    return round(max(0.0, min(inst.lease_left_s, granted)), 3)
 
 
 def _proxy_of(fleet: Fleet, placed: Placement | None) -> str | None:

@@ -14,6 +14,7 @@ import json
 import os
 import posixpath
 import re
+import secrets
 import socket
 import stat
 import sys
@@ -145,6 +146,9 @@ class StateStore:
             lineage = self._saved.get("lineage") if self._saved else None
             began = self._saved.get("began") if self._saved else None
             memory = replace(memory, lineage=lineage or str(uuid.uuid4()), began=began or memory.began)
+        if memory.lease_key is None:
+            # Made once, like the lineage; a memory read before it existed keeps the file's.
+            memory = replace(memory, lease_key=(self._saved or {}).get("leaseKey") or secrets.token_hex(32))
         content = memory.content_json()
         if content == self._saved:
             return replace(memory, serial=self._serial)

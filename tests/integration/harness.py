@@ -112,6 +112,8 @@ def spawn_quantlab(*args: Any, log: Path) -> subprocess.Popen:
 #   throwAlways      st_heartbeat throws every time
 #   throwWhile: F    st_heartbeat throws while the file F exists (an exchange that is down, then back)
 #   logBeats         ctx.log a line at every beat
+#   forgeLease       "forge": rewrite QUANTLAB_LEASE_FILE with a deadline far ahead at every beat;
+#                    "replay": keep putting back the first renewal it saw there (a genuine one, old)
 #   exitDelayMs      st_exit takes this long
 #   envHash: [K..]   writes sha256 of process.env[K] (or null) to env-hash.json, never the value
 #   token            printed with ctx.log by st_init
@@ -151,11 +153,31 @@ export async function st_heartbeat(ctx) {
   if (p.throwAlways) throw new Error(`probe failure number ${beats}`);
   if (p.throwWhile && fs.existsSync(p.throwWhile)) throw new Error(`probe: ${p.throwWhile} exists`);
   if (p.logBeats) ctx.log(`beat ${beats} epoch ${ctx.epoch}`);
+  if (p.forgeLease) forgeLease(p.forgeLease, ctx.epoch);
   if (p.hangAfter !== undefined && beats > p.hangAfter) {
     add('hang.log', `${process.pid} ${Date.now()}`);
     setInterval(() => {}, 1000);
     await new Promise(() => {});
   }
+}
+
+let replayed = null;
+function forgeLease(how, epoch) {
+  const file = process.env.QUANTLAB_LEASE_FILE;
+  let lease;
+  if (how === 'forge') {
+    lease = { epoch, deadline: 1e12, expiresAt: Date.now() + 1e9 };
+  } else {
+    try {
+      const now = JSON.parse(fs.readFileSync(file, 'utf8'));
+      if (replayed === null && now.proof) replayed = now;
+    } catch (e) { return; }
+    if (replayed === null) return;
+    lease = replayed;
+  }
+  fs.writeFileSync(`${file}.forged`, JSON.stringify(lease));
+  fs.renameSync(`${file}.forged`, file);
+  add('forged.log', `${Date.now()}`);
 }
 
 export async function st_exit(ctx) {

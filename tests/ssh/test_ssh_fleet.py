@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +80,17 @@ def test_apply_spreads_a_fleet_over_three_hosts(ssh_fleet):
         assert w["region"] == region[wid] and w["host"] == fl.worker_hosts[wid]
         assert sorted(w["runningStrategies"]) == sorted(s for s, at in placed.items() if at == wid)
         assert w["versions"]["python"] and w["versions"]["node"].startswith("v")
+
+    # The supervisors hold their copies' lease keys: undumpable, so a strategy of the same uid can
+    # neither ptrace them nor read their memory or environment.
+    for sid, wid in placed.items():
+        pid = int((fl.instance_dir(wid, sid) / "supervisor.pid").read_text().split()[0])
+        uid = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                   if line.startswith("Uid:"))
+        assert uid == fl.login_uid, (sid, pid, uid)
+        peek = subprocess.run(["cat", f"/proc/{pid}/environ"], preexec_fn=lambda: os.setuid(uid),
+                              capture_output=True, text=True, timeout=30)
+        assert peek.returncode != 0 and "Permission denied" in peek.stderr, (sid, peek.stderr)
 
     # Nothing more to do.
     again = fl.cli("plan", "--detailed-exitcode")

@@ -488,7 +488,7 @@ def spawn_writer(path: Path) -> Spawned:
 
 def kill_writers_at_random(path: Path, rounds: int, rng: random.Random, spawn, max_delay: float) -> dict:
     stats = {"in_flight": 0, "landed_unreported": 0, "temps": 0}
-    lineage = None
+    lineage = key = None
     for round_no in range(rounds):
         pid, fd, wait, close = spawn(path)
         lines, status = Lines(fd), None
@@ -521,9 +521,11 @@ def kill_writers_at_random(path: Path, rounds: int, rng: random.Random, spawn, m
         found = memory.restarts.get("counter", 0)
         assert found in allowed, f"round {round_no}: file holds version {found}, child reported {reported}"
         if found:
-            assert memory == child.version(found, lineage=memory.lineage, serial=found)
-            lineage = lineage or memory.lineage
-            assert memory.lineage == lineage
+            # The lease key is made once, with the lineage, and kept by every version after.
+            assert memory == dataclasses.replace(child.version(found, lineage=memory.lineage, serial=found),
+                                                 lease_key=memory.lease_key)
+            lineage, key = lineage or memory.lineage, key or memory.lease_key
+            assert memory.lineage == lineage and memory.lease_key == key is not None
         stats["in_flight"] += about == wrote + 1
         stats["landed_unreported"] += found == about != wrote
         # Only the state, its two locks and temp files the loader never reads.

@@ -23,6 +23,7 @@ PROBLEM_CAP = 200                      # one entry of an instance's `problems`
 MAX_PROBLEMS = 8
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4          # 0: no ptrace, no /proc/PID/mem or environ for others of the same uid
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
 
@@ -171,6 +172,7 @@ FIELD_KINDS = {
     "number": (_is_number, "a number"),
     "text": (lambda v: isinstance(v, str), "a string"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
 }
 
 HEARTBEAT_FIELDS = {"t": "time", "beats": "count", "errorCount": "count", "lastError": "text?", "paused": "bool"}
@@ -178,7 +180,7 @@ STATUS_FIELDS = {"state": "text", "epoch": "int?", "specHash": "text?", "restart
                  "stoppedAt": "time?", "exitCode": "int?", "reason": "text?", "paused": "bool",
                  "stopTimeoutSeconds": "time?", "runnerPid": "count?", "lastRestartAt": "time?",
                  "containment": "text?"}
-LEASE_FIELDS = {"epoch": "int?", "deadline": "number", "expiresAt": "number?"}
+LEASE_FIELDS = {"epoch": "int?", "deadline": "number", "expiresAt": "number?", "notAfter": "object?", "proof": "text?"}
 CONTROL_FIELDS = {"stop": "text?"}
 SPEC_IDS = {"epoch": "int?", "specHash": "text?"}
 SPEC_LEASE = {"leaseTtlSeconds": "number?"}

@@ -1,6 +1,7 @@
 """`start`, `stop`, `pause`, `resume`: an instance's supervisor started, stopped or signalled,
 under the instance's lock; old instance folders pruned."""
 import os
+import re
 import shutil
 import signal
 import stat
@@ -58,6 +59,11 @@ def launched_as_asked(idir, request):
 
 def start(request, args):
     request["workdir"] = os.path.abspath(os.path.expanduser(request["workdir"]))
+    # The copy's lease key goes to its supervisor through a pipe only: spec.json is in the strategy's reach.
+    key = request.pop("leaseKey", None)
+    if key is not None and not (isinstance(key, str) and re.fullmatch(r"[0-9a-f]{64}", key)):
+        return {"result": "refused", "reason": "leaseKey is not 64 hex digits"}, 0
+    request["leaseAuth"] = key is not None
     ttl = float(request.get("leaseTtlSeconds") or 0)
     if ttl > 0:
         _, refused = lease_limit(request.get("notAfter"))
@@ -107,13 +113,15 @@ def start(request, args):
     log = open_append(os.path.join(idir, "supervisor.log"))
     try:
         child = subprocess.Popen([sys.executable, "-I", "-S", APP, "supervise", idir],
-                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
-                                 start_new_session=True, cwd=idir)
+                                 stdin=subprocess.PIPE if key else subprocess.DEVNULL, stdout=log, stderr=log,
+                                 close_fds=True, start_new_session=True, cwd=idir)
     finally:
         try:
             os.close(log)
         except OSError:
             pass
+    if key:
+        hand_over_key(child, key, problems)
     # From here on a copy runs: the answer must say "started" whatever else fails (a full disk, an
     # events.log the strategy made unwritable), or the controller would believe nothing runs here.
     # The supervisor writes supervisor.pid itself as soon as it runs, and keeps it.
@@ -124,6 +132,17 @@ def start(request, args):
     if problems:
         answer["problems"] = [clip(p, PROBLEM_CAP) for p in problems[:MAX_PROBLEMS]]
     return answer, 0
+
+
+def hand_over_key(child, key, problems):
+    """The key, then end of input: the supervisor reads it before anything else (a supervisor that
+    gets none takes no renewal, and its strategy stops at the end of the lease this start granted)."""
+    try:
+        child.stdin.write(key.encode("ascii") + b"\n")
+        child.stdin.close()
+    except OSError as exc:
+        problems.append("the lease key did not reach the supervisor: %s; it stops when this start's lease "
+                        "runs out" % describe_error(exc))
 
 
 def bookkeeping(problems, name, action, *args, **kwargs):

@@ -8,6 +8,7 @@ from .probe import copy_checkpoints, probe
 from .control import set_paused, start, stop
 from .fence import admit
 from .logs import logs
+from .procs import keep_secrets
 from .supervisor import supervise
 
 # Commands that change something here are checked against the controller's term (see fence.py);
@@ -53,6 +54,8 @@ def main(argv):
     except ValueError as exc:
         sys.stderr.write("request is not JSON: %s\n" % exc)
         return EXIT_BAD_REQUEST
+    if isinstance(request, dict) and "leaseKey" in request:
+        keep_secrets()                 # a copy's lease key is in this process's memory now
     if command in FENCED_COMMANDS and isinstance(request, dict) and isinstance(request.get("workdir"), str):
         workdir = os.path.abspath(os.path.expanduser(request["workdir"]))
         refused, highest = admit(workdir, request)

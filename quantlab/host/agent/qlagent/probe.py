@@ -359,19 +359,22 @@ def unpack_checkpoint(idir, checkpoint):
             handle.write(zlib.decompress(base64.b64decode(data)))
 
 
-def write_lease(idir, epoch, ttl, limit):
-    """deadline: on this host's boot-time clock, what the supervisor enforces, never past the
-    request's not-after + TTL; expiresAt: the same moment in wall-clock ms, for the strategy
-    (ctx.leaseExpiresAt). No TTL: no lease, no fencing."""
+def write_lease(idir, epoch, ttl, limit, not_after=None, proof=None):
+    """deadline: on this host's boot-time clock, never past the request's not-after + TTL (what a
+    supervisor of an earlier release enforces); expiresAt: the same moment in wall-clock ms, for the
+    strategy (ctx.leaseExpiresAt). notAfter and proof: a renewal's, which a supervisor that holds
+    its copy's key checks before it takes a later deadline. No TTL: no lease, no fencing."""
     lease = {"epoch": epoch, "expiresAt": None}
     if ttl > 0:
         now = boottime()
         deadline = min(now + ttl, limit + ttl)
         lease.update(deadline=deadline, expiresAt=now_ms() + int((deadline - now) * 1000))
+    if proof is not None:
+        lease.update(notAfter=not_after, proof=proof)
     write_json(os.path.join(idir, "lease.json"), lease)
 
 
-def renew_lease(idir, epoch, ttl, not_after):
+def renew_lease(idir, epoch, ttl, not_after, proof=None):
     """Extend the lease of the copy with this epoch: None when renewed, else why not. Only the copy
     running here, only a lease that has not run out yet (expired stays expired: its supervisor may
     not have noticed yet, and the controller may already start a replacement elsewhere), and only
@@ -397,7 +400,10 @@ def renew_lease(idir, epoch, ttl, not_after):
     limit, late = lease_limit(not_after)
     if limit is None:
         return late
-    write_lease(idir, epoch, ttl, limit)
+    if proof is None and load_spec(os.path.join(idir, "spec.json")).get("leaseAuth"):
+        # Its supervisor takes only renewals that prove they came from the controller.
+        return "the request carries no proof of renewal for it"
+    write_lease(idir, epoch, ttl, limit, not_after, proof)
     return None
 
 
@@ -435,7 +441,8 @@ def probe(request, args):
             worker["fenced"] = fenced
             worker["refused"] = {name: clip(fenced) for name in sorted(asked)}
         else:
-            renew_worker(workdir, asked, ttl, not_after, worker)
+            proofs = (request.get("proofs") or {}).get(wid)
+            renew_worker(workdir, asked, ttl, not_after, worker, proofs if isinstance(proofs, dict) else {})
         workers.append((wid, spec, worker))
     containment = host_containment()
     cache = None
@@ -459,7 +466,7 @@ def probe(request, args):
     return answer
 
 
-def renew_worker(workdir, renew, ttl, not_after, worker):
+def renew_worker(workdir, renew, ttl, not_after, worker, proofs=None):
     """The renewals asked for one worker: each id goes to `renewed` or, with why, to `refused`.
     Whatever goes wrong with one instance is that instance's alone."""
     present = set(instance_names(workdir))
@@ -471,7 +478,8 @@ def renew_worker(workdir, renew, ttl, not_after, worker):
             elif name not in present or not stat.S_ISDIR(os.lstat(idir).st_mode):
                 why = "no such instance here"
             else:
-                why = renew_lease(idir, renew[name], float(ttl), not_after)
+                proof = (proofs or {}).get(name)
+                why = renew_lease(idir, renew[name], float(ttl), not_after, proof if isinstance(proof, str) else None)
         except Exception as exc:          # noqa: BLE001 - disk full, a file half gone, a bug: say so, go on
             why = "the agent could not renew it: %s" % describe_error(exc)
         if why is None:

@@ -16,6 +16,7 @@ from .base import (
     NO_FOLLOW,
     PR_GET_CHILD_SUBREAPER,
     PR_SET_CHILD_SUBREAPER,
+    PR_SET_DUMPABLE,
     PR_SET_PDEATHSIG,
     _is_number,
     append_line,
@@ -256,6 +257,12 @@ def host_containment():
     ok = function(ctypes.c_int(PR_GET_CHILD_SUBREAPER), ctypes.byref(flag), ctypes.c_ulong(0),
                   ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
     return "subreaper" if ok else "process-group"
+
+
+def keep_secrets():
+    """This process holds a lease key: a strategy of the same uid must not read it from our memory
+    (ptrace, /proc/PID/mem). False where prctl is not available."""
+    return prctl(PR_SET_DUMPABLE, 0)
 
 
 def die_with_parent(parent, signum):

@@ -7,7 +7,8 @@ stdout (exit 0), or EXIT_MISSING (the files the request names must be uploaded f
 EXIT_BAD_REQUEST. The shapes, by command:
 
 probe        {"workers": [{"id", "workdir", "program"}], "eventsSince": {worker: ms},
-              "renew": {worker: {strategy: epoch}}, "leaseTtlSeconds", "notAfter": {"bootId", "boottime"}}
+              "renew": {worker: {strategy: epoch}}, "proofs": {worker: {strategy: proof}},
+              "leaseTtlSeconds", "notAfter": {"bootId", "boottime"}}
           -> {"host": {"cpus", "time", "boottime", "bootId", "loadavg", "memFreeMb", "answeredAt",
                        "renewRefused"?}, "workers": {worker: {"instances": {strategy: INSTANCE},
                        "renewed": [strategy], "refused": {strategy: why}, ...}}}
@@ -15,7 +16,7 @@ probe        {"workers": [{"id", "workdir", "program"}], "eventsSince": {worker:
                          "reason", "restarts", "events", "problems", "launched", ...}
 start        {"worker", "workdir", "strategy", "epoch", "specHash", "file", "runnerFile", "runner",
               "params", "heartbeatMs", "scheduling", "region", "proxy", "account", "leaseTtlSeconds",
-              "paused", "notAfter", "checkpoint"?}          -> {"result": START_RESULTS, ...}
+              "paused", "notAfter", "checkpoint"?, "leaseKey"?}  -> {"result": START_RESULTS, ...}
 stop         {"workdir", "strategy", "epoch", "stopTimeoutSeconds", "reason", "checkpoint", "keep"}
                                                            -> {"result": STOP_RESULTS, "checkpoint"?, ...}
 pause/resume {"workdir", "strategy", "epoch"}              -> {"result": ...}
@@ -30,7 +31,16 @@ leadership term of its state (see fence.py): a term below the highest the workdi
 lineage is refused — start/stop/pause/resume answer {"result": "fenced", "reason", "fence": highest},
 a probe refuses that worker's renewals and says "fenced" — and every probe worker reports
 "fence": the highest term seen there (a null term asks without raising it).
+
+Leases are renewed only by the controller. `start` hands the instance's key ("leaseKey", hex) to its
+supervisor through a pipe, never through a file the strategy could read; each renewal carries a proof
+made with that key over the epoch and the request's not-after, which the agent writes into lease.json
+and the supervisor checks before it takes a later deadline (see lease_proof). A strategy, which can
+rewrite lease.json at will, can at most replay a proof it was given, whose not-after has passed.
 """
+
+import hashlib
+import hmac
 
 EXIT_MISSING = 3        # files the request names are not on the host: upload them, then retry
 EXIT_BAD_REQUEST = 4
@@ -48,3 +58,26 @@ START_RESULTS = ("started", "already-running", "busy", "missing", "refused", "un
 STOP_RESULTS = ("stopped", "not-running", "epoch-mismatch", "busy", "fenced")
 PAUSE_RESULTS = ("paused", "running", "not-running", "unconfirmed", "busy", "fenced")
 CHECKPOINT_RESULTS = ("unchanged", "copied", "too-large", "other-epoch", "missing", "error")
+
+
+def instance_key(lease_key, strategy, epoch):
+    """The key of one copy (hex): derived from the controller's lease key (bytes), so that the
+    controller needs to keep one secret, and a copy's key is worth nothing to any other copy."""
+    return hmac.new(lease_key, ("instance\0%s\0%d" % (strategy, epoch)).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def lease_proof(key_hex, epoch, not_after):
+    """The proof that a renewal of `epoch` up to `not_after` ({"bootId", "boottime"}) came from the
+    controller that holds the copy's key. The not-after's time is written as repr() of the float both
+    sides read from JSON, so both sides hash the same bytes."""
+    message = "renew\0%d\0%s\0%r" % (epoch, not_after.get("bootId"), float(not_after.get("boottime")))
+    return hmac.new(bytes.fromhex(key_hex), message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def proof_matches(key_hex, epoch, not_after, proof):
+    """Whether `proof` proves a renewal of `epoch` up to `not_after` with this key (constant time);
+    False for anything malformed."""
+    try:
+        return isinstance(proof, str) and hmac.compare_digest(lease_proof(key_hex, epoch, not_after), proof)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return False

@@ -3,6 +3,7 @@ watch of heartbeats, the output log, and the lease that fences the strategy."""
 import json
 import os
 import random
+import select
 import signal
 import stat
 import subprocess
@@ -16,6 +17,7 @@ from .base import (
     LATE_FENCE,
     LEASE_FIELDS,
     PROBLEM_CAP,
+    boot_id,
     boottime,
     clip,
     describe_error,
@@ -24,13 +26,14 @@ from .base import (
     remove_entry,
     write_json,
 )
-from .protocol import FINAL_STATES
+from .protocol import FINAL_STATES, proof_matches
 from .procs import (
     PID_IDENTITY,
     become_subreaper,
     descendants,
     die_with_parent,
     end_descendants,
+    keep_secrets,
     live_pid,
     lock_instance,
     log_event,
@@ -62,9 +65,13 @@ class Supervisor(object):
     with backoff, stops it when its lease runs out (fencing), and ends every process the strategy
     started before each restart and before it ends itself."""
 
-    def __init__(self, idir):
+    def __init__(self, idir, key=None):
         self.dir = idir
         self.spec = load_spec(self.path("spec.json"))
+        # The copy's lease key (hex), from `start` through our stdin; only renewals proved with it
+        # extend the lease. None for a start that gave none (which then takes no renewal at all).
+        self.key = key
+        self.auth = bool(self.spec.get("leaseAuth"))
         self.status, _ = read_status(idir, [])
         self.sched = self.spec["scheduling"]
         self.heartbeat_s = self.spec["heartbeatMs"] / 1000.0
@@ -240,11 +247,30 @@ class Supervisor(object):
             lease, _, problems = load_checked(self.path("lease.json"), LEASE_FIELDS)
             for problem in problems:           # an unreadable lease extends nothing: fail closed
                 self.note_problem(problem)
-            if lease and lease.get("epoch") == self.spec["epoch"] and "deadline" in lease:
+            if self.auth:
+                self.take_proved_renewal(lease)
+            elif lease and lease.get("epoch") == self.spec["epoch"] and "deadline" in lease:
+                # A start that gave no key (none is sent by an earlier controller release).
                 # No renewal reaches further than one TTL from now, whoever wrote the file.
                 deadline = min(lease["deadline"], boottime() + self.ttl)
                 self.lease_deadline = max(self.lease_deadline or 0, deadline)
         return self.lease_deadline is not None and boottime() > self.lease_deadline
+
+    def take_proved_renewal(self, lease):
+        """A renewal that proves it came from the controller (with this copy's key) extends the
+        lease to its not-after + TTL, judged on our own clock; anything else — the strategy can
+        write lease.json at will — extends nothing. The file's own `deadline` is never believed."""
+        if not lease or lease.get("epoch") != self.spec["epoch"] or self.key is None:
+            return
+        not_after = lease.get("notAfter")
+        if not isinstance(not_after, dict) or not_after.get("bootId") != boot_id():
+            return
+        limit = not_after.get("boottime")
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or \
+                not proof_matches(self.key, self.spec["epoch"], not_after, lease.get("proof")):
+            return
+        deadline = min(float(limit) + self.ttl, boottime() + self.ttl)
+        self.lease_deadline = max(self.lease_deadline or 0, deadline)
 
     def lease_reason(self, detail=None):
         why = ("lease expired: no renewal reached this host for %gs (the reconcile loop not running, this "
@@ -523,8 +549,9 @@ def supervise(args):
     keeps (Keeper), the child supervises; both are subreapers, so whichever dies, the other still has
     every process the strategy started below it."""
     idir = args[0]
+    key = read_key()
     try:
-        sup = Supervisor(idir)
+        sup = Supervisor(idir, key)
     except Exception as exc:              # noqa: BLE001 - a spec it cannot use: say so where `status` looks
         return record_failure(idir, "supervisor cannot start: %s" % exc)
     if not become_subreaper():
@@ -549,6 +576,31 @@ def supervise(args):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def read_key():
+    """The copy's lease key, which `start` writes into our stdin (and closes): at most a line, within
+    a few seconds. Then stdin is /dev/null again, so that no descendant inherits the pipe, and this
+    process is made undumpable (no ptrace or /proc/PID/mem for a strategy of the same uid); the fork
+    below inherits both."""
+    key = None
+    try:
+        if not os.isatty(0):
+            ready, _, _ = select.select([0], [], [], 5.0)
+            if ready:
+                line = os.read(0, 128).strip().decode("ascii", "replace")
+                key = line if len(line) == 64 and all(c in "0123456789abcdef" for c in line) else None
+    except (OSError, ValueError):
+        key = None
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+    except OSError:
+        pass
+    if key is not None:
+        keep_secrets()
+    return key
 
 
 def run_supervisor(sup):
