@@ -590,13 +590,25 @@ class Controller:
         for wid, why in gathered.refused.items():
             raised[f"refused:{wid}"] = {"t": self.clock.wall(), "kind": "renew-refused", "worker": wid,
                                         "message": f"{wid}: its host granted no renewal: {why}"}
-        scopes = ("offline:", "instance:", "refused:") if not fallback else ("refused:",)
+        for wid, term in gathered.odd_fences.items():
+            raised[f"fence:{wid}"] = {
+                "t": self.clock.wall(), "kind": "fence-anomaly", "worker": wid,
+                "message": f"{wid}: its workdir says a controller of this state used term {term}, which none "
+                           f"does; not followed, so this worker may refuse this controller (its strategies are "
+                           f"then fenced and fail over). Something there (a strategy?) wrote "
+                           f"{self.fence_file(fleet, wid)}: remove that file to clear it"}
+        scopes = ("offline:", "instance:", "refused:", "fence:") if not fallback else ("refused:", "fence:")
         self.notify(fleet.settings, notices + self._alerts(raised, scopes))
         renewed = sum(len(v) for v in gathered.renewed.values())
         self.counters.add("renewals", renewed)
         self.record_round("renew", fleet, gathered, gathered.seconds, renewed=renewed,
                           due=sum(len(v) for v in renewals(memory).values()))
         return gathered
+
+    def fence_file(self, fleet: Fleet, wid: str) -> str:
+        """Where worker `wid`'s agent keeps the controller terms it has seen (for messages)."""
+        worker = fleet.workers.get(wid)
+        return f"{self.hosts(fleet).workdir(worker)}/agent/fence.json" if worker is not None else "agent/fence.json"
 
     def _alerts(self, raised: dict[str, dict[str, Any]], scopes: tuple[str, ...]) -> list[dict[str, Any]]:
         """Alerts are told once when raised and once when they clear (see health.alerts_delta)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .clock import Clock
-from .host.agent.qlagent.protocol import instance_key, lease_proof
+from .host.agent.qlagent.protocol import FOLLOWED_TERM, instance_key, lease_proof
 from .hosts import AgentError, HostKey, Hosts
 from .memory import HostClock, Memory
 from .observed import Instance, ObservedState, WorkerState
@@ -45,6 +45,8 @@ class Gathered:
     host_clocks: dict[str, HostClock] = field(default_factory=dict)
     host_events: list[dict[str, Any]] = field(default_factory=list)
     fences: dict[str, int] = field(default_factory=dict)         # worker -> highest controller term its workdir saw
+    # worker -> a term its workdir reports that no controller uses (see protocol.FOLLOWED_TERM): not followed
+    odd_fences: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -354,7 +356,7 @@ class Prober:
             for w in members:
                 states[w.id] = WorkerState(w.id, False, error=str(exc) if str(exc) else type(exc).__name__)
                 for per_worker in (result.answered_at, result.seen_wall, result.host_clocks, result.refused,
-                                   result.renewed, result.fences):
+                                   result.renewed, result.fences, result.odd_fences):
                     per_worker.pop(w.id, None)
             return
         with self._lock:
@@ -380,8 +382,10 @@ class Prober:
             if refused and w.id in call.renew:
                 result.refused[w.id] = str(refused)[:300]
             fence = raw.get("fence")
-            if isinstance(fence, int) and not isinstance(fence, bool):
+            if isinstance(fence, int) and not isinstance(fence, bool) and 0 <= fence <= FOLLOWED_TERM:
                 result.fences[w.id] = fence
+            elif fence is not None:           # hostile input: this worker's problem, never the round's
+                result.odd_fences[w.id] = repr(fence)[:40]
             if isinstance(raw.get("fenced"), str) and w.id in call.renew:
                 result.refused[w.id] = raw["fenced"][:300]
             renewed = raw.get("renewed") if isinstance(raw.get("renewed"), list) else []

@@ -37,7 +37,8 @@ from .spec import NotifySettings
 
 # Kinds that are alerts (told once when raised, once when they clear): kept when a queue overflows.
 ALERT_KINDS = frozenset({"worker-offline", "action-failed", "guard-blocked", "resolved", "failover-brake",
-                         "fleet-invalid", "instance-problem", "renew-refused", "git-pull-refused", "not-deployed"})
+                         "fleet-invalid", "instance-problem", "renew-refused", "git-pull-refused", "not-deployed",
+                         "fence-anomaly"})
 
 MAX_REPLY_BYTES = 64 * 1024      # a webhook's answer is read (it is part of the delivery) but not kept
 STDERR_SHOWN_CHARS = 200

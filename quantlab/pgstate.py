@@ -198,6 +198,17 @@ class PgState:
 
 # --- the Ledger's store, the events log and the checkpoint copies, on PostgreSQL -------------------
 
+def _release(conn: Any, key: int) -> None:
+    """Unlock, then close: closing alone frees an advisory lock only once the server has ended the
+    session, after the call returns, so the next holder could still be refused for a moment."""
+    try:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    except Exception:                         # noqa: BLE001 - a broken connection: closing frees it anyway
+        pass
+    finally:
+        conn.close()
+
+
 WRITE_LOCK = 0x716C7772              # held for one read-change-write of the state (milliseconds)
 STATE_LOCK = 0x716C6C6B              # held by the one run that plans and acts (`apply`, an act round)
 LOCK_POLL_S = 0.05
@@ -265,7 +276,7 @@ class PgStore:
                 yield
             finally:
                 self._writing = None
-                conn.close()
+                _release(conn, WRITE_LOCK)
 
     @contextlib.contextmanager
     def lock(self, timeout: float = 0.0, command: str | None = None) -> Iterator[None]:
@@ -280,7 +291,7 @@ class PgStore:
                          "SET holder = excluded.holder", (json.dumps(holder),))
             yield
         finally:
-            conn.close()                      # closing releases the advisory lock
+            _release(conn, STATE_LOCK)
 
     def break_locks(self) -> int:
         """End every other session that holds the state or write lock (a new leader's first act):

@@ -112,6 +112,8 @@ def spawn_quantlab(*args: Any, log: Path) -> subprocess.Popen:
 #   throwAlways      st_heartbeat throws every time
 #   throwWhile: F    st_heartbeat throws while the file F exists (an exchange that is down, then back)
 #   logBeats         ctx.log a line at every beat
+#   forgeFence: T    at every beat, put term T (a string of digits) for every state into its worker's
+#                    agent/fence.json, as a strategy running as the agent's user can
 #   forgeLease       "forge": rewrite QUANTLAB_LEASE_FILE with a deadline far ahead at every beat;
 #                    "replay": keep putting back the first renewal it saw there (a genuine one, old)
 #   exitDelayMs      st_exit takes this long
@@ -154,11 +156,23 @@ export async function st_heartbeat(ctx) {
   if (p.throwWhile && fs.existsSync(p.throwWhile)) throw new Error(`probe: ${p.throwWhile} exists`);
   if (p.logBeats) ctx.log(`beat ${beats} epoch ${ctx.epoch}`);
   if (p.forgeLease) forgeLease(p.forgeLease, ctx.epoch);
+  if (p.forgeFence) forgeFence(p.forgeFence);
   if (p.hangAfter !== undefined && beats > p.hangAfter) {
     add('hang.log', `${process.pid} ${Date.now()}`);
     setInterval(() => {}, 1000);
     await new Promise(() => {});
   }
+}
+
+function forgeFence(term) {
+  const file = path.resolve(dir, '..', '..', '..', 'agent', 'fence.json');
+  let seen;
+  try { seen = JSON.parse(fs.readFileSync(file, 'utf8')); } catch (e) { return; }
+  // Written as text: a JavaScript number cannot hold every term a JSON file can.
+  const text = '{' + Object.keys(seen).map((k) => `${JSON.stringify(k)}: ${term}`).join(', ') + '}';
+  fs.writeFileSync(`${file}.forged`, text);
+  fs.renameSync(`${file}.forged`, file);
+  add('forged.log', `${Date.now()}`);
 }
 
 let replayed = null;

@@ -8,7 +8,7 @@ import json
 import signal
 
 from tests.integration.harness import FleetDir, quantlab, runners
-from tests.support import free_port, wait_for
+from tests.support import free_port, hold_for, wait_for
 
 
 def leader_of(fl: FleetDir, dsn: str) -> dict:
@@ -93,3 +93,32 @@ def test_retry_through_the_leading_daemon(daemon_fleet, pg_dsn, tmp_path):
              and s.get("restarts") == 0, 20, "s1 running with a fresh restart budget")
     events = daemon_fleet.ql("events", "--output", "json", "--strategy", "s1", "--state", pg_dsn).json()
     assert any(e["event"] == "retry" and "exchange back" in e["detail"] for e in events), events
+
+
+def test_a_forged_fence_file_fails_no_round_and_fences_at_most_its_own_worker(daemon_fleet, pg_dsn, tmp_path):
+    """Two strategies rewrite their worker's agent/fence.json with terms no controller uses: one beyond
+    what a database column holds (it once failed every renewal round of the fleet), one merely huge.
+    Every round goes on; the strategies elsewhere keep running; the odd worker is reported."""
+    for wid in ("w1", "w2", "w3", "w4"):
+        daemon_fleet.worker(wid, max_strategies=1)
+    daemon_fleet.strategy("healthy-a").strategy("healthy-b")
+    daemon_fleet.strategy("forger-huge", {"forgeFence": "9223372036854775807"}, heartbeat_ms=200)
+    daemon_fleet.strategy("forger-high", {"forgeFence": str(2 ** 40)}, heartbeat_ms=200)
+    daemon_fleet.write()
+    log = tmp_path / "daemon.log"
+    daemon_fleet.spawn("reconcile", "--state", pg_dsn, log=log)
+    wait_for(lambda: all(daemon_fleet.runner_pid(s) for s in ("healthy-a", "healthy-b", "forger-huge", "forger-high")),
+             30, "every strategy running")
+    wait_for(lambda: len(daemon_fleet.lines("forger-high", "forged.log")) >= 3
+             and len(daemon_fleet.lines("forger-huge", "forged.log")) >= 3, 20, "both forgers at work")
+    healthy = {sid: daemon_fleet.runner_pid(sid) for sid in ("healthy-a", "healthy-b")}
+    # Longer than a strategy lease (10 s): only renewals keep the healthy ones on.
+    hold_for(12, lambda: {sid: daemon_fleet.runner_pid(sid) for sid in healthy} == healthy,
+             "the strategies on other workers running undisturbed")
+    text = log.read_text()
+    assert "renewal round failed" not in text and "out of range" not in text, text[-3000:]
+    high_worker = json.loads(quantlab("state", "pull", "--fleet", daemon_fleet.root, "--state", pg_dsn).stdout
+                             )["placements"]["forger-high"]["worker"]
+    events = daemon_fleet.ql("events", "--output", "json", "--state", pg_dsn).json()
+    odd = [e for e in events if e.get("kind") == "fence-anomaly"]
+    assert odd and all(e["worker"] == high_worker for e in odd) and str(2 ** 40) in odd[0]["message"], odd

@@ -14,6 +14,7 @@ import os
 
 from .base import BadFile, parse_json, read_instance_file, write_json, _is_int
 from .procs import lock_instance
+from .protocol import MAX_TERM
 
 FENCE_FILE = "fence.json"               # in WORKDIR/agent/: {lineage: highest term}
 FENCE_LOCK_SECONDS = 2.0
@@ -27,7 +28,11 @@ def fence_of(request):
     if not isinstance(fence, dict) or not isinstance(fence.get("lineage"), str):
         return None
     lineage, term = fence["lineage"][:LINEAGE_CAP], fence.get("term")
-    return lineage, (term if _is_int(term) else None)
+    return lineage, (term if _term(term) else None)
+
+
+def _term(value):
+    return _is_int(value) and 0 <= value <= MAX_TERM
 
 
 def _read(path):
@@ -38,7 +43,9 @@ def _read(path):
         seen = {}
     if not isinstance(seen, dict):
         return {}
-    return {k: v for k, v in seen.items() if isinstance(k, str) and _is_int(v)}
+    # A strategy runs as our user and can write this file: a term no controller could have sent is
+    # not kept (the next admitted command writes the file anew).
+    return {k: v for k, v in seen.items() if isinstance(k, str) and _term(v)}
 
 
 def admit(workdir, request):
@@ -64,7 +71,7 @@ def admit(workdir, request):
         if highest != term:
             seen[lineage] = term
             kept = sorted(seen.items(), key=lambda item: item[1], reverse=True)[:MAX_LINEAGES]
-            write_json(path, dict(kept))
+            write_json(path, dict(kept), mode=0o400)      # read-only: no strategy rewrites it by accident
         return None, term
     finally:
         os.close(lock)

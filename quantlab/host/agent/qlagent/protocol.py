@@ -43,6 +43,12 @@ import hashlib
 import hmac
 
 EXIT_MISSING = 3        # files the request names are not on the host: upload them, then retry
+# Controller terms are small integers (one more per change of leader). A workdir keeps none above
+# MAX_TERM (what JSON carries exactly); a controller follows none above FOLLOWED_TERM: a term a host
+# reports beyond it was written there by something else (a strategy runs as the agent's user) and is
+# that worker's problem, never every worker's.
+MAX_TERM = 2 ** 53 - 1
+FOLLOWED_TERM = 2 ** 31 - 1
 EXIT_BAD_REQUEST = 4
 
 COMMANDS = ("probe", "start", "stop", "pause", "resume", "logs", "checkpoints", "supervise")
