@@ -57,20 +57,45 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600, sync_dir: bool = True) -> None:
+def check_replaceable(path: Path) -> None:
+    """NotARegularFile when something other than a regular file (a symlink to one is fine) is at
+    `path`: a file written where a person said (a saved plan, a copy of the state) replaces an older
+    file, never a folder, a FIFO or a device found there. Only stat()ed, never opened: no hang."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(f"{path} is {describe_kind(mode)}, not a regular file")
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600, sync_dir: bool = True, files_only: bool = False) -> None:
     """Replace `path` with `data` so that readers see the old or the new content, never a mix.
-    `sync_dir=False`: the caller syncs the folder once after several writes (`fsync_dir`)."""
+    `sync_dir=False`: the caller syncs the folder once after several writes (`fsync_dir`).
+    `files_only`: refuse (NotARegularFile) to replace anything but a regular file (check_replaceable).
+    A write that fails leaves no temporary file behind (it may hold a whole state)."""
+    if files_only:
+        check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if files_only:
+            check_replaceable(path)      # again: something may have been put there meanwhile
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     if sync_dir:
         fsync_dir(path.parent)

@@ -16,16 +16,17 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import render
-from .atomicfile import atomic_write
+from .atomicfile import NotARegularFile, atomic_write, check_replaceable
 from .controller import Controller, default_fleet_dir, default_state_path
 from .execute import Outcome
 from .explain import outcome, verdicts
 from .hosts import AgentError
 from .plan import Action, Plan
 from .planner import PlanOptions, UnknownTarget
+from .redact import fleet_secrets, redact_json, redact_lines, redact_url
 from .spec import Fleet, FleetInvalid, FleetSettings
 from .status import fleet_status, unhealthy
-from .store import LockHeld, StateError, read_plan, write_plan
+from .store import LockHeld, StateError, event_problem, read_plan, write_plan
 from .transport.base import TransportError
 
 app = typer.Typer(
@@ -67,9 +68,18 @@ def _main(show_version: Annotated[bool, typer.Option("--version", callback=_show
     pass
 
 
+class _SafeConsole(Console):
+    """Every string printed (a message, a line, a table cell) is made terminal-safe before its markup
+    is read: messages carry text from hosts, strategies and people (errors, reasons), and rich
+    prints control characters such as ESC as they are. Newlines stay: messages may have several."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Any:
+        return super().render_str(render.terminal_safe(text), **kwargs)
+
+
 # Off a terminal (pipes, CI logs), tables get room instead of the 80-column default.
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = _SafeConsole(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = _SafeConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 class Output(str, Enum):
@@ -113,6 +123,32 @@ def _controller(fleet: Optional[Path], state: Optional[str], accept_new_host_key
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[red]Error:[/] {escape(message)}")
     return typer.Exit(code)
+
+
+def _out_refused(path: Path, exc: OSError, example: str) -> typer.Exit:
+    """`--out FILE` that cannot be written there: what is in the way and what to give instead."""
+    if isinstance(exc, NotARegularFile):
+        instead = f" such as {path / example}" if path.is_dir() else ""
+        return _fail(f"--out {exc}: give the path of a file to write{instead} (only a regular file is "
+                     "replaced); nothing was written")
+    return _fail(f"--out {path}: cannot write it: {exc.strerror or exc}; give a file in a folder you can write "
+                 "to; nothing was written")
+
+
+def _write_out(path: Path, data: bytes, example: str) -> None:
+    """Write `data` to `--out` (mode 0600), replacing at most a regular file, atomically."""
+    try:
+        atomic_write(path, data, mode=0o600, files_only=True)
+    except OSError as exc:
+        raise _out_refused(path, exc, example) from None
+
+
+def _check_out(path: Path, example: str) -> None:
+    """Refuse a bad `--out` before any work (a plan probes every host first)."""
+    try:
+        check_replaceable(path)
+    except OSError as exc:
+        raise _out_refused(path, exc, example) from None
 
 
 def _invalid(exc: FleetInvalid) -> typer.Exit:
@@ -206,11 +242,16 @@ def plan(
     accept_new_host_keys: HostKeysOpt = False,
 ) -> None:
     """Show what apply would do, and why."""
+    if out_file is not None:
+        _check_out(out_file, "plan.json")
     ctl = _controller(fleet, state, accept_new_host_keys)
     options = PlanOptions(rebalance=rebalance, max_moves=max_moves, targets=frozenset(target or ()))
     loaded, memory, gathered, result = _look(ctl, options)
     if out_file is not None:
-        write_plan(out_file, result)
+        try:
+            write_plan(out_file, result)
+        except OSError as exc:
+            raise _out_refused(out_file, exc, "plan.json") from None
     if output is Output.json:
         print(json.dumps(result.to_json(), indent=1))
     else:
@@ -429,7 +470,7 @@ def reconcile(
 
     def log(line: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        print(f"{stamp} {line}", flush=True)
+        print(f"{stamp} {render.terminal_safe(redact_url(line))}", flush=True)     # lines quote hosts and strategies
 
     try:
         follower = Follower(ctl.fleet_dir, ctl.state_path.parent, working_tree=working_tree, pull=git_pull)
@@ -481,12 +522,13 @@ def _page_server(ctl: Controller, listen: str, token_file: Optional[Path], tls_c
 
     def logs(strategy: str, lines: int) -> bytes:
         fleet = fleet_for_logs() if fleet_for_logs is not None else ctl.fleet_or_fallback()[0]
-        return b"".join(ctl.logs(fleet, strategy, lines, follow=False).chunks)
+        return b"".join(redact_lines(ctl.logs(fleet, strategy, lines, follow=False).chunks, fleet_secrets(fleet)))
     try:
         installed = version("quantlab")
     except PackageNotFoundError:
         installed = "unknown"
-    source = Source(ctl.snapshot_store(), lambda: list(ctl.events.read()), logs, installed)
+    # Events written before credentials were redacted in them are shown without, too.
+    source = Source(ctl.snapshot_store(), lambda: redact_json(list(ctl.events.read())), logs, installed)
     try:
         return make_server(listen, source, token_file=token_file, tls_cert=tls_cert, tls_key=tls_key,
                            insecure_http=insecure_http, allow_hosts=tuple(allow_host or ()))
@@ -691,7 +733,8 @@ def logs(
         output = ctl.logs(loaded, strategy, lines, follow, since_ms, grep)
         if output.stopped:      # its log stays on the worker it last ran on
             err.print(f"{escape(strategy)} is not running: its output on {escape(output.worker)}, up to its stop")
-        for chunk in output.chunks:
+        # A strategy's output may print the proxy it trades through (and an error quoting it).
+        for chunk in redact_lines(output.chunks, fleet_secrets(loaded)):
             sink.write(chunk)
             sink.flush()
     except KeyboardInterrupt:
@@ -720,10 +763,18 @@ def events(
     finally:
         ctl.close()
     _banner(problems)
-    history = list(ctl.events.read()) + unrecorded
+    history = list(ctl.events.read())
+    if ctl.events.skipped:
+        n = ctl.events.skipped
+        err.print(f"[yellow]Warning:[/] skipped {n} line{'s' if n != 1 else ''} of the events log that "
+                  f"{'are' if n != 1 else 'is'} not events (the first: {escape(str(ctl.events.first_skipped))}); "
+                  "every other event is shown. Delete such lines, or move the log away, to silence this.")
+    # What hosts report is checked as the log's lines are: a strategy can write its events.log.
+    history += [e for e in unrecorded if event_problem(e) is None]
     history.sort(key=lambda e: e.get("t", 0))
     selected = [e for e in history
                 if (cutoff is None or e.get("t", 0) >= cutoff) and (strategy is None or e.get("strategy") == strategy)]
+    selected = redact_json(selected)     # also what a host reports, and events of a release that kept credentials
     if output is Output.json:
         print(json.dumps(selected, indent=1))
         return
@@ -787,12 +838,14 @@ def state_pull(
                                                      help="Write it to FILE (mode 0600) instead of stdout")] = None,
 ) -> None:
     """A read-only copy of the state as JSON (backups, inspection); the source is not changed."""
+    if out_file is not None:
+        _check_out(out_file, "state.json")
     ctl = _controller(fleet, state)
     text = json.dumps(ctl.stored_state().to_json(), indent=1, sort_keys=True) + "\n"
     if out_file is None:
         sys.stdout.write(text)
         return
-    atomic_write(out_file, text.encode(), mode=0o600)
+    _write_out(out_file, text.encode(), "state.json")
     err.print(f"Wrote the state to {escape(str(out_file))}.")
 
 

@@ -597,7 +597,7 @@ class Controller:
                            f"does; not followed, so this worker may refuse this controller (its strategies are "
                            f"then fenced and fail over). Something there (a strategy?) wrote "
                            f"{self.fence_file(fleet, wid)}: remove that file to clear it"}
-        scopes = ("offline:", "instance:", "refused:", "fence:") if not fallback else ("refused:", "fence:")
+        scopes = ("offline:", "instance:", "refused:", "fence:", "disk:") if not fallback else ("refused:", "fence:")
         self.notify(fleet.settings, notices + self._alerts(raised, scopes))
         renewed = sum(len(v) for v in gathered.renewed.values())
         self.counters.add("renewals", renewed)
@@ -835,8 +835,12 @@ class Controller:
         return last
 
     def record_event(self, event: dict[str, Any]) -> None:
-        """Into the events log; a log that cannot be written is said once, and stops nothing."""
-        if not self.events.append(event) and self.events.failure != self._events_failure_said:
+        """Into the events log; a log that cannot be written is said once, and stops nothing. What
+        hosts and strategies said (an error naming the proxy it trades through) goes in without
+        credentials."""
+        from .redact import redact_json
+
+        if not self.events.append(redact_json(event)) and self.events.failure != self._events_failure_said:
             self.log(f"warning: {self.events.failure}; history is not recorded until it is fixed")
             self._events_failure_said = self.events.failure
 

@@ -19,8 +19,9 @@ from .health import lease_surely_expired_at
 from .host.agent.qlagent.protocol import instance_key
 from .hosts import RUNNER_PATH, AgentError, HostKey, Hosts, host_key, strategy_remote_path
 from .ledger import Ledger
-from .memory import Launched, Memory, Placement
+from .memory import Launched, Memory, Placement, launch_salt
 from .plan import Action, Plan
+from .redact import fleet_secrets, redact_json, redact_text, seal_launch
 from .spec import Fleet, StrategySpec, WorkerSpec, worker_launch
 from .store import CheckpointStore, EventLog, StateError, checked_checkpoint
 from .transport.base import TransportError
@@ -61,7 +62,8 @@ class Recorder:
 
     def event(self, **fields: Any) -> None:
         # History is best effort: an events log that cannot be written never stops the actions.
-        self.events.append({"t": self.clock.wall(), "actor": self.actor, **self.revision, **fields})
+        # Redacted as it becomes history: reasons and errors may quote a URL with credentials.
+        self.events.append(redact_json({"t": self.clock.wall(), "actor": self.actor, **self.revision, **fields}))
 
 
 Progress = Callable[[str, Action, "Outcome | None"], None]
@@ -91,6 +93,7 @@ class Executor:
         self.progress = progress or (lambda *_: None)
         self.may_act = may_act            # why this controller must not act any more (it lost the lead)
         self.settings = fleet.settings
+        self.secrets = fleet_secrets(fleet)  # masked in the errors of hosts and transports
 
     # --- agent calls ---------------------------------------------------------------------------
 
@@ -253,7 +256,9 @@ class Executor:
         previous = self.rec.memory.placements.get(a.strategy)
         placed_at = previous.placed_at if (a.action == "restart" and previous is not None) else self.rec.clock.wall()
         intended = Placement(a.strategy, target, a.epoch, spec.spec_hash, a.paused, placed_at,
-                             Launched.from_json({**spec.launch_fields(), "worker": worker_launch(worker)}),
+                             # Its worker's proxy kept without its credentials (digested, to tell a change).
+                             Launched.from_json({**spec.launch_fields(), "worker": seal_launch(
+                                 worker_launch(worker), launch_salt(self.rec.memory.lineage))}),
                              self.rec.revision.get("revision"))
 
         def record(m: Memory, placement: Placement | None) -> None:
@@ -303,7 +308,8 @@ class Executor:
                 raise AgentError(a.worker or a.target or a.strategy, refused, maybe_ran=False)
             outcome = fn(a)
         except (TransportError, AgentError, OSError, StateError) as exc:
-            outcome = Outcome(a, False, str(exc))
+            # An agent's error may quote the request it got, which holds the worker's proxy.
+            outcome = Outcome(a, False, redact_text(str(exc), self.secrets))
         outcome.seconds = time.monotonic() - started
         return outcome
 

@@ -138,7 +138,13 @@ def _worker_state(worker: WorkerSpec, raw: dict[str, Any], host: dict[str, Any],
         clock_skew_ms=int(answered) - at_wall if isinstance(answered, (int, float)) else None,
         versions={"python": host.get("python"), runtime.get("program", "runner"): runtime.get("version")},
         containment=raw.get("containment") if isinstance(raw.get("containment"), str) else None,
+        disk_free_mb=_count(raw.get("diskFreeMb")), disk_low=raw.get("diskLow") is True,
     )
+
+
+def _count(value: Any) -> int | None:
+    """A non-negative integer a host reported, or None (a host's numbers are hostile input)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 53 else None
 
 
 @dataclass

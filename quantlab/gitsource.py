@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -46,19 +47,38 @@ def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_git(args: list[str], cwd: Path, *, input: bytes | None = None, timeout: float = GIT_DEADLINE_S,
+def run_git(args: list[str], cwd: Path, *, input: bytes | None = None, timeout: float | None = None,
             env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    timeout = GIT_DEADLINE_S if timeout is None else timeout
     try:
-        done = subprocess.run(["git", *args], cwd=cwd, input=input, capture_output=True, timeout=timeout,
-                              env=git_env(env), stdin=None if input is not None else subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise GitError(f"`git {args[0]}` did not finish within {timeout:g} s") from None
+        # A session of its own: what git runs (a smudge filter, ssh for a fetch) ends with it.
+        with subprocess.Popen(["git", *args], cwd=cwd, env=git_env(env), start_new_session=True,
+                              stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            try:
+                stdout, stderr = proc.communicate(input, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _end_group(proc)
+                raise GitError(f"`git {args[0]}` did not finish within {timeout:g} s") from None
+            except BaseException:
+                _end_group(proc)
+                raise
     except OSError as exc:
         raise GitError(f"cannot run git: {exc.strerror}; install git") from None
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     if check and done.returncode != 0:
         lines = done.stderr.decode(errors="replace").strip().splitlines()
         raise GitError(f"`git {args[0]}` failed: {lines[-1] if lines else f'exit {done.returncode}'}")
     return done
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """Kill git and everything it started (its process group), and reap git."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    proc.wait()
 
 
 def _out(done: subprocess.CompletedProcess) -> str:

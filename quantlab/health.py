@@ -139,6 +139,12 @@ def watch(fleet: Fleet, observed: ObservedState, memory: Memory, host_events: li
             raised[f"offline:{wid}"] = {"t": wall_ms, "kind": "worker-offline", "worker": wid,
                                         "message": f"{live.describe(wid)}: {live.error or 'no answer'}"}
         state = observed.worker(wid)
+        if state is not None and state.reachable and state.disk_low:
+            free = "unknown" if state.disk_free_mb is None else f"{state.disk_free_mb} MB"
+            raised[f"disk:{wid}"] = {"t": wall_ms, "kind": "disk-full", "worker": wid,
+                                     "message": f"{wid}: the disk of its workdir is full ({free} free): no new "
+                                                "copy starts there, and its strategies may not be renewed; free "
+                                                "space on the host"}
         for inst in (state.instances.values() if state is not None and state.reachable else ()):
             if inst.problems:
                 raised[f"instance:{wid}:{inst.strategy}"] = {

@@ -11,8 +11,11 @@ people read (`last_seen`, `placed_at`) are epoch ms.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from .redact import seal_launch
 
 FORMAT_VERSION = 2
 # Written instead of 2 while something is suspended: the previous release reads version 2 and would
@@ -24,6 +27,12 @@ READABLE_VERSIONS = (1, 2, 3)  # 1: judged times were wall-clock ms; read, then 
 def _lease_key(raw: Any) -> str | None:
     """A lease key as stored (64 hex digits), or None: one of another shape is made again."""
     return raw if isinstance(raw, str) and len(raw) == 64 and all(c in "0123456789abcdef" for c in raw) else None
+
+
+def launch_salt(lineage: str | None) -> str:
+    """The salt of the proxy digests a state keeps (redact.seal_launch): its lineage, so that the
+    same proxy gives another digest in every state."""
+    return lineage or "quantlab"
 
 
 class MemoryFormatError(ValueError):
@@ -61,6 +70,14 @@ class Launched:
         return cls(file=typed("file", str), params=typed("params", dict), heartbeat_ms=typed("heartbeatMs", int),
                    scheduling=typed("scheduling", dict) or {}, account=typed("account", str),
                    worker=typed("worker", dict))
+
+    def sealed(self, salt: str) -> "Launched":
+        """This record with its worker's proxy credentials kept as redact.seal_launch keeps them
+        (a state written by an earlier release holds them in clear)."""
+        if self.worker is None:
+            return self
+        kept = seal_launch(self.worker, salt)
+        return self if kept == self.worker else dataclasses.replace(self, worker=kept)
 
     @property
     def stop_timeout_s(self) -> float:
@@ -223,7 +240,8 @@ class Memory:
                 saved_at=raw.get("savedAt") if version >= FORMAT_VERSION else None,
                 began=raw.get("began"),
                 serial=int(raw["serial"]),
-                placements={sid: Placement.from_json(sid, p) for sid, p in raw.get("placements", {}).items()},
+                placements=_sealed({sid: Placement.from_json(sid, p) for sid, p in raw.get("placements", {}).items()},
+                                   raw["lineage"]),
                 leases={k: int(v) for k, v in raw.get("leases", {}).items()},
                 restarts={k: int(v) for k, v in raw.get("restarts", {}).items()},
                 answered={k: int(v) for k, v in raw.get("answered", last_seen).items()},
@@ -277,3 +295,15 @@ class Memory:
         m.clock_boot = boot_id
         m.saved_at = now_ms
         return m
+
+
+def _sealed(placements: dict[str, Placement], lineage: str | None) -> dict[str, Placement]:
+    """Placements read from a state with the proxies their copies were launched with sealed: a state
+    of an earlier release kept their credentials in clear, and loses them at its next save."""
+    salt = launch_salt(lineage)
+    for sid, p in placements.items():
+        if p.launched is not None:
+            kept = p.launched.sealed(salt)
+            if kept is not p.launched:
+                placements[sid] = dataclasses.replace(p, launched=kept)
+    return placements

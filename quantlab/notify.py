@@ -33,12 +33,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import SplitResult, unquote, urlsplit
 
+from .redact import redact_json
 from .spec import NotifySettings
 
 # Kinds that are alerts (told once when raised, once when they clear): kept when a queue overflows.
 ALERT_KINDS = frozenset({"worker-offline", "action-failed", "guard-blocked", "resolved", "failover-brake",
                          "fleet-invalid", "instance-problem", "renew-refused", "git-pull-refused", "not-deployed",
-                         "fence-anomaly"})
+                         "fence-anomaly", "disk-full"})
 
 MAX_REPLY_BYTES = 64 * 1024      # a webhook's answer is read (it is part of the delivery) but not kept
 STDERR_SHOWN_CHARS = 200
@@ -93,6 +94,9 @@ class Notifier:
                 if notices and (settings.webhook or settings.command or settings.chats):
                     _log_safely(self._log, f"notify: {len(notices)} notices not sent: the notifier is closed")
                 return
+            # Notices leave the machine (a chat, a webhook's service): a message quoting what a host or
+            # strategy said (an error naming its proxy) goes without the credentials in it.
+            notices = [redact_json(notice) for notice in notices]
             for notice in notices:
                 if settings.webhook:
                     self._webhook.put(dict(notice), settings.webhook)

@@ -103,6 +103,8 @@ class WorkerState:
     clock_skew_ms: int | None = None      # host clock minus the controller's, about (within a round trip)
     versions: Mapping[str, str | None] = field(default_factory=dict)   # python, node
     containment: str | None = None        # how a supervisor keeps what a strategy starts: subreaper, ...
+    disk_free_mb: int | None = None       # free space on the workdir's filesystem (None: not reported)
+    disk_low: bool = False                # too little of it for a new copy (the host's judgement)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import socket
 import sys
@@ -23,7 +24,7 @@ from typing import Any, Iterator
 
 from .leadership import LeaseRow
 from .memory import Memory, MemoryFormatError
-from .store import LockHeld, StateConflict, StateError
+from .store import LockHeld, StateConflict, StateError, event_problem
 
 SCHEMA_VERSION = 3
 MIGRATION_LOCK = 0x716C6D67          # pg_advisory_xact_lock key: one migration at a time
@@ -50,7 +51,9 @@ def check_dsn(dsn: str) -> dict[str, str]:
     try:
         parts = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
     except Exception as exc:              # psycopg.ProgrammingError: the DSN does not parse
-        raise StateError(f"cannot read the state DSN: {exc}") from None
+        # libpq quotes the token it could not read, which may be (part of) a password: not shown.
+        said = re.sub(r'"[^"]*"', '"…"', str(exc))
+        raise StateError(f"cannot read the state DSN: {said}") from None
     if parts.get("password"):
         raise StateError("the state DSN carries a password, which would show in ps, shell history, lock records "
                          "and events: put it in a PGPASSFILE (~/.pgpass) or a pg_service.conf entry instead")
@@ -325,6 +328,9 @@ class PgEventLog:
     def __init__(self, db: PgState):
         self.db = db
         self.failure: str | None = None
+        # Of the last read, as with the file: rows that are not events, and the first one named.
+        self.skipped = 0
+        self.first_skipped: str | None = None
 
     def append(self, event: dict[str, Any]) -> bool:
         try:
@@ -338,11 +344,17 @@ class PgEventLog:
         return True
 
     def read(self) -> Iterator[dict[str, Any]]:
+        self.skipped, self.first_skipped = 0, None
         with self.db.session() as conn:
-            rows = conn.execute("SELECT body FROM quantlab_events ORDER BY id").fetchall()
-        for (body,) in rows:
-            if isinstance(body, dict):
+            rows = conn.execute("SELECT id, body FROM quantlab_events ORDER BY id").fetchall()
+        for row_id, body in rows:
+            why = event_problem(body)
+            if why is None:
                 yield body
+                continue
+            self.skipped += 1
+            if self.first_skipped is None:
+                self.first_skipped = f"{self.db.where()} quantlab_events row {row_id}: {why}"
 
 
 class PgCheckpointStore:

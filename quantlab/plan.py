@@ -30,6 +30,7 @@ Cause = Literal[
     "worker-offline",    # move: its worker is offline and the lease surely expired (failover)
     "worker-removed",    # move: its worker left the fleet and cannot be reached
     "worker-leaving",    # move: its worker left the fleet but answers (a stop, then a start)
+    "worker-unfit",      # move: its copy is not running, and its worker can take no new one (disk full)
     "requirements",      # move: its worker no longer fits it
     "drain",             # move: its worker drains
     "rebalance",         # move: toward even load

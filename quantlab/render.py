@@ -1,12 +1,48 @@
-"""Text for people: plans, status and events, with rich markup that plain output strips."""
+"""Text for people: plans, status and events, with rich markup that plain output strips.
+
+Much of what is shown comes from a host, a strategy (its lastError, its events) or a person (a
+suspend --reason): such text never reaches the terminal as control characters (an escape sequence
+could rewrite the screen, the title or the clipboard), and a value stays on its line. `escape`
+below does both for every value put into markup here; `terminal_safe` is for whole lines printed
+elsewhere."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from rich.markup import escape
+from rich.markup import escape as _markup_escape
 
 from .follow import Source
 from .plan import Action, Plan
+
+# C0 controls but tab and newline, DEL, C1 controls (0x9b is CSI to some terminals), the
+# bidirectional overrides that reorder what is shown, and lone surrogates (which cannot be printed).
+_UNSAFE = r"\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+_UNSAFE_IN_TEXT = re.compile(f"[{_UNSAFE}]")
+_UNSAFE_IN_LINE = re.compile(f"[{_UNSAFE}\\n]")
+_NAMED = {"\n": "\\n", "\r": "\\r"}
+
+
+def _visible(match: re.Match) -> str:
+    ch = match.group()
+    return _NAMED.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every control character (but newline and tab) shown as an escape, e.g. ESC as
+    \\x1b, so that printing it cannot drive the terminal."""
+    return _UNSAFE_IN_TEXT.sub(_visible, text)
+
+
+def one_line(text: Any) -> str:
+    """Any value as text on one line, terminal-safe: newlines too are shown as \\n."""
+    return _UNSAFE_IN_LINE.sub(_visible, text if isinstance(text, str) else str(text))
+
+
+def escape(text: Any) -> str:
+    """A value as markup that prints as itself, on one line and terminal-safe (see one_line)."""
+    return _markup_escape(one_line(text))
+
 
 SYMBOLS = {
     "start": ("+", "green"),
@@ -99,6 +135,8 @@ CLOCK_SKEW_NOTE_MS = 2000
 def _worker_note(w: dict) -> str:
     if w["error"]:
         return w["error"][:100]
+    if w.get("diskLow"):
+        return f"disk full ({w.get('diskFreeMb')} MB free): no new copy starts here"
     skew = w.get("clockSkewMs")
     if skew is not None and abs(skew) > CLOCK_SKEW_NOTE_MS:
         return f"host clock {'ahead' if skew > 0 else 'behind'} by {abs(skew) / 1000:.1f}s (leases are not affected)"
@@ -121,24 +159,24 @@ def status_tables(report: dict, now_ms: int) -> list:
         seen = "now" if w["status"] in ("idle", "busy") else (
             _age(now_ms - w["lastSeen"]) + " ago" if w["lastSeen"] else "never")
         workers.add_row(
-            w["id"], escape(w["host"]), w["region"] or "—",
+            escape(w["id"]), escape(w["host"]), escape(w["region"] or "—"),
             f"[{colors.get(w['status'], 'white')}]{w['status']}[/]{flags}",
             f"{len(w['runningStrategies'])}/{w['maxStrategies']}",
             "—" if w["cpu"] is None else f"{w['cpu']:.2f}",
-            "—" if w["memory"] is None else f"{w['memory']} MB", seen, w.get("containment") or "—",
+            "—" if w["memory"] is None else f"{w['memory']} MB", seen, escape(w.get("containment") or "—"),
             escape(_worker_note(w)))
     strategies = Table(title="Strategies", title_justify="left", expand=False)
     for name in ("STRATEGY", "STATUS", "WORKER", "HEARTBEAT", "ERRORS", "RESTARTS", "REVISION", "LEASE", "NOTE"):
         strategies.add_column(name)
     for s in report["strategies"]:
         status = s["status"] + ("" if s["healthy"] or s["status"] in ("stopped",) else " (unhealthy)")
-        revision = s["revision"] or "—"
+        revision = escape(s["revision"] or "—")
         if not s["upToDate"] and s["desiredSpecHash"]:
             revision += " [yellow](changed)[/]"
         lease = "—" if s["leaseLeftSeconds"] is None else _age(s["leaseLeftSeconds"] * 1000)
-        note = "; ".join(s.get("problems") or ()) or s["lastError"] or s["reason"] or s.get("note") or ""
+        note = one_line("; ".join(s.get("problems") or ()) or s["lastError"] or s["reason"] or s.get("note") or "")
         strategies.add_row(
-            s["id"], f"[{colors.get(s['status'], 'white')}]{status}[/]", s["workerId"] or "—",
+            escape(s["id"]), f"[{colors.get(s['status'], 'white')}]{status}[/]", escape(s["workerId"] or "—"),
             _age(s["heartbeatAgeMs"]), "—" if s["errorCount"] is None else str(s["errorCount"]),
             str(s["restarts"] or 0), revision, lease, escape(note[:80]))
     held = [_suspension_line(t, h) for t, h in report.get("suspended", {}).items()]
@@ -180,9 +218,14 @@ def parse_since(text: str, now_ms: int) -> int:
 
 
 def event_line(e: dict) -> str:
+    """One event on one line. Any field may hold any type (EventLog.read skips lines whose names and
+    time are odd, but hosts report events too): each is shown as text, never raises."""
     import datetime
-    when = datetime.datetime.fromtimestamp(e.get("t", 0) / 1000).strftime("%Y-%m-%d %H:%M:%S")
-    what = e.get("event", "?")
+    try:
+        when = datetime.datetime.fromtimestamp(e.get("t", 0) / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OverflowError, OSError):
+        when = "????-??-?? ??:??:??"
+    what = e.get("event") or "?"
     where = e.get("worker") or (f"{e.get('from')} → {e.get('to')}" if e.get("to") else "")
     outcome = e.get("outcome")
     mark = "" if outcome is None else (" [green]ok[/]" if outcome == "ok" else " [red]failed[/]")
@@ -191,7 +234,7 @@ def event_line(e: dict) -> str:
         why = f"{e['kind']}: {why}"
     rev = f" @{e['revision']}" if e.get("revision") else ""
     return (f"{when}  {escape(what):<13} {escape(str(e.get('strategy') or '')):<18} {escape(str(where)):<24}"
-            f"{mark} [dim]{escape(e.get('actor', ''))}{escape(rev)}[/] {escape(why)}")
+            f"{mark} [dim]{escape(e.get('actor') or '')}{escape(rev)}[/] {escape(why)}")
 
 
 # --- explain -------------------------------------------------------------------------------------

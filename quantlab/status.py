@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import health
-from .redact import redact_url
+from .redact import redact_json, redact_url
 from .memory import Memory, Placement
 from .observed import Instance, ObservedState
 from .plan import Plan
@@ -98,6 +98,8 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
             "runningStrategies": running_on[wid], "maxStrategies": w.max_strategies,
             "cpu": state.cpu if state and state.reachable else None,
             "cpus": state.cpus if state and state.reachable else None,
+            "diskFreeMb": state.disk_free_mb if state and state.reachable else None,
+            "diskLow": bool(state and state.reachable and state.disk_low),
             "memory": state.mem_free_mb if state and state.reachable else None,
             "lastSeen": memory.last_seen.get(wid) if not (state and state.reachable) else wall_ms,
             "error": state.error if state else None, "cordoned": w.cordoned, "drain": w.drain,
@@ -105,12 +107,14 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
             "versions": dict(state.versions) if state and state.reachable else {},
             "containment": state.containment if state and state.reachable else None,
         })
-    return {"strategies": strategies, "workers": workers,
+    # Errors, reasons and problems come from hosts and strategies, which may quote a URL with
+    # credentials (an exchange client's error names its proxy): none of it is shown with them.
+    return redact_json({"strategies": strategies, "workers": workers,
             # target ("*": everything) -> who suspended it, why and when (`quantlab suspend`)
             "suspended": {t: dict(h) for t, h in sorted(memory.suspended.items())},
             # what the reconcile loop applies, the revision it last applied and since when (epoch ms)
             "loop": dict(memory.loop_source) or None,
-            "problems": list(problems or [])}
+            "problems": list(problems or [])})
 
 
 def _lease_left(inst: Instance, memory: Memory, worker: str | None, ttl_s: float, now_ms: int) -> float | None:

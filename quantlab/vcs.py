@@ -1,9 +1,10 @@
 """Which git commit the fleet directory is at, so plans and events can say what they were made from."""
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from .gitsource import GitError, run_git
 
 
 @dataclass(frozen=True)
@@ -14,10 +15,10 @@ class Revision:
 
 def _git(root: Path, *args: str) -> str | None:
     try:
-        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+        done = run_git(["-C", str(root), *args], root, check=False)     # what git starts ends with it
+    except GitError:
         return None
-    return done.stdout if done.returncode == 0 else None
+    return done.stdout.decode(errors="replace") if done.returncode == 0 else None
 
 
 def fleet_revision(root: str | Path) -> Revision:
@@ -33,8 +34,7 @@ def tracked_by_git(root: str | Path, path: str | Path) -> bool:
     """Whether `path` lies in the git work tree of `root` without being ignored there (so a `git add`
     would take it). False outside git, and when git cannot tell."""
     try:
-        done = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", "--", str(Path(path).resolve())],
-                              capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+        done = run_git(["-C", str(root), "check-ignore", "-q", "--", str(Path(path).resolve())], root, check=False)
+    except GitError:
         return False
     return done.returncode == 1          # 0: ignored; 128: not in a work tree, or outside it

@@ -12,9 +12,12 @@ A pipeline of phases, each returning values, in the spirit of Nomad's reconciler
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..memory import Memory
 from ..observed import ObservedState
 from ..plan import Action, Blocked, Plan
+from ..redact import redact_url
 from ..spec import Fleet
 from .classify import Verdict, classify
 from .context import Context, Epochs, PlanOptions
@@ -96,13 +99,29 @@ def finish(ctx: Context, located: Located, verdicts: list[Verdict], placed: Plac
     blocked = changed + suspended + refused
     if braked and any(ctx.targeted(sid) for sid in braked):
         blocked.append(Blocked("failover-brake", f"{ctx.brake}; held: {', '.join(sorted(braked))}"))
-    return Plan(
+    return without_credentials(Plan(
         actions=tuple(actions), queued=tuple(sorted(queued, key=lambda q: q.strategy)),
         waiting=tuple(sorted(waiting, key=lambda w: w.strategy)), blocked=tuple(blocked),
         notes=tuple(sorted(notes, key=lambda n: n.strategy)), adopt=tuple(adopt),
         fleet_hash=ctx.fleet.fleet_hash, lineage=ctx.memory.lineage, state_serial=ctx.memory.serial,
         rr_cursor=cursor, next_epoch=epochs.next, policy=policy.name,
-    )
+    ))
+
+
+def without_credentials(p: Plan) -> Plan:
+    """The plan with every URL's credentials masked in its words. A plan is text for people (and
+    its file, events and notices are made from it); its reasons quote what hosts and strategies
+    said (an instance's error, often naming the proxy it trades through)."""
+    def words(a: Action) -> Action:
+        return replace(a, reason=redact_url(a.reason))
+    return replace(
+        p, actions=tuple(words(a) for a in p.actions),
+        queued=tuple(replace(q, reason=redact_url(q.reason),
+                             rejections=tuple((w, redact_url(r)) for w, r in q.rejections)) for q in p.queued),
+        waiting=tuple(replace(w, reason=redact_url(w.reason)) for w in p.waiting),
+        blocked=tuple(replace(b, reason=redact_url(b.reason), actions=tuple(words(a) for a in b.actions))
+                      for b in p.blocked),
+        notes=tuple(replace(n, note=redact_url(n.note)) for n in p.notes))
 
 
 __all__ = ["PlanOptions", "UnknownTarget", "build_pool", "plan", "unknown_targets"]

@@ -8,6 +8,7 @@ from typing import Literal
 from .. import health
 from ..health import WorkerLiveness, format_duration
 from ..plan import Action, Note, Waiting
+from ..redact import DIGEST_KEY, comparable_launch, describe_change
 from ..spec import StrategySpec, worker_launch
 from .context import Context, Current, Epochs, ToPlace, down_for
 from .locate import Located
@@ -101,6 +102,11 @@ def judge(ctx: Context, spec: StrategySpec, cur: Current, epochs: Epochs) -> Ver
         if misfit:
             return Verdict(sid, "place", place=ToPlace(spec, "requirements", f"{why}, which no longer fits: {misfit}", cur),
                            stays=True)
+        state = ctx.observed.worker(wid)
+        if state is not None and state.reachable and state.disk_low:
+            # A start there would be refused (and its copy could not write a heartbeat): elsewhere.
+            return Verdict(sid, "place", place=ToPlace(spec, "worker-unfit", f"{why}, and the disk of {wid} is full",
+                                                       cur), stays=True)
         return act(Action("start", sid, why, "not-running", worker=wid, epoch=epochs.take(),
                           spec_hash=spec.spec_hash, paused=paused))
     if misfit:
@@ -110,12 +116,10 @@ def judge(ctx: Context, spec: StrategySpec, cur: Current, epochs: Epochs) -> Ver
     if inst.spec_hash != spec.spec_hash:
         return act(Action("restart", sid, changes(spec, cur), "spec-changed", worker=wid, epoch=cur.epoch,
                           spec_hash=spec.spec_hash, paused=paused))
-    if started_on is not None and started_on != worker_launch(worker):
-        now_on = worker_launch(worker)
-        what = ", ".join(f"{k} {started_on.get(k)} → {now_on[k]}" for k in sorted(now_on)
-                         if started_on.get(k) != now_on[k])
-        return act(Action("restart", sid, f"worker {wid} changed: {what}", "worker-changed", worker=wid,
-                          epoch=cur.epoch, spec_hash=spec.spec_hash, paused=paused))
+    now_on = comparable_launch(started_on, worker_launch(worker)) if started_on is not None else None
+    if started_on is not None and started_on != now_on:
+        return act(Action("restart", sid, f"worker {wid} changed: {worker_changes(started_on, now_on)}",
+                          "worker-changed", worker=wid, epoch=cur.epoch, spec_hash=spec.spec_hash, paused=paused))
     if inst.lease_ttl_s is not None and inst.lease_ttl_s != ctx.monitor.lease_ttl_s:
         # Its supervisor enforces the lease it was started with, whatever a renewal asks for.
         return act(Action("restart", sid, f"leaseTtlSeconds {inst.lease_ttl_s:g} → {ctx.monitor.lease_ttl_s:g}",
@@ -201,7 +205,7 @@ def changes(spec: StrategySpec, cur: Current) -> str:
         parts.append(f"{spec.strategy_file} changed")
     for before, after, label in ((old.params or {}, new["params"], "params changed"),
                                  (old.scheduling, new["scheduling"], "scheduling changed")):
-        diffs = [f"{k} {before.get(k, '∅')} → {after.get(k, '∅')}"
+        diffs = [describe_change(k, before.get(k, '∅'), after.get(k, '∅'))
                  for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
         if diffs:
             more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
@@ -209,3 +213,16 @@ def changes(spec: StrategySpec, cur: Current) -> str:
     if old.heartbeat_ms != new["heartbeatMs"]:
         parts.append(f"heartbeatMs {old.heartbeat_ms} → {new['heartbeatMs']}")
     return "; ".join(parts) or "spec changed"
+
+
+def worker_changes(before: dict, after: dict) -> str:
+    """Words for what changed on a worker since a copy was started there (`after` in the form the
+    state keeps `before` in: see redact.comparable_launch); a proxy's credentials are never shown."""
+    parts = []
+    for k in sorted(after):
+        if k == DIGEST_KEY:
+            continue
+        hidden = k == "proxy" and before.get(DIGEST_KEY) != after.get(DIGEST_KEY)
+        if before.get(k) != after[k] or hidden:
+            parts.append(describe_change(k, before.get(k), after[k], hidden_change=hidden))
+    return ", ".join(parts)

@@ -42,7 +42,7 @@ class ToPlace:
     """A strategy that needs a (new) worker."""
 
     spec: StrategySpec
-    # new | worker-offline | worker-removed (not reachable) | worker-leaving (removed, reachable) |
+    # new | worker-offline | worker-removed (not reachable) | worker-leaving (removed, reachable) | worker-unfit |
     # requirements | drain | rebalance
     cause: str
     reason: str                     # why it needs a (new) worker

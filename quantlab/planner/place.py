@@ -25,7 +25,7 @@ from .locate import Located
 # A worker is placed on last once its instances have restarted this often in total.
 FAILING_RESTARTS = 3
 # Who goes first: failovers, then moves off workers that no longer fit or left, then new strategies.
-ORDER = {"worker-offline": 0, "worker-removed": 0, "worker-leaving": 1, "requirements": 1, "new": 2}
+ORDER = {"worker-offline": 0, "worker-removed": 0, "worker-leaving": 1, "worker-unfit": 1, "requirements": 1, "new": 2}
 
 
 @dataclass
@@ -49,8 +49,11 @@ def build_pool(fleet: Fleet, observed: ObservedState, liveness: dict[str, Worker
             cpu, mem, creds, runtime_error = state.cpu or 0.0, state.mem_free_mb, state.credentials, state.error
             restarts = sum(i.restarts for i in state.instances.values())
             failing = restarts >= FAILING_RESTARTS or any(i.status == "error" for i in state.instances.values())
+        reported = state is not None and state.reachable
         views.append(WorkerView(spec, liveness[wid].status, used=len(staying.get(wid, [])), cpu=cpu,
-                                mem_free_mb=mem, credentials=creds, failing=failing, runtime_error=runtime_error))
+                                mem_free_mb=mem, credentials=creds, failing=failing, runtime_error=runtime_error,
+                                disk_free_mb=state.disk_free_mb if reported else None,
+                                disk_low=reported and state.disk_low))
     return WorkerPool(views)
 
 

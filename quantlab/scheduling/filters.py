@@ -17,7 +17,7 @@ from .pool import WorkerView
 class Rejection:
     worker: str
     code: str        # offline | unreachable | cordoned | draining | api | region | proxy | credentials
-                     # | runtime | full | memory | excluded
+                     # | runtime | disk | full | memory | excluded
     detail: str = ""  # per-worker specifics, e.g. "4/4" or "US"
 
 
@@ -40,6 +40,12 @@ def runtime(s: StrategySpec, w: WorkerView) -> Rejection | None:
     return None if w.runtime_error is None else Rejection(w.id, "runtime")
 
 
+def disk(s: StrategySpec, w: WorkerView) -> Rejection | None:
+    if not w.disk_low:
+        return None
+    return Rejection(w.id, "disk", "unknown" if w.disk_free_mb is None else f"{w.disk_free_mb} MB free")
+
+
 def api(s: StrategySpec, w: WorkerView) -> Rejection | None:
     return None if s.requirements.api in w.spec.supported_apis else Rejection(w.id, "api")
 
@@ -55,7 +61,8 @@ def proxy(s: StrategySpec, w: WorkerView) -> Rejection | None:
     want = s.requirements.proxy
     if want is None or w.spec.proxy == want:
         return None
-    return Rejection(w.id, "proxy", w.spec.proxy or "none")
+    # The detail becomes text (plan reasons, `explain`): the worker's proxy without its credentials.
+    return Rejection(w.id, "proxy", redact_url(w.spec.proxy) or "none")
 
 
 def credentials(s: StrategySpec, w: WorkerView) -> Rejection | None:
@@ -78,7 +85,7 @@ def memory(s: StrategySpec, w: WorkerView) -> Rejection | None:
 
 
 # Order matters only for which reason a worker reports first.
-BASE_STATIC: tuple[Check, ...] = (online, schedulable, runtime, api)
+BASE_STATIC: tuple[Check, ...] = (online, schedulable, runtime, disk, api)
 AFFINITY_STATIC: tuple[Check, ...] = (region, proxy)
 LATE_STATIC: tuple[Check, ...] = (credentials,)
 DYNAMIC: tuple[Check, ...] = (capacity, memory)
@@ -101,6 +108,7 @@ def describe_group(code: str, s: StrategySpec) -> str:
         "cordoned": "cordoned",
         "draining": "draining",
         "runtime": "runner program missing on the host",
+        "disk": "disk full",
         "api": f"no api {req.api}",
         "region": f"not in region {req.region}",
         "proxy": f"not behind proxy {redact_url(req.proxy)}",
@@ -120,6 +128,7 @@ def remedy(r: Rejection, s: StrategySpec) -> str:
         "cordoned": "the worker is uncordoned",
         "draining": "the worker stops draining",
         "runtime": "the runner program is installed on the host",
+        "disk": f"space is freed on the disk of the worker's workdir (now {r.detail})",
         "api": f"the worker's capabilities.supportedApis include {req.api}",
         "region": f"the worker's metadata.region is {req.region} (or the strategy drops requirements.region)",
         "proxy": f"the worker's metadata.proxy is {redact_url(req.proxy)} (or the strategy drops requirements.proxy)",

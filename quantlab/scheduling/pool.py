@@ -22,7 +22,8 @@ class WorkerView:
 
     def __init__(self, spec: WorkerSpec, liveness: str, used: int = 0, cpu: float = 0.0,
                  mem_free_mb: int | None = None, credentials: frozenset[str] = frozenset(),
-                 failing: bool = False, runtime_error: str | None = None):
+                 failing: bool = False, runtime_error: str | None = None, disk_free_mb: int | None = None,
+                 disk_low: bool = False):
         self.spec = spec
         self.id = spec.id
         self.capacity = spec.max_strategies
@@ -32,6 +33,8 @@ class WorkerView:
         self.credentials = credentials
         self.failing = failing              # strategies keep failing here: placed on last
         self.runtime_error = runtime_error  # the runner's program is missing on the host
+        self.disk_free_mb = disk_free_mb
+        self.disk_low = disk_low            # its workdir's disk is (nearly) full: no new copy there
         self._used = used
         self._load = self._key()
 
@@ -65,7 +68,7 @@ class WorkerView:
     def class_key(self) -> tuple:
         s = self.spec
         return (self.liveness, s.cordoned, s.drain, s.supported_apis, s.region, s.proxy,
-                self.credentials, self.failing, self.runtime_error is None)
+                self.credentials, self.failing, self.runtime_error is None, self.disk_low)
 
 
 @dataclass

@@ -193,6 +193,7 @@ class SshSettings:
 
 
 MAX_DEFAULT_PROBE_DEADLINE_S = 5.0
+MIN_INTERVAL_S = 0.1                 # the schema's floor for the interval and the probe deadline
 
 
 DEFAULT_LEADER_LEASE_S = 15.0        # Kubernetes' leader-election default
@@ -245,11 +246,13 @@ class FleetSettings:
         if not raw:
             return cls()
         notify = raw.get("notify") or {}
-        interval = float(raw.get("reconcileIntervalSeconds", 5.0))
+        # A state written before the schema had its floor may remember less: the loop must not spin on it.
+        interval = max(MIN_INTERVAL_S, float(raw.get("reconcileIntervalSeconds", 5.0)))
         monitor_fields = {f.name for f in dataclasses.fields(MonitorSettings)}
         ssh_fields = {f.name for f in dataclasses.fields(SshSettings)}
         return cls(policy=raw.get("policy", "load-based"), reconcile_interval_s=interval,
-                   probe_deadline_s=float(raw.get("probeDeadlineSeconds") or default_probe_deadline(interval)),
+                   probe_deadline_s=max(MIN_INTERVAL_S, float(raw.get("probeDeadlineSeconds")
+                                                              or default_probe_deadline(interval))),
                    cron_period_s=raw.get("cronPeriodSeconds"),
                    leader_lease_s=raw.get("leaderLeaseSeconds"),
                    # Fields a newer or older release wrote are left out: this must never fail.

@@ -14,8 +14,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import os
 import socket
 import ssl
+import stat
 import threading
 import time
 from collections import Counter
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
+from ..atomicfile import MiB, NotARegularFile, describe_kind, read_regular
+from ..store import event_problem
 from . import metrics
 
 STATIC = {"/": ("page.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -41,6 +45,7 @@ LOG_AT_ONCE = 2               # log fetches in flight at once, over all strategi
 READ_TIMEOUT_S = 10.0         # one read from a client (or a TLS handshake step) that stalls ends its connection
 CONNECTION_DEADLINE_S = 60.0  # and no connection lives longer than this, however slowly it trickles
 MAX_CONNECTIONS = 32          # more at once are closed at once: the page must never cost the loop its threads
+TOKEN_FILE_CAP = 1 * MiB      # a bearer token is a line; anything bigger is the wrong file
 
 
 class ServeRefused(Exception):
@@ -58,9 +63,16 @@ def is_loopback(host: str) -> bool:
 
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not port.isascii() or not port.isdigit() or not host:
         raise ServeRefused(f"--listen {text}: expected HOST:PORT, e.g. 127.0.0.1:8421")
-    return host.strip("[]"), int(port)
+    if int(port) > 65535:
+        raise ServeRefused(f"--listen {text}: port {int(port)} is out of range (at most 65535), e.g. 127.0.0.1:8421")
+    host = host.strip("[]")
+    try:
+        host.encode("idna")           # what bind() does with a name; its failure is no OSError
+    except UnicodeError:
+        raise ServeRefused(f"--listen {text}: {host!r} is not a host name or address, e.g. 127.0.0.1:8421") from None
+    return host, int(port)
 
 
 @dataclass
@@ -273,8 +285,9 @@ class Handler(BaseHTTPRequestHandler):
         strategy = (query.get("strategy") or [None])[0]
         since = _int(query, "since", 0)
         limit = min(_int(query, "limit", 200) or 200, 5000)
-        picked = [e for e in self.server.source.events()
-                  if (strategy is None or e.get("strategy") == strategy) and e.get("t", 0) >= since]
+        # Only events that can be compared and sorted: one odd line must not cost the page its history.
+        picked = [e for e in self.server.source.events() if event_problem(e) is None
+                  and (strategy is None or e.get("strategy") == strategy) and e.get("t", 0) >= since]
         picked.sort(key=lambda e: e.get("t", 0))
         self._send(HTTPStatus.OK, json.dumps(picked[-limit:], separators=(",", ":"), default=str).encode(),
                    "application/json")
@@ -326,6 +339,15 @@ def _int(query: dict[str, list[str]], key: str, default: int) -> int:
         return default
 
 
+def _regular_or_refused(option: str, path: Path) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ServeRefused(f"{option} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ServeRefused(f"{option} {path} is {describe_kind(mode)}, not a regular file: give the PEM file")
+
+
 def make_server(listen: str, source: Source, *, token_file: Path | None = None, tls_cert: Path | None = None,
                 tls_key: Path | None = None, insecure_http: bool = False,
                 allow_hosts: tuple[str, ...] = ()) -> PageServer:
@@ -334,8 +356,11 @@ def make_server(listen: str, source: Source, *, token_file: Path | None = None, 
     loopback = is_loopback(host)
     token = None
     if token_file is not None:
+        # Never a blocking open: a FIFO (or a device) given by mistake would hang the start for ever.
         try:
-            token = token_file.read_bytes().strip()
+            token = read_regular(token_file, TOKEN_FILE_CAP).strip()
+        except NotARegularFile as exc:
+            raise ServeRefused(f"--token-file {exc}: give the file that holds the token") from None
         except OSError as exc:
             raise ServeRefused(f"--token-file {token_file}: {exc.strerror}") from None
         if len(token) < 16:
@@ -347,6 +372,8 @@ def make_server(listen: str, source: Source, *, token_file: Path | None = None, 
     if tls_cert is not None or tls_key is not None:
         if tls_cert is None or tls_key is None:
             raise ServeRefused("pass both --tls-cert and --tls-key")
+        for option, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+            _regular_or_refused(option, path)       # OpenSSL's own open would block on a FIFO
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls.minimum_version = ssl.TLSVersion.TLSv1_2
         try:

@@ -112,6 +112,8 @@ def spawn_quantlab(*args: Any, log: Path) -> subprocess.Popen:
 #   throwAlways      st_heartbeat throws every time
 #   throwWhile: F    st_heartbeat throws while the file F exists (an exchange that is down, then back)
 #   logBeats         ctx.log a line at every beat
+#   fillMb: N        append 1 MB to a file of its checkpoint folder at every beat, N MB in all (a
+#                    strategy that fills its worker's disk); errors are ignored
 #   forgeFence: T    at every beat, put term T (a string of digits) for every state into its worker's
 #                    agent/fence.json, as a strategy running as the agent's user can
 #   forgeLease       "forge": rewrite QUANTLAB_LEASE_FILE with a deadline far ahead at every beat;
@@ -133,6 +135,7 @@ function put(name, value) {
 const add = (name, line) => fs.appendFileSync(path.join(dir, name), `${line}\n`);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 let beats = 0; // this process's beats (ctx.state survives restarts; this does not)
+let filled = 0; // MB appended by fillMb
 
 export async function st_init(ctx) {
   add('init.log', `${process.pid} ${ctx.epoch}`);
@@ -157,6 +160,10 @@ export async function st_heartbeat(ctx) {
   if (p.logBeats) ctx.log(`beat ${beats} epoch ${ctx.epoch}`);
   if (p.forgeLease) forgeLease(p.forgeLease, ctx.epoch);
   if (p.forgeFence) forgeFence(p.forgeFence);
+  if (p.fillMb && filled < p.fillMb) {
+    filled += 1;
+    try { fs.appendFileSync(path.join(dir, 'junk'), Buffer.alloc(1 << 20, 120)); } catch (e) { /* full */ }
+  }
   if (p.hangAfter !== undefined && beats > p.hangAfter) {
     add('hang.log', `${process.pid} ${Date.now()}`);
     setInterval(() => {}, 1000);

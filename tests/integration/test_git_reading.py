@@ -203,3 +203,21 @@ def test_a_repository_git_refuses_is_an_error_not_the_files_on_disk(tmp_path, mo
     with pytest.raises(GitError, match="owned by another user"):
         Follower(fleet, tmp_path / "state")
     assert Follower(fleet, tmp_path / "state", working_tree=True).source.kind == "working-tree"
+
+
+def test_a_hanging_smudge_filter_ends_with_the_git_call_that_ran_it(tmp_path, monkeypatch):
+    """A filter that never finishes makes reading the commit fail within the deadline, and nothing
+    it started is left running (it would hold the checkout for ever, one more per round)."""
+    import quantlab.gitsource
+    from quantlab.gitsource import GitError
+    from tests.support import processes, wait_for
+
+    hang = tmp_path / "hang-filter.sh"
+    hang.write_text("#!/bin/sh\nsleep 600\n")           # this shell, with its path in its command line, waits
+    hang.chmod(0o755)
+    fleet = repo_with_fleet(tmp_path / "repo", {".gitattributes": "*.yaml filter=hang\n"})
+    git(tmp_path / "repo", "config", "filter.hang.smudge", str(hang))
+    monkeypatch.setattr(quantlab.gitsource, "GIT_DEADLINE_S", 1.0)
+    with pytest.raises(GitError, match="did not finish within 1 s"):
+        follow(fleet, tmp_path)
+    wait_for(lambda: not processes(str(hang)), 5, what="the filter to be gone with git")

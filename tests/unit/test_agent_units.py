@@ -61,6 +61,22 @@ def test_a_silent_runner_is_unhealthy_after_three_heartbeats(tmp_path):
     assert "no heartbeat for 3.1s" in watch.check(now=104.1)
 
 
+def test_a_silent_runner_on_a_full_disk_is_not_restarted_for_it(tmp_path, monkeypatch):
+    import qlagent.health
+    free = {"bytes": 100 * 1024}
+    monkeypatch.setattr(qlagent.health, "disk_free_bytes", lambda path: free["bytes"])
+    sup = FakeSupervisor(tmp_path, heartbeat_s=1.0)
+    watch = HealthWatch(sup, started=100.0, restarts=0)
+    sup.beat(1)
+    assert watch.check(now=101.0) is None
+    assert watch.check(now=110.0) is None, "a heartbeat the disk would not take cost a restart"
+    assert any("disk is full" in p for p in sup.problems)
+    # Space again: the runner gets three heartbeats to show it lives, then is judged as always.
+    free["bytes"] = 10 * 2 ** 30
+    assert watch.check(now=112.9) is None
+    assert "no heartbeat" in watch.check(now=113.1)
+
+
 def test_too_many_errors_and_a_garbage_heartbeat(tmp_path):
     sup = FakeSupervisor(tmp_path)
     watch = HealthWatch(sup, started=100.0, restarts=0)

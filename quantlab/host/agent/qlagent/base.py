@@ -308,3 +308,17 @@ def describe_error(exc):
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return "%s: %s" % (type(exc).__name__, exc)
+
+
+# Below this much free space on a workdir's filesystem, its worker takes no new copy and a stale
+# heartbeat is the disk's fault, not the runner's (the runner cannot write it).
+DISK_LOW_BYTES = 16 * 2 ** 20
+
+
+def disk_free_bytes(path):
+    """Bytes an unprivileged process may still write on `path`'s filesystem, or None if unknown."""
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize

@@ -11,11 +11,13 @@ import time
 
 from .base import (
     APP,
+    DISK_LOW_BYTES,
     LAUNCH_FIELDS,
     MAX_PROBLEMS,
     PROBLEM_CAP,
     clip,
     describe_error,
+    disk_free_bytes,
     lease_limit,
     now_ms,
     open_append,
@@ -72,6 +74,11 @@ def start(request, args):
     missing = missing_files(request)
     if missing:
         return {"result": "missing", "missing": missing}, EXIT_MISSING
+    free = disk_free_bytes(request["workdir"])
+    if free is not None and free < DISK_LOW_BYTES:
+        # A copy that cannot write its heartbeat, lease or logs would look dead: start nothing.
+        return {"result": "refused", "reason": "the disk of %s is full (%d KB free): free space there"
+                                               % (request["workdir"], free // 1024)}, 0
     idir = instance_dir(request["workdir"], request["strategy"])
     lock, held = lock_instance(idir, lock_budget(request))
     if lock is None:
@@ -88,38 +95,42 @@ def start(request, args):
         stop_instance(idir, why, float(status.get("stopTimeoutSeconds") or 30), problems)
     end_strays(idir)                  # nothing of an earlier copy may run beside the new one
     keep_restarts = status.get("epoch") == request["epoch"] and status.get("specHash") == request["specHash"]
-    if os.path.islink(os.path.join(idir, "state")):
-        remove_entry(os.path.join(idir, "state"))           # the checkpoint folder is a real folder
-    os.makedirs(os.path.join(idir, "state"), mode=0o700, exist_ok=True)
-    if request.get("checkpoint"):
-        unpack_checkpoint(idir, request.pop("checkpoint"))   # a move: continue where it left off
-    # A stopped copy's pid files name nothing: the new supervisor must not take them for its own.
-    for stale in ("heartbeat.json", "runner.pid", "runner.pid" + PID_IDENTITY, "supervisor.pid",
-                  "supervisor.pid" + PID_IDENTITY, "control.json"):
-        remove_entry(os.path.join(idir, stale))
-    limit = None
-    if ttl > 0:
-        # Checked again: stopping a copy it replaces may have taken a while.
-        limit, refused = lease_limit(request.get("notAfter"))
-        if refused:
-            return {"result": "refused", "reason": refused}, 0
-    write_json(os.path.join(idir, "spec.json"), request)
-    write_lease(idir, request["epoch"], ttl, limit)
-    write_json(os.path.join(idir, "status.json"), {
-        "state": "starting", "epoch": request["epoch"], "specHash": request["specHash"],
-        "restarts": status.get("restarts", 0) if keep_restarts else 0, "startedAt": now_ms(),
-        "paused": bool(request.get("paused")),
-        "stopTimeoutSeconds": request["scheduling"]["stopTimeoutSeconds"]})
-    log = open_append(os.path.join(idir, "supervisor.log"))
     try:
-        child = subprocess.Popen([sys.executable, "-I", "-S", APP, "supervise", idir],
-                                 stdin=subprocess.PIPE if key else subprocess.DEVNULL, stdout=log, stderr=log,
-                                 close_fds=True, start_new_session=True, cwd=idir)
-    finally:
+        if os.path.islink(os.path.join(idir, "state")):
+            remove_entry(os.path.join(idir, "state"))           # the checkpoint folder is a real folder
+        os.makedirs(os.path.join(idir, "state"), mode=0o700, exist_ok=True)
+        if request.get("checkpoint"):
+            unpack_checkpoint(idir, request.pop("checkpoint"))   # a move: continue where it left off
+        # A stopped copy's pid files name nothing: the new supervisor must not take them for its own.
+        for stale in ("heartbeat.json", "runner.pid", "runner.pid" + PID_IDENTITY, "supervisor.pid",
+                      "supervisor.pid" + PID_IDENTITY, "control.json"):
+            remove_entry(os.path.join(idir, stale))
+        limit = None
+        if ttl > 0:
+            # Checked again: stopping a copy it replaces may have taken a while.
+            limit, refused = lease_limit(request.get("notAfter"))
+            if refused:
+                return {"result": "refused", "reason": refused}, 0
+        write_json(os.path.join(idir, "spec.json"), request)
+        write_lease(idir, request["epoch"], ttl, limit)
+        write_json(os.path.join(idir, "status.json"), {
+            "state": "starting", "epoch": request["epoch"], "specHash": request["specHash"],
+            "restarts": status.get("restarts", 0) if keep_restarts else 0, "startedAt": now_ms(),
+            "paused": bool(request.get("paused")),
+            "stopTimeoutSeconds": request["scheduling"]["stopTimeoutSeconds"]})
+        log = open_append(os.path.join(idir, "supervisor.log"))
         try:
-            os.close(log)
-        except OSError:
-            pass
+            child = subprocess.Popen([sys.executable, "-I", "-S", APP, "supervise", idir],
+                                     stdin=subprocess.PIPE if key else subprocess.DEVNULL, stdout=log, stderr=log,
+                                     close_fds=True, start_new_session=True, cwd=idir)
+        finally:
+            try:
+                os.close(log)
+            except OSError:
+                pass
+    except OSError as exc:
+        # Nothing runs yet (a full disk, a folder the strategy made unwritable): a clean refusal.
+        return {"result": "refused", "reason": "cannot prepare the instance folder: %s" % describe_error(exc)}, 0
     if key:
         hand_over_key(child, key, problems)
     # From here on a copy runs: the answer must say "started" whatever else fails (a full disk, an

@@ -2,7 +2,7 @@
 import os
 import time
 
-from .base import HEARTBEAT_FIELDS, load_checked
+from .base import DISK_LOW_BYTES, HEARTBEAT_FIELDS, disk_free_bytes, load_checked
 
 
 def file_identity(path):
@@ -51,6 +51,14 @@ class HealthWatch(object):
             return None
         age = now - self.last_good
         if not sup.paused and now - self.resumed_at > 3 * sup.heartbeat_s and age > 3 * sup.heartbeat_s:
+            free = disk_free_bytes(os.path.dirname(sup.path("heartbeat.json")))
+            if free is not None and free < DISK_LOW_BYTES:
+                # The runner cannot write its heartbeat: a restart would not help, and would spend
+                # the restart budget of a healthy strategy. It runs on under its lease, which fences
+                # it if this host cannot be renewed either; the host reports the disk.
+                sup.note_problem("the disk is full: heartbeats cannot be written; not restarted for that")
+                self.resumed_at = now
+                return None
             if self.bad:
                 return "no valid heartbeat for %.1fs (%s)" % (age, self.bad)
             return "no heartbeat for %.1fs (more than 3 x heartbeatMs)" % age

@@ -7,18 +7,29 @@ from .base import LOG_CAP_BYTES, open_append, remove_entry
 
 
 class OutputLog(object):
-    """The runner's stdout and stderr, relayed into output.log and rotated at a size cap."""
+    """The runner's stdout and stderr, relayed into output.log and rotated at a size cap. A full disk
+    (any strategy on the host may fill it) costs output, never the supervisor: what cannot be written
+    is dropped, counted, and said in the log once it can be written again."""
 
     def __init__(self, path, cap=LOG_CAP_BYTES):
         self.path, self.cap = path, cap
         self.fd = open_append(path)
         self.size = os.fstat(self.fd).st_size
+        self.dropped = 0
 
     def write(self, data):
-        if self.size + len(data) > self.cap and self.size:
-            self.rotate()
-        os.write(self.fd, data)
-        self.size += len(data)
+        try:
+            if self.size + len(data) > self.cap and self.size:
+                self.rotate()
+            if self.dropped:
+                note = ("[quantlab] %d bytes of output were dropped: the disk was full\n" % self.dropped).encode()
+                os.write(self.fd, note)
+                self.size += len(note)
+                self.dropped = 0
+            os.write(self.fd, data)
+            self.size += len(data)
+        except OSError:
+            self.dropped += len(data)
 
     def rotate(self):
         os.close(self.fd)

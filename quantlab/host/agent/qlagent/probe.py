@@ -16,6 +16,7 @@ except ImportError:
     zlib = None
 
 from .base import (
+    DISK_LOW_BYTES,
     BadFile,
     EVENTS_TAIL_BYTES,
     HEARTBEAT_FIELDS,
@@ -31,6 +32,7 @@ from .base import (
     boottime,
     clip,
     describe_error,
+    disk_free_bytes,
     file_kind,
     lease_limit,
     load_checked,
@@ -451,6 +453,9 @@ def probe(request, args):
         if cache is None:
             cache = os.path.join(workdir, "agent", "versions.json")
         worker["containment"] = containment
+        free = disk_free_bytes(workdir)
+        worker["diskFreeMb"] = None if free is None else free // 2 ** 20
+        worker["diskLow"] = free is not None and free < DISK_LOW_BYTES      # no new copy starts here
         worker["runtime"] = program_version(spec.get("program") or "node", cache)
         try:
             worker["credentials"] = sorted(n[:-4] for n in os.listdir(os.path.join(workdir, "secrets"))
