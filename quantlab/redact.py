@@ -18,9 +18,10 @@ if TYPE_CHECKING:
     from .spec import Fleet
 
 MASK = "***"
-# The userinfo after `//`, up to the last `@` before the host: a password may hold an `@` (URL
-# parsers take the last one); it ends at what ends a URL's authority or a word in running text.
-_USERINFO = re.compile(r"(?<=//)[^/?#\s\"'<>\\]*@")
+# The userinfo after a scheme's `://`, up to the last `@` before the host: a password may hold an
+# `@` (URL parsers take the last one); it ends at what ends a URL's authority or a word in running
+# text. Without the `:` a strategy's output ("a//b@c", binary bytes) would lose text that is no URL.
+_USERINFO = re.compile(r"(?<=://)[^/?#\s\"'<>\\]*@")
 # A password or user name shorter than this is not looked for on its own (outside its URL) in text
 # from elsewhere: a short one would blot out ordinary words and numbers of a strategy's log.
 MIN_BARE_SECRET = 8
