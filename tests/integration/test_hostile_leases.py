@@ -35,7 +35,10 @@ def test_a_strategy_that_rewrites_its_lease_file_still_stops_when_renewals_stop(
 
     report = fleet.status()
     for s in report["strategies"]:
-        assert s["leaseLeftSeconds"] is not None and s["leaseLeftSeconds"] <= ttl, s
+        # The replayer may already be fenced: putting back an old lease can hide a real renewal from
+        # its supervisor, which hurts that strategy alone.
+        left = s["leaseLeftSeconds"]
+        assert (left is not None and left <= ttl) if s["status"] == "running" else left is None, s
     assert "277777" not in fleet.ql("status").stdout
 
     # No loop from here on: whatever the files say, each copy stops when the last real renewal ends.
