@@ -3,6 +3,7 @@ SSH ever), for a new connection and for a connection kept from an earlier gather
 unreachable with the reason, the other hosts answer, and the cost is bounded by the timeouts."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from quantlab.gather import gather
 from quantlab.hosts import Hosts
 from quantlab.transport.ssh import SshTransport
+from tests.support import wait_for
 
 pytestmark = pytest.mark.ssh
 
@@ -48,8 +50,15 @@ def three_workers(ssh_fleet):
     fl.worker("jp-1", "host-01", region="JP").worker("jp-2", "host-02", region="JP")
     fl.worker("us-1", "host-03", region="US")
     # Every host answers once before the fault: a worker never seen by this state could still run
-    # copies an earlier state placed there, and the planner would rightly hold JP starts for it.
-    fl.write().cli("reconcile", "--once")
+    # copies an earlier state placed there, and the planner would rightly hold JP starts for it. (A
+    # first round on a busy machine may miss a host's deadline: the next one finds it warm.)
+    fl.write()
+
+    def all_answered():
+        fl.cli("reconcile", "--once", check=None)
+        state = json.loads((fl.dir / ".quantlab" / "state.json").read_text())
+        return set(state.get("answered", {})) >= {"jp-1", "jp-2", "us-1"}
+    wait_for(all_answered, 60, "every host to answer a probe once")
     fl.strategy("grid-jp", region="JP").strategy("trend-us", region="US")
     return fl.write()
 
