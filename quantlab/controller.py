@@ -563,7 +563,21 @@ class Controller:
         """Probe every host without renewing anything (plan, status)."""
         return gather(fleet, memory, self.hosts(fleet), self.clock)
 
+    def refuse_foreign_state(self, fleet: Fleet, memory: Memory) -> None:
+        """Nothing is planned or renewed with another fleet's state (Memory.foreign_to)."""
+        desired = {wid for wid, w in fleet.workers.items() if not w.leaving}     # not the state's own (with_leaving)
+        why = memory.foreign_to(fleet.settings.name, set(fleet.strategies), desired)
+        if why is None:
+            return
+        fix = "point --state at this fleet's state"
+        if fleet.settings.name and memory.fleet_name and fleet.settings.name != memory.fleet_name:
+            where = fleet.settings.source.file if fleet.settings.source else "the Fleet document"
+            fix += f", or, if this fleet was renamed, put `name: {memory.fleet_name}` back in {where}"
+        raise StateError(f"the state {self.store.path} does not belong to the fleet {fleet.root}: {why}. "
+                         f"Nothing was planned, renewed or changed; {fix}")
+
     def plan(self, fleet: Fleet, memory: Memory, gathered: Gathered, options: PlanOptions) -> Plan:
+        self.refuse_foreign_state(fleet, memory)
         result = make_plan(fleet, gathered.observed, memory, self.clock.mono(), options)
         return result.with_provenance(fleet_revision=fleet.revision, fleet_dirty=fleet.uncommitted)
 
@@ -574,6 +588,8 @@ class Controller:
         recorded before it is sent, and what the hosts said recorded after. `fallback`: `fleet`
         comes from the state file (the fleet directory does not validate)."""
         memory = self.ledger.refresh(fleet.settings.monitor.lease_ttl_s)
+        if not fallback:
+            self.refuse_foreign_state(fleet, memory)
         gathered = self.prober(fleet).round(fleet, memory, renew=renewals(memory), leases=self.ledger)
         addresses = {} if fallback else self.addresses(fleet)
         now = self.clock.mono()
@@ -582,6 +598,7 @@ class Controller:
             remember_into(m, gathered, addresses, now if loop else None)
             if not fallback:
                 m.fleet_settings = fleet.settings.snapshot()
+                m.fleet_name = m.fleet_name or fleet.settings.name
         memory = self.ledger.update(record)
         self.follow_host_terms(gathered)
         self.record_host_events(gathered)

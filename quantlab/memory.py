@@ -29,6 +29,12 @@ def _lease_key(raw: Any) -> str | None:
     return raw if isinstance(raw, str) and len(raw) == 64 and all(c in "0123456789abcdef" for c in raw) else None
 
 
+def _fleet_name(raw: Any) -> str | None:
+    if raw is None or isinstance(raw, str):
+        return raw or None
+    raise TypeError(f"fleet name {raw!r} is not a string")
+
+
 def launch_salt(lineage: str | None) -> str:
     """The salt of the proxy digests a state keeps (redact.seal_launch): its lineage, so that the
     same proxy gives another digest in every state."""
@@ -180,6 +186,9 @@ class Memory:
     # The secret (hex) from which each copy's lease key derives (protocol.instance_key): only
     # renewals proved with it extend a lease on a host. Made by the store at the first save.
     lease_key: str | None = None
+    # The name of the fleet this state belongs to (the Fleet document's `name`), recorded by the first
+    # round that saw a named fleet: see foreign_to.
+    fleet_name: str | None = None
 
     def copy(self) -> "Memory":
         return copy.deepcopy(self)
@@ -216,6 +225,7 @@ class Memory:
             **({"migratedTo": self.migrated_to} if self.migrated_to else {}),
             **({"controllerTerm": self.term} if self.term else {}),
             **({"leaseKey": self.lease_key} if self.lease_key else {}),
+            **({"fleet": self.fleet_name} if self.fleet_name else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -264,9 +274,25 @@ class Memory:
                 migrated_to=raw.get("migratedTo"),
                 term=int(raw.get("controllerTerm") or 0),
                 lease_key=_lease_key(raw.get("leaseKey")),
+                fleet_name=_fleet_name(raw.get("fleet")),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc
+
+    def foreign_to(self, name: str | None, strategies: set[str], workers: set[str]) -> str | None:
+        """Why this state belongs to another fleet than the one named `name` with these strategy and
+        worker ids, or None. Planned against another fleet's state, every placement it holds would
+        look deleted and be stopped on that fleet's hosts. Exact when both have a name; else a state
+        whose placements name none of these strategies and none of these workers is another fleet's
+        (renaming everything in one change looks the same, and is better done in two)."""
+        if name and self.fleet_name and name != self.fleet_name:
+            return f"it belongs to the fleet named {self.fleet_name!r}, not {name!r}"
+        placed = {sid: p.worker for sid, p in self.placements.items()}
+        if placed and (strategies or workers) and not (set(placed) & strategies) and not (set(placed.values()) & workers):
+            some = ", ".join(sorted(placed)[:3]) + (", …" if len(placed) > 3 else "")
+            return (f"its {len(placed)} placement(s) ({some}) name no strategy and no worker of this fleet, "
+                    "so it is another fleet's state")
+        return None
 
     def rebase(self, now_ms: int, boot_id: str, ttl_s: float) -> "Memory":
         """This state as seen by a controller on boot `boot_id` at `now_ms`. Judged times recorded on

@@ -1,6 +1,7 @@
 """`quantlab init DIR`: a new fleet directory with one example of each kind, ready to validate."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .spec.schemas import SCHEMA_FILES, schema_folder
@@ -14,6 +15,7 @@ FLEET = """\
 # yaml-language-server: $schema=schemas/fleet.schema.json
 apiVersion: quantlab/v1
 kind: Fleet
+name: NAME# the state records it and refuses to act for a fleet of another name
 policy: load-based              # or round-robin
 # Leases are renewed every interval; a lost host's strategies start elsewhere about 55 s after it
 # went silent (see "The lease rule" in the README before changing these).
@@ -82,13 +84,20 @@ def create_fleet(directory: Path) -> list[Path]:
                           "write to") from None
 
 
+def fleet_name_for(directory: Path) -> str:
+    """A Fleet name (the id pattern) from the folder's name: `prod-jp/` is named prod-jp."""
+    words = re.findall(r"[a-z0-9]+", directory.resolve().name.lower())
+    return "-".join(words)[:63].strip("-") or "fleet"
+
+
 def _write_fleet(directory: Path) -> list[Path]:
     if directory.is_dir() and any(directory.iterdir()):
         raise FleetExists(f"{directory} already exists and is not empty; choose a new folder")
     if directory.exists() and not directory.is_dir():
         raise FleetExists(f"{directory} exists and is not a folder; choose a new folder")
+    name = fleet_name_for(directory)
     files = {
-        "fleet.yaml": FLEET, "workers.yaml": WORKERS, "strategies.yaml": STRATEGIES,
+        "fleet.yaml": FLEET.replace("NAME", name.ljust(32 - len("name: "))), "workers.yaml": WORKERS, "strategies.yaml": STRATEGIES,
         "strategies/example.js": EXAMPLE_JS, ".gitignore": GITIGNORE,
     }
     # Copies of the schemas, so editors validate as you type ($schema modelines point at them).

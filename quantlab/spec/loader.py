@@ -731,6 +731,7 @@ class _Builder:
         rebalance = v("reconcile", "rebalance", "intervalSeconds")
         leader = v("reconcile", "leaderLeaseSeconds")
         return FleetSettings(
+            name=v("name"),
             policy=v("policy"),
             reconcile_interval_s=interval,
             probe_deadline_s=float(deadline) if deadline is not None else default_probe_deadline(interval),

@@ -218,6 +218,7 @@ class FleetSettings:
     rebalance_every_s: float | None = None                   # the loop rebalances on its own (off: None)
     rebalance_max_moves: int = 1
     leader_lease_s: float | None = None                      # set: several controllers may take over
+    name: str | None = None                                  # the Fleet's name: the state records it
 
     @property
     def leader_lease(self) -> float:

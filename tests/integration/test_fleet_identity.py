@@ -1,0 +1,73 @@
+"""A state belongs to one fleet. Planned against another fleet's state, every placement in it would
+look deleted and be stopped on that fleet's hosts (its addresses are in the state): `plan`, `apply`
+and `reconcile --once` refuse, name the state and the fleet, and change nothing. With a named Fleet
+the check is exact; an unnamed fleet's state is recognised by its placements naming none of the
+fleet's strategies and workers."""
+from __future__ import annotations
+
+import json
+
+from harness import FleetDir
+
+
+def _two_fleets(tmp_path, name_a=None, name_b=None) -> tuple[FleetDir, FleetDir]:
+    """Fleet B runs b1 on worker wb; fleet A (worker wa, strategy a1) has no state of its own yet."""
+    a = FleetDir(tmp_path / "a").worker("wa").strategy("a1")
+    b = FleetDir(tmp_path / "b").worker("wb").strategy("b1")
+    for fl, name in ((a, name_a), (b, name_b)):
+        if name:
+            fl.settings["name"] = name
+        fl.write()
+    b.apply()
+    b.beating("b1")
+    return a, b
+
+
+def _refused_everywhere(a: FleetDir, b: FleetDir, *fragments: str) -> None:
+    before = b.state_path.read_bytes()
+    pid = b.runner_pid("b1")
+    for args in (("plan",), ("apply", "--yes"), ("reconcile", "--once")):
+        run = a.ql(*args[:1], *args[1:], "--state", b.state_path, check=1)
+        assert "does not belong to the fleet" in run.output, run.describe()
+        assert "Traceback" not in run.output, run.describe()
+        for fragment in fragments:
+            assert fragment in run.output, run.describe()
+    assert b.state_path.read_bytes() == before, "the other fleet's state was written"
+    assert b.runner_pid("b1") == pid, "the other fleet's strategy was stopped or restarted"
+    assert a.runner_counts() == b.runner_counts(), "something of fleet A was started"
+
+
+def test_another_unnamed_fleets_state_is_refused_and_nothing_changes(node, reaper, tmp_path):
+    a, b = _two_fleets(tmp_path)
+    _refused_everywhere(a, b, str(b.state_path), "b1", "name no strategy and no worker of this fleet")
+
+
+def test_a_named_fleet_refuses_a_state_made_for_another_name(node, reaper, tmp_path):
+    a, b = _two_fleets(tmp_path, name_a="alpha", name_b="beta")
+    assert b.state()["fleet"] == "beta"
+    _refused_everywhere(a, b, "belongs to the fleet named 'beta', not 'alpha'")
+
+
+def test_a_renamed_fleet_is_told_how_to_go_back(node, reaper, tmp_path):
+    _, b = _two_fleets(tmp_path, name_b="beta")
+    b.settings["name"] = "gamma"
+    b.write()
+    run = b.ql("plan", check=1)
+    assert "put `name: beta` back in" in run.output and "fleet.yaml" in run.output, run.describe()
+    b.settings["name"] = "beta"
+    b.write()
+    assert b.plan()["actions"] == []
+
+
+def test_a_state_from_before_names_adopts_the_fleets_name_and_keeps_its_strategies(node, reaper, tmp_path):
+    """An upgrade: a state without a name (as the previous release wrote it) takes the fleet's name
+    at the next round; nothing restarts."""
+    _, b = _two_fleets(tmp_path)
+    assert "fleet" not in b.state()
+    pid = b.runner_pid("b1")
+    b.settings["name"] = "beta"
+    b.write()
+    b.ql("reconcile", "--once")
+    assert b.state()["fleet"] == "beta"
+    assert b.runner_pid("b1") == pid
+    assert json.loads(b.ql("plan", "--output", "json").stdout)["actions"] == []
