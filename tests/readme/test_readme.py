@@ -142,26 +142,41 @@ class Clone:
 
 
 def interrupt(proc: subprocess.Popen, timeout: float = 30.0) -> int:
-    """Ctrl-C, as a person would: SIGINT to the command the shell runs (an interactive shell ignores
-    it itself, which `sh -c` would not); the shell's exit code is then that command's."""
-    children = _children(proc.pid)
-    assert children, "the command had already ended"
-    for pid in children:
-        os.kill(pid, signal.SIGINT)
-    return proc.wait(timeout)
+    """Ctrl-C, as a terminal sends it: SIGINT to every process of the command's process group (`start`
+    made one), except the `sh` running the line (an interactive shell is not in its job's group; `sh
+    -c` would die of it). The shell's exit code is then the command's. A command still running after
+    `timeout` fails the test with what each process of the group was doing."""
+    group = _group(proc.pid)
+    assert group, "the command had already ended"
+    for pid, name in group.items():
+        if name not in ("sh", "dash", "bash") or pid != proc.pid:
+            os.kill(pid, signal.SIGINT)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        left = {pid: (_read(f"/proc/{pid}/stat").split(b") ")[-1][:1], _read(f"/proc/{pid}/wchan"),
+                      _read(f"/proc/{pid}/cmdline").replace(b"\0", b" ")[:200]) for pid in _group(proc.pid)}
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"still running {timeout:g} s after Ctrl-C (sent to {sorted(group)}): {left}")
 
 
-def _children(pid: int) -> list[int]:
-    """The live processes whose parent is `pid`."""
-    found = []
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def _group(pgid: int) -> dict[int, str]:
+    """The live processes of process group `pgid`, with their names."""
+    found = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                parent = int(handle.read().rsplit(b")", 1)[-1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == pid and alive(int(entry)):
-            found.append(int(entry))
+        stat = _read(f"/proc/{entry}/stat")
+        name, _, rest = stat.partition(b"(")[2].rpartition(b")")
+        fields = rest.split()
+        if len(fields) > 3 and fields[0] != b"Z" and int(fields[3]) == pgid:
+            found[int(entry)] = name.decode(errors="replace")
     return found
 
 
