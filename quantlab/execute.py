@@ -271,8 +271,12 @@ class Executor:
         # the next one knows a copy may run there, and that no lease it got outlives until + TTL.
         ledger = self.rec.ledger
         booking = ledger.request_leases({target: until + ttl_ms} if ttl_ms else {}, lambda m: record(m, intended))
-        # A move continues where the strategy left off: its last checkpoint goes to the new worker.
-        checkpoint = self.rec.checkpoints.load(a.strategy) if a.action == "move" and self.rec.checkpoints else None
+        # A new copy continues where the strategy left off: its last checkpoint goes with it — to the new
+        # worker of a move, and to a start of a strategy that ran before (removed and put back, stopped
+        # and started, resumed after stop-all), whose copy was kept for that (CHECKPOINT_RETENTION_S). A
+        # restart in place keeps the folder on its host, which is newer than any copy.
+        checkpoint = (self.rec.checkpoints.load(a.strategy)
+                      if a.action in ("move", "start") and self.rec.checkpoints else None)
         try:
             result = self._start(target, spec, a.epoch, a.paused, until, checkpoint)
         except (TransportError, AgentError, OSError) as exc:

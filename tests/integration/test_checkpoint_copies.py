@@ -70,3 +70,25 @@ def test_removing_a_reachable_worker_moves_its_strategies_with_their_final_check
     assert moves[-1]["from"] == "w1" and moves[-1]["cause"] == "worker-leaving" and moves[-1]["outcome"] == "ok"
     # Once it has left, the removed worker is gone from status too.
     assert [w["id"] for w in fleet.status()["workers"]] == ["w2"]
+
+
+def test_a_strategy_removed_and_put_back_continues_from_its_final_checkpoint(fleet):
+    """Its copy is kept "in case it comes back": the start that brings it back restores it, as a
+    move would (a trading strategy's state holds its positions)."""
+    fleet.running("w1", ["s1", "s2"])
+    wait_for(lambda: (fleet.recorded("s1", "state.json") or {}).get("beats", 0) >= 30, 30,
+             what="30 beats of s1, more than a new copy could count in the time it takes to look")
+    old = fleet.idir("s1")
+    spec = fleet.strategies.pop("s1")
+    fleet.write()
+    fleet.apply()
+    final = json.loads((old / "state" / "state.json").read_text())["beats"]
+    assert json.loads((old / "status.json").read_text())["state"] == "stopped"
+    fleet.strategies["s1"] = spec
+    fleet.workers["w1"]["cordoned"] = True          # it comes back on another worker
+    fleet.worker("w2").write()
+    fleet.apply()
+    assert fleet.placement("s1")["worker"] == "w2"
+    # The new copy's folder holds the final checkpoint, and its beats count on from there.
+    fleet.beating("s1", beats=1)
+    assert fleet.recorded("s1", "state.json")["beats"] > final
