@@ -408,7 +408,9 @@ class Soak:
                 self.log(f"  {time.time() - self.soak_start:6.0f}s {fault.kind} {fault.target}")
 
     def busy_hosts(self) -> set[str]:
-        return {f.target for f in self.faults if not f.healed and f.target in self.workers}
+        """The workers an unhealed fault holds (frozen, rebooting, forged, cordoned, draining)."""
+        return {w for f in self.faults if not f.healed
+                for w in f.workers | ({f.target} if f.target in self.workers else set())}
 
     def pick_worker(self, with_strategies: bool = True) -> str | None:
         """A worker no unhealed fault holds, with strategies on it; at most 2 hosts hurt at once (a third of
@@ -566,41 +568,41 @@ class Soak:
     # --- judging ----------------------------------------------------------------------------------------------
 
     def explains(self, copy: Copy) -> Fault | None:
-        """The fault that may have ended this copy: one on its worker or of its strategy, begun before it ended
-        and within its window."""
-        for fault in self.faults:
-            if (copy.worker in fault.workers or copy.strategy in fault.strategies) \
-                    and fault.start - 2 <= copy.last <= fault.until:
-                return fault
-        return None
+        """The fault that may have ended this copy: the latest one on its worker or of its strategy that
+        began before the copy ended and whose window the end falls in."""
+        found = [f for f in self.faults if (copy.worker in f.workers or copy.strategy in f.strategies)
+                 and f.start - 2 <= copy.last <= f.until]
+        return max(found, key=lambda f: f.start) if found else None
 
     def judge(self) -> dict[str, Any]:
         end = time.time()
-        everyone = list(self.specs)
-        copies = read_audit(self.audit, everyone)
-        duplicates, false_stops, losses = [], [], []
+        copies = read_audit(self.audit, list(self.specs))
+        duplicates, false_stops = [], []
+        loss: dict[str, list[int]] = {}           # kind of the fault that ended the old copy -> beats lost
+        worst: list[tuple[int, str]] = []
         for sid, cs in copies.items():
             for a, b in zip(cs, cs[1:]):
                 if b.first <= a.last:
                     duplicates.append(f"{sid}: {a.worker} pid {a.pid} epoch {a.epoch} beat until {a.last:.3f}, "
                                       f"{b.worker} pid {b.pid} epoch {b.epoch} from {b.first:.3f}")
-                if b.init_n is not None:
-                    losses.append(max(0, a.last_n - b.init_n))
             ended = cs[:-1] + ([cs[-1]] if cs and end - cs[-1].last > 5 and sid not in self.removed else [])
             for c in ended:
                 if c.last < self.soak_start:
                     continue                      # before the first fault: the start-up
                 fault = self.explains(c)
+                nxt = next((d for d in cs if d.first > c.last), None)
                 if fault is None:
                     false_stops.append(f"{sid}: copy on {c.worker} (pid {c.pid}, epoch {c.epoch}) ended at "
                                        f"+{c.last - self.soak_start:.0f}s with no fault to explain it")
-                elif fault.strategies or fault.workers:
-                    nxt = next((d for d in cs if d.first > c.last), None)
-                    if nxt is not None:
-                        took = nxt.first - fault.start
-                        fault.recovery = max(fault.recovery or 0.0, took)
+                    continue
+                if nxt is not None:
+                    fault.recovery = max(fault.recovery or 0.0, nxt.first - fault.start)
+                    if nxt.init_n is not None:
+                        lost_beats = max(0, c.last_n - nxt.init_n)
+                        loss.setdefault(fault.kind, []).append(lost_beats)
+                        worst.append((lost_beats, f"{sid} {c.worker}→{nxt.worker} after {fault.kind} "
+                                                  f"{fault.target}: {c.last_n} → {nxt.init_n}"))
         lost = sorted(sid for sid in self.desired() if not copies[sid] or end - copies[sid][-1].last > 5)
-        started_broken = self.started_from_broken()
         by_kind: dict[str, list[Fault]] = {}
         for fault in self.faults:
             by_kind.setdefault(fault.kind, []).append(fault)
@@ -609,12 +611,12 @@ class Soak:
             "backend": "PostgreSQL, 2 daemons" if self.postgres else "JSON file, 1 daemon",
             "starve": self.starve,
             "faults": {k: {"count": len(v),
-                           "recoveries": sorted(f.recovery for f in v if f.recovery is not None)}
+                           "recoveries": sorted(round(f.recovery, 1) for f in v if f.recovery is not None),
+                           "loss": sorted(loss.get(k, []))}
                        for k, v in sorted(by_kind.items())},
             "duplicates": duplicates, "false_stops": false_stops, "lost": lost,
-            "moves": len(losses), "loss_beats": {"median": statistics.median(losses) if losses else 0,
-                                                 "max": max(losses, default=0)},
-            "started_from_broken": started_broken,
+            "worst_losses": [w for _, w in sorted(worst, reverse=True)[:5]],
+            "started_from_broken": self.started_from_broken(),
             "state_reads": self.state_reads, "state_unreadable": self.state_unreadable,
             "converged_s": self.converged_s,
             "controller_cpu_s": round(self.cpu_s, 1), "controller_peak_rss_mb": round(self.peak_rss_mb, 1),
@@ -636,24 +638,24 @@ class Soak:
 # --- the report -----------------------------------------------------------------------------------------------
 
 def render(r: dict[str, Any]) -> str:
-    def fmt(xs: list[float]) -> str:
-        return f"{statistics.median(xs):.0f} / {max(xs):.0f} s" if xs else "—"
+    def fmt(xs: list[float], unit: str = " s") -> str:
+        return f"{statistics.median(xs):g} / {max(xs):g}{unit}" if xs else "—"
     rows = [f"Soak of {r['minutes']:g} min, seed {r['seed']}: {r['hosts']} sshd hosts, {r['strategies']} strategies, "
             f"{r['backend']}" + (f", CPU starvation with {r['starve']} busy processes on 2 cores" if r["starve"] else "")
             + ".", "",
-            "| fault | count | recovery, median / max (from the fault to the affected strategies' next beat) |",
-            "| --- | --- | --- |"]
+            "| fault | count | recovery, median / max (from the fault to the next beat of a copy it ended) "
+            "| `ctx.state` beats lost per new copy, median / max (a beat a second) |",
+            "| --- | --- | --- | --- |"]
     for kind, f in r["faults"].items():
-        rows.append(f"| {kind} | {f['count']} | {fmt(f['recoveries'])} |")
+        rows.append(f"| {kind} | {f['count']} | {fmt(f['recoveries'])} | {fmt(f['loss'], '')} |")
     rows += ["", "| promise | result | target |", "| --- | --- | --- |",
              f"| two copies of one strategy beating at once | {len(r['duplicates'])} | 0 |",
              f"| a copy ended with no fault to explain it (false stop) | {len(r['false_stops'])} | 0 |",
              f"| desired strategies not beating at the end (lost) | {len(r['lost'])} | 0 |",
              f"| started from a commit that does not validate | {len(r['started_from_broken'])} | 0 |",
-             f"| state file unreadable when sampled | {r['state_unreadable']} of {r['state_reads']} | 0 |",
-             f"| `ctx.state` beats lost per move, median / max ({r['moves']} moves) | "
-             f"{r['loss_beats']['median']:g} / {r['loss_beats']['max']:g} | ≤ 1 interval (5 beats) |",
-             f"| every strategy beating again after the last heal | "
+             (f"| state file unreadable when sampled | {r['state_unreadable']} of {r['state_reads']} | 0 |"
+              if r["state_reads"] else "| state file unreadable when sampled | not sampled (PostgreSQL) | 0 |"),
+             "| every strategy beating again after the last heal | "
              + (f"{r['converged_s']:.0f} s" if r["converged_s"] is not None else "not within the quiet period")
              + " | within the failover bound |",
              f"| controller CPU, peak resident memory | {r['controller_cpu_s']:g} s "
