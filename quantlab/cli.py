@@ -77,9 +77,10 @@ class _SafeConsole(Console):
         return super().render_str(render.terminal_safe(text), **kwargs)
 
 
-# Off a terminal (pipes, CI logs), tables get room instead of the 80-column default.
-out = _SafeConsole(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = _SafeConsole(stderr=True, highlight=False, soft_wrap=True)
+# Off a terminal (pipes, CI logs), tables get room instead of the 80-column default. No emoji codes:
+# text from hosts and people is printed as written (`--listen 127.0.0.1:-1:` is not a thumbs-down).
+out = _SafeConsole(highlight=False, soft_wrap=True, emoji=False, width=None if sys.stdout.isatty() else 200)
+err = _SafeConsole(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 class Output(str, Enum):
@@ -87,9 +88,18 @@ class Output(str, Enum):
     json = "json"
 
 
+def _fleet_dir(value: str) -> Path:
+    """`--fleet DIR`, but never an empty one: Path("") is the working directory, and `--fleet "$UNSET"`
+    would validate (or walk, from /, the whole disk as) whatever folder the command runs in."""
+    if not value:
+        raise typer.BadParameter("an empty path (an unset variable?); give the fleet directory, or leave "
+                                 "--fleet out for $QUANTLAB_FLEET or ./fleet")
+    return Path(value)
+
+
 # readable=False on every path: quantlab checks paths itself, with a message that says what to do
 # and exit 1 (typer's own check would exit 2 before anything could explain it).
-FleetOpt = Annotated[Optional[Path], typer.Option("--fleet", readable=False, metavar="DIR",
+FleetOpt = Annotated[Optional[Path], typer.Option("--fleet", readable=False, metavar="DIR", parser=_fleet_dir,
                                                   help="Fleet directory [default: $QUANTLAB_FLEET or ./fleet]")]
 StateOpt = Annotated[Optional[str], typer.Option("--state", envvar="QUANTLAB_STATE", metavar="FILE|DSN",
                                                  help="State file, or postgresql://USER@HOST/DB (credentials from "
@@ -465,7 +475,13 @@ def reconcile(
     from .follow import Follower
     from .gitsource import GitError
     from .loop import ReconcileLoop
+    from .web.server import ServeRefused, parse_listen
 
+    if serve_at is not None:
+        try:
+            parse_listen(serve_at)      # a typo is said at once, also with --once (which serves nothing)
+        except ServeRefused as exc:
+            raise _fail(str(exc).replace("--listen", "--serve", 1), 2) from None
     ctl = _controller(fleet, state, accept_new_host_keys)
 
     def log(line: str) -> None:

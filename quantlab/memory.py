@@ -35,6 +35,21 @@ def _fleet_name(raw: Any) -> str | None:
     raise TypeError(f"fleet name {raw!r} is not a string")
 
 
+def _optional_int(raw: Any) -> int | None:
+    return None if raw is None else int(raw)
+
+
+def _fleet_settings(raw: Any) -> dict[str, Any]:
+    """The settings a state remembers, with the shape `rebase` and FleetSettings.from_snapshot read
+    checked here (a TypeError or ValueError makes the state malformed, never a traceback later)."""
+    settings = dict(raw or {})
+    for part in ("monitor", "ssh", "notify"):
+        if not isinstance(settings.get(part) or {}, dict):
+            raise TypeError(f"fleetSettings.{part} is not an object")
+    float((settings.get("monitor") or {}).get("lease_ttl_s") or 0)
+    return settings
+
+
 def launch_salt(lineage: str | None) -> str:
     """The salt of the proxy digests a state keeps (redact.seal_launch): its lineage, so that the
     same proxy gives another digest in every state."""
@@ -238,7 +253,7 @@ class Memory:
         if not isinstance(raw, dict):
             raise MemoryFormatError("expected a JSON object")
         version = raw.get("version")
-        if version not in READABLE_VERSIONS:
+        if type(version) is not int or version not in READABLE_VERSIONS:     # true == 1 in Python
             raise MemoryFormatError(f"unknown state format version {version!r} (this quantlab reads "
                                     f"{', '.join(map(str, READABLE_VERSIONS))}); use a newer quantlab")
         try:
@@ -247,7 +262,7 @@ class Memory:
                 lineage=raw["lineage"],
                 # Version 1 judged by the wall clock: no boot, so `rebase` takes it as granted now.
                 clock_boot=raw.get("clockBoot") if version >= FORMAT_VERSION else None,
-                saved_at=raw.get("savedAt") if version >= FORMAT_VERSION else None,
+                saved_at=_optional_int(raw.get("savedAt")) if version >= FORMAT_VERSION else None,
                 began=raw.get("began"),
                 serial=int(raw["serial"]),
                 placements=_sealed({sid: Placement.from_json(sid, p) for sid, p in raw.get("placements", {}).items()},
@@ -265,7 +280,7 @@ class Memory:
                 checkpoints={k: int(v) for k, v in raw.get("checkpoints", {}).items()},
                 reschedules={k: (int(v[0]), int(v[1])) for k, v in raw.get("reschedules", {}).items()},
                 alerts={str(k): str(v) for k, v in raw.get("alerts", {}).items()},
-                fleet_settings=dict(raw.get("fleetSettings") or {}),
+                fleet_settings=_fleet_settings(raw.get("fleetSettings")),
                 suspended={str(k): dict(v) for k, v in raw.get("suspended", {}).items()},
                 retry={str(k): dict(v) for k, v in raw.get("retry", {}).items()},
                 rebalanced_at=raw.get("rebalancedAt") if version >= FORMAT_VERSION else None,

@@ -4,10 +4,14 @@ Plain data only. Rendering lives in render.py, plan-file I/O in store.py, carryi
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 FORMAT_VERSION = 1
+_MISSING = object()
+_KIND_WORDS = {str: "text", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+               dict: "an object"}
 
 ActionName = Literal["start", "stop", "restart", "move", "pause", "resume"]
 ACTIONS: tuple[str, ...] = ("start", "stop", "restart", "move", "pause", "resume")
@@ -72,17 +76,52 @@ class Action:
         return out
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> "Action":
-        if raw.get("action") not in ACTIONS:
-            raise ValueError(f"unknown action {raw.get('action')!r}")
-        if raw.get("cause") not in CAUSES:     # as Terraform's planfile decoder: no guessing
-            raise ValueError(f"unknown cause {raw.get('cause')!r} of {raw.get('action')} {raw.get('strategy')}")
+    def from_json(cls, raw: Any) -> "Action":
+        """`raw`: an action as plan files hold it, or its _Fields (with where it is in the file)."""
+        field = raw if isinstance(raw, _Fields) else _Fields(raw, "an action")
+        name, cause = field.raw.get("action"), field.raw.get("cause")
+        if not isinstance(name, str) or name not in ACTIONS:
+            raise ValueError(f"unknown action {name!r}")
+        if not isinstance(cause, str) or cause not in CAUSES:     # as Terraform's planfile decoder: no guessing
+            raise ValueError(f"unknown cause {cause!r} of {name} {field.raw.get('strategy')}")
+        # Where it acts, as the planner writes it: a move from one worker to another, anything else
+        # on one worker. A file that says otherwise was not written by `plan --out`.
+        at = {key: field.get(key, str) for key in (("from", "to") if name == "move" else ("worker",))}
         return cls(
-            action=raw["action"], strategy=raw["strategy"], reason=raw.get("reason", ""),
-            cause=raw["cause"], worker=raw.get("worker"), source=raw.get("from"),
-            target=raw.get("to"), epoch=raw.get("epoch"), spec_hash=raw.get("specHash"),
-            paused=bool(raw.get("paused", False)),
+            action=name, strategy=field.get("strategy", str), reason=field.get("reason", str, default=""),
+            cause=cause, worker=at.get("worker"), source=at.get("from"), target=at.get("to"),
+            epoch=field.get("epoch", int, optional=True), spec_hash=field.get("specHash", str, optional=True),
+            paused=field.get("paused", bool, default=False),
         )
+
+
+class _Fields:
+    """The fields of one object of a plan file, each of the type the planner writes: a plan file is
+    carried out as it says, so a field of another type (a worker that is a number, an epoch that is
+    text) is refused here, by name, rather than met half-way through an apply."""
+
+    def __init__(self, raw: Any, where: str = ""):
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where or 'the file'} is {_json_kind(raw)}, not an object")
+        self.raw, self.where = raw, where
+
+    def get(self, key: str, kind: type | tuple[type, ...], *, optional: bool = False, default: Any = _MISSING) -> Any:
+        """The field `key`: None when `optional` and missing or null, `default` when given and missing."""
+        value = self.raw.get(key)
+        if value is None and (optional or default is not _MISSING):
+            return None if optional else default
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int to Python, never to a plan file.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            expected = " or ".join(_KIND_WORDS[k] for k in kinds)
+            got = "missing" if key not in self.raw else "null" if value is None else f"{_json_kind(value)} {_shown(value)}"
+            raise ValueError(f"{self.where + ': ' if self.where else ''}{key} is {got}, expected {expected}")
+        return value
+
+    def objects(self, key: str) -> list["_Fields"]:
+        """The objects of a list field (missing: none)."""
+        where = f"{self.where}.{key}" if self.where else key
+        return [_Fields(item, f"{where}[{i}]") for i, item in enumerate(self.get(key, list, default=[]))]
 
 
 @dataclass(frozen=True)
@@ -222,26 +261,46 @@ class Plan:
         }
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> "Plan":
+    def from_json(cls, raw: Any) -> "Plan":
+        plan = _Fields(raw)
         if raw.get("formatVersion") != FORMAT_VERSION:
             raise ValueError(f"unknown plan formatVersion {raw.get('formatVersion')!r}")
         return cls(
-            actions=tuple(Action.from_json(a) for a in raw.get("actions", [])),
-            queued=tuple(Queued(q["strategy"], q["reason"],
-                                tuple((r["worker"], r["reason"]) for r in q.get("rejections", [])))
-                         for q in raw.get("queued", [])),
-            waiting=tuple(Waiting(w["strategy"], w["worker"], w["reason"], w.get("secondsLeft"))
-                          for w in raw.get("waiting", [])),
-            blocked=tuple(Blocked(b["guard"], b["reason"], tuple(Action.from_json(a) for a in b.get("actions", [])))
-                          for b in raw.get("blocked", [])),
-            notes=tuple(Note(n["strategy"], n.get("worker"), n["note"]) for n in raw.get("notes", [])),
-            adopt=tuple(Adopt(a["strategy"], a["worker"], int(a["epoch"]), a.get("specHash"))
-                        for a in raw.get("adopt", [])),
-            fleet_hash=raw.get("fleetHash"), fleet_revision=raw.get("fleetRevision"),
-            fleet_dirty=bool(raw.get("fleetDirty", False)), lineage=raw.get("lineage"),
-            state_serial=int(raw.get("stateSerial", 0)), rr_cursor=raw.get("roundRobinCursor"),
-            next_epoch=int(raw.get("nextEpoch", 1)), policy=raw.get("policy", ""),
+            actions=tuple(Action.from_json(a) for a in plan.objects("actions")),
+            queued=tuple(Queued(q.get("strategy", str), q.get("reason", str),
+                                tuple((r.get("worker", str), r.get("reason", str)) for r in q.objects("rejections")))
+                         for q in plan.objects("queued")),
+            waiting=tuple(Waiting(w.get("strategy", str), w.get("worker", str), w.get("reason", str),
+                                  w.get("secondsLeft", (int, float), optional=True))
+                          for w in plan.objects("waiting")),
+            blocked=tuple(Blocked(b.get("guard", str), b.get("reason", str),
+                                  tuple(Action.from_json(a) for a in b.objects("actions")))
+                          for b in plan.objects("blocked")),
+            notes=tuple(Note(n.get("strategy", str), n.get("worker", str, optional=True), n.get("note", str))
+                        for n in plan.objects("notes")),
+            adopt=tuple(Adopt(a.get("strategy", str), a.get("worker", str), a.get("epoch", int),
+                              a.get("specHash", str, optional=True))
+                        for a in plan.objects("adopt")),
+            fleet_hash=plan.get("fleetHash", str, optional=True),
+            fleet_revision=plan.get("fleetRevision", str, optional=True),
+            fleet_dirty=plan.get("fleetDirty", bool, default=False),
+            lineage=plan.get("lineage", str, optional=True),
+            state_serial=plan.get("stateSerial", int, default=0),
+            rr_cursor=plan.get("roundRobinCursor", str, optional=True),
+            next_epoch=plan.get("nextEpoch", int, default=1),
+            policy=plan.get("policy", str, default=""),
         )
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "text", int: "a number", float: "a number", bool: "a boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _shown(value: Any) -> str:
+    """A value as the file spells it, clipped."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else f"{text[:40]}…"
 
 
 __all__ = ["ACTIONS", "Action", "Adopt", "Blocked", "Note", "Plan", "Queued", "Waiting"]

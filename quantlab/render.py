@@ -184,10 +184,19 @@ def status_tables(report: dict, now_ms: int) -> list:
     source = Source.from_key(loop)
     synced = []
     if source is not None:
-        since = f" since {_age(now_ms - loop['at'])} ago" if loop.get("at") else ""
+        at = _epoch_ms(loop.get("at"))
+        since = f" since {_age(now_ms - at)} ago" if at else ""
         synced.append(f"Reconcile loop applies {escape(source.words())}; last synced revision "
                       f"{escape(str(loop.get('revision') or '—'))}{since}")
     return [*held, *synced, workers, strategies]
+
+
+def _epoch_ms(value: Any) -> float | None:
+    """A time in epoch ms as the state file holds it, or None when it holds anything else there (a
+    hand edit, another release): text, NaN, or a number no clock reaches."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if abs(value) < 1e15 else None
 
 
 def _suspension_line(target: str, hold: dict) -> str:
@@ -206,15 +215,17 @@ def parse_since(text: str, now_ms: int) -> int:
     """'90s', '10m', '2h', '3d' ago, or an ISO 8601 time."""
     import datetime
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
-        return now_ms - int(float(text[:-1]) * units[text[-1]] * 1000)
+    # ASCII digits only: str.isdigit() also takes '²', which float() does not.
+    if text and text[-1] in units and text[:-1].isascii() and text[:-1].replace(".", "", 1).isdigit():
+        # Further back than the epoch is "everything" (and 10^400 days is a float infinity, no int).
+        return now_ms - int(min(float(text[:-1]) * units[text[-1]] * 1000, now_ms))
     try:
         moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.astimezone()
+        return int(moment.timestamp() * 1000)
+    except (ValueError, OverflowError, OSError):      # also a time this machine cannot place (year 1)
         raise ValueError(f"--since {text!r}: use a duration like 10m, 2h, 3d or an ISO time") from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()
-    return int(moment.timestamp() * 1000)
 
 
 def event_line(e: dict) -> str:

@@ -80,6 +80,11 @@ class StateStore:
         try:
             st = self.path.stat()
         except FileNotFoundError:
+            if self.path.is_symlink():
+                # An unmounted volume, say: "no state yet" would start a new lineage over the link.
+                raise StateError(f"{self.path} is a broken symlink (to {os.readlink(self.path)}): the state it "
+                                 "points to is not there. Mount or restore it, or remove the link to start "
+                                 "afresh") from None
             self._saved, self._serial, self._saved_bytes = None, 0, None
             return Memory()
         except OSError as exc:
@@ -98,6 +103,9 @@ class StateStore:
         except (MemoryFormatError, UnicodeDecodeError, OverflowError, RecursionError) as exc:
             raise StateError(f"{self.path}: {exc}; it was left untouched. Use the quantlab version that "
                              "wrote it, or move it away to start afresh") from exc
+        except ValueError as exc:            # what json refuses past its line numbers (an integer of 5,000 digits)
+            raise StateError(f"{self.path}: state file is not valid JSON ({exc}); it was left untouched. Restore "
+                             "it from a backup, or move it away to start afresh") from exc
         except NotARegularFile as exc:
             raise StateError(f"{exc}; quantlab keeps its state there: move it away (`--state FILE` "
                              "picks another place)") from exc

@@ -203,6 +203,12 @@ def _shown(value: Any) -> str:
     return _clip(repr(value))
 
 
+def _named_id(written: str) -> str:
+    """An id as a message names it: as written, or quoted with escapes when it holds a newline or
+    another control character (which would split the problem's line, or pass for another problem)."""
+    return _clip(written) if written.isprintable() else _shown(written)
+
+
 def _dotted(path: list[Any]) -> str:
     out = ""
     for part in path:
@@ -316,7 +322,7 @@ def _check_document(data: Any) -> _Checked:
         suggestion = "" if isinstance(kind, (dict, list)) else _did_you_mean(str(kind), list(kinds))
         return _Checked([(["kind"], f"unknown kind {_shown(kind)}{suggestion}; "
                                     f"expected one of {', '.join(kinds)}")])
-    label = f"{kind} {_clip(data['id'])}: " if isinstance(data.get("id"), str) else f"{kind}: "
+    label = f"{kind} {_named_id(data['id'])}: " if isinstance(data.get("id"), str) else f"{kind}: "
     errors = sorted(validator_for(kind).iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
     found = [(path, label + message, spoiled)
              for e in errors for path, message, spoiled in _schema_messages(e, kinds[kind])]
@@ -458,7 +464,7 @@ class _Doc:
         """How messages name it: "Strategy s1" (the id as written, also one with a schema error), or
         the kind alone when the id is not a string."""
         written = self.data.get("id")
-        return f"{self.kind} {_clip(written)}" if isinstance(written, str) else self.kind
+        return f"{self.kind} {_named_id(written)}" if isinstance(written, str) else self.kind
 
     def written_strategy_file(self) -> str | None:
         """Its strategyFile when that names a file at all (a path with a wrong extension is still
@@ -830,7 +836,7 @@ class _Builder:
 def _named(doc: _Doc, noun: str) -> str:
     """"strategy s1" in a message about another document; "another strategy" when its id is not a string."""
     written = doc.data.get("id")
-    return f"{noun} {_clip(written)}" if isinstance(written, str) else f"another {noun}"
+    return f"{noun} {_named_id(written)}" if isinstance(written, str) else f"another {noun}"
 
 
 def _replaced(doc: _Doc, field: str) -> bool:

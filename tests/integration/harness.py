@@ -11,10 +11,12 @@ puts this folder on sys.path; it has no __init__.py).
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -101,6 +103,96 @@ def spawn_quantlab(*args: Any, log: Path) -> subprocess.Popen:
         return subprocess.Popen([PYTHON, "-m", "quantlab", *map(str, args)], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT, env=cli_env(), cwd=REPO,
                                 start_new_session=True)
+
+
+# --- bad input, judged: a deadline, no traceback, the words promised, nothing changed -----------------
+
+DEADLINE = 20.0                # seconds a refusal may take before it counts as a hang
+
+
+def ql(*args: Any, cwd: Path | None = None, unprivileged: bool = False, timeout: float = DEADLINE) -> Result:
+    """`python -m quantlab ARGS`; a command still running after `timeout` fails the test as hung,
+    with the tail of what it printed. `unprivileged`: as a user whom permission bits bind (root
+    without the capabilities that ignore them, see `drop_permission_overrides`)."""
+    argv = [PYTHON, "-m", "quantlab", *map(str, args)]
+    preexec = drop_permission_overrides if unprivileged and os.geteuid() == 0 else None
+    started = time.monotonic()
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+                              env=cli_env(), cwd=cwd or REPO, preexec_fn=preexec)
+    except subprocess.TimeoutExpired as exc:
+        hung = exc
+    else:
+        return Result(argv, done.returncode, done.stdout, done.stderr, time.monotonic() - started)
+    import pytest
+
+    pytest.fail(f"$ quantlab {' '.join(map(str, args))}\nhung: still running after {timeout:g}s (killed)\n"
+                f"--- stdout (tail)\n{_tail(hung.stdout)}\n--- stderr (tail)\n{_tail(hung.stderr)}")
+
+
+def _tail(data: Any, lines: int = 30) -> str:
+    """The last lines of what a killed command printed (bytes or text, or None)."""
+    text = data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def check(result: Result, code: int, *fragments: str) -> None:
+    """Exit `code`, no traceback, and every fragment in what it printed."""
+    shown = result.describe()
+    assert result.returncode == code, f"expected exit {code}\n{shown}"
+    assert "Traceback" not in result.output, f"printed a traceback\n{shown}"
+    for fragment in fragments:
+        assert fragment in result.output, f"expected {fragment!r} in the output\n{shown}"
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every path under `root` (symlinks not followed) with its mode, size and mtime."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            info = Path(dirpath, name).lstat()
+            found[str(Path(dirpath, name).relative_to(root))] = (
+                info.st_mode, info.st_size if stat.S_ISREG(info.st_mode) else 0, info.st_mtime_ns)
+    return found
+
+
+# Root is not stopped by permission bits. Cases about permissions run the CLI as root without
+# CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (dropped from the bounding set just before exec), so that
+# the bits of root-owned files bind it like any other user's. Switching to another uid instead would
+# also lock the process out of its interpreter when that lives in a private home folder.
+PR_CAPBSET_DROP = 24
+PERMISSION_OVERRIDES = (1, 2)         # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+
+
+def drop_permission_overrides() -> None:
+    """In the child, before exec: root keeps its uid but loses the capabilities that ignore
+    permission bits; exec cannot give them back once they left the bounding set."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in PERMISSION_OVERRIDES:
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def permission_problem(scratch: Path) -> str | None:
+    """Why `ql(..., unprivileged=True)` would not run where permission bits stop it, or None.
+    `scratch`: an empty folder of the caller's to try it on."""
+    if os.geteuid() != 0:
+        return None
+    status = Path("/proc/self/status").read_text()
+    inheritable = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapInh:")), 16)
+    if inheritable & sum(1 << cap for cap in PERMISSION_OVERRIDES):
+        return "root's permission overrides are inheritable capabilities here: exec keeps them"
+    scratch.chmod(0o000)
+    try:
+        probe = subprocess.run([PYTHON, "-I", "-S", "-c", "import os, sys; os.listdir(sys.argv[1])", str(scratch)],
+                               capture_output=True, timeout=DEADLINE, preexec_fn=drop_permission_overrides)
+    except subprocess.SubprocessError as exc:
+        return f"cannot drop root's permission overrides here: {exc}"
+    finally:
+        scratch.chmod(0o700)
+    if probe.returncode == 0:
+        return "root still reads a mode-000 folder after dropping its permission overrides"
+    return None
 
 
 # --- the test strategy ---------------------------------------------------------------------------------

@@ -8,74 +8,27 @@ file or events log that is not a regular file, `init` where no fleet can go, and
 with entries that cannot be read.
 
 Permissions: root is not stopped by permission bits. The cases about permissions run the CLI as
-root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (dropped from the bounding set just before
-exec), so that the bits of root-owned files bind it like any other user. Switching to another uid
-instead would also lock the process out of its interpreter when that lives in a private home folder.
+root without the capabilities that ignore them (harness.drop_permission_overrides).
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import stat
-import subprocess
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import yaml
 
-from harness import PYTHON, REPO, FleetDir, Result, cli_env, runner_counts
+from harness import FleetDir, Result, check, permission_problem, ql, runner_counts
+from tests.support import require
 
-DEADLINE = 20.0           # seconds any command gets before it counts as hung
 BIG_PLAN_BYTES = 70 * 1024 * 1024
-
-
-# --- running the CLI -------------------------------------------------------------------------------
-
-PR_CAPBSET_DROP = 24
-PERMISSION_OVERRIDES = (1, 2)         # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _drop_permission_overrides() -> None:
-    """In the child, before exec: root keeps its uid but loses the capabilities that ignore
-    permission bits; exec cannot give them back once they left the bounding set."""
-    for cap in PERMISSION_OVERRIDES:
-        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
-def _tail(data: Any, lines: int = 30) -> str:
-    """The last lines of what a killed command printed (bytes or text, or None)."""
-    text = data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def ql(*args: Any, cwd: Path | None = None, unprivileged: bool = False, timeout: float = DEADLINE) -> Result:
-    """`python -m quantlab ARGS` with no terminal; fails the test if it has not exited after `timeout`.
-    `unprivileged`: as a user whom permission bits bind (see the module docstring)."""
-    argv = [PYTHON, "-m", "quantlab", *map(str, args)]
-    preexec = _drop_permission_overrides if unprivileged and os.geteuid() == 0 else None
-    started = time.monotonic()
-    try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-                              env=cli_env(), cwd=cwd or REPO, preexec_fn=preexec)
-    except subprocess.TimeoutExpired as exc:
-        hung = exc
-    else:
-        return Result(argv, done.returncode, done.stdout, done.stderr, time.monotonic() - started)
-    pytest.fail(f"$ quantlab {' '.join(map(str, args))}\nhung: still running after {timeout:g}s (killed)\n"
-                f"--- stdout (tail)\n{_tail(hung.stdout)}\n--- stderr (tail)\n{_tail(hung.stderr)}")
 
 
 def assert_fails_cleanly(result: Result, *fragments: str) -> None:
     """Exit 1, no traceback, and every fragment somewhere in what the command printed."""
-    shown = result.describe()
-    assert result.returncode == 1, f"expected exit 1\n{shown}"
-    assert "Traceback" not in result.output, f"printed a traceback\n{shown}"
-    for fragment in fragments:
-        assert fragment in result.output, f"expected {fragment!r} in the output\n{shown}"
+    check(result, 1, *fragments)
 
 
 def tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -96,33 +49,11 @@ def kind_of(path: Path) -> str:
                 if test(mode))
 
 
-def _cannot_test_permissions(why: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{why}; CI=true, so this is a failure, not a skip")
-    pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def permission_bits_bind(tmp_path_factory) -> None:
     """Skip (fail under CI) unless `ql(..., unprivileged=True)` really runs where permission bits
     stop it."""
-    if os.geteuid() != 0:
-        return
-    status = Path("/proc/self/status").read_text()
-    inheritable = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapInh:")), 16)
-    if inheritable & sum(1 << cap for cap in PERMISSION_OVERRIDES):
-        _cannot_test_permissions("root's permission overrides are inheritable capabilities here: exec keeps them")
-    closed = tmp_path_factory.mktemp("closed")
-    closed.chmod(0o000)
-    try:
-        probe = subprocess.run([PYTHON, "-I", "-S", "-c", "import os, sys; os.listdir(sys.argv[1])", str(closed)],
-                               capture_output=True, timeout=DEADLINE, preexec_fn=_drop_permission_overrides)
-    except subprocess.SubprocessError as exc:
-        _cannot_test_permissions(f"cannot drop root's permission overrides here: {exc}")
-    finally:
-        closed.chmod(0o700)
-    if probe.returncode == 0:
-        _cannot_test_permissions("root still reads a mode-000 folder after dropping its permission overrides")
+    require(permission_problem(tmp_path_factory.mktemp("closed")))
 
 
 def quiet_fleet(root: Path) -> FleetDir:

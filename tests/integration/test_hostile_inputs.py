@@ -10,49 +10,15 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 
-from harness import PYTHON, REPO, FleetDir, Result, runner_counts, wait_for
+from harness import DEADLINE, REPO, FleetDir, Result, check, ql, runner_counts, tree, wait_for
 from tests.support import cli_env, free_port
 
-DEADLINE = 20.0                # seconds a refusal may take before it counts as a hang
 ESC = "\x1b"
-
-
-def ql(*args: Any, cwd: Path | None = None, timeout: float = DEADLINE) -> Result:
-    """`python -m quantlab ARGS`; a command still running after `timeout` fails the test as hung."""
-    argv = [PYTHON, "-m", "quantlab", *map(str, args)]
-    started = time.monotonic()
-    try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-                              env=cli_env(), cwd=cwd or REPO)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"$ quantlab {' '.join(map(str, args))}\nhung: still running after {timeout:g}s (killed)")
-    return Result(argv, done.returncode, done.stdout, done.stderr, time.monotonic() - started)
-
-
-def check(result: Result, code: int, *fragments: str) -> None:
-    """Exit `code`, no traceback, and every fragment in what it printed."""
-    shown = result.describe()
-    assert result.returncode == code, f"expected exit {code}\n{shown}"
-    assert "Traceback" not in result.output, f"printed a traceback\n{shown}"
-    for fragment in fragments:
-        assert fragment in result.output, f"expected {fragment!r} in the output\n{shown}"
-
-
-def tree(root: Path) -> dict[str, tuple[int, int, int]]:
-    """Every path under `root` (symlinks not followed) with its mode, size and mtime."""
-    found = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            info = Path(dirpath, name).lstat()
-            found[str(Path(dirpath, name).relative_to(root))] = (
-                info.st_mode, info.st_size if stat.S_ISREG(info.st_mode) else 0, info.st_mtime_ns)
-    return found
 
 
 def quiet_fleet(root: Path) -> FleetDir:

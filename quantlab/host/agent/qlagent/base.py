@@ -85,8 +85,8 @@ READ_FLAGS = os.O_RDONLY | NO_FOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os
 
 
 def file_kind(mode):
-    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"), (stat.S_ISLNK, "symlink"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"),
+                       (stat.S_ISLNK, "symlink"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
                        (stat.S_ISBLK, "block device")):
         if test(mode):
             return name
