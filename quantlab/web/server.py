@@ -30,6 +30,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from ..atomicfile import MiB, NotARegularFile, describe_kind, read_regular
+from ..planner import UnknownTarget
 from ..store import event_problem
 from . import metrics
 
@@ -308,6 +309,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             lines = min(max(1, _int(query, "lines", 200) or 200), LOG_LINES_MAX)
             body = self.server.source.logs(strategy, lines)
+        except UnknownTarget as exc:           # not a failure of the server: a strategy it does not know
+            self._send(HTTPStatus.NOT_FOUND, f"{exc}\n".encode(), "text/plain; charset=utf-8")
+            return
         finally:
             self.server.limiter.slots.release()
         self._send(HTTPStatus.OK, body, "text/plain; charset=utf-8")

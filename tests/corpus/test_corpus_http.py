@@ -65,7 +65,7 @@ ASKS = [
     ask("raw-non-ascii-path", 404, "not found", raw=b"GET /api/st\xc3\xa4tus\xff HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n"
                                                   b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"),
     ask("logs-traversal", 404, "no such strategy", path="/api/logs/..%2F..%2Fetc%2Fpasswd"),
-    ask("logs-of-a-strategy-nobody-knows", 503, "unknown strategy zz: not in the fleet", path="/api/logs/zz"),
+    ask("logs-of-a-strategy-nobody-knows", 404, "unknown strategy zz: not in the fleet", path="/api/logs/zz"),
     # --- the token ---
     ask("no-token", 401, (TOKEN_NEEDED, 'WWW-Authenticate: Bearer realm="quantlab"'), token=None),
     ask("wrong-token", 401, TOKEN_NEEDED, token="corpus-token-0123456789abcdeX"),
@@ -91,7 +91,7 @@ ASKS = [
     ask("events-since-infinity", 200, "[]", path="/api/events?since=1e999&limit=x&strategy=%00"),
     ask("query-of-60-kib", 200, '"strategies":[', path="/api/status?" + "a=1&" * 15_000),
     ask("if-none-match-of-60-kib", 200, '"strategies":[', headers=b"If-None-Match: " + b"x" * 60_000 + b"\r\n"),
-    ask("lines-of-5000-digits", 503, "s1 has never been placed", path="/api/logs/s1?lines=" + "9" * 5000),
+    ask("lines-of-5000-digits", 404, "s1 has never been placed", path="/api/logs/s1?lines=" + "9" * 5000),
     # --- past any bound, or not HTTP ---
     ask("request-line-over-64-kib", 414, "Request-URI Too Long", path="/" + "a" * 70_000),
     ask("header-over-64-kib", 431, "Line too long", headers=b"X-Big: " + b"a" * 70_000 + b"\r\n"),
