@@ -273,10 +273,12 @@ class Executor:
         booking = ledger.request_leases({target: until + ttl_ms} if ttl_ms else {}, lambda m: record(m, intended))
         # A new copy continues where the strategy left off: its last checkpoint goes with it — to the new
         # worker of a move, and to a start of a strategy that ran before (removed and put back, stopped
-        # and started, resumed after stop-all), whose copy was kept for that (CHECKPOINT_RETENTION_S). A
-        # restart in place keeps the folder on its host, which is newer than any copy.
+        # and started, resumed after stop-all), whose copy was kept for that (CHECKPOINT_RETENTION_S).
+        # A copy started again where its placement was (a restart; a start after its lease ran out there)
+        # finds its folder on that host, which is newer than any copy: what it did in the dark is kept.
+        again_in_place = previous is not None and previous.worker == target
         checkpoint = (self.rec.checkpoints.load(a.strategy)
-                      if a.action in ("move", "start") and self.rec.checkpoints else None)
+                      if a.action in ("move", "start") and not again_in_place and self.rec.checkpoints else None)
         try:
             result = self._start(target, spec, a.epoch, a.paused, until, checkpoint)
         except (TransportError, AgentError, OSError) as exc:

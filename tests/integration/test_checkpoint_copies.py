@@ -92,3 +92,22 @@ def test_a_strategy_removed_and_put_back_continues_from_its_final_checkpoint(fle
     # The new copy's folder holds the final checkpoint, and its beats count on from there.
     fleet.beating("s1", beats=1)
     assert fleet.recorded("s1", "state.json")["beats"] > final
+
+
+def test_a_copy_started_again_where_its_lease_ran_out_keeps_what_it_did_in_the_dark(fleet):
+    """A host cut off for longer than the lease, back before a failover: the copy there stopped
+    itself, and the start in its place finds its own folder, newer than the controller's copy
+    (which is as old as the last round that heard the host). Nothing it counted is lost."""
+    fleet.short_lease(3.0).worker("w1").strategy("s1").write()
+    fleet.apply()
+    fleet.beating("s1", beats=2)
+    fleet.ql("reconcile", "--once")                   # the controller's copy, and the last renewal
+    stopped = wait_for(lambda: (s := fleet.host_status("s1")) and s["state"] == "stopped" and s, 15,
+                       what="s1 to stop when its lease ran out (no loop renews it)")
+    assert stopped["reason"].startswith("lease expired"), stopped
+    final = fleet.recorded("s1", "state.json")["beats"]
+    assert final > beats_in(copy_of(fleet, "s1")) + 3, "the copy did not beat past the controller's copy"
+    fleet.ql("reconcile", "--once")
+    fleet.beating("s1", beats=1)
+    assert fleet.placement("s1")["worker"] == "w1"
+    assert fleet.recorded("s1", "state.json")["beats"] > final
