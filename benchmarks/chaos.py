@@ -19,6 +19,8 @@ durations; which host or copy a fault hits also depends on where things run at t
 - cpu-starve: `--starve N` busy processes on the controller's machine for 20-40 s.
 - commits: params of one strategy; cordon a worker (and uncordon); drain a worker (and undo);
   remove a strategy (and put it back); a commit that does not validate (and its fix).
+- lock-held (JSON state): the state lock taken for 20-40 s, as by an `apply` that hangs.
+- all along: the notify webhook is a server that answers one byte a second and never finishes.
 
 Checked from the audit, at the end (after every fault healed and a quiet period):
 - duplicates: two copies of one strategy whose beats overlap in time (target 0);
@@ -40,10 +42,12 @@ runs a short version (tests/ssh/test_chaos.py) with the same code and the same t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import random
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -122,6 +126,43 @@ export function st_heartbeat(ctx) {
 
 export function st_exit(ctx) { say(ctx, 'exit'); }
 """
+
+
+class Trickle:
+    """A webhook that reads the request, then answers one byte a second for ever (until the client
+    gives up): quantlab's notifier must drop it at its deadline and never hold a round up."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.5)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook/TRICKLE"
+        self.stop = threading.Event()
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(5)
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not self.stop.wait(1.0):
+                    conn.sendall(b"x")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
 
 
 # --- what happened ------------------------------------------------------------------------------------
@@ -222,6 +263,7 @@ class Soak:
             if self.postgres:
                 from tests.pg_server import PgServer
                 pg = self.pg = PgServer(base / "pg").start()
+            self.trickle = Trickle()
             self.audit = self.cluster.shared_dir / "audit"
             (self.audit / "cmd").mkdir(parents=True)
             self.cluster.chown_to_user(self.audit)
@@ -251,6 +293,8 @@ class Soak:
             self.cluster.stop_all()
             if pg is not None:
                 pg.stop()
+            if getattr(self, "trickle", None) is not None:
+                self.trickle.close()
             kill_all(self.marker)
 
     # --- the fleet ----------------------------------------------------------------------------------------
@@ -279,12 +323,13 @@ class Soak:
             self.specs[sid] = {
                 "apiVersion": "quantlab/v1", "kind": "Strategy", "id": sid, "strategyFile": "strategies/audited.mjs",
                 "params": {"audit": str(self.audit), "rev": 0}, "heartbeatMs": HEARTBEAT_MS, "requirements": req,
-                "scheduling": {"maxRestarts": 100, "restartDelay": 1000, "stopTimeoutSeconds": STOP_S,
+                "scheduling": {"maxRestarts": 100, "restartDelay": 2 * HEARTBEAT_MS, "stopTimeoutSeconds": STOP_S,
                                "initTimeoutSeconds": 30}}
         self.settings = {
             "apiVersion": "quantlab/v1", "kind": "Fleet", "name": "chaos",
             "reconcile": {"intervalSeconds": SETTINGS["interval"]},
             "monitor": {"workerOfflineAfterSeconds": SETTINGS["offline"], "leaseTtlSeconds": SETTINGS["lease"]},
+            "notify": {"webhook": self.trickle.url},
             "ssh": {"config": str(self.cluster.ssh_config_path), "knownHosts": str(self.cluster.known_hosts_path),
                     "parallelism": 32, "connectTimeoutSeconds": 10, "commandTimeoutSeconds": 30}}
         self.git("init", "-q", "-b", "main")
@@ -379,7 +424,7 @@ class Soak:
         if self.postgres:
             weights.update({"daemon-kill": 2, "daemon-stop": 1, "db-restart": 1})
         else:
-            weights["controller-kill"] = 2
+            weights.update({"controller-kill": 2, "lock-held": 1})
         if self.starve:
             weights["cpu-starve"] = 2
         return weights
@@ -487,6 +532,23 @@ class Soak:
         if kind == "db-restart":
             self.pg.stop()
             return Fault(kind, now, now + 2 + 6 * hold, "postgres", heal=self.pg.resume)
+        if kind == "lock-held":
+            fd = os.open(f"{self.state}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            deadline = time.time() + 15                  # the daemon holds it only while it acts
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.time() > deadline:
+                        os.close(fd)
+                        return None
+                    time.sleep(0.05)
+
+            def release() -> None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            return Fault(kind, now, now + 20 + 20 * hold, "state lock", heal=release)
         if kind == "cpu-starve":
             burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
                        for _ in range(self.starve)]
@@ -568,10 +630,13 @@ class Soak:
     # --- judging ----------------------------------------------------------------------------------------------
 
     def explains(self, copy: Copy) -> Fault | None:
-        """The fault that may have ended this copy: the latest one on its worker or of its strategy that
-        began before the copy ended and whose window the end falls in."""
-        found = [f for f in self.faults if (copy.worker in f.workers or copy.strategy in f.strategies)
-                 and f.start - 2 <= copy.last <= f.until]
+        """The fault that may have ended this copy: the latest one on its worker (a copy that ran there
+        before the fault healed) or of its strategy (a copy that ran when the fault began), whose
+        window the end falls in. A copy started after a fault is not excused by it: a replacement that
+        the controller stopped by mistake is a false stop."""
+        found = [f for f in self.faults if f.start - 2 <= copy.last <= f.until and (
+                 (copy.worker in f.workers and copy.first <= f.heal_at + 1)
+                 or (copy.strategy in f.strategies and copy.first <= f.start + 1))]
         return max(found, key=lambda f: f.start) if found else None
 
     def judge(self) -> dict[str, Any]:
@@ -582,7 +647,9 @@ class Soak:
         worst: list[tuple[int, str]] = []
         for sid, cs in copies.items():
             for a, b in zip(cs, cs[1:]):
-                if b.first <= a.last:
+                # A copy that did not exit (killed, or fenced without st_exit) may have lived until its
+                # next beat was due.
+                if b.first <= a.last + (0 if a.exited else HEARTBEAT_MS / 1000):
                     duplicates.append(f"{sid}: {a.worker} pid {a.pid} epoch {a.epoch} beat until {a.last:.3f}, "
                                       f"{b.worker} pid {b.pid} epoch {b.epoch} from {b.first:.3f}")
             ended = cs[:-1] + ([cs[-1]] if cs and end - cs[-1].last > 5 and sid not in self.removed else [])
@@ -620,6 +687,7 @@ class Soak:
             "state_reads": self.state_reads, "state_unreadable": self.state_unreadable,
             "converged_s": self.converged_s,
             "controller_cpu_s": round(self.cpu_s, 1), "controller_peak_rss_mb": round(self.peak_rss_mb, 1),
+            "webhook_calls": self.trickle.connections,
         }
 
     def started_from_broken(self) -> list[str]:
@@ -658,6 +726,7 @@ def render(r: dict[str, Any]) -> str:
              "| every strategy beating again after the last heal | "
              + (f"{r['converged_s']:.0f} s" if r["converged_s"] is not None else "not within the quiet period")
              + " | within the failover bound |",
+             f"| notifications to the trickling webhook (each dropped at its deadline) | {r.get('webhook_calls', '—')} | — |",
              f"| controller CPU, peak resident memory | {r['controller_cpu_s']:g} s "
              f"({100 * r['controller_cpu_s'] / (r['minutes'] * 60):.1f} % of one core), {r['controller_peak_rss_mb']:g} MB | — |"]
     return "\n".join(rows)

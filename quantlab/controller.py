@@ -33,7 +33,8 @@ from .hosts import AgentError, Hosts
 from .transport.base import TransportError
 from .leadership import next_term
 from .ledger import Ledger
-from .memory import Memory
+from .observed import ObservedState
+from .memory import Memory, address_key
 from .notify import Notifier
 from .plan import Action, Plan
 from .planner import PlanOptions, UnknownTarget, plan as make_plan
@@ -563,18 +564,25 @@ class Controller:
         """Probe every host without renewing anything (plan, status)."""
         return gather(fleet, memory, self.hosts(fleet), self.clock)
 
-    def refuse_foreign_state(self, fleet: Fleet, memory: Memory) -> None:
-        """Nothing is planned or renewed with another fleet's state (Memory.foreign_to)."""
-        desired = {wid for wid, w in fleet.workers.items() if not w.leaving}     # not the state's own (with_leaving)
-        why = memory.foreign_to(fleet.settings.name, set(fleet.strategies), desired)
+    def foreign_state(self, fleet: Fleet, memory: Memory) -> str | None:
+        """Why this state is not this fleet's (Memory.foreign_to), in words with what to do; or None."""
+        desired = {wid: w for wid, w in fleet.workers.items() if not w.leaving}   # not the state's own
+        where = {address_key(a) for wid, a in self.addresses(fleet).items() if wid in desired}
+        why = memory.foreign_to(fleet.settings.name, set(fleet.strategies), set(desired), where)
         if why is None:
-            return
+            return None
         fix = "point --state at this fleet's state"
         if fleet.settings.name and memory.fleet_name and fleet.settings.name != memory.fleet_name:
-            where = fleet.settings.source.file if fleet.settings.source else "the Fleet document"
-            fix += f", or, if this fleet was renamed, put `name: {memory.fleet_name}` back in {where}"
-        raise StateError(f"the state {self.store.path} does not belong to the fleet {fleet.root}: {why}. "
-                         f"Nothing was planned, renewed or changed; {fix}")
+            named_in = fleet.settings.source.file if fleet.settings.source else "the Fleet document"
+            fix += f", or, if this fleet was renamed, put `name: {memory.fleet_name}` back in {named_in}"
+        return (f"the state {self.store.path} does not belong to the fleet {fleet.root}: {why}. Nothing is "
+                f"planned or changed from it (the leases it granted are still renewed); {fix}")
+
+    def refuse_foreign_state(self, fleet: Fleet, memory: Memory) -> None:
+        """Nothing is planned from another fleet's state."""
+        why = self.foreign_state(fleet, memory)
+        if why is not None:
+            raise StateError(why)
 
     def plan(self, fleet: Fleet, memory: Memory, gathered: Gathered, options: PlanOptions) -> Plan:
         self.refuse_foreign_state(fleet, memory)
@@ -588,8 +596,11 @@ class Controller:
         recorded before it is sent, and what the hosts said recorded after. `fallback`: `fleet`
         comes from the state file (the fleet directory does not validate)."""
         memory = self.ledger.refresh(fleet.settings.monitor.lease_ttl_s)
-        if not fallback:
-            self.refuse_foreign_state(fleet, memory)
+        # Another fleet's state (a wrong --state, or a renamed fleet): its leases are renewed from what
+        # it remembers, as while the fleet does not validate, and nothing is planned from it (plan).
+        foreign = None if fallback else self.foreign_state(fleet, memory)
+        if foreign is not None:
+            fleet, fallback = self.fallback_fleet(memory), True
         gathered = self.prober(fleet).round(fleet, memory, renew=renewals(memory), leases=self.ledger)
         addresses = {} if fallback else self.addresses(fleet)
         now = self.clock.mono()
@@ -614,7 +625,10 @@ class Controller:
                            f"does; not followed, so this worker may refuse this controller (its strategies are "
                            f"then fenced and fail over). Something there (a strategy?) wrote "
                            f"{self.fence_file(fleet, wid)}: remove that file to clear it"}
-        scopes = ("offline:", "instance:", "refused:", "fence:", "disk:") if not fallback else ("refused:", "fence:")
+        if foreign is not None:
+            raised["foreign:state"] = {"t": self.clock.wall(), "kind": "foreign-state", "message": foreign}
+        scopes = (("offline:", "instance:", "refused:", "fence:", "disk:", "foreign:") if not fallback
+                  else ("refused:", "fence:", "foreign:"))
         self.notify(fleet.settings, notices + self._alerts(raised, scopes))
         renewed = sum(len(v) for v in gathered.renewed.values())
         self.counters.add("renewals", renewed)
@@ -881,10 +895,12 @@ class Controller:
         if changed:
             raise StalePlan("saved plan is stale: " + "; ".join(changed) + ". Run `quantlab plan --out FILE` again")
 
-    def execute(self, fleet: Fleet, plan: Plan, command: str, progress: Progress | None = None) -> list[Outcome]:
+    def execute(self, fleet: Fleet, plan: Plan, command: str, progress: Progress | None = None,
+                observed: ObservedState | None = None) -> list[Outcome]:
+        """Carry `plan` out; `observed`: what it was made from (which copy's folder each host has)."""
         revision = {"revision": plan.fleet_revision, "dirty": plan.fleet_dirty}
         recorder = Recorder(self.ledger, self.events, self.actor(command), revision, self.clock, self.checkpoints)
-        outcomes = Executor(fleet, self.hosts(fleet), recorder, progress, self.may_act).execute(plan)
+        outcomes = Executor(fleet, self.hosts(fleet), recorder, progress, self.may_act, observed).execute(plan)
         for blocked in plan.refused:             # a suspension is recorded once, by `suspend`
             recorder.event(event="blocked", guard=blocked.guard, reason=blocked.reason,
                            strategies=[a.strategy for a in blocked.actions])
@@ -959,7 +975,7 @@ class Controller:
         renewing = self.renewing(fleet) if background_renewals and plan.actions else contextlib.nullcontext()
         started = time.monotonic()
         with renewing:
-            outcomes = self.execute(fleet, plan, command, progress)
+            outcomes = self.execute(fleet, plan, command, progress, gathered.observed)
             self.copy_checkpoints(fleet, gathered, {a.strategy for a in plan.actions})
             self.prune_checkpoints(fleet)
         self._last_plan = plan

@@ -20,6 +20,7 @@ from .host.agent.qlagent.protocol import instance_key
 from .hosts import RUNNER_PATH, AgentError, HostKey, Hosts, host_key, strategy_remote_path
 from .ledger import Ledger
 from .memory import Launched, Memory, Placement, launch_salt
+from .observed import ObservedState
 from .plan import Action, Plan
 from .redact import fleet_secrets, redact_json, redact_text, seal_launch
 from .spec import Fleet, StrategySpec, WorkerSpec, worker_launch
@@ -88,8 +89,9 @@ def start_request(hosts: Hosts, fleet: Fleet, worker: WorkerSpec, spec: Strategy
 
 class Executor:
     def __init__(self, fleet: Fleet, hosts: Hosts, recorder: Recorder, progress: Progress | None = None,
-                 may_act: Callable[[], str | None] = lambda: None):
+                 may_act: Callable[[], str | None] = lambda: None, observed: ObservedState | None = None):
         self.fleet, self.hosts, self.rec = fleet, hosts, recorder
+        self.observed = observed          # what the plan was made from (which copies' folders each host has)
         self.progress = progress or (lambda *_: None)
         self.may_act = may_act            # why this controller must not act any more (it lost the lead)
         self.settings = fleet.settings
@@ -237,6 +239,16 @@ class Executor:
                                          spec.scheduling.stop_timeout_s)
         return expiry > self.rec.clock.mono()
 
+    def _has_folder(self, worker: str, placement: Placement) -> bool:
+        """Whether `worker`'s host reported the instance folder of this placement's copy (its epoch):
+        a start whose answer was lost may never have run there, and a folder of an earlier stint there
+        is older than the controller's copy. Without an observation (stop-all), it is taken to."""
+        if self.observed is None:
+            return True
+        state = self.observed.worker(worker)
+        found = state.instances.get(placement.strategy) if state is not None else None
+        return found is not None and found.epoch == placement.epoch
+
     def _start_copy(self, a: Action) -> Outcome:
         spec = self.fleet.strategies.get(a.strategy)
         if spec is None:
@@ -276,7 +288,7 @@ class Executor:
         # and started, resumed after stop-all), whose copy was kept for that (CHECKPOINT_RETENTION_S).
         # A copy started again where its placement was (a restart; a start after its lease ran out there)
         # finds its folder on that host, which is newer than any copy: what it did in the dark is kept.
-        again_in_place = previous is not None and previous.worker == target
+        again_in_place = previous is not None and previous.worker == target and self._has_folder(target, previous)
         checkpoint = (self.rec.checkpoints.load(a.strategy)
                       if a.action in ("move", "start") and not again_in_place and self.rec.checkpoints else None)
         try:

@@ -136,7 +136,7 @@ def _carry_out(ctl: "Controller", fleet: Fleet, gathered: Gathered, by: str, bod
         fresh = ctl.plan(leaving, memory, gathered, _options(body["options"]))
         if _keys(fresh) != body["keys"]:
             return {"refused": "what runs on the hosts changed since the plan was made, and the plan is now different"}
-        outcomes = ctl.execute(leaving, fresh, f"apply (handed over by {by})")
+        outcomes = ctl.execute(leaving, fresh, f"apply (handed over by {by})", observed=gathered.observed)
     return {"plan": fresh.to_json(),
             "outcomes": [{"strategy": o.action.strategy, "action": o.action.action, "ok": o.ok, "detail": o.detail}
                          for o in outcomes]}

@@ -29,6 +29,11 @@ def _lease_key(raw: Any) -> str | None:
     return raw if isinstance(raw, str) and len(raw) == 64 and all(c in "0123456789abcdef" for c in raw) else None
 
 
+def address_key(address: dict[str, Any]) -> tuple[Any, ...]:
+    """Where a worker is, as the state remembers it (Memory.addresses): one host's workdir."""
+    return (address.get("host"), address.get("port"), address.get("workdir"))
+
+
 def _fleet_name(raw: Any) -> str | None:
     if raw is None or isinstance(raw, str):
         return raw or None
@@ -42,11 +47,14 @@ def _optional_int(raw: Any) -> int | None:
 def _fleet_settings(raw: Any) -> dict[str, Any]:
     """The settings a state remembers, with the shape `rebase` and FleetSettings.from_snapshot read
     checked here (a TypeError or ValueError makes the state malformed, never a traceback later)."""
+    from .spec.models import FleetSettings       # the reader of these settings (plain data, no I/O)
+
     settings = dict(raw or {})
     for part in ("monitor", "ssh", "notify"):
         if not isinstance(settings.get(part) or {}, dict):
             raise TypeError(f"fleetSettings.{part} is not an object")
     float((settings.get("monitor") or {}).get("lease_ttl_s") or 0)
+    FleetSettings.from_snapshot(settings)
     return settings
 
 
@@ -294,19 +302,22 @@ class Memory:
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc
 
-    def foreign_to(self, name: str | None, strategies: set[str], workers: set[str]) -> str | None:
-        """Why this state belongs to another fleet than the one named `name` with these strategy and
-        worker ids, or None. Planned against another fleet's state, every placement it holds would
-        look deleted and be stopped on that fleet's hosts. Exact when both have a name; else a state
-        whose placements name none of these strategies and none of these workers is another fleet's
-        (renaming everything in one change looks the same, and is better done in two)."""
-        if name and self.fleet_name and name != self.fleet_name:
-            return f"it belongs to the fleet named {self.fleet_name!r}, not {name!r}"
+    def foreign_to(self, name: str | None, strategies: set[str], workers: set[str],
+                   addresses: set[tuple[Any, ...]]) -> str | None:
+        """Why this state belongs to another fleet than the one named `name`, with these strategy and
+        worker ids and these worker addresses (host, port, workdir), or None. Planned against another
+        fleet's state, every placement it holds would look deleted and be stopped on that fleet's
+        hosts. When both have a name, the names decide. Else a state whose placements name none of
+        these strategies, none of these workers and none of their addresses is another fleet's."""
+        if name and self.fleet_name:
+            return None if name == self.fleet_name else f"it belongs to the fleet named {self.fleet_name!r}, not {name!r}"
         placed = {sid: p.worker for sid, p in self.placements.items()}
-        if placed and (strategies or workers) and not (set(placed) & strategies) and not (set(placed.values()) & workers):
+        where = {address_key(self.addresses[w]) for w in placed.values() if w in self.addresses}
+        if placed and (strategies or workers) and not (set(placed) & strategies) \
+                and not (set(placed.values()) & workers) and not (where & addresses):
             some = ", ".join(sorted(placed)[:3]) + (", …" if len(placed) > 3 else "")
-            return (f"its {len(placed)} placement(s) ({some}) name no strategy and no worker of this fleet, "
-                    "so it is another fleet's state")
+            return (f"its {len(placed)} placement(s) ({some}) name no strategy, no worker and no worker address "
+                    "of this fleet, so it is another fleet's state")
         return None
 
     def rebase(self, now_ms: int, boot_id: str, ttl_s: float) -> "Memory":

@@ -85,8 +85,12 @@ def create_fleet(directory: Path) -> list[Path]:
 
 
 def fleet_name_for(directory: Path) -> str:
-    """A Fleet name (the id pattern) from the folder's name: `prod-jp/` is named prod-jp."""
-    words = re.findall(r"[a-z0-9]+", directory.resolve().name.lower())
+    """A Fleet name (the id pattern) from the folder's name: `prod-jp/` is named prod-jp, and
+    `trading/fleet/` trading-fleet (a name every default fleet had would tell none apart)."""
+    folder = directory.resolve()
+    words = re.findall(r"[a-z0-9]+", folder.name.lower())
+    if words == ["fleet"]:                 # `quantlab init fleet`: named after where it lives, trading/fleet
+        words = re.findall(r"[a-z0-9]+", folder.parent.name.lower()) + words
     return "-".join(words)[:63].strip("-") or "fleet"
 
 
@@ -97,7 +101,7 @@ def _write_fleet(directory: Path) -> list[Path]:
         raise FleetExists(f"{directory} exists and is not a folder; choose a new folder")
     name = fleet_name_for(directory)
     files = {
-        "fleet.yaml": FLEET.replace("NAME", name.ljust(32 - len("name: "))), "workers.yaml": WORKERS, "strategies.yaml": STRATEGIES,
+        "fleet.yaml": FLEET.replace("NAME", name.ljust(31 - len("name: ")) + " "), "workers.yaml": WORKERS, "strategies.yaml": STRATEGIES,
         "strategies/example.js": EXAMPLE_JS, ".gitignore": GITIGNORE,
     }
     # Copies of the schemas, so editors validate as you type ($schema modelines point at them).

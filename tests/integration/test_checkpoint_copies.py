@@ -82,8 +82,9 @@ def test_a_strategy_removed_and_put_back_continues_from_its_final_checkpoint(fle
     spec = fleet.strategies.pop("s1")
     fleet.write()
     fleet.apply()
+    wait_for(lambda: json.loads((old / "status.json").read_text())["state"] == "stopped", 10,
+             what="the stopped copy's status")
     final = json.loads((old / "state" / "state.json").read_text())["beats"]
-    assert json.loads((old / "status.json").read_text())["state"] == "stopped"
     fleet.strategies["s1"] = spec
     fleet.workers["w1"]["cordoned"] = True          # it comes back on another worker
     fleet.worker("w2").write()
@@ -98,7 +99,7 @@ def test_a_copy_started_again_where_its_lease_ran_out_keeps_what_it_did_in_the_d
     """A host cut off for longer than the lease, back before a failover: the copy there stopped
     itself, and the start in its place finds its own folder, newer than the controller's copy
     (which is as old as the last round that heard the host). Nothing it counted is lost."""
-    fleet.short_lease(3.0).worker("w1").strategy("s1").write()
+    fleet.short_lease(4.0).worker("w1").strategy("s1").write()
     fleet.apply()
     fleet.beating("s1", beats=2)
     fleet.ql("reconcile", "--once")                   # the controller's copy, and the last renewal
