@@ -3,7 +3,10 @@ monotonic clock, never on the other's or on a wall clock. Pure: the lease row co
 the time as an argument.
 
 - A standby takes over only after it has seen the lease row unchanged for the full lease duration
-  (a renewing leader changes the row every round, so an unchanged row means nobody renews).
+  (a renewing leader changes the row every round, so an unchanged row means nobody renews) — or
+  once the row's age on the database's clock (the one clock every controller shares) is the full
+  lease: a standby that has just started (every controller was restarted at once) then need not
+  watch the row for a whole lease of its own while the strategies' leases run out.
 - A leader considers itself deposed at the lease duration after the *send* time of its last
   successful renewal, minus a margin (its renewal may have reached the database late, and clocks
   run at slightly different rates).
@@ -12,7 +15,7 @@ the time as an argument.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .spec.models import LEADER_DEPOSE_MARGIN_S
 
@@ -29,6 +32,9 @@ class LeaseRow:
     term: int
     renewals: int
     duration_ms: int
+    # Since the last renewal, on the database's clock, when a renewal of this release set it (None:
+    # unknown). Not part of what "unchanged" means: it grows between two reads of the same row.
+    age_ms: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -44,14 +50,16 @@ def observe(watch: Watch, row: LeaseRow | None, now_ms: int) -> Watch:
     """The watch after reading `row` at `now_ms`: the clock restarts whenever the row changed."""
     if watch.row != row or watch.since_ms is None:
         return Watch(row, now_ms)
-    return watch
+    return Watch(row, watch.since_ms)          # unchanged, with its age as read now
 
 
 def may_take_over(watch: Watch, now_ms: int) -> bool:
     """Whether a standby may take the lead now: nobody holds the row, or it has stayed unchanged
-    for the full lease duration on this standby's clock."""
+    for the full lease duration on this standby's clock, or (as last read) on the database's."""
     row = watch.row
     if row is None or row.holder is None:
+        return True
+    if row.age_ms is not None and row.age_ms >= row.duration_ms:
         return True
     return watch.since_ms is not None and now_ms - watch.since_ms >= row.duration_ms
 

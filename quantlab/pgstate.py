@@ -154,6 +154,13 @@ class PgState:
                                   id smallint PRIMARY KEY DEFAULT 1 CHECK (id = 1), version bigint NOT NULL,
                                   body jsonb NOT NULL)""")
                 conn.execute("INSERT INTO quantlab_schema (version) VALUES (3)")
+            # When the row was last renewed, on the database's clock, and at which renewal: a standby
+            # that has just started can then tell how long the row has stood still without watching it
+            # for a whole lease first (leadership.may_take_over). Added without a schema version:
+            # earlier releases read and write the row by column name and leave these alone, and a row
+            # one of them renewed last has renewed_count ≠ renewals, so its age is not trusted.
+            conn.execute("ALTER TABLE quantlab_leader ADD COLUMN IF NOT EXISTS renewed_at timestamptz, "
+                         "ADD COLUMN IF NOT EXISTS renewed_count bigint")
             return SCHEMA_VERSION
 
     # --- the state -----------------------------------------------------------------------------
@@ -424,6 +431,10 @@ class PgCheckpointStore:
 
 # --- the leadership row -------------------------------------------------------------------------------
 
+# What every renewal of the row by this release sets beside `renewals + 1` (the old value in both).
+_RENEWED = "renewed_at = now(), renewed_count = renewals + 1"
+
+
 class Leadership:
     """The leadership row of one state (see leadership.py for who may take it and when): taking
     it and renewing it are compare-and-swaps on what the caller last saw, so two controllers can
@@ -434,8 +445,11 @@ class Leadership:
 
     def read(self) -> LeaseRow | None:
         with self.db.session(probe=True) as conn:
-            row = conn.execute("SELECT holder, term, renewals, duration_ms FROM quantlab_leader WHERE id = 1").fetchone()
-        return LeaseRow(row[0], int(row[1]), int(row[2]), int(row[3])) if row else None
+            row = conn.execute("SELECT holder, term, renewals, duration_ms, CASE WHEN renewed_count = renewals THEN "
+                               "(extract(epoch FROM clock_timestamp() - renewed_at) * 1000)::bigint END "
+                               "FROM quantlab_leader WHERE id = 1").fetchone()
+        return LeaseRow(row[0], int(row[1]), int(row[2]), int(row[3]),
+                        int(row[4]) if row[4] is not None else None) if row else None
 
     def describe(self) -> dict[str, Any] | None:
         """The row for people (`status`): who leads, in which term, since when (epoch ms)."""
@@ -451,12 +465,12 @@ class Leadership:
         """Become the holder in `term`, if the row is still as `seen` (None: there was none)."""
         with self.db.session(probe=True) as conn:
             if seen is None:
-                done = conn.execute("INSERT INTO quantlab_leader (id, holder, term, renewals, duration_ms) "
-                                    "VALUES (1, %s, %s, 0, %s) ON CONFLICT (id) DO NOTHING",
-                                    (self.name, term, duration_ms))
+                done = conn.execute("INSERT INTO quantlab_leader (id, holder, term, renewals, duration_ms, "
+                                    "renewed_at, renewed_count) VALUES (1, %s, %s, 0, %s, now(), 0) "
+                                    "ON CONFLICT (id) DO NOTHING", (self.name, term, duration_ms))
             else:
                 done = conn.execute("UPDATE quantlab_leader SET holder = %s, term = %s, renewals = renewals + 1, "
-                                    "duration_ms = %s, handover = false, since = now() WHERE id = 1 AND term = %s "
+                                    f"{_RENEWED}, duration_ms = %s, handover = false, since = now() WHERE id = 1 AND term = %s "
                                     "AND renewals = %s AND holder IS NOT DISTINCT FROM %s",
                                     (self.name, term, duration_ms, seen.term, seen.renewals, seen.holder))
             return done.rowcount == 1
@@ -465,15 +479,15 @@ class Leadership:
         """Renew the lead in `term`: (renewed, a hand-over was asked). Not renewed: another
         controller took it meanwhile."""
         with self.db.session(probe=True) as conn:
-            row = conn.execute("UPDATE quantlab_leader SET renewals = renewals + 1 WHERE id = 1 AND holder = %s "
-                               "AND term = %s RETURNING handover", (self.name, term)).fetchone()
+            row = conn.execute(f"UPDATE quantlab_leader SET renewals = renewals + 1, {_RENEWED} WHERE id = 1 AND "
+                               "holder = %s AND term = %s RETURNING handover", (self.name, term)).fetchone()
         return (row is not None, bool(row and row[0]))
 
     def raise_term(self, term: int, new_term: int) -> bool:
         """Go on leading in a higher term (a host had seen one above ours: a restored database)."""
         with self.db.session(probe=True) as conn:
-            done = conn.execute("UPDATE quantlab_leader SET term = %s, renewals = renewals + 1 WHERE id = 1 AND "
-                                "holder = %s AND term = %s", (new_term, self.name, term))
+            done = conn.execute(f"UPDATE quantlab_leader SET term = %s, renewals = renewals + 1, {_RENEWED} WHERE "
+                                "id = 1 AND holder = %s AND term = %s", (new_term, self.name, term))
             return done.rowcount == 1
 
     def step_down(self, term: int) -> bool:

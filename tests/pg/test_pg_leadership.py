@@ -36,6 +36,26 @@ def test_a_standby_takes_over_a_row_that_stood_still_and_the_old_leader_is_refus
     assert b.step_down(4) and b.read().holder is None
 
 
+def test_the_rows_age_is_the_databases_and_only_a_renewal_of_this_release_sets_it(pg_dsn):
+    """A standby started after the leader died reads how long the row has stood still (on the
+    database's clock); a renewal by an earlier release (renewals bumped, nothing else) leaves no age."""
+    import time
+
+    db = PgState(pg_dsn)
+    db.migrate()
+    db.migrate()                                             # twice: the added columns are there once
+    a = Leadership(db, "ctl-a")
+    assert a.take(None, term=1, duration_ms=1_000)
+    assert a.read().age_ms is not None and a.read().age_ms < 1_000
+    time.sleep(1.2)                                          # nobody renews for a whole lease
+    fresh = observe(Watch(), Leadership(db, "ctl-b").read(), now_ms=0)
+    assert fresh.row.age_ms >= 1_000 and may_take_over(fresh, 0), fresh
+    assert a.renew(1)[0] and a.read().age_ms < 1_000
+    with db.session() as conn:                               # an earlier release's renewal
+        conn.execute("UPDATE quantlab_leader SET renewals = renewals + 1 WHERE id = 1")
+    assert a.read().age_ms is None
+
+
 def test_a_new_leader_ends_the_sessions_that_still_hold_the_state_locks(pg_dsn):
     from quantlab.pgstate import PgStore
     from quantlab.store import LockHeld

@@ -34,3 +34,19 @@ def test_a_new_term_is_above_the_row_and_every_host():
 
 def test_a_new_leader_starts_nothing_elsewhere_before_the_old_terms_leases_surely_ran_out():
     assert first_start_at(previous_lease_end_ms=50_000, lease_ttl_s=25, stop_timeout_s=10, margin_s=2.25) == 87_250
+
+
+def test_a_row_that_stood_still_for_a_lease_on_the_databases_clock_may_be_taken_at_once():
+    """Every controller restarted at once: the fresh standby need not watch for a whole lease of its own
+    while the strategies' leases run out; the row's age on the database's clock says enough."""
+    from quantlab.leadership import LeaseRow, Watch, may_take_over, observe
+    fresh = observe(Watch(), LeaseRow("ctl-a", 3, 41, 15_000, age_ms=15_200), now_ms=0)
+    assert may_take_over(fresh, 0)
+    young = observe(Watch(), LeaseRow("ctl-a", 3, 41, 15_000, age_ms=9_000), now_ms=0)
+    assert not may_take_over(young, 0)
+    # The age grows between reads of the same row; the watch keeps its clock and takes the new age.
+    later = observe(young, LeaseRow("ctl-a", 3, 41, 15_000, age_ms=15_000), now_ms=6_000)
+    assert later.since_ms == 0 and may_take_over(later, 6_000)
+    # A row renewed last by an earlier release has no age it can trust: a whole lease of watching.
+    unknown = observe(Watch(), LeaseRow("ctl-a", 3, 41, 15_000, age_ms=None), now_ms=0)
+    assert not may_take_over(unknown, 14_999) and may_take_over(unknown, 15_000)
