@@ -79,9 +79,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _THIS_DIR in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.ssh)
-            # With pytest-xdist (`-n 2 --dist loadgroup`), every SSH test runs in one worker, one after
-            # the other: their sshd hosts and timing bounds are not shared with each other.
-            item.add_marker(pytest.mark.xdist_group("ssh"))
+            # With pytest-xdist (`--dist loadgroup`), every SSH test runs in one worker, one after the
+            # other: their sshd hosts and timing bounds are not shared with each other. The chaos soak
+            # bounds nothing by time: it runs in the "heavy" group, beside them.
+            item.add_marker(pytest.mark.xdist_group("heavy" if item.path.name == "test_chaos.py" else "ssh"))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
