@@ -80,9 +80,9 @@ def pytest_collection_modifyitems(config, items):
         if _THIS_DIR in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.ssh)
             # With pytest-xdist (`--dist loadgroup`), every SSH test runs in one worker, one after the
-            # other: their sshd hosts and timing bounds are not shared with each other. The chaos soak
-            # bounds nothing by time: it runs in the "heavy" group, beside them.
-            item.add_marker(pytest.mark.xdist_group("heavy" if item.path.name == "test_chaos.py" else "ssh"))
+            # other: their sshd hosts and timing bounds are not shared with each other (the chaos
+            # soak's load included).
+            item.add_marker(pytest.mark.xdist_group("ssh"))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
