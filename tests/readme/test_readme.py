@@ -15,6 +15,7 @@ no test traffic leaves this machine; the command typed is the README's, unchange
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -150,7 +151,8 @@ def interrupt(proc: subprocess.Popen, timeout: float = 30.0) -> int:
     assert group, "the command had already ended"
     for pid, name in group.items():
         if name not in ("sh", "dash", "bash") or pid != proc.pid:
-            os.kill(pid, signal.SIGINT)
+            with contextlib.suppress(ProcessLookupError):      # it ended meanwhile (the first signal's doing)
+                os.kill(pid, signal.SIGINT)
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
