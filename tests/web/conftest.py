@@ -55,6 +55,6 @@ def pytest_collection_modifyitems(config, items):
     here = Path(__file__).resolve().parent
     for item in items:
         if here in Path(str(item.path)).resolve().parents:
-            # One after the other with the other heavy tests (a headless browser is a burst of CPU), in a
-            # worker of their own beside the SSH tests.
-            item.add_marker(pytest.mark.xdist_group("heavy"))
+            # In the SSH tests' worker, one after the other: a burst of CPU (a server's initdb, a
+            # browser, a fresh clone's pip install) must not land on their handshakes and timing bounds.
+            item.add_marker(pytest.mark.xdist_group("ssh"))
