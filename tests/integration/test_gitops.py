@@ -46,12 +46,13 @@ def origin(tmp_path) -> Path:
 
 
 @pytest.fixture
-def gitfleet(node, reaper, tmp_path, origin) -> FleetDir:
+def gitfleet(node, reaper, tmp_path, origin, request) -> FleetDir:
     """A FleetDir in clone/fleet/ of a clone of origin, with one worker and strategy s1, committed
     and pushed. The state folder is ignored by git, as the README asks."""
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(origin), str(clone))
-    fl = FleetDir(clone / "fleet")
+    interval = request.node.get_closest_marker("interval")
+    fl = FleetDir(clone / "fleet", **({"interval": interval.args[0]} if interval else {}))
     fl.worker("w1", max_strategies=8).strategy("s1", {"v": 1}).write()
     (clone / ".gitignore").write_text(".quantlab/\n")
     commit(clone, "fleet with s1")
@@ -264,6 +265,9 @@ def test_a_broken_commit_changes_nothing_alerts_once_and_status_still_works(gitf
     assert alive(pid)
 
 
+# A probe deadline of 2 s (the interval's): the test reads the plan of a host that answers, and a busy
+# machine can take longer than half a second to start the local agent.
+@pytest.mark.interval(2.0)
 def test_plan_says_what_a_pulling_loop_applies_and_that_apply_would_be_refused(gitfleet, tmp_path, origin):
     fl, clone = gitfleet, gitfleet.clone
     mate = tmp_path / "mate"

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.ssh
 
 INTERVAL = 1.0
 LEADER_LEASE = 3.0
-TTL = 8.0            # covers a takeover: leader lease + 2 s + probe deadline + margin (see the lease rule)
+# Covers a takeover (leader lease + two watch intervals + probe deadline + 1 s, see the lease rule)
+# with room for a round or two whose renewals a busy machine made late: the rule's floor is 7.4 s.
+TTL = 12.0
 # A standby leads at most lease + two watch intervals after the leader's last renewal of the row,
 # which it renewed at most one interval before it died; plus room for a busy machine.
 TAKEOVER_BOUND = LEADER_LEASE + 2 * 1.0 + INTERVAL + 3.0
@@ -56,7 +58,8 @@ def leader_events(dsn: str) -> list[dict[str, Any]]:
 def fleet_on_three_hosts(ssh_fleet) -> SshFleet:
     fl = ssh_fleet(3, connect_timeout=1, command_timeout=5)
     fl.short_lease(TTL)
-    fl.settings["reconcile"].update({"intervalSeconds": INTERVAL, "leaderLeaseSeconds": LEADER_LEASE})
+    fl.settings["reconcile"].update({"intervalSeconds": INTERVAL, "leaderLeaseSeconds": LEADER_LEASE,
+                                     "probeDeadlineSeconds": INTERVAL})
     for i in (1, 2, 3):
         fl.worker(f"w{i}", f"host-0{i}", max_strategies=1)
     for sid in ("alpha", "beta", "gamma"):
@@ -190,7 +193,8 @@ def test_a_leader_cut_off_from_the_database_with_a_host_only_it_reaches_never_ma
 
     fl = ssh_fleet(3, connect_timeout=1, command_timeout=5)
     fl.short_lease(TTL)
-    fl.settings["reconcile"].update({"intervalSeconds": INTERVAL, "leaderLeaseSeconds": LEADER_LEASE})
+    fl.settings["reconcile"].update({"intervalSeconds": INTERVAL, "leaderLeaseSeconds": LEADER_LEASE,
+                                     "probeDeadlineSeconds": INTERVAL})
     fl.worker("w1", "host-01", region="US", max_strategies=1).worker("w2", "host-02", region="US", max_strategies=1)
     fl.worker("w3", "host-03", region="JP", max_strategies=1)
     fl.strategy("alpha", region="US", stopTimeoutSeconds=1).strategy("beta", region="US", stopTimeoutSeconds=1)
