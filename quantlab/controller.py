@@ -31,7 +31,7 @@ from .checkpoints import copy_round, wanted as checkpoints_wanted
 from .gather import Gathered, Prober, gather, remember_into, renewals
 from .hosts import AgentError, Hosts
 from .transport.base import TransportError
-from .leadership import next_term
+from .leadership import inherited_leases_end_at, next_term
 from .ledger import Ledger
 from .observed import ObservedState
 from .memory import Memory, address_key
@@ -274,16 +274,15 @@ class Controller:
     def took_over(self, change: Any, settings: FleetSettings) -> None:
         """A new term. The previous leader's sessions lose the state locks (it does not lead any more,
         whatever its connection still holds). Every lease the previous term may have granted counts as
-        running until now + leaseTtlSeconds + a probe deadline + a connect timeout: its leader stopped
-        sending by now, on any clock, but a renewal it sent just before may carry a deadline that far
-        ahead. Nothing starts elsewhere before those are surely over."""
+        running until leadership.inherited_leases_end_at: nothing starts elsewhere before those are
+        surely over."""
         if self.state_dsn is not None:
             ended = self.store.break_locks()  # type: ignore[attr-defined]
             if ended:
                 self.log(f"ended {ended} session(s) of the previous leader that still held the state's locks")
         memory = self.ledger.refresh(settings.monitor.lease_ttl_s)
-        until = self.clock.mono() + int((settings.monitor.lease_ttl_s + settings.probe_deadline_s
-                                         + settings.ssh.connect_timeout_s) * 1000)
+        until = inherited_leases_end_at(self.clock.mono(), settings.monitor.lease_ttl_s, settings.probe_deadline_s,
+                                        settings.ssh.connect_timeout_s)
         workers = set(memory.leases) | {p.worker for p in memory.placements.values()}
         self.ledger.extend_leases({w: until for w in workers})
         self.leader_changed(change)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from .atomicfile import MiB, read_regular
-from .host.agent.qlagent.protocol import EXIT_MISSING
+from .host.agent.qlagent.protocol import EXIT_MISSING, FENCED_COMMANDS, answer_problem
 from .spec import Fleet, StrategySpec, WorkerSpec
 from .transport.base import Completed, Transport, TransportError
 
@@ -99,8 +99,6 @@ class Fenced(AgentError):
         super().__init__(host, message, maybe_ran=False)
 
 
-# Commands that carry the controller's term (a probe carries its own: see gather.Prober.round).
-FENCED_COMMANDS = ("start", "stop", "pause", "resume")
 Fence = Callable[[], "dict[str, Any] | None"]
 
 
@@ -156,6 +154,11 @@ class Agent:
             raise AgentError(self.label, f"agent {command} answered {type(answer).__name__}, not an object")
         if answer.get("result") == "fenced":
             raise Fenced(self.label, f"{command} {answer.get('reason')}")
+        problem = answer_problem(command, answer)
+        if problem is not None:
+            # Nothing says what happened there: a stop may not have stopped, a start may have started.
+            raise AgentError(self.label, f"agent {command} answered {problem}; is the agent there from "
+                                         "another release of quantlab?")
         return answer
 
     def stream(self, command: str, request: dict[str, Any]) -> Iterator[bytes]:

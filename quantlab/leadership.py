@@ -76,8 +76,13 @@ def next_term(row_term: int, host_terms: list[int]) -> int:
     return max([row_term] + host_terms) + 1
 
 
-def first_start_at(previous_lease_end_ms: int, lease_ttl_s: float, stop_timeout_s: float, margin_s: float) -> int:
-    """When a new leader may start a strategy elsewhere (its clock): only after the previous term's
-    leadership lease ended, then every strategy lease that term could have granted, then the
-    strategy's stop timeout, then a margin."""
-    return previous_lease_end_ms + int((lease_ttl_s + stop_timeout_s + margin_s) * 1000)
+def inherited_leases_end_at(took_at_ms: int, lease_ttl_s: float, probe_deadline_s: float,
+                            connect_timeout_s: float) -> int:
+    """The takeover rule, the one place it is written: until when (the new leader's clock) every
+    strategy lease the previous term may have granted counts as running on every worker it knew.
+    Its leader sent nothing more once this term was taken (its row stood still for a lease, see
+    may_take_over), but a renewal sent just before may have reached its host up to a connect
+    timeout and a probe deadline later, granting a whole lease from there. The lease book adds each
+    strategy's stop timeout and the failover margin before anything starts elsewhere
+    (health.lease_surely_expired_at)."""
+    return took_at_ms + int((lease_ttl_s + probe_deadline_s + connect_timeout_s) * 1000)

@@ -17,6 +17,14 @@ from tests.pg_server import PgServer, pg_problem  # noqa: E402
 from tests.support import require  # noqa: E402
 
 
+def pytest_configure(config):
+    """The tests start the CLI, the daemon and the agent hundreds of times: each would compile
+    quantlab's source again where bytecode is not written (PYTHONDONTWRITEBYTECODE), so it is
+    compiled once here (each process only reads it)."""
+    import compileall
+    compileall.compile_dir(str(Path(_REPO_ROOT) / "quantlab"), quiet=2)
+
+
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):
     require(pg_problem())

@@ -1,7 +1,7 @@
 """Leadership judged on each side's own monotonic clock (a fake one here), as client-go does."""
 from __future__ import annotations
 
-from quantlab.leadership import LeaseRow, Watch, first_start_at, may_take_over, next_term, observe, still_leads
+from quantlab.leadership import LeaseRow, Watch, inherited_leases_end_at, may_take_over, next_term, observe, still_leads
 
 ROW = LeaseRow(holder="ctl-a", term=4, renewals=10, duration_ms=15_000)
 
@@ -32,8 +32,10 @@ def test_a_new_term_is_above_the_row_and_every_host():
     assert next_term(4, [2, 9, 7]) == 10, "a database restored from a backup cannot reuse a term the hosts saw"
 
 
-def test_a_new_leader_starts_nothing_elsewhere_before_the_old_terms_leases_surely_ran_out():
-    assert first_start_at(previous_lease_end_ms=50_000, lease_ttl_s=25, stop_timeout_s=10, margin_s=2.25) == 87_250
+def test_a_new_leader_counts_the_old_terms_leases_as_running_until_a_late_renewal_would_have_run_out():
+    # A renewal sent just before the takeover: connected (10 s), probed (5 s), then a whole lease (25 s).
+    assert inherited_leases_end_at(took_at_ms=50_000, lease_ttl_s=25, probe_deadline_s=5,
+                                   connect_timeout_s=10) == 90_000
 
 
 def test_a_row_that_stood_still_for_a_lease_on_the_databases_clock_may_be_taken_at_once():

@@ -3,17 +3,13 @@ import json
 import os
 import sys
 
-from .protocol import EXIT_BAD_REQUEST
+from .protocol import EXIT_BAD_REQUEST, FENCED_COMMANDS, request_problem
 from .probe import copy_checkpoints, probe
 from .control import set_paused, start, stop
 from .fence import admit
 from .logs import logs
 from .procs import keep_secrets
 from .supervisor import supervise
-
-# Commands that change something here are checked against the controller's term (see fence.py);
-# probe checks it per worker, before its renewals.
-FENCED_COMMANDS = ("start", "stop", "pause", "resume")
 
 # --- entry point ------------------------------------------------------------------------------------
 
@@ -56,13 +52,21 @@ def main(argv):
         return EXIT_BAD_REQUEST
     if isinstance(request, dict) and "leaseKey" in request:
         keep_secrets()                 # a copy's lease key is in this process's memory now
-    if command in FENCED_COMMANDS and isinstance(request, dict) and isinstance(request.get("workdir"), str):
+    problem = request_problem(command, request)
+    if problem is not None:
+        sys.stderr.write("bad %s request: %s; nothing was done\n" % (command, problem))
+        return EXIT_BAD_REQUEST
+    if command in FENCED_COMMANDS:
         workdir = os.path.abspath(os.path.expanduser(request["workdir"]))
         refused, highest = admit(workdir, request)
         if refused is not None:
             sys.stdout.write(json.dumps({"result": "fenced", "reason": refused, "fence": highest}))
             return 0
-    result = COMMANDS[command](request, args)
+    try:
+        result = COMMANDS[command](request, args)
+    except Exception as exc:           # noqa: BLE001 - said in one line; what it did is unknown
+        sys.stderr.write("agent %s failed: %s: %s\n" % (command, type(exc).__name__, exc))
+        return 1
     answer, code = result if isinstance(result, tuple) else (result, 0)
     if answer is not None:
         sys.stdout.write(json.dumps(answer))

@@ -52,6 +52,9 @@ FOLLOWED_TERM = 2 ** 31 - 1
 EXIT_BAD_REQUEST = 4
 
 COMMANDS = ("probe", "start", "stop", "pause", "resume", "logs", "checkpoints", "supervise")
+# Commands that change something on the host carry the controller's term and are checked against it
+# (see fence.py); a probe carries one too, checked per worker before its renewals.
+FENCED_COMMANDS = ("start", "stop", "pause", "resume")
 
 # What a supervisor writes in status.json ("state"); the final ones end it.
 SUPERVISOR_STATES = ("starting", "running", "paused", "restarting", "stopping", "stopped", "error")
@@ -64,6 +67,93 @@ START_RESULTS = ("started", "already-running", "busy", "missing", "refused", "un
 STOP_RESULTS = ("stopped", "not-running", "epoch-mismatch", "busy", "fenced")
 PAUSE_RESULTS = ("paused", "running", "not-running", "unconfirmed", "busy", "fenced")
 CHECKPOINT_RESULTS = ("unchanged", "copied", "too-large", "other-epoch", "missing", "error")
+RESULTS = {"start": START_RESULTS, "stop": STOP_RESULTS, "pause": PAUSE_RESULTS, "resume": PAUSE_RESULTS}
+
+# What a request must hold, by command, and of which JSON type. Everything else a command reads has
+# a default; a request without these is refused (EXIT_BAD_REQUEST) before anything is touched.
+TEXT, WHOLE, NUMBER, OBJECT, LIST = "text", "a whole number", "a number", "an object", "a list"
+_INSTANCE = {"workdir": TEXT, "strategy": TEXT}
+REQUEST_FIELDS = {
+    "probe": {},
+    "start": dict(_INSTANCE, worker=TEXT, epoch=WHOLE, specHash=TEXT, file=TEXT, runnerFile=TEXT, runner=LIST,
+                  scheduling=OBJECT),
+    "stop": _INSTANCE,
+    "pause": _INSTANCE,
+    "resume": _INSTANCE,
+    "logs": _INSTANCE,
+    "checkpoints": {},
+}
+
+
+def is_kind(value, kind):
+    if kind == TEXT:
+        return isinstance(value, str)
+    if kind == WHOLE:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == NUMBER:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, dict if kind == OBJECT else list)
+
+
+def request_problem(command, request):
+    """Why `request` cannot be carried out as `command` (a sentence), or None when its shape is
+    right. Only the shape: what the values mean (a lease's not-after, a strategy's name) is checked
+    where they are used, and answered there."""
+    if not isinstance(request, dict):
+        return "the request is %s, not a JSON object" % _json_kind(request)
+    for name, kind in sorted(REQUEST_FIELDS.get(command, {}).items()):
+        if name not in request:
+            return "the request has no %r" % name
+        if not is_kind(request[name], kind):
+            return "%r is %s, not %s" % (name, _json_kind(request[name]), kind)
+    if command in ("stop", "pause", "resume") and request.get("epoch") is not None \
+            and not is_kind(request["epoch"], WHOLE):
+        return "'epoch' is %s, not a whole number or null" % _json_kind(request["epoch"])
+    if command == "start":
+        if not request["runner"] or not all(isinstance(part, str) for part in request["runner"]):
+            return "'runner' is not a list of text"
+        if not is_kind(request["scheduling"].get("stopTimeoutSeconds"), NUMBER):
+            return "'scheduling' has no number 'stopTimeoutSeconds'"
+    if command == "probe":
+        if not is_kind(request.get("workers", []), LIST):
+            return "'workers' is %s, not a list" % _json_kind(request["workers"])
+        for i, worker in enumerate(request.get("workers", [])):
+            if not (isinstance(worker, dict) and isinstance(worker.get("id"), str)
+                    and isinstance(worker.get("workdir"), str)):
+                return "workers[%d] is not an object with text 'id' and 'workdir'" % i
+    if command == "checkpoints":
+        workers = request.get("workers") or {}
+        if not isinstance(workers, dict) or not all(
+                isinstance(asked, dict) and isinstance(asked.get("workdir"), str)
+                and isinstance(asked.get("instances") or {}, dict) for asked in workers.values()):
+            return "'workers' is not an object of workers, each with a text 'workdir' and an object 'instances'"
+    return None
+
+
+def answer_problem(command, answer):
+    """Why an `answer` (a JSON object) to `command` cannot be acted on (a sentence), or None. A result
+    outside the command's closed set says nothing of what happened on the host: the caller must
+    assume the worst (a stop that may not have stopped, a start that may have started)."""
+    known = RESULTS.get(command)
+    if known is None:
+        return None
+    result = answer.get("result")
+    if not isinstance(result, str) or result not in known:
+        return "an unknown result %s (one of %s was expected)" % (_shown(result), ", ".join(known))
+    return None
+
+
+def _json_kind(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    return {str: "text", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(type(value), "?")
+
+
+def _shown(value):
+    text = "%r" % (value,)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def instance_key(lease_key, strategy, epoch):
