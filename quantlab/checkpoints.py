@@ -16,7 +16,8 @@ from typing import Any
 from .hosts import AgentError, HostKey, Hosts
 from .memory import Memory
 from .spec import Fleet, WorkerSpec
-from .store import CheckpointStore, checked_checkpoint
+from .statebackend import CheckpointsPort
+from .store import checked_checkpoint
 from .transport.base import TransportError
 
 
@@ -37,7 +38,7 @@ def wanted(fleet: Fleet, memory: Memory, workers: set[str], skip: set[str]) -> d
     return out
 
 
-def copy_round(fleet: Fleet, hosts: Hosts, store: CheckpointStore, asked: dict[str, dict[str, int]],
+def copy_round(fleet: Fleet, hosts: Hosts, store: CheckpointsPort, asked: dict[str, dict[str, int]],
                budget_s: float) -> Copied:
     result = Copied()
     if not asked:

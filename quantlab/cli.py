@@ -26,6 +26,7 @@ from .planner import PlanOptions, UnknownTarget
 from .redact import fleet_secrets, redact_json, redact_lines, redact_url
 from .spec import Fleet, FleetInvalid, FleetSettings
 from .status import fleet_status, unhealthy
+from .statebackend import NotShared
 from .store import LockHeld, StateError, event_problem, read_plan, write_plan
 from .transport.base import TransportError
 
@@ -106,8 +107,10 @@ StateOpt = Annotated[Optional[str], typer.Option("--state", envvar="QUANTLAB_STA
                                                       "PGPASSFILE or a service file) [default: "
                                                       "FLEET/.quantlab/state.json]")]
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", metavar="text|json", help="text or json")]
-TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", metavar="ID", help="Limit to this strategy or worker id (repeatable)")]
-LockOpt = Annotated[float, typer.Option("--lock-timeout", min=0, metavar="SECONDS", help="Wait this many seconds for the state lock")]
+TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", metavar="ID",
+                                                        help="Limit to this strategy or worker id (repeatable)")]
+LockOpt = Annotated[float, typer.Option("--lock-timeout", min=0, metavar="SECONDS",
+                                        help="Wait this many seconds for the state lock")]
 TokenOpt = Annotated[Optional[Path], typer.Option("--token-file", metavar="FILE", readable=False,
                                                  help="Require this bearer token (required beyond loopback)")]
 TlsCertOpt = Annotated[Optional[Path], typer.Option("--tls-cert", metavar="FILE", readable=False, help="TLS certificate (PEM)")]
@@ -316,7 +319,8 @@ def apply(
     fleet: FleetOpt = None,
     state: StateOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
-    allow_mass_stop: Annotated[bool, typer.Option("--allow-mass-stop", help="Allow stopping more than half of what runs")] = False,
+    allow_mass_stop: Annotated[bool, typer.Option("--allow-mass-stop",
+                                                  help="Allow stopping more than half of what runs")] = False,
     target: TargetOpt = None,
     rebalance: Annotated[bool, typer.Option("--rebalance", help="Also move toward even load")] = False,
     max_moves: Annotated[int, typer.Option("--max-moves", min=0, metavar="N", help="At most this many rebalance moves")] = 1,
@@ -427,7 +431,7 @@ def status(
             ctl.close()
     report = fleet_status(loaded, gathered.observed, memory, ctl.clock.mono(), ctl.clock.wall(), result,
                           result.fleet_revision if result else None, problems)
-    if ctl.state_dsn is not None:
+    if ctl.backend.shared:
         report["leader"] = _leadership(ctl, "status").describe()
     if output is not Output.json:
         _banner(problems)
@@ -493,7 +497,7 @@ def reconcile(
     except GitError as exc:
         raise _fail(str(exc)) from None
     ctl.log = log                      # the controller's own notes (leadership, warnings) with a time too
-    leader = _leader_for_loop(ctl, follower) if ctl.state_dsn is not None else None
+    leader = _leader_for_loop(ctl, follower) if ctl.backend.shared else None
     loop = ReconcileLoop(ctl, log, lock_timeout, follower, allow_source_change, leader)
     if once:
         try:
@@ -595,7 +599,6 @@ def _leader_for_loop(ctl: Controller, follower: Any) -> Any:
     of it. The fleet's lease must then also cover a takeover (see `validate`)."""
     from .gitsource import GitError
     from .leader import Leader
-    from .pgstate import Leadership
 
     try:
         settings = follower.load().settings
@@ -606,7 +609,7 @@ def _leader_for_loop(ctl: Controller, follower: Any) -> Any:
         where = f"{settings.source}: " if settings.source is not None else ""
         raise _fail(f"{where}{broken} (with a PostgreSQL state a standby controller may take over, and the "
                     "strategies' lease must outlast that); nothing was started", 2)
-    return Leader(Leadership(ctl.store.db, Leader.name("reconcile")), ctl.clock, settings.leader_lease)
+    return Leader(ctl.backend.leadership(Leader.name("reconcile")), ctl.clock, settings.leader_lease)
 
 
 @app.command()
@@ -762,7 +765,8 @@ def logs(
 @app.command()
 @_handled
 def events(
-    since: Annotated[Optional[str], typer.Option("--since", metavar="WHEN", help="Only newer events: 10m, 2h, 3d or an ISO time")] = None,
+    since: Annotated[Optional[str], typer.Option("--since", metavar="WHEN",
+                                                 help="Only newer events: 10m, 2h, 3d or an ISO time")] = None,
     strategy: Annotated[Optional[str], typer.Option("--strategy", metavar="ID", help="Only this strategy")] = None,
     fleet: FleetOpt = None,
     state: StateOpt = None,
@@ -811,12 +815,11 @@ app.add_typer(leader_app, name="leader")
 
 
 def _leadership(ctl: Controller, command: str) -> Any:
-    if ctl.state_dsn is None:
-        raise _fail("leadership needs a PostgreSQL state (--state postgresql://… or QUANTLAB_STATE): with the "
-                    "state file, the one reconcile loop that holds its lock leads")
     from .leader import Leader
-    from .pgstate import Leadership
-    return Leadership(ctl.store.db, Leader.name(command))
+    try:
+        return ctl.backend.leadership(Leader.name(command))
+    except NotShared as exc:
+        raise _fail(str(exc)) from None
 
 
 @leader_app.command("show")

@@ -39,10 +39,11 @@ from .notify import Notifier
 from .plan import Action, Plan
 from .planner import PlanOptions, UnknownTarget, plan as make_plan
 from . import snapshot
-from .snapshot import Counters, SnapshotFile, SnapshotWriter
+from .snapshot import Counters, SnapshotWriter
 from .spec import Fleet, FleetInvalid, FleetSettings, Location, WorkerSpec
 from .status import fleet_status
-from .store import CheckpointStore, EventLog, StateError, StateStore
+from .statebackend import CheckpointsPort, EventsPort, SnapshotsPort, StateBackend, StatePort, open_backend
+from .store import StateError
 from .vcs import tracked_by_git
 
 
@@ -128,10 +129,11 @@ class Controller:
     accept_new_host_keys: bool = False
     state_dsn: str | None = None      # postgresql://…: the state lives there (state_path: local files only)
     log: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
-    store: StateStore = field(init=False)
+    backend: StateBackend = field(init=False)
+    store: StatePort = field(init=False)
     ledger: Ledger = field(init=False)
-    events: EventLog = field(init=False)
-    checkpoints: CheckpointStore = field(init=False)
+    events: EventsPort = field(init=False)
+    checkpoints: CheckpointsPort = field(init=False)
     _hosts: Hosts | None = field(default=None, init=False)
     _prober: Prober | None = field(default=None, init=False)
     _notifier: Notifier | None = field(default=None, init=False)
@@ -151,18 +153,8 @@ class Controller:
     _acted: tuple[int, dict[str, dict[str, Any]]] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        if self.state_dsn is not None:
-            # The state, its events and checkpoint copies in PostgreSQL; what is this machine's own
-            # (checkouts of commits, the pull mirror) stays in the local state folder.
-            from .pgstate import PgCheckpointStore, PgEventLog, PgStore
-            pg = PgStore(self.state_dsn)
-            self.store = pg  # type: ignore[assignment]
-            self.events = PgEventLog(pg.db)  # type: ignore[assignment]
-            self.checkpoints = PgCheckpointStore(pg.db)  # type: ignore[assignment]
-        else:
-            self.store = StateStore(self.state_path)
-            self.events = EventLog(self.state_path.with_name("events.jsonl"))
-            self.checkpoints = CheckpointStore(self.state_path.with_name("checkpoints"))
+        self.backend = open_backend(self.state_path, self.state_dsn)
+        self.store, self.events, self.checkpoints = self.backend.store, self.backend.events, self.backend.checkpoints
         self.ledger = Ledger(self.store, self.clock)
         self.ledger.may_defer = self.defers_writes
 
@@ -170,7 +162,7 @@ class Controller:
         """A PostgreSQL leader whose database is away keeps renewing from what it holds, for as long
         as it may lead (its leadership lease): whatever lease it grants meanwhile ends before a standby
         can start anything elsewhere (see took_over). Acting waits for the database."""
-        return self.state_dsn is not None and self.leader is not None and self.leader.leading()
+        return self.backend.shared and self.leader is not None and self.leader.leading()
 
     # --- pieces --------------------------------------------------------------------------------
 
@@ -227,7 +219,7 @@ class Controller:
         lineage = memory.lineage if memory is not None else self._lineage
         if lineage is None:
             return None
-        if self.state_dsn is None:
+        if not self.backend.shared:
             term: int | None = memory.term if memory is not None else None
         else:
             # A deposed leader still carries its last term: the hosts a newer one reached refuse it.
@@ -248,7 +240,7 @@ class Controller:
         seen = sorted(set(gathered.fences.values()))
         if not seen:
             return
-        if self.state_dsn is None:
+        if not self.backend.shared:
             if seen[-1] > self.ledger.memory.term:
                 new = next_term(self.ledger.memory.term, seen)
                 self.ledger.update(lambda m: setattr(m, "term", max(m.term, new)))
@@ -276,10 +268,9 @@ class Controller:
         whatever its connection still holds). Every lease the previous term may have granted counts as
         running until leadership.inherited_leases_end_at: nothing starts elsewhere before those are
         surely over."""
-        if self.state_dsn is not None:
-            ended = self.store.break_locks()  # type: ignore[attr-defined]
-            if ended:
-                self.log(f"ended {ended} session(s) of the previous leader that still held the state's locks")
+        ended = self.backend.break_locks()
+        if ended:
+            self.log(f"ended {ended} session(s) of the previous leader that still held the state's locks")
         memory = self.ledger.refresh(settings.monitor.lease_ttl_s)
         until = inherited_leases_end_at(self.clock.mono(), settings.monitor.lease_ttl_s, settings.probe_deadline_s,
                                         settings.ssh.connect_timeout_s)
@@ -292,12 +283,11 @@ class Controller:
         """With PostgreSQL, `apply` leads for its run (see Leader.take_for_run), renewing the lead on
         a timer of its own, also while a person confirms; LeadHeld when a daemon leads. The file's
         state lock is all the file needs."""
-        if self.state_dsn is None or self.leader is not None:
+        if not self.backend.shared or self.leader is not None:
             yield
             return
         from .leader import Change, Leader
-        from .pgstate import Leadership
-        leader = Leader(Leadership(self.store.db, Leader.name(f"quantlab {command}")), self.clock,  # type: ignore[attr-defined]
+        leader = Leader(self.backend.leadership(Leader.name(f"quantlab {command}")), self.clock,
                         fleet.settings.leader_lease)
         looked = self.observe(fleet, self.read_memory(fleet))
         taken = leader.take_for_run(lambda: self.read_memory(None).term, list(looked.fences.values()))
@@ -922,7 +912,7 @@ class Controller:
         nothing it was made from has changed (else PlanChanged). `gathered`: plan from this
         observation instead of renewing first (the loop's act round, which loaded `fleet`)."""
         fleet = fleet or self.load_fleet()
-        if command == "apply" and self.state_dsn is not None and self.leader is None:
+        if command == "apply" and self.backend.shared and self.leader is None:
             try:
                 with self.lead_for_run(fleet, command):      # whose timer renews the leases meanwhile
                     return self.apply(options, command=command, fleet=fleet, saved=saved, shown=shown,
@@ -988,12 +978,9 @@ class Controller:
 
     # --- the fleet page's snapshot ---------------------------------------------------------------
 
-    def snapshot_store(self) -> Any:
+    def snapshot_store(self) -> SnapshotsPort:
         """Where the snapshot of the last writing run is kept: beside the state file, or in the database."""
-        if self.state_dsn is not None:
-            from .pgstate import PgSnapshot
-            return PgSnapshot(self.store.db)  # type: ignore[attr-defined]
-        return SnapshotFile(self.state_path.with_name("snapshot.json"))
+        return self.backend.snapshots()
 
     def record_round(self, kind: str, fleet: Fleet, gathered: Gathered, seconds: float,
                      acted: list[Outcome] | None = None, **extra: Any) -> None:

@@ -24,7 +24,8 @@ from .observed import ObservedState
 from .plan import Action, Plan
 from .redact import fleet_secrets, redact_json, redact_text, seal_launch
 from .spec import Fleet, StrategySpec, WorkerSpec, worker_launch
-from .store import CheckpointStore, EventLog, StateError, checked_checkpoint
+from .statebackend import CheckpointsPort, EventsPort
+from .store import StateError, checked_checkpoint
 from .transport.base import TransportError
 
 # A move off one of these is not preceded by a stop: the planner moves only once the old copy's lease
@@ -48,11 +49,11 @@ class Recorder:
     the renewal round writes to as well), and into the events log."""
 
     ledger: Ledger
-    events: EventLog
+    events: EventsPort
     actor: str
     revision: dict[str, Any]
     clock: Clock
-    checkpoints: CheckpointStore | None = None
+    checkpoints: CheckpointsPort | None = None
 
     @property
     def memory(self) -> Memory:

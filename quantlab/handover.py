@@ -50,7 +50,6 @@ def apply_through_leader(ctl: "Controller", options: PlanOptions, fleet: Fleet, 
                          shown: Callable[[Fleet, Plan, Gathered], None] | None,
                          confirm: Callable[[Plan], bool] | None, progress: Progress | None) -> "ApplyResult":
     from .controller import ApplyResult, PlanChanged, _basis
-    from .pgstate import PlanRequests
 
     memory = ctl.read_memory(fleet)
     fleet = ctl.with_leaving(fleet, memory)
@@ -65,7 +64,7 @@ def apply_through_leader(ctl: "Controller", options: PlanOptions, fleet: Fleet, 
     if confirm is not None and not confirm(plan):
         return ApplyResult(fleet, plan, gathered, cancelled=True)
     wait_s = wait_seconds(fleet, plan)
-    requests = PlanRequests(ctl.store.db)  # type: ignore[attr-defined]
+    requests = ctl.backend.plan_requests()
     body = {"plan": plan.to_json(), "options": _options_json(options), "basis": _basis(memory),
             "fleetHash": fleet.fleet_hash, "keys": _keys(plan), "waitSeconds": wait_s}
     request = requests.submit(ctl.actor("apply"), body)
@@ -103,9 +102,8 @@ def serve_handed_plans(ctl: "Controller", fleet: Fleet, gathered: Gathered, lock
     """The leader's side, at the start of an act round: carry out each plan handed over, if it is
     not stale, and answer with the outcomes (or why not). How many were carried out."""
     from .controller import _basis
-    from .pgstate import PlanRequests
 
-    requests = PlanRequests(ctl.store.db)  # type: ignore[attr-defined]
+    requests = ctl.backend.plan_requests()
     carried = 0
     while (taken := requests.take()) is not None:
         request, by, body = taken

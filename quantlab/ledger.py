@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 
 from .clock import Clock
 from .memory import Memory
-from .store import StateConflict, StateError, StateStore
+from .statebackend import StatePort
+from .store import StateConflict, StateError
 
 
 class LeaseBook:
@@ -71,7 +72,7 @@ class LeaseBook:
 
 
 class Ledger:
-    def __init__(self, store: StateStore, clock: Clock):
+    def __init__(self, store: StatePort, clock: Clock):
         self.store = store
         self.clock = clock
         self.leases = LeaseBook()

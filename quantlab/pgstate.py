@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import Any, Iterator
 
 from .leadership import LeaseRow
+from .snapshot import FORMAT as SNAPSHOT_FORMAT
 from .memory import Memory, MemoryFormatError
 from .store import LockHeld, StateConflict, StateError, event_problem
 
@@ -568,9 +569,35 @@ class PgSnapshot:
     def read(self) -> dict[str, Any] | None:
         with self.db.session() as conn:
             row = conn.execute("SELECT body FROM quantlab_snapshot WHERE id = 1").fetchone()
-        return row[0] if row and isinstance(row[0], dict) else None
+        body = row[0] if row else None
+        return body if isinstance(body, dict) and body.get("format") == SNAPSHOT_FORMAT else None
 
     def version(self) -> str | None:
         with self.db.session() as conn:
             row = conn.execute("SELECT version FROM quantlab_snapshot WHERE id = 1").fetchone()
         return str(row[0]) if row else None
+
+
+class PgBackend:
+    """The state port on PostgreSQL (see statebackend.py): the state, events, checkpoint copies,
+    snapshot, leadership row and handed plans, all in one database."""
+
+    shared = True
+
+    def __init__(self, dsn: str):
+        self.store = PgStore(dsn)
+        self.db = self.store.db
+        self.events = PgEventLog(self.db)
+        self.checkpoints = PgCheckpointStore(self.db)
+
+    def snapshots(self) -> PgSnapshot:
+        return PgSnapshot(self.db)
+
+    def leadership(self, holder: str) -> "Leadership":
+        return Leadership(self.db, holder)
+
+    def plan_requests(self) -> "PlanRequests":
+        return PlanRequests(self.db)
+
+    def break_locks(self) -> int:
+        return self.store.break_locks()

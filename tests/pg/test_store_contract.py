@@ -9,6 +9,8 @@ import pytest
 from quantlab.clock import Clock
 from quantlab.controller import Controller
 from quantlab.memory import Placement
+from quantlab.snapshot import FORMAT
+from quantlab.statebackend import NotShared
 from quantlab.store import LockHeld, StateError
 
 
@@ -81,3 +83,26 @@ def test_a_migrated_state_refuses_to_be_acted_on(backend):
     ctl.ledger.update(lambda m: setattr(m, "migrated_to", "postgresql://elsewhere/db"))
     with pytest.raises(StateError, match="moved to postgresql://elsewhere/db"):
         backend().ledger.refresh(25.0)
+
+
+def test_the_fleet_pages_snapshot_and_what_only_a_shared_state_has(backend):
+    ctl = backend()
+    snapshots = ctl.backend.snapshots()
+    assert snapshots.read() is None and snapshots.version() is None
+    snapshots.write({"format": FORMAT, "round": 1})
+    first = backend().backend.snapshots()
+    assert first.read() == {"format": FORMAT, "round": 1} and first.version() is not None
+    version = first.version()
+    snapshots.write({"format": FORMAT, "round": 2})
+    assert first.read() == {"format": FORMAT, "round": 2} and first.version() != version
+    snapshots.write({"format": FORMAT + 1, "round": 3})
+    assert first.read() is None, "a snapshot of another format is not shown as if it were this one's"
+    assert ctl.backend.break_locks() == 0, "no deposed leader holds anything"
+    if ctl.backend.shared:
+        assert ctl.backend.leadership("test pid 1 on here").read() is None
+        assert ctl.backend.plan_requests().take() is None
+    else:
+        with pytest.raises(NotShared, match="leadership needs a PostgreSQL state"):
+            ctl.backend.leadership("test pid 1 on here")
+        with pytest.raises(NotShared):
+            ctl.backend.plan_requests()

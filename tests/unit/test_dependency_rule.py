@@ -16,7 +16,7 @@ IO_MODULES = {"os", "io", "subprocess", "socket", "time", "datetime", "threading
               "fcntl", "select", "signal", "paramiko", "typer", "rich", "apscheduler", "urllib", "http"}
 EDGES = {"fleetfiles", "gitsource", "follow", "controller", "hosts", "transport", "store", "gather", "execute",
          "loop", "cli", "render", "notify", "ledger", "clock", "atomicfile", "checkpoints", "vcs", "scaffold",
-         "leader", "pgstate"}
+         "leader", "pgstate", "statebackend", "handover", "snapshot"}
 
 
 def imports(path: Path) -> set[str]:
