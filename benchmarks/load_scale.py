@@ -67,7 +67,8 @@ def write_fleet(root: Path, n_strategies: int, n_workers: int, seed: int = 11) -
         extra = f"  region: {region}\n" if region else ""
         proxy = rng.choice(PROXIES) if region else None
         extra += f"  proxy: \"{proxy}\"\n" if proxy else ""
-        docs.append(STRATEGY.format(id=f"strategy-{i:05d}", n=i, file=rng.choice(["grid-martingale.js", "martingale.js", "trend.mjs"]),
+        file = rng.choice(["grid-martingale.js", "martingale.js", "trend.mjs"])
+        docs.append(STRATEGY.format(id=f"strategy-{i:05d}", n=i, file=file,
                                     symbol=f"SYM{i}USDT", account=f"acct-{i}", grid=rng.randint(5, 30),
                                     api=rng.choice(APIS), extra=extra))
     files += _chunks(root / "strategies-yaml", docs)

@@ -7,7 +7,8 @@ Each failover freezes the sshd of the host the strategy runs on — its supervis
 beating in the dark until their lease runs out, as on a host whose network is cut — and waits
 until the strategy heartbeats elsewhere; each drain sets `drain: true` on its worker and waits for
 the move. Each failover moves a strategy of its own (a strategy that just failed over waits out
-the reschedule backoff before the next), replacing the previous one. Beats lost = the old copy's last count (read from its host's folder once it stopped)
+the reschedule backoff before the next), replacing the previous one. Beats lost = the old copy's last
+count (read from its host's folder once it stopped)
 minus the count the new copy was restored with.
 
 Expected, from the README: a drain loses nothing (the final checkpoint is taken after the old copy
@@ -152,7 +153,8 @@ def run(failovers: int, drains: int) -> dict[str, list[int]]:
 
 def report(lost: dict[str, list[int]]) -> None:
     per_beat = HEARTBEAT_MS / 1000
-    lines = [f"| move | count | beats lost, median / max | as time, median / max | max against the round interval ({INTERVAL} s) |",
+    lines = ["| move | count | beats lost, median / max | as time, median / max | "
+             f"max against the round interval ({INTERVAL} s) |",
              "| --- | --- | --- | --- | --- |"]
     for how, values in lost.items():
         if not values:

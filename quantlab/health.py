@@ -5,7 +5,7 @@ is the controller's boot-time clock (see quantlab/clock.py), the one the memory'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .memory import Memory
 from .observed import Instance, ObservedState
@@ -121,8 +121,8 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def watch(fleet: Fleet, observed: ObservedState, memory: Memory, host_events: list[dict], now_ms: int,
-          wall_ms: int) -> tuple[list[dict], dict[str, dict]]:
+def watch(fleet: Fleet, observed: ObservedState, memory: Memory, host_events: list[dict[str, Any]], now_ms: int,
+          wall_ms: int) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """The Monitor's view after a probe: one-off notices for strategies that ended in error or were
     fenced (from the supervisors' events), and the alerts that hold now: offline workers, and
     instances whose files the agent could not use (`wall_ms` stamps what people read)."""
@@ -153,8 +153,8 @@ def watch(fleet: Fleet, observed: ObservedState, memory: Memory, host_events: li
     return notices, raised
 
 
-def alerts_delta(before: dict[str, str], raised: dict[str, dict], scope: str, now_ms: int
-                 ) -> tuple[list[dict], dict[str, str]]:
+def alerts_delta(before: dict[str, str], raised: dict[str, dict[str, Any]], scope: str, now_ms: int
+                 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Alerts are told once: a notice when one is raised, one when it clears (keys starting with
     `scope` are the ones this check decides on). Returns the notices and the alerts after."""
     notices = [notice for key, notice in sorted(raised.items()) if key not in before]

@@ -22,8 +22,9 @@ second renews the leadership row once per interval while this daemon leads, or w
 stands by. A standby's renewal rounds only look (read only: nothing renewed, nothing written), and
 it does not act; once it takes over, it runs a renewal round at once, and counts every lease the
 previous term may have granted as running for as long as the takeover rule says
-(leadership.inherited_leases_end_at: nothing starts elsewhere before those are surely over). On SIGTERM, or when `quantlab leader step-down` asks, the leader
-steps down between act rounds, and a standby takes over within a second.
+(leadership.inherited_leases_end_at: nothing starts elsewhere before those are surely over). On
+SIGTERM, or when `quantlab leader step-down` asks, the leader steps down between act rounds, and a
+standby takes over within a second.
 """
 from __future__ import annotations
 

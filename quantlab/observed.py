@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, TypeGuard, get_args
 
 # Every instance status the host agent reports (whether one is alive, the agent says with it); any
 # other value from a host makes that instance "unknown", which the planner leaves alone (acting on
 # what it cannot read could run a strategy twice).
 InstanceStatus = Literal["starting", "running", "paused", "restarting", "stopping", "stopped", "error",
                          "orphaned", "unknown"]
-KNOWN_STATUSES: frozenset[str] = frozenset(InstanceStatus.__args__)  # type: ignore[attr-defined]
+KNOWN_STATUSES: frozenset[str] = frozenset(get_args(InstanceStatus))
+
+
+def is_status(value: str) -> TypeGuard[InstanceStatus]:
+    return value in KNOWN_STATUSES
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,12 @@ class Instance:
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> "Instance":
-        status, reason = str(raw.get("status", "stopped")), _text(raw.get("reason"))
-        if status not in KNOWN_STATUSES:
-            status, reason = "unknown", f"the host reported status {status[:40]!r}, which this controller does not know"
+        said, reason = str(raw.get("status", "stopped")), _text(raw.get("reason"))
+        status: InstanceStatus = "unknown"
+        if is_status(said):
+            status = said
+        else:
+            reason = f"the host reported status {said[:40]!r}, which this controller does not know"
         problems = raw.get("problems") or ()
         return cls(
             strategy=str(raw["strategy"]), epoch=_int(raw.get("epoch")), spec_hash=_text(raw.get("specHash")),

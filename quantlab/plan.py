@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, get_args
 
 FORMAT_VERSION = 1
 _MISSING = object()
@@ -14,7 +14,7 @@ _KIND_WORDS = {str: "text", int: "an integer", float: "a number", bool: "true or
                dict: "an object"}
 
 ActionName = Literal["start", "stop", "restart", "move", "pause", "resume"]
-ACTIONS: tuple[str, ...] = ("start", "stop", "restart", "move", "pause", "resume")
+ACTIONS: tuple[str, ...] = get_args(ActionName)
 
 # Why an action is planned, for machines (execute and the guards decide by it; people read `reason`).
 Cause = Literal[
@@ -39,7 +39,15 @@ Cause = Literal[
     "drain",             # move: its worker drains
     "rebalance",         # move: toward even load
 ]
-CAUSES: frozenset[str] = frozenset(Cause.__args__)  # type: ignore[attr-defined]
+CAUSES: frozenset[str] = frozenset(get_args(Cause))
+
+
+def is_action(value: object) -> TypeGuard[ActionName]:
+    return isinstance(value, str) and value in ACTIONS
+
+
+def is_cause(value: object) -> TypeGuard[Cause]:
+    return isinstance(value, str) and value in CAUSES
 
 
 @dataclass(frozen=True)
@@ -80,9 +88,9 @@ class Action:
         """`raw`: an action as plan files hold it, or its _Fields (with where it is in the file)."""
         field = raw if isinstance(raw, _Fields) else _Fields(raw, "an action")
         name, cause = field.raw.get("action"), field.raw.get("cause")
-        if not isinstance(name, str) or name not in ACTIONS:
+        if not is_action(name):
             raise ValueError(f"unknown action {name!r}")
-        if not isinstance(cause, str) or cause not in CAUSES:     # as Terraform's planfile decoder: no guessing
+        if not is_cause(cause):                                     # as Terraform's planfile decoder: no guessing
             raise ValueError(f"unknown cause {cause!r} of {name} {field.raw.get('strategy')}")
         # Where it acts, as the planner writes it: a move from one worker to another, anything else
         # on one worker. A file that says otherwise was not written by `plan --out`.

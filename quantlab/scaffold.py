@@ -101,7 +101,8 @@ def _write_fleet(directory: Path) -> list[Path]:
         raise FleetExists(f"{directory} exists and is not a folder; choose a new folder")
     name = fleet_name_for(directory)
     files = {
-        "fleet.yaml": FLEET.replace("NAME", name.ljust(31 - len("name: ")) + " "), "workers.yaml": WORKERS, "strategies.yaml": STRATEGIES,
+        "fleet.yaml": FLEET.replace("NAME", name.ljust(31 - len("name: ")) + " "), "workers.yaml": WORKERS,
+        "strategies.yaml": STRATEGIES,
         "strategies/example.js": EXAMPLE_JS, ".gitignore": GITIGNORE,
     }
     # Copies of the schemas, so editors validate as you type ($schema modelines point at them).

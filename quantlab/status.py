@@ -59,8 +59,8 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
             entry.update(status="stopped" if gone else ("paused" if placed.paused else "running"),
                          startedAt=placed.placed_at, stoppedAt=None, errorCount=None, lastError=None,
                          restarts=memory.restarts.get(sid, 0), heartbeatAgeMs=None, leaseLeftSeconds=None,
-                         reason=("not running on its worker" if gone else
-                                 f"last known state; {live.describe(worker) if live else worker + ' not in fleet'}"))
+                         reason=("not running on its worker" if gone else "last known state; " + (
+                             live.describe(placed.worker) if live else placed.worker + " not in fleet")))
             healthy = False
         else:
             stopped = spec is not None and spec.desired_state == "stopped"
@@ -109,12 +109,13 @@ def fleet_status(fleet: Fleet, observed: ObservedState, memory: Memory, now_ms: 
         })
     # Errors, reasons and problems come from hosts and strategies, which may quote a URL with
     # credentials (an exchange client's error names its proxy): none of it is shown with them.
-    return redact_json({"strategies": strategies, "workers": workers,
+    report: dict[str, Any] = redact_json({"strategies": strategies, "workers": workers,
             # target ("*": everything) -> who suspended it, why and when (`quantlab suspend`)
             "suspended": {t: dict(h) for t, h in sorted(memory.suspended.items())},
             # what the reconcile loop applies, the revision it last applied and since when (epoch ms)
             "loop": dict(memory.loop_source) or None,
             "problems": list(problems or [])})
+    return report
 
 
 def _lease_left(inst: Instance, memory: Memory, worker: str | None, ttl_s: float, now_ms: int) -> float | None:

@@ -3,11 +3,11 @@ resume), wait, leave it alone with a note, place it on a (new) worker, or stop i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .. import health
 from ..health import WorkerLiveness, format_duration
-from ..plan import Action, Note, Waiting
+from ..plan import Action, Cause, Note, Waiting
 from ..redact import DIGEST_KEY, comparable_launch, describe_change
 from ..spec import StrategySpec, worker_launch
 from .context import Context, Current, Epochs, ToPlace, down_for
@@ -117,7 +117,7 @@ def judge(ctx: Context, spec: StrategySpec, cur: Current, epochs: Epochs) -> Ver
         return act(Action("restart", sid, changes(spec, cur), "spec-changed", worker=wid, epoch=cur.epoch,
                           spec_hash=spec.spec_hash, paused=paused))
     now_on = comparable_launch(started_on, worker_launch(worker)) if started_on is not None else None
-    if started_on is not None and started_on != now_on:
+    if started_on is not None and now_on is not None and started_on != now_on:
         return act(Action("restart", sid, f"worker {wid} changed: {worker_changes(started_on, now_on)}",
                           "worker-changed", worker=wid, epoch=cur.epoch, spec_hash=spec.spec_hash, paused=paused))
     if inst.lease_ttl_s is not None and inst.lease_ttl_s != ctx.monitor.lease_ttl_s:
@@ -185,7 +185,7 @@ def wait_unreachable(ctx: Context, spec: StrategySpec, cur: Current, live: Worke
                                              f"offline after {format_duration(ctx.monitor.worker_offline_after_s)}", left))
 
 
-def stop_or_wait(ctx: Context, sid: str, cur: Current, cause: str, why: str) -> Verdict:
+def stop_or_wait(ctx: Context, sid: str, cur: Current, cause: Cause, why: str) -> Verdict:
     # On a change of source a stop the fleet files ask for is listed (and held) even while its
     # worker is silent, so that the change is never confirmed with a stop still pending.
     if ctx.reachable(cur.worker) or ctx.options.source_change:
@@ -215,7 +215,7 @@ def changes(spec: StrategySpec, cur: Current) -> str:
     return "; ".join(parts) or "spec changed"
 
 
-def worker_changes(before: dict, after: dict) -> str:
+def worker_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
     """Words for what changed on a worker since a copy was started there (`after` in the form the
     state keeps `before` in: see redact.comparable_launch); a proxy's credentials are never shown."""
     parts = []

@@ -52,10 +52,11 @@ def hold_suspended(ctx: Context, actions: list[Action]) -> tuple[list[Action], l
     held = [a for a in actions if suspended_by(ctx, a)]
     if not held:
         return actions, []
+    by = sorted({k for a in held if (k := suspended_by(ctx, a)) is not None})
     # Who and why come from the state file, where they may be of any type (a hand edit): shown as text.
     why = "; ".join(f"{'everything' if k == '*' else k} suspended by {holds[k].get('by')}"
                     f"{': ' + str(holds[k]['reason']) if holds[k].get('reason') else ''}"
-                    for k in sorted({suspended_by(ctx, a) for a in held}))
+                    for k in by)
     return ([a for a in actions if not suspended_by(ctx, a)],
             [Blocked(SUSPENDED, f"{why}; `quantlab resume` lifts it", tuple(held))])
 

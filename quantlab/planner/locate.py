@@ -41,12 +41,12 @@ def locate(ctx: Context) -> Located:
                 newest = same[0]
                 placed = None
         if placed is not None and (newest is None or newest[1].epoch <= placed.epoch):
-            inst = None
+            seen: Instance | None = None
             if ctx.reachable(placed.worker):
-                inst = ctx.observed.workers[placed.worker].instances.get(sid)
-                if inst is not None and inst.epoch != placed.epoch and inst.status != "unknown":
-                    inst = None     # an older copy sits in the folder: the start will replace it
-            cur = Current(placed.worker, placed.epoch, placed.spec_hash, placed.paused, inst,
+                seen = ctx.observed.workers[placed.worker].instances.get(sid)
+                if seen is not None and seen.epoch != placed.epoch and seen.status != "unknown":
+                    seen = None     # an older copy sits in the folder: the start will replace it
+            cur = Current(placed.worker, placed.epoch, placed.spec_hash, placed.paused, seen,
                           launched=placed.launched)
         else:
             assert newest is not None

@@ -9,6 +9,7 @@ from ..observed import ObservedState
 from ..plan import Action, Note, Queued
 from ..redact import redact_url
 from ..scheduling import (
+    Decision,
     FailoverPolicy,
     LoadBasedPolicy,
     RegionAffinityPolicy,
@@ -44,16 +45,19 @@ def build_pool(fleet: Fleet, observed: ObservedState, liveness: dict[str, Worker
     for wid, spec in fleet.workers.items():
         state = observed.worker(wid)
         failing = False
-        cpu, mem, creds, runtime_error = 0.0, None, frozenset(), None
+        cpu: float = 0.0
+        mem: int | None = None
+        creds: frozenset[str] = frozenset()
+        runtime_error: str | None = None
         if state is not None and state.reachable:
             cpu, mem, creds, runtime_error = state.cpu or 0.0, state.mem_free_mb, state.credentials, state.error
             restarts = sum(i.restarts for i in state.instances.values())
             failing = restarts >= FAILING_RESTARTS or any(i.status == "error" for i in state.instances.values())
-        reported = state is not None and state.reachable
+        reported = state if state is not None and state.reachable else None
         views.append(WorkerView(spec, liveness[wid].status, used=len(staying.get(wid, [])), cpu=cpu,
                                 mem_free_mb=mem, credentials=creds, failing=failing, runtime_error=runtime_error,
-                                disk_free_mb=state.disk_free_mb if reported else None,
-                                disk_low=reported and state.disk_low))
+                                disk_free_mb=reported.disk_free_mb if reported else None,
+                                disk_low=reported is not None and reported.disk_low))
     return WorkerPool(views)
 
 
@@ -136,7 +140,7 @@ class _Placement:
         narrows the gap by at least one strategy (load difference >= 2), so moves never ping-pong."""
         pool, staying = self.pool, self.staying
         for _ in range(max(0, self.ctx.options.max_moves)):
-            best: tuple | None = None
+            best: tuple[int, str, str, str, Decision] | None = None
             for src in sorted(pool.views.values(), key=lambda w: (-w.used, w.id)):
                 if src.liveness != "online":
                     continue
@@ -146,7 +150,7 @@ class _Placement:
                     spec = self.ctx.fleet.strategies[sid]
                     use = FailoverPolicy(RegionAffinityPolicy(LoadBasedPolicy()), src.id)
                     decision = self.scheduler.place(spec, use, commit=False)
-                    if not decision.placed:
+                    if decision.worker is None:
                         continue
                     target = pool.views[decision.worker]
                     gap = src.used - target.used

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..spec import StrategySpec
 from . import filters
-from .pool import Candidates, WorkerView
+from .pool import Candidates, Key, WorkerView
 
 
 class SchedulePolicy:
@@ -32,7 +32,7 @@ class SchedulePolicy:
         """`pick` with the exclusions of the outermost policy (a wrapper adds its own)."""
         raise NotImplementedError
 
-    def rank_key(self, worker: WorkerView) -> tuple:
+    def rank_key(self, worker: WorkerView) -> Key:
         """Total order over workers, lower is better (slow path, when classes are not enough)."""
         raise NotImplementedError
 
@@ -51,7 +51,7 @@ class LoadBasedPolicy(SchedulePolicy):
     def choose(self, candidates: Candidates, excluded: frozenset[str]) -> WorkerView | None:
         return candidates.least_loaded(excluded)
 
-    def rank_key(self, worker: WorkerView) -> tuple:
+    def rank_key(self, worker: WorkerView) -> Key:
         return worker.load_key()
 
     def explain(self, worker: WorkerView, feasible: int) -> str:
@@ -76,7 +76,7 @@ class RoundRobinPolicy(SchedulePolicy):
         return (candidates.first_free_after(self._cursor, excluded)
                 or candidates.first_free_after(None, excluded))
 
-    def rank_key(self, worker: WorkerView) -> tuple:
+    def rank_key(self, worker: WorkerView) -> Key:
         wrapped = self._cursor is not None and worker.id <= self._cursor
         return (wrapped, worker.id)
 
@@ -102,7 +102,7 @@ class _Wrapper(SchedulePolicy):
     def choose(self, candidates: Candidates, excluded: frozenset[str]) -> WorkerView | None:
         return self.inner.choose(candidates, excluded)
 
-    def rank_key(self, worker: WorkerView) -> tuple:
+    def rank_key(self, worker: WorkerView) -> Key:
         return self.inner.rank_key(worker)
 
     def placed(self, worker: WorkerView) -> None:

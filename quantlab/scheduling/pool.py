@@ -10,9 +10,12 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from ..spec import WorkerSpec
+
+# What workers are ordered or grouped by: a tuple of comparable parts, lower is better.
+Key = tuple[Any, ...]
 
 
 class WorkerView:
@@ -46,10 +49,10 @@ class WorkerView:
         return self._used
 
     @property
-    def load(self) -> tuple:
+    def load(self) -> Key:
         return self._load
 
-    def _key(self) -> tuple:
+    def _key(self) -> Key:
         # Lower is better: fewest strategies relative to capacity, then host cpu, then free memory.
         share = self._used / self.capacity if self.capacity else float("inf")
         return (share, round(self.cpu, 3), -(self.mem_free_mb or 0), self.id)
@@ -62,10 +65,10 @@ class WorkerView:
     def has_room(self) -> bool:
         return self.used < self.capacity
 
-    def load_key(self) -> tuple:
+    def load_key(self) -> Key:
         return self.load
 
-    def class_key(self) -> tuple:
+    def class_key(self) -> Key:
         s = self.spec
         return (self.liveness, s.cordoned, s.drain, s.supported_apis, s.region, s.proxy,
                 self.credentials, self.failing, self.runtime_error is None, self.disk_low)
@@ -75,7 +78,7 @@ class WorkerView:
 class WorkerClass:
     """Workers that every static filter treats alike. `sample` stands for all of them."""
 
-    key: tuple
+    key: Key
     members: list[WorkerView]
 
     @property
@@ -149,7 +152,7 @@ class WorkerPool:
 
     def __init__(self, views: Iterable[WorkerView]):
         self.views: dict[str, WorkerView] = {v.id: v for v in sorted(views, key=lambda v: v.id)}
-        groups: dict[tuple, list[WorkerView]] = {}
+        groups: dict[Key, list[WorkerView]] = {}
         for view in self.views.values():
             groups.setdefault(view.class_key(), []).append(view)
         self.classes = sorted((WorkerClass(key, members) for key, members in groups.items()),

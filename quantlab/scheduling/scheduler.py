@@ -7,7 +7,7 @@ from ..spec import StrategySpec
 from . import filters
 from .filters import Rejection
 from .policies import SchedulePolicy
-from .pool import Candidates, WorkerClass, WorkerPool, WorkerView
+from .pool import Candidates, Key, WorkerClass, WorkerPool, WorkerView
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Decision:
 class Scheduler:
     def __init__(self, pool: WorkerPool):
         self.pool = pool
-        self._static_cache: dict[tuple, list[Candidates]] = {}
+        self._static_cache: dict[Key, list[Candidates]] = {}
 
     @staticmethod
     def static_checks(policy: SchedulePolicy) -> tuple[filters.Check, ...]:

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping
 import yaml
 
 from .models import (
+    ChatKind,
     ChatSink,
     Fleet,
     FleetSettings,
@@ -102,7 +103,7 @@ def _load_all(text: str) -> tuple[list[Any], list[tuple[int, str]]]:
         loader.dispose()
 
 
-def _construct_mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _construct_mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) -> dict[str, Any]:
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":
@@ -124,7 +125,8 @@ def _construct_mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) 
             loader.__dict__.setdefault("duplicates", []).append((key_node.start_mark.line + 1,
                                       f"duplicate key {_shown(key)} (first at line {seen[key].start_mark.line + 1})"))
         seen[key] = key_node
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+    mapping: dict[str, Any] = yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+    return mapping
 
 
 _FleetLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
@@ -138,7 +140,7 @@ def _refuse(loader: Any, node: yaml.Node) -> None:
 
 
 def _construct_float(loader: Any, node: yaml.ScalarNode) -> float:
-    value = yaml.SafeLoader.construct_yaml_float(loader, node)
+    value: float = yaml.SafeLoader.construct_yaml_float(loader, node)
     if not math.isfinite(value):  # JSON has no NaN or Infinity, and NaN passes every bound
         raise yaml.constructor.ConstructorError(
             None, None, f"{_shown(node.value)} is not a JSON number; write a number or quote it", node.start_mark)
@@ -147,11 +149,12 @@ def _construct_float(loader: Any, node: yaml.ScalarNode) -> float:
 
 def _construct_int(loader: Any, node: yaml.ScalarNode) -> int:
     try:
-        return yaml.SafeLoader.construct_yaml_int(loader, node)
+        value: int = yaml.SafeLoader.construct_yaml_int(loader, node)
     except ValueError:  # Python refuses to read an integer of more than 4300 digits
         raise yaml.constructor.ConstructorError(
             None, None, f"integer {_shown(node.value)} is too long to read; quote it or shorten it",
             node.start_mark) from None
+    return value
 
 
 _FleetLoader.add_constructor("tag:yaml.org,2002:binary", _refuse)
@@ -167,7 +170,7 @@ def _line_of(node: yaml.Node | None, path: list[Any]) -> int:
     """1-based line of the key at `path` in a composed document, or of its nearest parent."""
     if node is None:
         return 1
-    line = node.start_mark.line + 1
+    line: int = node.start_mark.line + 1
     for part in path:
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
@@ -644,9 +647,10 @@ class _Builder:
         """The chats to tell. A secret's file must be absolute and outside the fleet directory: that
         directory is a git repository, and a token in it is one commit away from being shared."""
         out = []
-        for kind, file_key, env_key in (("telegram", "botTokenFile", "botTokenEnv"),
-                                        ("slack", "webhookUrlFile", "webhookUrlEnv"),
-                                        ("discord", "webhookUrlFile", "webhookUrlEnv")):
+        sinks: tuple[tuple[ChatKind, str, str], ...] = (("telegram", "botTokenFile", "botTokenEnv"),
+                                                        ("slack", "webhookUrlFile", "webhookUrlEnv"),
+                                                        ("discord", "webhookUrlFile", "webhookUrlEnv"))
+        for kind, file_key, env_key in sinks:
             if not doc.value("notify", kind):
                 continue
             secret_file = doc.value("notify", kind, file_key)

@@ -17,6 +17,7 @@ from typing import Any, Literal, Mapping
 
 DesiredState = Literal["running", "paused", "stopped"]
 PolicyName = Literal["round-robin", "load-based"]
+ChatKind = Literal["telegram", "slack", "discord"]
 
 LOCAL_HOST = "local"
 
@@ -83,7 +84,8 @@ class StrategySpec:
 
     @property
     def params(self) -> dict[str, Any]:
-        return json.loads(self.params_json)
+        params: dict[str, Any] = json.loads(self.params_json)      # canonical JSON of an object
+        return params
 
     @property
     def file_ext(self) -> str:
@@ -159,7 +161,7 @@ class ChatSink:
     token, or the webhook URL — is never in the fleet files: it is read from `secret_file` or the
     environment variable `secret_env` at each delivery."""
 
-    kind: Literal["telegram", "slack", "discord"]
+    kind: ChatKind
     secret_file: str | None = None
     secret_env: str | None = None
     chat_id: str | None = None                     # Telegram's chat

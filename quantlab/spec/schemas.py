@@ -43,7 +43,7 @@ def validator_for(kind: str) -> Draft202012Validator:
 
 def api_version() -> str:
     # Every kind shares one apiVersion; read it from any schema so it is written once.
-    return next(iter(schemas_by_kind().values()))["properties"]["apiVersion"]["const"]
+    return str(next(iter(schemas_by_kind().values()))["properties"]["apiVersion"]["const"])
 
 
 def apply_defaults(instance: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,8 @@ CASES = [
     case("yaml-unclosed-flow-sequence", ["validate"], 1,
          ("{fleet}/workers.yaml:18: YAML syntax error", "did not find expected ',' or ']'"),
          setup={"fleet/workers.yaml": WORKERS_YAML + "---\napiVersion: quantlab/v1\nkind: Worker\nid: [w3\n"}),
-    case("yaml-bad-indentation", ["apply", "--yes"], 1, ("{fleet}/fleet.yaml:6: YAML syntax error: while parsing a block mapping", FROZEN),
+    case("yaml-bad-indentation", ["apply", "--yes"], 1,
+         ("{fleet}/fleet.yaml:6: YAML syntax error: while parsing a block mapping", FROZEN),
          setup={"fleet/fleet.yaml": FLEET_YAML + "   stray: indented\n"}),
     case("tab-indentation", ["validate"], 1,
          "{fleet}/fleet.yaml:5: YAML syntax error: while scanning for the next token; found character that "
@@ -77,7 +78,8 @@ CASES = [
          (("{fleet}/extra.yaml:6: Strategy s9: name:", "… (5000014 characters)"),),     # clipped, not echoed
          setup={"fleet/extra.yaml": strategy(name="x" * 5_000_000)}),
     case("integer-of-5000-digits", ["validate"], 1,
-         ("{fleet}/extra.yaml:6: YAML syntax error: integer '9999", "is too long to read; quote it or shorten it"), setup={"fleet/extra.yaml": strategy(heartbeatMs="9" * 5000)}),
+         ("{fleet}/extra.yaml:6: YAML syntax error: integer '9999", "is too long to read; quote it or shorten it"),
+         setup={"fleet/extra.yaml": strategy(heartbeatMs="9" * 5000)}),
     case("yaml-file-over-16-mib", ["apply", "--yes"], 1, ("{fleet}/big.yaml: larger than 16 MiB; split it", FROZEN),
          setup={"fleet/big.yaml": Sparse(17 * 2**20)}),
     case("params-over-96-kib", ["validate"], 1,

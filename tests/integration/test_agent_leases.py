@@ -28,7 +28,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from test_agent_hostile import CALM, PROBE_BOUND, AgentHost, agent_host, not_after  # noqa: F401 - fixture by name
 from tests.support import alive, hold_for, processes, wait_for

@@ -4,7 +4,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-import pytest
 import yaml
 
 from harness import PYTHON, REPO, quantlab

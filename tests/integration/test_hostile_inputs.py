@@ -222,7 +222,7 @@ def test_a_duration_that_would_spin_the_loop_is_refused_and_starts_nothing(fleet
     fleet.worker("w1").strategy("s1").write()
     for command in (("validate",), ("reconcile", "--once"), ("apply", "--yes")):
         result = ql(*command, "--fleet", fleet.root)
-        check(result, 1, f"fleet.yaml:", f"{section}.{field}: {value:g} is too small (must be at least 0.1)")
+        check(result, 1, "fleet.yaml:", f"{section}.{field}: {value:g} is too small (must be at least 0.1)")
     assert not runner_counts(fleet.marker), "a strategy was started from a fleet that does not validate"
     assert not fleet.state_path.exists() or fleet.placement("s1") is None
 

@@ -739,7 +739,10 @@ def test_corrupt_state_starts_empty_and_is_kept_aside(runners, tmp_path):
 CALL_COUNTER = """
 import fs from 'node:fs';
 let calls = 0;
-export function st_init(ctx) { fs.writeFileSync(ctx.params.inits, String((Number(fs.existsSync(ctx.params.inits) && fs.readFileSync(ctx.params.inits, 'utf8')) || 0) + 1)); }
+export function st_init(ctx) {
+  const before = Number(fs.existsSync(ctx.params.inits) && fs.readFileSync(ctx.params.inits, 'utf8')) || 0;
+  fs.writeFileSync(ctx.params.inits, String(before + 1));
+}
 export function st_heartbeat(ctx) { calls += 1; fs.writeFileSync(ctx.params.calls, String(calls)); }
 export function st_exit() {}
 """
@@ -794,7 +797,10 @@ def test_stale_heartbeat_file_is_removed_at_start(runners, tmp_path):
                                                      "paused": False}))
     source = """
 import fs from 'node:fs';
-export async function st_init(ctx) { fs.writeFileSync(ctx.params.started, ''); await new Promise((resolve) => setTimeout(resolve, 60000)); }
+export async function st_init(ctx) {
+  fs.writeFileSync(ctx.params.started, '');
+  await new Promise((resolve) => setTimeout(resolve, 60000));
+}
 export function st_heartbeat() {}
 export function st_exit() {}
 """

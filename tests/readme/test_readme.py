@@ -22,7 +22,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
