@@ -37,7 +37,8 @@ from .redact import redact_json
 from .spec import NotifySettings
 
 # Kinds that are alerts (told once when raised, once when they clear): kept when a queue overflows.
-ALERT_KINDS = frozenset({"worker-offline", "action-failed", "guard-blocked", "resolved", "failover-brake",
+# (A failover brake is told as a guard-blocked alert.)
+ALERT_KINDS = frozenset({"worker-offline", "action-failed", "guard-blocked", "resolved", "foreign-state",
                          "fleet-invalid", "instance-problem", "renew-refused", "git-pull-refused", "not-deployed",
                          "fence-anomaly", "disk-full"})
 

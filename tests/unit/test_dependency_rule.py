@@ -1,5 +1,5 @@
 """The dependency rule, checked on the source: the core (spec, scheduling, observed, memory, plan,
-planner, health, status, explain) imports no I/O module, reads no clock and knows nothing of the
+planner, health, status, explain, events) imports no I/O module, reads no clock and knows nothing of the
 edges; the host agent imports nothing of the controller."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ CORE = ["spec/loader.py", "spec/models.py", "spec/__init__.py", "scheduling/__in
         "scheduling/pool.py", "scheduling/policies.py", "scheduling/scheduler.py", "observed.py", "memory.py",
         "plan.py", "planner/__init__.py", "planner/context.py", "planner/locate.py", "planner/classify.py",
         "planner/place.py", "planner/guards.py", "health.py", "status.py", "explain.py", "leadership.py",
-        "redact.py", "web/metrics.py"]
+        "redact.py", "web/metrics.py", "events.py"]
 IO_MODULES = {"os", "io", "subprocess", "socket", "time", "datetime", "threading", "shutil", "tempfile",
               "fcntl", "select", "signal", "paramiko", "typer", "rich", "apscheduler", "urllib", "http"}
 EDGES = {"fleetfiles", "gitsource", "follow", "controller", "hosts", "transport", "store", "gather", "execute",
