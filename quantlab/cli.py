@@ -224,7 +224,7 @@ def _look(ctl: Controller, options: PlanOptions) -> tuple[Fleet, Any, Any, Plan]
         loaded = ctl.load_fleet()
         memory = ctl.read_memory(loaded)
         loaded = ctl.with_leaving(loaded, memory)
-        gathered = ctl.observe(loaded, memory)
+        gathered = ctl.observe(loaded, memory, person=True)
         return loaded, memory, gathered, ctl.plan(loaded, memory, gathered, options)
     finally:
         ctl.close()
@@ -426,7 +426,7 @@ def status(
         try:
             loaded = ctl.fallback_fleet(ctl.read_memory(None))
             memory = ctl.read_memory(loaded)
-            gathered, result = ctl.observe(loaded, memory), None
+            gathered, result = ctl.observe(loaded, memory, person=True), None
         finally:
             ctl.close()
     report = fleet_status(loaded, gathered.observed, memory, ctl.clock.mono(), ctl.clock.wall(), result,

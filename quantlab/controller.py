@@ -549,9 +549,11 @@ class Controller:
         self._lineage = memory.lineage or self._lineage     # what read-only probes ask the hosts about
         return memory
 
-    def observe(self, fleet: Fleet, memory: Memory) -> Gathered:
-        """Probe every host without renewing anything (plan, status)."""
-        return gather(fleet, memory, self.hosts(fleet), self.clock)
+    def observe(self, fleet: Fleet, memory: Memory, *, person: bool = False) -> Gathered:
+        """Probe every host without renewing anything (plan, status; `person`: for a person's command,
+        with its longer deadline, see FleetSettings.person_probe_deadline_s)."""
+        deadline = fleet.settings.person_probe_deadline_s if person else None
+        return gather(fleet, memory, self.hosts(fleet), self.clock, deadline_s=deadline)
 
     def foreign_state(self, fleet: Fleet, memory: Memory) -> str | None:
         """Why this state is not this fleet's (Memory.foreign_to), in words with what to do; or None."""
@@ -580,17 +582,20 @@ class Controller:
 
     # --- writing (callers hold the ledger) -----------------------------------------------------
 
-    def renew(self, fleet: Fleet, *, loop: bool = False, fallback: bool = False) -> Gathered:
+    def renew(self, fleet: Fleet, *, loop: bool = False, fallback: bool = False, person: bool = False) -> Gathered:
         """A renewal round: every lease of a current placement is renewed, the bound of each request
         recorded before it is sent, and what the hosts said recorded after. `fallback`: `fleet`
-        comes from the state file (the fleet directory does not validate)."""
+        comes from the state file (the fleet directory does not validate). `person`: the round a
+        person's `apply` plans from, with its longer deadline."""
         memory = self.ledger.refresh(fleet.settings.monitor.lease_ttl_s)
         # Another fleet's state (a wrong --state, or a renamed fleet): its leases are renewed from what
         # it remembers, as while the fleet does not validate, and nothing is planned from it (plan).
         foreign = None if fallback else self.foreign_state(fleet, memory)
         if foreign is not None:
             fleet, fallback = self.fallback_fleet(memory), True
-        gathered = self.prober(fleet).round(fleet, memory, renew=renewals(memory), leases=self.ledger)
+        deadline = fleet.settings.person_probe_deadline_s if person else None
+        gathered = self.prober(fleet).round(fleet, memory, renew=renewals(memory), leases=self.ledger,
+                                            deadline_s=deadline)
         addresses = {} if fallback else self.addresses(fleet)
         now = self.clock.mono()
 
@@ -932,7 +937,7 @@ class Controller:
             fleet = self.with_leaving(fleet, self.ledger.memory)
             if saved is not None:
                 self.check_plan_file(saved, fleet, self.ledger.memory)
-            gathered = gathered or self.renew(fleet)
+            gathered = gathered or self.renew(fleet, person=command == "apply")
             plan = saved or self.plan(fleet, self.ledger.memory, gathered, options)
             if command == "apply":
                 self.refuse_uncommitted(fleet, self.ledger.memory, plan)
@@ -950,7 +955,7 @@ class Controller:
             if _basis(self.ledger.memory) != basis:
                 raise PlanChanged("another run placed, moved or stopped strategies while apply waited for an "
                                   "answer; nothing was done. Run apply again to see the new plan")
-            gathered = self.renew(fleet)
+            gathered = self.renew(fleet, person=command == "apply")
             if saved is None:
                 fresh = self.plan(fleet, self.ledger.memory, gathered, options)
                 if _action_keys(fresh) != _action_keys(plan):

@@ -195,6 +195,11 @@ class SshSettings:
 
 
 MAX_DEFAULT_PROBE_DEADLINE_S = 5.0
+# What a person's command (plan, apply, status) waits for a host's probe at least. The loop's deadline
+# is as short as its interval, to keep every renewal on time; a person wants every host that answers
+# in the picture (a host busy for a second is not "not answering"). Its renewals are bounded by their
+# not-after, and booked in the lease book before they are sent, like the loop's.
+PERSON_PROBE_FLOOR_S = 2.0
 MIN_INTERVAL_S = 0.1                 # the schema's floor for the interval and the probe deadline
 
 
@@ -221,6 +226,10 @@ class FleetSettings:
     rebalance_max_moves: int = 1
     leader_lease_s: float | None = None                      # set: several controllers may take over
     name: str | None = None                                  # the Fleet's name: the state records it
+
+    @property
+    def person_probe_deadline_s(self) -> float:
+        return max(self.probe_deadline_s, PERSON_PROBE_FLOOR_S)
 
     @property
     def leader_lease(self) -> float:
