@@ -101,15 +101,20 @@ def test_a_copy_started_again_where_its_lease_ran_out_keeps_what_it_did_in_the_d
     """A host cut off for longer than the lease, back before a failover: the copy there stopped
     itself, and the start in its place finds its own folder, newer than the controller's copy
     (which is as old as the last round that heard the host). Nothing it counted is lost."""
-    fleet.short_lease(4.0).worker("w1").strategy("s1").write()
+    # The lease is long enough for a loaded machine's reconcile run to renew it before it ends, and
+    # short enough to run out soon after: the copy then beats on "in the dark" until it stops.
+    fleet.short_lease(8.0).worker("w1").strategy("s1").write()
     fleet.apply()
-    fleet.beating("s1", beats=2)
+    fleet.beating("s1", beats=1)
     fleet.ql("reconcile", "--once")                   # the controller's copy, and the last renewal
+    copied = beats_in(copy_of(fleet, "s1"))
+    wait_for(lambda: (fleet.recorded("s1", "state.json") or {}).get("beats", 0) > copied + 3, 8,
+             what="the copy on the host to beat past the controller's copy")
     stopped = wait_for(lambda: (s := fleet.host_status("s1")) and s["state"] == "stopped" and s, 15,
                        what="s1 to stop when its lease ran out (no loop renews it)")
     assert stopped["reason"].startswith("lease expired"), stopped
     final = fleet.recorded("s1", "state.json")["beats"]
-    assert final > beats_in(copy_of(fleet, "s1")) + 3, "the copy did not beat past the controller's copy"
+    assert final > copied + 3, "the copy did not beat past the controller's copy"
     fleet.ql("reconcile", "--once")
     assert fleet.placement("s1")["worker"] == "w1"
     assert (fleet.recorded("s1", "state.json") or {}).get("beats", 0) >= final, "the host's folder was replaced"
