@@ -37,8 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from quantlab.controller import Controller  # noqa: E402
-from quantlab.loop import ReconcileLoop  # noqa: E402
+from quantlab.app.controller import Controller  # noqa: E402
+from quantlab.app.loop import ReconcileLoop  # noqa: E402
 from tests.sshd_hosts import SshdCluster  # noqa: E402
 from benchmarks.readme_block import write_block  # noqa: E402
 from tests.support import kill_all  # noqa: E402

@@ -28,12 +28,12 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.plan_scale import make_fleet  # noqa: E402
 from benchmarks.readme_block import write_block  # noqa: E402
-from quantlab.clock import Clock  # noqa: E402
-from quantlab.ledger import Ledger  # noqa: E402
-from quantlab.memory import HostClock, Memory, Placement  # noqa: E402
-from quantlab.pgstate import PgStore  # noqa: E402
-from quantlab.planner import plan  # noqa: E402
-from quantlab.store import StateStore  # noqa: E402
+from quantlab.edges.clock import Clock  # noqa: E402
+from quantlab.edges.ledger import Ledger  # noqa: E402
+from quantlab.core.memory import HostClock, Memory, Placement  # noqa: E402
+from quantlab.edges.pgstate import PgStore  # noqa: E402
+from quantlab.core.planner import plan  # noqa: E402
+from quantlab.edges.store import StateStore  # noqa: E402
 from tests.fleetkit import NOW, observed  # noqa: E402
 from tests.pg_server import PgServer  # noqa: E402
 

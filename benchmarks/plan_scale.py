@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantlab.planner import plan  # noqa: E402
-from quantlab.scheduling import WorkerView, filters  # noqa: E402
+from quantlab.core.planner import plan  # noqa: E402
+from quantlab.core.scheduling import WorkerView, filters  # noqa: E402
 from tests.fleetkit import NOW, fleet, memory, observed, strategy, worker  # noqa: E402
 
 APIS = ["bybit", "binance", "okx", "futu", "ib"]

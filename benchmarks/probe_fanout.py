@@ -39,9 +39,9 @@ sys.path.insert(0, str(REPO))
 
 import paramiko  # noqa: E402
 
-from quantlab.controller import Controller  # noqa: E402
-from quantlab.gather import gather  # noqa: E402
-from quantlab.hosts import AGENT_PATH, HostKey  # noqa: E402
+from quantlab.app.controller import Controller  # noqa: E402
+from quantlab.edges.gather import gather  # noqa: E402
+from quantlab.edges.hosts import AGENT_PATH, HostKey  # noqa: E402
 from tests.sshd_hosts import SshdCluster  # noqa: E402
 
 WORKERS_PER_HOST = 3

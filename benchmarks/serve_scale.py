@@ -35,11 +35,11 @@ import yaml  # noqa: E402
 from benchmarks.plan_scale import make_fleet  # noqa: E402
 from benchmarks.readme_block import write_block  # noqa: E402
 from quantlab import snapshot  # noqa: E402
-from quantlab.memory import Memory, Placement  # noqa: E402
-from quantlab.planner import plan  # noqa: E402
-from quantlab.snapshot import SnapshotFile  # noqa: E402
-from quantlab.status import fleet_status  # noqa: E402
-from quantlab.web.server import Source, make_server  # noqa: E402
+from quantlab.core.memory import Memory, Placement  # noqa: E402
+from quantlab.core.planner import plan  # noqa: E402
+from quantlab.edges.snapshot import SnapshotFile  # noqa: E402
+from quantlab.core.status import fleet_status  # noqa: E402
+from quantlab.face.web.server import Source, make_server  # noqa: E402
 from tests.fleetkit import NOW, observed  # noqa: E402
 from tests.support import cli_env, free_port, kill_all, wait_for  # noqa: E402
 

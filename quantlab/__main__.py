@@ -1,2 +1,2 @@
-from quantlab.cli import main
+from quantlab.face.cli import main
 main()

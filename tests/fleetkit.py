@@ -6,9 +6,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable
 
-from quantlab.memory import Launched, Memory, Placement
-from quantlab.observed import Instance, ObservedState, WorkerState
-from quantlab.spec import (
+from quantlab.core.memory import Launched, Memory, Placement
+from quantlab.core.observed import Instance, ObservedState, WorkerState
+from quantlab.core.spec import (
     Fleet,
     FleetSettings,
     Location,

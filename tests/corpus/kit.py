@@ -14,7 +14,7 @@ Every case runs on a copy of it, so no case sees another's leftovers.
   there (a supervisor's or runner's command line names its folder);
 - the state file is as it was (`keeps`: the bytes, or what runs where for commands that renew).
 
-Commands run in this process, through typer's CliRunner on quantlab.cli.app, on a thread with the
+Commands run in this process, through typer's CliRunner on quantlab.face.cli.app, on a thread with the
 deadline: a few milliseconds each instead of an interpreter's start. A case with a file nobody may
 read runs `python -m quantlab` as root without the capabilities that ignore permission bits
 (harness.ql(unprivileged=True)), since this process cannot drop them and get them back.
@@ -337,7 +337,7 @@ _runner = CliRunner()
 def invoke(args: list[str], timeout: float = DEADLINE) -> Result:
     """quantlab ARGS in this process; a command still running after `timeout` fails the test as hung.
     An exception that escaped is printed as the real command would print it (a traceback)."""
-    from quantlab.cli import app
+    from quantlab.face.cli import app
 
     env = {name: None for name in os.environ if name.startswith("QUANTLAB_")}
     done: dict[str, Any] = {}

@@ -21,7 +21,7 @@ from tests.support import free_port
 
 TOKEN = "corpus-token-0123456789abcdef"
 ANSWER_S = 10.0          # a request that gets no full answer in this long counts as hung
-READ_TIMEOUT_S = 10.0    # quantlab.web.server.READ_TIMEOUT_S: a stalled client is let go after this
+READ_TIMEOUT_S = 10.0    # quantlab.face.web.server.READ_TIMEOUT_S: a stalled client is let go after this
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 from quantlab.host.agent.qlagent import fence, probe
 from quantlab.host.agent.qlagent.base import HEARTBEAT_FIELDS, LEASE_FIELDS, check_fields, load_checked
 from quantlab.host.agent.qlagent.procs import live_pid
-from quantlab.memory import MemoryFormatError
-from quantlab.plan import Plan
-from quantlab.render import parse_since
-from quantlab.spec import Fleet, FleetInvalid
-from quantlab.spec.loader import FleetFile, StrategyFile, build_fleet, parse_fleet
-from quantlab.store import EventLog, StateError, StateStore, checked_checkpoint, event_problem, read_plan
-from quantlab.web.server import ServeRefused, parse_listen
+from quantlab.core.memory import MemoryFormatError
+from quantlab.core.plan import Plan
+from quantlab.face.render import parse_since
+from quantlab.core.spec import Fleet, FleetInvalid
+from quantlab.core.spec.loader import FleetFile, StrategyFile, build_fleet, parse_fleet
+from quantlab.edges.store import EventLog, StateError, StateStore, checked_checkpoint, event_problem, read_plan
+from quantlab.face.web.server import ServeRefused, parse_listen
 from tests.corpus.kit import FLEET_YAML, STRATEGIES_YAML, WORKERS_YAML
 
 # A few milliseconds per example: the deadline is for a hang, with room for a busy machine.
@@ -159,7 +159,7 @@ def test_state_reader_on_json_of_any_shape(scratch, value):
 @example({**STATE, "clockBoot": "another-boot", "fleetSettings": {"monitor": "x"}})
 @given(state_like())
 def test_a_state_that_reads_can_be_judged_on_this_boot(value):
-    from quantlab.memory import Memory
+    from quantlab.core.memory import Memory
 
     try:
         memory = Memory.from_json(value)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root, for `quantlab`
 
-from quantlab.memory import Launched, Memory, Placement  # noqa: E402
-from quantlab.store import StateStore  # noqa: E402
+from quantlab.core.memory import Launched, Memory, Placement  # noqa: E402
+from quantlab.edges.store import StateStore  # noqa: E402
 
 
 def version(n: int, lineage: str | None = None, serial: int = 0) -> Memory:

@@ -14,7 +14,7 @@ from test_agent_hostile import AgentHost, agent_host  # noqa: F401 - fixture by 
 from tests.support import alive
 
 from quantlab.host.agent.qlagent.protocol import EXIT_BAD_REQUEST
-from quantlab.hosts import AGENT_PATH
+from quantlab.edges.hosts import AGENT_PATH
 
 
 @pytest.fixture

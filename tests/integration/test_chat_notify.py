@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from quantlab.notify import ChatGate, Notifier
-from quantlab.spec.models import ChatSink, NotifySettings
+from quantlab.edges.notify import ChatGate, Notifier
+from quantlab.core.spec.models import ChatSink, NotifySettings
 from tests.support import wait_for
 
 BOT_TOKEN = "123456:AAbbCCddEEffGGhhIIjj-secret"

@@ -1,4 +1,4 @@
-"""Reading a fleet from a commit through git itself (quantlab.follow.Follower on real repositories).
+"""Reading a fleet from a commit through git itself (quantlab.edges.follow.Follower on real repositories).
 
 Every file comes from the commit as `git checkout` would write it — line-ending filters, symlinks,
 submodules at their recorded commits — and never from the working tree; what git cannot give (an
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from quantlab.follow import Follower
-from quantlab.fleetfiles import load_fleet
-from quantlab.spec import FleetInvalid
+from quantlab.edges.follow import Follower
+from quantlab.edges.fleetfiles import load_fleet
+from quantlab.core.spec import FleetInvalid
 
 from test_gitops import git, commit
 
@@ -91,7 +91,7 @@ def test_an_uncommitted_gitattributes_changes_nothing(tmp_path):
 
 
 def test_a_repository_git_cannot_read_is_an_error_not_the_files_on_disk(tmp_path):
-    from quantlab.gitsource import GitError
+    from quantlab.edges.gitsource import GitError
 
     fleet = repo_with_fleet(tmp_path / "repo")
     with open(fleet.parent / ".git" / "config", "a") as config:
@@ -193,7 +193,7 @@ def test_a_detached_head_follows_the_commit_checked_out(tmp_path):
 def test_a_repository_git_refuses_is_an_error_not_the_files_on_disk(tmp_path, monkeypatch):
     import os
 
-    from quantlab.gitsource import GitError
+    from quantlab.edges.gitsource import GitError
 
     if os.geteuid() != 0:
         pytest.skip("needs root to give the repository to another user")
@@ -208,8 +208,8 @@ def test_a_repository_git_refuses_is_an_error_not_the_files_on_disk(tmp_path, mo
 def test_a_hanging_smudge_filter_ends_with_the_git_call_that_ran_it(tmp_path, monkeypatch):
     """A filter that never finishes makes reading the commit fail within the deadline, and nothing
     it started is left running (it would hold the checkout for ever, one more per round)."""
-    import quantlab.gitsource
-    from quantlab.gitsource import GitError
+    import quantlab.edges.gitsource
+    from quantlab.edges.gitsource import GitError
     from tests.support import processes, wait_for
 
     hang = tmp_path / "hang-filter.sh"
@@ -217,7 +217,7 @@ def test_a_hanging_smudge_filter_ends_with_the_git_call_that_ran_it(tmp_path, mo
     hang.chmod(0o755)
     fleet = repo_with_fleet(tmp_path / "repo", {".gitattributes": "*.yaml filter=hang\n"})
     git(tmp_path / "repo", "config", "filter.hang.smudge", str(hang))
-    monkeypatch.setattr(quantlab.gitsource, "GIT_DEADLINE_S", 1.0)
+    monkeypatch.setattr(quantlab.edges.gitsource, "GIT_DEADLINE_S", 1.0)
     with pytest.raises(GitError, match="did not finish within 1 s"):
         follow(fleet, tmp_path)
     wait_for(lambda: not processes(str(hang)), 5, what="the filter to be gone with git")

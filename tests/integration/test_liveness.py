@@ -12,13 +12,13 @@ import time
 import pytest
 
 from harness import PYTHON, REPO, cli_env, wait_for
-from quantlab.clock import Clock, wall_ms
-from quantlab.controller import Controller, default_state_path
-from quantlab.hosts import Hosts, host_key
-from quantlab.loop import ReconcileLoop
-from quantlab.planner import PlanOptions
-from quantlab.transport.base import TransportError
-from quantlab.transport.local import LocalTransport
+from quantlab.edges.clock import Clock, wall_ms
+from quantlab.app.controller import Controller, default_state_path
+from quantlab.edges.hosts import Hosts, host_key
+from quantlab.app.loop import ReconcileLoop
+from quantlab.core.planner import PlanOptions
+from quantlab.edges.transport.base import TransportError
+from quantlab.edges.transport.local import LocalTransport
 
 
 class Terminal:

@@ -4,11 +4,11 @@ running them (what a timeout or a broken connection does), so that nothing can r
 from __future__ import annotations
 
 from harness import wait_for
-from quantlab.controller import Controller, default_state_path
-from quantlab.hosts import Hosts
-from quantlab.loop import ReconcileLoop
-from quantlab.transport.base import TransportError
-from quantlab.transport.local import LocalTransport
+from quantlab.app.controller import Controller, default_state_path
+from quantlab.edges.hosts import Hosts
+from quantlab.app.loop import ReconcileLoop
+from quantlab.edges.transport.base import TransportError
+from quantlab.edges.transport.local import LocalTransport
 
 
 class LosesAnswers(LocalTransport):

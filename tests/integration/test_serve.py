@@ -176,11 +176,11 @@ def test_a_renewal_round_begun_before_an_act_round_ended_shows_what_it_did(tmp_p
     """Renewal rounds run beside the act round: one that observed before the act ended may be
     recorded after it, and must not show the strategies it acted on as they were before."""
     from harness import FleetDir
-    from quantlab.controller import Controller
-    from quantlab.execute import Outcome
-    from quantlab.gather import Gathered
-    from quantlab.observed import ObservedState
-    from quantlab.plan import Action
+    from quantlab.app.controller import Controller
+    from quantlab.edges.execute import Outcome
+    from quantlab.edges.gather import Gathered
+    from quantlab.core.observed import ObservedState
+    from quantlab.core.plan import Action
 
     fl = FleetDir(tmp_path / "fleet").worker("w1").strategy("s1").write()
     ctl = Controller(fl.root, fl.state_path, log=lambda line: None)
@@ -203,9 +203,9 @@ def test_a_renewal_round_begun_before_an_act_round_ended_shows_what_it_did(tmp_p
 
 
 def test_an_act_round_s_marks_say_what_each_outcome_left():
-    from quantlab.execute import Outcome
-    from quantlab.plan import Action
-    from quantlab.snapshot import acted_marks
+    from quantlab.edges.execute import Outcome
+    from quantlab.core.plan import Action
+    from quantlab.edges.snapshot import acted_marks
 
     marks = acted_marks([
         Outcome(Action("stop", "old", "a copy of an older epoch", "stale-copy", worker="w1", epoch=1), True),

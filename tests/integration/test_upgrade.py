@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from harness import FleetDir, Proc, Result, alive, hold_for, processes, wait_for
-from quantlab.hosts import AGENT_PATH, RUNNER_PATH
+from quantlab.edges.hosts import AGENT_PATH, RUNNER_PATH
 from tests.support import cli_env
 
 PREVIOUS_RELEASE = "cbd8d1f"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from quantlab.leadership import Watch, may_take_over, next_term, observe
-from quantlab.pgstate import Leadership, PgState
+from quantlab.core.leadership import Watch, may_take_over, next_term, observe
+from quantlab.edges.pgstate import Leadership, PgState
 
 
 def test_two_controllers_never_hold_one_term(pg_dsn):
@@ -57,8 +57,8 @@ def test_the_rows_age_is_the_databases_and_only_a_renewal_of_this_release_sets_i
 
 
 def test_a_new_leader_ends_the_sessions_that_still_hold_the_state_locks(pg_dsn):
-    from quantlab.pgstate import PgStore
-    from quantlab.store import LockHeld
+    from quantlab.edges.pgstate import PgStore
+    from quantlab.edges.store import LockHeld
 
     frozen, new = PgStore(pg_dsn), PgStore(pg_dsn)
     with frozen.lock(command="quantlab reconcile (frozen)"):
@@ -73,8 +73,8 @@ def test_a_new_leader_ends_the_sessions_that_still_hold_the_state_locks(pg_dsn):
 def test_after_a_failed_connection_calls_fail_at_once_until_the_lead_renewal_gets_through(pg_dsn):
     import time
 
-    from quantlab import pgstate
-    from quantlab.store import StateError
+    from quantlab.edges import pgstate
+    from quantlab.edges.store import StateError
 
     db = pgstate.PgState(pg_dsn)
     db.migrate()

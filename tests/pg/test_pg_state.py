@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from quantlab.memory import Memory, Placement
-from quantlab.pgstate import SCHEMA_VERSION, PgState, StateConflict, check_dsn
-from quantlab.store import StateError
+from quantlab.core.memory import Memory, Placement
+from quantlab.edges.pgstate import SCHEMA_VERSION, PgState, StateConflict, check_dsn
+from quantlab.edges.store import StateError
 
 
 def placed(serial_hint: int = 1) -> Memory:

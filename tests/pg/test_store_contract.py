@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from quantlab.clock import Clock
-from quantlab.controller import Controller
-from quantlab.memory import Placement
-from quantlab.snapshot import FORMAT
-from quantlab.statebackend import NotShared
-from quantlab.store import LockHeld, StateError
+from quantlab.edges.clock import Clock
+from quantlab.app.controller import Controller
+from quantlab.core.memory import Placement
+from quantlab.edges.snapshot import FORMAT
+from quantlab.edges.statebackend import NotShared
+from quantlab.edges.store import LockHeld, StateError
 
 
 @pytest.fixture(params=["file", "postgresql"])

@@ -203,7 +203,7 @@ class SshFleet:
         return {sid: p["worker"] for sid, p in state["placements"].items()}
 
     def controller(self) -> Any:
-        from quantlab.controller import Controller, default_state_path
+        from quantlab.app.controller import Controller, default_state_path
         return Controller(self.dir, default_state_path(self.dir))
 
     # --- looking at the hosts ------------------------------------------------------------------------

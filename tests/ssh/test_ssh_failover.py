@@ -85,8 +85,8 @@ class LosesStartAnswers:
     `start` is dropped after the command ran (as a timeout after sending would), while `lose` is set."""
 
     def __init__(self, fleet) -> None:
-        from quantlab.transport.ssh import SshTransport
-        from quantlab.transport.base import TransportError
+        from quantlab.edges.transport.ssh import SshTransport
+        from quantlab.edges.transport.base import TransportError
 
         owner = self
         self.lose = False
@@ -107,9 +107,9 @@ class LosesStartAnswers:
 
 @pytest.mark.slow
 def test_a_start_whose_answer_was_lost_then_its_host_went_dark_never_runs_twice(ssh_fleet):
-    from quantlab.controller import Controller, default_state_path
-    from quantlab.hosts import Hosts
-    from quantlab.loop import ReconcileLoop
+    from quantlab.app.controller import Controller, default_state_path
+    from quantlab.edges.hosts import Hosts
+    from quantlab.app.loop import ReconcileLoop
 
     fl = ssh_fleet(2, connect_timeout=1, command_timeout=3)
     fl.short_lease(TTL, cron_period=CRON_PERIOD)

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from quantlab.gather import gather
-from quantlab.hosts import Hosts
-from quantlab.transport.ssh import SshTransport
+from quantlab.edges.gather import gather
+from quantlab.edges.hosts import Hosts
+from quantlab.edges.transport.ssh import SshTransport
 from tests.support import wait_for
 
 pytestmark = pytest.mark.ssh

@@ -164,8 +164,8 @@ def test_a_leader_frozen_past_its_lease_is_refused_by_the_hosts_once_resumed(ssh
 
     # What a frozen leader might still send — a stop, carrying its old term, with its own clock
     # saying it leads — is refused by the host, and nothing stops.
-    from quantlab.controller import Controller, default_state_path
-    from quantlab.plan import Action, Plan
+    from quantlab.app.controller import Controller, default_state_path
+    from quantlab.core.plan import Action, Plan
     ghost = Controller(fl.dir, default_state_path(fl.dir), state_dsn=pg_dsn)
     ghost.read_memory(None)
     fleet = ghost.load_fleet()

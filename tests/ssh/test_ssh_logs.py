@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from quantlab.gather import gather
+from quantlab.edges.gather import gather
 from sshfleet import processes
 from tests.support import wait_for
 

@@ -3,7 +3,7 @@ and the runner only when a host lacks them, and a probe is one command per host 
 workers and instances live there, on a connection kept across gathers.
 
 The counting happens in `CountingSsh`, a subclass of the real paramiko transport handed to
-quantlab.hosts.Hosts through its transport_factory: every call still goes to the real sshd."""
+quantlab.edges.hosts.Hosts through its transport_factory: every call still goes to the real sshd."""
 from __future__ import annotations
 
 import threading
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from quantlab.gather import Prober, gather, renewals
-from quantlab.hosts import AGENT_PATH, RUNNER_PATH, HostKey, Hosts
-from quantlab.planner import PlanOptions
-from quantlab.transport.ssh import SshTransport
+from quantlab.edges.gather import Prober, gather, renewals
+from quantlab.edges.hosts import AGENT_PATH, RUNNER_PATH, HostKey, Hosts
+from quantlab.core.planner import PlanOptions
+from quantlab.edges.transport.ssh import SshTransport
 
 pytestmark = pytest.mark.ssh
 

@@ -15,7 +15,7 @@ from qlagent import protocol  # noqa: E402
 from qlagent.health import HealthWatch  # noqa: E402
 from qlagent.supervisor import restart_delay  # noqa: E402
 
-from quantlab.observed import KNOWN_STATUSES  # noqa: E402
+from quantlab.core.observed import KNOWN_STATUSES  # noqa: E402
 
 
 class FakeSupervisor:
@@ -102,7 +102,7 @@ def test_the_agent_answers_on_a_python_without_ctypes_or_zlib(tmp_path):
     containment, no checkpoint copies) instead of failing every command at import."""
     import subprocess
 
-    from quantlab.hosts import AGENT_SOURCE
+    from quantlab.edges.hosts import AGENT_SOURCE
 
     app = tmp_path / "agent.pyz"
     app.write_bytes(AGENT_SOURCE)

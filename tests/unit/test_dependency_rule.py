@@ -1,44 +1,84 @@
-"""The dependency rule, checked on the source: the core (spec, scheduling, observed, memory, plan,
-planner, health, status, explain, events) imports no I/O module, reads no clock and knows nothing of the
-edges; the host agent imports nothing of the controller."""
+"""The dependency rule, checked on the source by folder: arrows point inward.
+
+    face  (cli, render, scaffold, web)   → app, edges, core
+    app   (controller, loop, leader, …)  → edges, core
+    edges (hosts, transport, state, git) → core
+    core  (spec, planning, health, …)    → core only, and no I/O, no clock
+    host  (the agent on the workers)     → nothing of quantlab, no third-party package
+
+A new module lands in one of these folders and is held to its rule without editing this test.
+"""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "quantlab"
-CORE = ["spec/loader.py", "spec/models.py", "spec/__init__.py", "scheduling/__init__.py", "scheduling/filters.py",
-        "scheduling/pool.py", "scheduling/policies.py", "scheduling/scheduler.py", "observed.py", "memory.py",
-        "plan.py", "planner/__init__.py", "planner/context.py", "planner/locate.py", "planner/classify.py",
-        "planner/place.py", "planner/guards.py", "health.py", "status.py", "explain.py", "leadership.py",
-        "redact.py", "web/metrics.py", "events.py"]
+LAYERS = ("core", "edges", "app", "face", "host")
+# What each layer may import of quantlab (besides itself). Edges and the app may read the agent's
+# protocol module (the one definition of the requests and answers both ends speak).
+MAY_IMPORT = {"core": set(), "edges": {"core", "host"}, "app": {"core", "edges", "host"},
+              "face": {"core", "edges", "app"}, "host": set()}
 IO_MODULES = {"os", "io", "subprocess", "socket", "time", "datetime", "threading", "shutil", "tempfile",
-              "fcntl", "select", "signal", "paramiko", "typer", "rich", "apscheduler", "urllib", "http"}
-EDGES = {"fleetfiles", "gitsource", "follow", "controller", "hosts", "transport", "store", "gather", "execute",
-         "loop", "cli", "render", "notify", "ledger", "clock", "atomicfile", "checkpoints", "vcs", "scaffold",
-         "leader", "pgstate", "statebackend", "handover", "snapshot"}
+              "fcntl", "select", "signal", "paramiko", "typer", "rich", "apscheduler", "urllib", "http",
+              "psycopg", "concurrent", "asyncio"}
+THIRD_PARTY = {"yaml", "paramiko", "typer", "rich", "jsonschema", "apscheduler", "psycopg"}
 
 
-def imports(path: Path) -> set[str]:
+def layer_of(path: Path, package: Path = PACKAGE) -> str:
+    return path.relative_to(package).parts[0]
+
+
+def imported(path: Path, package: Path = PACKAGE) -> set[str]:
+    """Absolute names of the modules `path` imports (relative imports resolved)."""
+    parent = list(path.relative_to(package.parent).with_suffix("").parts[:-1])
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            base = ("." * node.level) + (node.module or "")
-            found.add(base)
-            found |= {f"{base}.{alias.name}" if base.endswith(".") else alias.name for alias in node.names}
+            if node.level:
+                base = parent[:len(parent) - (node.level - 1)]
+                found.add(".".join(base + ([node.module] if node.module else [])))
+            else:
+                found.add(node.module or "")
     return found
 
 
-def test_the_core_imports_no_io_and_no_edge():
-    for rel in CORE:
-        names = imports(PACKAGE / rel)
-        roots = {n.lstrip(".").split(".")[0] for n in names if not n.startswith(".")}
-        assert not roots & IO_MODULES, f"{rel} imports {sorted(roots & IO_MODULES)}"
-        local = {n.lstrip(".").split(".")[0] for n in names if n.startswith(".")} | \
-                {n.split(".")[1] for n in names if n.startswith("quantlab.") and n.count(".") >= 1}
-        assert not local & EDGES, f"{rel} imports the edge {sorted(local & EDGES)}"
+def sources(package: Path = PACKAGE) -> list[Path]:
+    return sorted(p for p in package.rglob("*.py") if p.parent != package)
+
+
+def outward_imports(package: Path = PACKAGE) -> list[str]:
+    """Every import that breaks the rule, said as `module (layer) imports name (layer)`."""
+    found = []
+    for path in sources(package):
+        layer = layer_of(path, package)
+        for name in sorted(imported(path, package)):
+            parts = name.split(".")
+            if parts[0] != package.name:
+                continue
+            target = parts[1] if len(parts) > 1 else "(the package itself)"
+            if target != layer and target not in MAY_IMPORT[layer]:
+                found.append(f"{path.relative_to(package)} ({layer}) imports {name} ({target})")
+    return found
+
+
+def test_every_module_is_in_a_layer():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__.py", "__main__.py"], f"modules outside the layers' folders: {top}"
+    assert {layer_of(p) for p in sources()} == set(LAYERS)
+
+
+def test_each_layer_imports_only_inward():
+    assert outward_imports() == [], "arrows point inward"
+
+
+def test_the_core_does_no_io_and_reads_no_clock():
+    for path in sources():
+        if layer_of(path) == "core":
+            roots = {n.split(".")[0] for n in imported(path)}
+            assert not roots & IO_MODULES, f"{path.relative_to(PACKAGE)} imports {sorted(roots & IO_MODULES)}"
 
 
 def test_the_agent_imports_nothing_of_the_controller():
@@ -47,6 +87,22 @@ def test_the_agent_imports_nothing_of_the_controller():
     found = list((PACKAGE / "host" / "agent").rglob("*.py"))
     assert len(found) >= 8
     for path in found:
-        names = {n for n in imports(path) if not n.startswith(".")}
-        outside = {n for n in names if n.split(".")[0] in ("quantlab", "yaml", "paramiko", "typer", "jsonschema")}
-        assert not outside, f"{path.name} imports {sorted(outside)}"
+        names = {n for n in imported(path) if not n.startswith("quantlab.host.agent.qlagent")}   # its own
+        roots = {n.split(".")[0] for n in names} - {"qlagent", ""}
+        assert not roots & ({"quantlab"} | THIRD_PARTY), f"{path.name} imports {sorted(roots & ({'quantlab'} | THIRD_PARTY))}"
+
+
+def test_the_rule_catches_an_outward_import(tmp_path):
+    """The check itself, on a package made for it: an edge importing the app (relatively or not) and
+    the core importing an edge are caught; an app module importing the core is not."""
+    package = tmp_path / "quantlab"
+    for layer in LAYERS:
+        (package / layer).mkdir(parents=True)
+    (package / "edges" / "bad.py").write_text("from ..app import loop\nimport quantlab.face.cli\n")
+    (package / "core" / "bad.py").write_text("from quantlab.edges.store import StateFile\n")
+    (package / "app" / "good.py").write_text("from ..core.plan import Plan\nfrom . import loop\n")
+    assert outward_imports(package) == [
+        "core/bad.py (core) imports quantlab.edges.store (edges)",
+        "edges/bad.py (edges) imports quantlab.app (app)",
+        "edges/bad.py (edges) imports quantlab.face.cli (face)",
+    ]

@@ -1,4 +1,4 @@
-"""The event catalogue (quantlab/events.py) is closed over the code: every event name and notice
+"""The event catalogue (quantlab/core/events.py) is closed over the code: every event name and notice
 kind the source produces is in it, and nothing else; `unknown_event` takes what the producers write
 and refuses what they do not; docs/events.md lists exactly the catalogue."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from quantlab.controller import Controller
-from quantlab.events import (
+from quantlab.app.controller import Controller
+from quantlab.core.events import (
     CATALOGUE,
     COMMON_FIELDS,
     EVENTS,
@@ -22,11 +22,11 @@ from quantlab.events import (
     source_of,
     unknown_event,
 )
-from quantlab.execute import Executor, Outcome, Recorder, outcome_notices
-from quantlab.health import alerts_delta
+from quantlab.edges.execute import Executor, Outcome, Recorder, outcome_notices
+from quantlab.core.health import alerts_delta
 from quantlab.host.agent.qlagent.probe import read_events
 from quantlab.host.agent.qlagent.procs import log_event
-from quantlab.plan import ACTIONS, Action, Blocked, Plan
+from quantlab.core.plan import ACTIONS, Action, Blocked, Plan
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "quantlab"
@@ -37,8 +37,8 @@ DOC = ROOT / "docs" / "events.md"
 # Where an event name is not a literal: the wrappers every producer goes through (their callers are
 # read instead), and the executor, which records each action under its name (plan.ACTIONS).
 DYNAMIC_EVENTS: dict[tuple[str, str], frozenset[str]] = {
-    ("controller.py", "Controller._hold_event"): frozenset(),        # _hold_event("suspended", ...)
-    ("execute.py", "Executor.finished"): frozenset(ACTIONS),          # rec.event(event=a.action, ...)
+    ("app/controller.py", "Controller._hold_event"): frozenset(),        # _hold_event("suspended", ...)
+    ("edges/execute.py", "Executor.finished"): frozenset(ACTIONS),          # rec.event(event=a.action, ...)
     ("host/agent/qlagent/procs.py", "log_event"): frozenset(),       # log_event(idir, "start", ...)
     ("host/agent/qlagent/supervisor.py", "Supervisor.event"): frozenset(),   # self.event("restart", ...)
     ("host/agent/qlagent/supervisor.py", "Supervisor.finish"): frozenset(),  # finish(..., event="lease-expired")
@@ -46,8 +46,8 @@ DYNAMIC_EVENTS: dict[tuple[str, str], frozenset[str]] = {
 # Where a notice kind is not a literal: the Monitor's kinds for host events (the values of the mapping
 # it looks them up in), raise_alert (its callers are read), and the loop's own alerts (read from its
 # `self._alerts[KIND] = ...`).
-DYNAMIC_NOTICES = {("health.py", "watch"), ("controller.py", "Controller.raise_alert"),
-                   ("loop.py", "ReconcileLoop.act_round")}
+DYNAMIC_NOTICES = {("core/health.py", "watch"), ("app/controller.py", "Controller.raise_alert"),
+                   ("app/loop.py", "ReconcileLoop.act_round")}
 
 
 def literals(node: ast.expr) -> set[str] | None:
@@ -131,7 +131,7 @@ class Producers(ast.NodeVisitor):
 def modules() -> Iterator[tuple[str, ast.Module]]:
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE).as_posix()
-        if rel != "events.py":                # the catalogue itself produces nothing
+        if rel != "core/events.py":                # the catalogue itself produces nothing
             yield rel, ast.parse(path.read_text(), filename=str(path))
 
 
@@ -180,7 +180,7 @@ def produced() -> tuple[dict[str, set[str]], set[str]]:
                     f"{rel}: {scope} raises a notice whose kind is not a literal ({ast.unparse(expr)}): name it, " \
                     "or teach this test where its kinds come from"
                 dynamic_notices.add((rel, scope))
-                kinds = monitor_kinds(tree) if rel == "health.py" else set()
+                kinds = monitor_kinds(tree) if rel == "core/health.py" else set()
             notices |= kinds
     assert dynamic_events == set(DYNAMIC_EVENTS), "a producer this test reads through is gone: update it"
     assert dynamic_notices == DYNAMIC_NOTICES, "a producer this test reads through is gone: update it"
@@ -191,8 +191,8 @@ def test_every_event_the_code_writes_is_in_the_catalogue_and_nothing_else():
     events, _ = produced()
     for source in ("controller", "host"):
         catalogued = {k.name for k in CATALOGUE if k.source == source}
-        assert events[source] - catalogued == set(), f"produced by the {source}, not in quantlab/events.py"
-        assert catalogued - events[source] == set(), f"in quantlab/events.py, never produced by the {source}"
+        assert events[source] - catalogued == set(), f"produced by the {source}, not in quantlab/core/events.py"
+        assert catalogued - events[source] == set(), f"in quantlab/core/events.py, never produced by the {source}"
     assert set(EVENTS) == events["controller"] | events["host"]
 
 
@@ -425,7 +425,7 @@ def test_the_reference_lists_exactly_the_catalogue():
 
 
 def test_every_alert_kind_is_a_notice_kind_and_every_told_once_alert_survives_a_full_queue():
-    from quantlab.notify import ALERT_KINDS
+    from quantlab.edges.notify import ALERT_KINDS
     assert ALERT_KINDS <= set(NOTICE_KINDS), sorted(ALERT_KINDS - set(NOTICE_KINDS))
     # Raised once and cleared later (a `resolved` follows): never dropped as routine when a queue is full.
     assert {"foreign-state", "worker-offline", "fleet-invalid", "disk-full"} <= ALERT_KINDS

@@ -2,8 +2,8 @@
 fleet's policy, and a remedy for each refusal; plain data, no I/O."""
 from __future__ import annotations
 
-from quantlab.explain import outcome, verdicts
-from quantlab.planner import plan
+from quantlab.core.explain import outcome, verdicts
+from quantlab.core.planner import plan
 from tests.fleetkit import NOW, fleet, memory, observed, strategy, worker
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from quantlab.memory import Memory, MemoryFormatError, Placement
+from quantlab.core.memory import Memory, MemoryFormatError, Placement
 
 
 def _memory(name=None, **placed: str) -> Memory:

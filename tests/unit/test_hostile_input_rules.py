@@ -16,13 +16,13 @@ import pytest
 from rich.console import Console
 from rich.text import Text
 
-from quantlab.atomicfile import NotARegularFile, atomic_write
-from quantlab.fleetfiles import load_fleet
-from quantlab.plan import Plan
-from quantlab.render import escape, event_line, one_line, status_tables, terminal_safe
-from quantlab.spec import FleetInvalid, FleetSettings
-from quantlab.store import EventLog, event_problem, write_plan
-from quantlab.web.server import ServeRefused, parse_listen
+from quantlab.edges.atomicfile import NotARegularFile, atomic_write
+from quantlab.edges.fleetfiles import load_fleet
+from quantlab.core.plan import Plan
+from quantlab.face.render import escape, event_line, one_line, status_tables, terminal_safe
+from quantlab.core.spec import FleetInvalid, FleetSettings
+from quantlab.edges.store import EventLog, event_problem, write_plan
+from quantlab.face.web.server import ServeRefused, parse_listen
 
 ESC = "\x1b"
 

@@ -1,14 +1,14 @@
-"""One controller's side of the leadership (quantlab/leader.py) on a fake row and a fake clock, and
+"""One controller's side of the leadership (quantlab/app/leader.py) on a fake row and a fake clock, and
 the lease rule's takeover term."""
 from __future__ import annotations
 
 from dataclasses import replace
 
-from quantlab.clock import Clock
-from quantlab.leader import Leader
-from quantlab.leadership import LeaseRow
-from quantlab.spec.models import FleetSettings, MonitorSettings
-from quantlab.store import StateError
+from quantlab.edges.clock import Clock
+from quantlab.app.leader import Leader
+from quantlab.core.leadership import LeaseRow
+from quantlab.core.spec.models import FleetSettings, MonitorSettings
+from quantlab.edges.store import StateError
 
 
 class FakeRow:

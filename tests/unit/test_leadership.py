@@ -1,7 +1,7 @@
 """Leadership judged on each side's own monotonic clock (a fake one here), as client-go does."""
 from __future__ import annotations
 
-from quantlab.leadership import LeaseRow, Watch, inherited_leases_end_at, may_take_over, next_term, observe, still_leads
+from quantlab.core.leadership import LeaseRow, Watch, inherited_leases_end_at, may_take_over, next_term, observe, still_leads
 
 ROW = LeaseRow(holder="ctl-a", term=4, renewals=10, duration_ms=15_000)
 
@@ -41,7 +41,7 @@ def test_a_new_leader_counts_the_old_terms_leases_as_running_until_a_late_renewa
 def test_a_row_that_stood_still_for_a_lease_on_the_databases_clock_may_be_taken_at_once():
     """Every controller restarted at once: the fresh standby need not watch for a whole lease of its own
     while the strategies' leases run out; the row's age on the database's clock says enough."""
-    from quantlab.leadership import LeaseRow, Watch, may_take_over, observe
+    from quantlab.core.leadership import LeaseRow, Watch, may_take_over, observe
     fresh = observe(Watch(), LeaseRow("ctl-a", 3, 41, 15_000, age_ms=15_200), now_ms=0)
     assert may_take_over(fresh, 0)
     young = observe(Watch(), LeaseRow("ctl-a", 3, 41, 15_000, age_ms=9_000), now_ms=0)

@@ -2,7 +2,7 @@
 after; the bound it keeps per worker only ever covers what a host may honour. Plain data."""
 from __future__ import annotations
 
-from quantlab.ledger import LeaseBook
+from quantlab.edges.ledger import LeaseBook
 
 
 def test_a_booked_request_counts_until_it_is_settled():

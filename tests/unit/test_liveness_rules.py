@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from quantlab.health import RESCHEDULE_DELAY_MS, RESCHEDULE_RESET_MS, lease_surely_expired_at
-from quantlab.planner import plan
-from quantlab.fleetfiles import load_fleet
-from quantlab.spec import FleetInvalid, FleetSettings, MonitorSettings
+from quantlab.core.health import RESCHEDULE_DELAY_MS, RESCHEDULE_RESET_MS, lease_surely_expired_at
+from quantlab.core.planner import plan
+from quantlab.edges.fleetfiles import load_fleet
+from quantlab.core.spec import FleetInvalid, FleetSettings, MonitorSettings
 from tests.fleetkit import NOW, fleet, memory, observed, running, strategy, summary, worker
 
 # --- the lease rule ---------------------------------------------------------------------------------

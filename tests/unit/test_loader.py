@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from quantlab.fleetfiles import load_fleet
-from quantlab.spec import Fleet, FleetInvalid, Problem
-from quantlab.spec import loader
+from quantlab.edges.fleetfiles import load_fleet
+from quantlab.core.spec import Fleet, FleetInvalid, Problem
+from quantlab.core.spec import loader
 
 WORKERS = """\
 apiVersion: quantlab/v1
@@ -445,7 +445,7 @@ def _patterns(node: Any) -> Iterator[dict[str, Any]]:
 
 def test_every_pattern_in_the_schemas_says_in_words_what_it_allows() -> None:
     # patternErrorMessage is also what editors (yaml-language-server, VS Code) show for it.
-    from quantlab.spec.schemas import schemas_by_kind
+    from quantlab.core.spec.schemas import schemas_by_kind
     found = [s for schema in schemas_by_kind().values() for s in _patterns(schema)]
     assert len(found) >= 15
     for sub in found:
@@ -454,7 +454,7 @@ def test_every_pattern_in_the_schemas_says_in_words_what_it_allows() -> None:
 
 
 def test_no_message_of_the_invalid_corpus_shows_a_regex() -> None:
-    from quantlab.spec.schemas import schemas_by_kind
+    from quantlab.core.spec.schemas import schemas_by_kind
     patterns = {s["pattern"] for schema in schemas_by_kind().values() for s in _patterns(schema)}
     messages = []
     for case in sorted((DATA / "invalid").iterdir()):
@@ -793,7 +793,7 @@ def test_a_special_file_as_fleet_directory_is_one_problem(open_tmp: Path) -> Non
 
 
 def test_cli_validate_reports_an_unreadable_fleet_directory_in_one_line(open_fleet: Path) -> None:
-    from quantlab.cli import app
+    from quantlab.face.cli import app
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_child_validate, args=(send, app, open_fleet), daemon=True)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from quantlab.fleetfiles import load_fleet
-from quantlab.spec import Fleet, FleetInvalid, Problem
-from quantlab.spec.models import FleetSettings
+from quantlab.edges.fleetfiles import load_fleet
+from quantlab.core.spec import Fleet, FleetInvalid, Problem
+from quantlab.core.spec.models import FleetSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"

@@ -3,10 +3,10 @@ not answer."""
 from __future__ import annotations
 
 from quantlab.host.agent.qlagent.supervisor import exit_words
-from quantlab.notify import chat_text
-from quantlab.render import not_answering, plan_summary
-from quantlab.plan import Note, Plan
-from quantlab.web.metrics import _number
+from quantlab.edges.notify import chat_text
+from quantlab.core.status import not_answering
+from quantlab.core.plan import Note, Plan
+from quantlab.face.web.metrics import _number
 
 
 def test_a_strategy_error_is_not_told_with_an_info_icon():
@@ -35,4 +35,4 @@ def test_workers_not_answering_are_named():
 def test_a_plan_with_only_notes_does_not_read_as_nothing_to_say():
     plan = Plan(fleet_revision=None, fleet_dirty=False, fleet_hash="sha256:x", lineage=None, state_serial=0,
                 actions=(), notes=(Note("s1", "w1", "w1 no longer fits"),))
-    assert plan_summary(plan) == "No changes. 1 note."
+    assert plan.summary() == "No changes. 1 note."

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from quantlab.web.metrics import render
+from quantlab.face.web.metrics import render
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
 

@@ -1,8 +1,8 @@
 """The Monitor's notices: what is told, and that each alert is told once. Plain data, fixed clock."""
 from __future__ import annotations
 
-from quantlab.health import alerts_delta, watch
-from quantlab.observed import ObservedState, WorkerState
+from quantlab.core.health import alerts_delta, watch
+from quantlab.core.observed import ObservedState, WorkerState
 from tests.fleetkit import NOW, fleet, memory, strategy, worker
 
 FLEET = fleet([strategy("a")], [worker("w-1"), worker("w-2")], offline_after=90)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from quantlab.notify import ALERT_KINDS, Notifier
-from quantlab.spec import NotifySettings
+from quantlab.edges.notify import ALERT_KINDS, Notifier
+from quantlab.core.spec import NotifySettings
 from tests.support import free_port
 
 SLEEPER = "import time; time.sleep(60)"

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from quantlab.memory import Launched
-from quantlab.planner import PlanOptions, UnknownTarget, plan
+from quantlab.core.memory import Launched
+from quantlab.core.planner import PlanOptions, UnknownTarget, plan
 from tests.fleetkit import JP_PROXY, NOW, fleet, memory, observed, running, strategy, summary, worker
 
 # The seed's fleet: two JP workers (one behind the 8890 proxy), one US.
@@ -448,7 +448,7 @@ def test_suspend_holds_the_actions_of_its_targets_and_says_who_and_why():
 
 
 def test_stop_all_renews_no_lease_until_resume():
-    from quantlab.gather import renewals
+    from quantlab.edges.gather import renewals
     mem = memory({"s-1": ("w-a", 1), "s-2": ("w-b", 2)})
     assert renewals(mem) == {"w-a": {"s-1": 1}, "w-b": {"s-2": 2}}
     mem.suspended = {"*": {"by": "ops", "reason": "incident", "at": 0}}
@@ -476,7 +476,7 @@ def test_down_ranks_a_worker_where_strategies_keep_failing():
 
 
 def test_a_worker_without_the_runner_program_gets_no_placements():
-    from quantlab.observed import ObservedState, WorkerState
+    from quantlab.core.observed import ObservedState, WorkerState
     s = strategy("s")
     fl = fleet([s], [worker("w-a"), worker("w-b")])
     obs = observed(fl)
@@ -521,8 +521,8 @@ def test_an_instance_the_agent_could_not_read_is_left_alone():
 
 def test_a_worker_proxy_change_restarts_what_runs_there():
     from dataclasses import replace as _replace
-    from quantlab.memory import Placement
-    from quantlab.spec import worker_launch
+    from quantlab.core.memory import Placement
+    from quantlab.core.spec import worker_launch
     s = strategy("s")
     old_worker = worker("w-a", proxy="http://127.0.0.1:8890")
     new_worker = _replace(old_worker, proxy="http://127.0.0.1:8891")
@@ -566,8 +566,8 @@ def test_a_renamed_worker_keeps_its_running_copy():
 
 
 def test_the_loops_rebalance_runs_on_its_interval_and_never_moves_a_strategy_twice_in_a_row():
-    from quantlab.loop import rebalance_options
-    from quantlab.spec import FleetSettings
+    from quantlab.app.loop import rebalance_options
+    from quantlab.core.spec import FleetSettings
     every = FleetSettings(rebalance_every_s=600, rebalance_max_moves=2)
     mem = memory()
     assert rebalance_options(FleetSettings(), mem, NOW) == PlanOptions()              # off by default

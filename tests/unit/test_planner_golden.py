@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from quantlab.planner import PlanOptions, plan
+from quantlab.core.planner import PlanOptions, plan
 from tests.fleetkit import JP_PROXY, NOW, fleet, memory, observed, running, strategy, worker
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "planner-golden.json"

@@ -1,12 +1,12 @@
 """Each phase of the planner on plain data: locate, classify, place, the guards."""
 from __future__ import annotations
 
-from quantlab.plan import Action
-from quantlab.planner.classify import classify
-from quantlab.planner.context import Context, Epochs, PlanOptions
-from quantlab.planner.guards import hold_mass_stop, hold_source_change, hold_suspended
-from quantlab.planner.locate import locate
-from quantlab.planner.place import place
+from quantlab.core.plan import Action
+from quantlab.core.planner.classify import classify
+from quantlab.core.planner.context import Context, Epochs, PlanOptions
+from quantlab.core.planner.guards import hold_mass_stop, hold_source_change, hold_suspended
+from quantlab.core.planner.locate import locate
+from quantlab.core.planner.place import place
 from tests.fleetkit import NOW, fleet, memory, observed, running, strategy, worker
 
 A, B, C = strategy("a"), strategy("b"), strategy("c", desired="paused")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quantlab.planner import PlanOptions, plan
+from quantlab.core.planner import PlanOptions, plan
 from tests.fleetkit import JP_PROXY, NOW, fleet, memory, observed, running, strategy, worker
 
 APIS = ["bybit", "binance", "okx"]

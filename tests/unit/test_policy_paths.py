@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantlab.scheduling import LoadBasedPolicy, RoundRobinPolicy, WorkerPool, WorkerView
-from quantlab.scheduling.policies import FailoverPolicy, RegionAffinityPolicy
+from quantlab.core.scheduling import LoadBasedPolicy, RoundRobinPolicy, WorkerPool, WorkerView
+from quantlab.core.scheduling.policies import FailoverPolicy, RegionAffinityPolicy
 from tests.fleetkit import worker
 
 

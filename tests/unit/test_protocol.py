@@ -10,8 +10,8 @@ import pytest
 
 from quantlab.host.agent.qlagent import protocol
 from quantlab.host.agent.qlagent.protocol import answer_problem, request_problem
-from quantlab.hosts import Agent, AgentError, Fenced
-from quantlab.transport.base import Completed
+from quantlab.edges.hosts import Agent, AgentError, Fenced
+from quantlab.edges.transport.base import Completed
 
 # Requests as the controller sends them (the shapes of tests/integration/test_agent_hostile.py and
 # of execute.py / gather.py / checkpoints.py), one per command.

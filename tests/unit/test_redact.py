@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from quantlab.memory import Launched, Memory, Placement
-from quantlab.planner import plan
-from quantlab.redact import (
+from quantlab.core.memory import Launched, Memory, Placement
+from quantlab.core.planner import plan
+from quantlab.core.redact import (
     DIGEST_KEY,
     comparable_launch,
     describe_change,
@@ -25,10 +25,10 @@ from quantlab.redact import (
     seal_launch,
     url_secrets,
 )
-from quantlab.scheduling.filters import proxy as proxy_filter
-from quantlab.scheduling.pool import WorkerView
-from quantlab.spec import NotifySettings, worker_launch
-from quantlab.status import fleet_status
+from quantlab.core.scheduling.filters import proxy as proxy_filter
+from quantlab.core.scheduling.pool import WorkerView
+from quantlab.core.spec import NotifySettings, worker_launch
+from quantlab.core.status import fleet_status
 from tests.fleetkit import NOW, fleet, memory, observed, running, strategy, summary, worker
 
 SECRET = "S3cretPlanted"
@@ -230,7 +230,7 @@ def test_status_shows_no_credentials_from_hosts():
 
 
 def test_notices_leave_without_credentials(tmp_path):
-    from quantlab.notify import Notifier
+    from quantlab.edges.notify import Notifier
 
     told = tmp_path / "told.jsonl"
     script = f"import sys; open({str(told)!r}, 'a').write(sys.stdin.read() + '\\n')"
@@ -248,8 +248,8 @@ def test_notices_leave_without_credentials(tmp_path):
 def test_a_state_dsn_that_does_not_parse_is_not_quoted():
     """libpq names the token it could not read, which may be a password."""
     pytest.importorskip("psycopg")
-    from quantlab.pgstate import check_dsn
-    from quantlab.store import StateError
+    from quantlab.edges.pgstate import check_dsn
+    from quantlab.edges.store import StateError
 
     with pytest.raises(StateError) as caught:
         check_dsn("postgresql://ops:Pw12%zz@db.internal/quantlab")

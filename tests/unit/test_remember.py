@@ -2,9 +2,9 @@
 Plain data, a fixed clock."""
 from __future__ import annotations
 
-from quantlab.gather import Gathered, not_after, remember_into, renewals
-from quantlab.memory import HostClock
-from quantlab.observed import ObservedState, WorkerState
+from quantlab.edges.gather import Gathered, not_after, remember_into, renewals
+from quantlab.core.memory import HostClock
+from quantlab.core.observed import ObservedState, WorkerState
 from tests.fleetkit import NOW, fleet, memory, running, strategy, worker
 
 A, B, GONE = strategy("a"), strategy("b", desired="stopped"), strategy("gone")

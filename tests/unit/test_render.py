@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from quantlab.render import event_line
+from quantlab.face.render import event_line
 
 
 def plain(markup: str) -> str:

@@ -28,9 +28,9 @@ from typing import Callable
 
 import pytest
 
-from quantlab.memory import HostClock, Launched, Memory, Placement
-from quantlab.plan import ACTIONS, Action, Adopt, Blocked, Note, Plan, Queued, Waiting
-from quantlab.store import CheckpointStore, EventLog, LockHeld, StateError, StateStore, read_plan, write_plan
+from quantlab.core.memory import HostClock, Launched, Memory, Placement
+from quantlab.core.plan import ACTIONS, Action, Adopt, Blocked, Note, Plan, Queued, Waiting
+from quantlab.edges.store import CheckpointStore, EventLog, LockHeld, StateError, StateStore, read_plan, write_plan
 
 HELPER_PATH = Path(__file__).resolve().parents[1] / "helpers" / "state_child.py"
 _spec = importlib.util.spec_from_file_location("quantlab_test_state_child", HELPER_PATH)
@@ -782,7 +782,7 @@ def test_a_checkpoint_from_a_host_is_checked_before_it_is_kept():
     import base64
     import zlib
 
-    from quantlab.store import CHECKPOINT_EXPANDED_CAP, checked_checkpoint
+    from quantlab.edges.store import CHECKPOINT_EXPANDED_CAP, checked_checkpoint
 
     def packed(files: dict[str, bytes], **extra) -> dict:
         return {"files": {k: base64.b64encode(zlib.compress(v)).decode() for k, v in files.items()}, "t": 1, **extra}
@@ -809,8 +809,8 @@ def test_a_checkpoint_from_a_host_is_checked_before_it_is_kept():
 def test_a_plan_file_with_an_unknown_cause_is_refused(tmp_path):
     """Causes are a closed set: execute and the guards decide by them, so a plan file naming one this
     release does not know is refused, never carried out by guesswork (as Terraform's planfile decoder)."""
-    from quantlab.plan import Action, Plan
-    from quantlab.store import StateError, read_plan, write_plan
+    from quantlab.core.plan import Action, Plan
+    from quantlab.edges.store import StateError, read_plan, write_plan
 
     path = tmp_path / "next.plan.json"
     write_plan(path, Plan(actions=(Action("stop", "a", "removed", "removed", worker="w", epoch=1),)))

@@ -16,15 +16,15 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from quantlab import snapshot
-from quantlab.execute import Outcome
-from quantlab.fleetfiles import load_fleet
-from quantlab.memory import Launched, Memory, Placement
-from quantlab.observed import Instance, ObservedState, WorkerState
-from quantlab.plan import Action
-from quantlab.snapshot import SnapshotFile
-from quantlab.status import fleet_status
-from quantlab.web.server import Source, make_server
+from quantlab.edges import snapshot
+from quantlab.edges.execute import Outcome
+from quantlab.edges.fleetfiles import load_fleet
+from quantlab.core.memory import Launched, Memory, Placement
+from quantlab.core.observed import Instance, ObservedState, WorkerState
+from quantlab.core.plan import Action
+from quantlab.edges.snapshot import SnapshotFile
+from quantlab.core.status import fleet_status
+from quantlab.face.web.server import Source, make_server
 from tests.integration.harness import FleetDir
 from tests.web.pagekit import cell, click_strategy, text
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .clock import Clock
-from .host.agent.qlagent.protocol import FOLLOWED_TERM, instance_key, lease_proof
+from quantlab.host.agent.qlagent.protocol import FOLLOWED_TERM, instance_key, lease_proof
 from .hosts import AgentError, HostKey, Hosts
-from .memory import HostClock, Memory
-from .observed import Instance, ObservedState, WorkerState
-from .spec import Fleet, WorkerSpec
+from quantlab.core.memory import HostClock, Memory
+from quantlab.core.observed import Instance, ObservedState, WorkerState
+from quantlab.core.spec import Fleet, WorkerSpec
 
 STRATEGY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 # How far two machines' clock rates may differ (1000 ppm, ten times a free-running quartz): the

@@ -11,12 +11,12 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from .execute import Outcome, Progress
-from .gather import Gathered
-from .plan import Action, Plan
-from .planner import PlanOptions
-from .spec import Fleet
-from .store import StateError
+from quantlab.edges.execute import Outcome, Progress
+from quantlab.edges.gather import Gathered
+from quantlab.core.plan import Action, Plan
+from quantlab.core.planner import PlanOptions
+from quantlab.core.spec import Fleet
+from quantlab.edges.store import StateError
 
 if TYPE_CHECKING:
     from .controller import ApplyResult, Controller

@@ -14,8 +14,8 @@ import stat
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .spec import Fleet, FleetInvalid, Problem
-from .spec.loader import (
+from quantlab.core.spec import Fleet, FleetInvalid, Problem
+from quantlab.core.spec.loader import (
     LFS_MESSAGE,
     MAX_FILE_BYTES,
     YAML_SUFFIXES,

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from .atomicfile import MiB, read_regular
-from .host.agent.qlagent.protocol import EXIT_MISSING, FENCED_COMMANDS, answer_problem
-from .spec import Fleet, StrategySpec, WorkerSpec
+from quantlab.host.agent.qlagent.protocol import EXIT_MISSING, FENCED_COMMANDS, answer_problem
+from quantlab.core.spec import Fleet, StrategySpec, WorkerSpec
 from .transport.base import Completed, Transport, TransportError
 
 STRATEGY_FILE_CAP = 16 * MiB   # the loader refuses larger strategy files

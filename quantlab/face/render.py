@@ -12,8 +12,8 @@ from typing import Any
 
 from rich.markup import escape as _markup_escape
 
-from .follow import Source
-from .plan import Action, Plan
+from quantlab.edges.follow import Source
+from quantlab.core.plan import Action, Plan
 
 # C0 controls but tab and newline, DEL, C1 controls (0x9b is CSI to some terminals), the
 # bidirectional overrides that reorder what is shown, and lone surrogates (which cannot be printed).
@@ -66,31 +66,6 @@ def action_line(a: Action, width: int = 16) -> str:
             f"{_col(where, 24)} [dim]{escape(a.reason)}[/]")
 
 
-def not_answering(workers: list[str], shown: int = 5) -> str:
-    """"2 not answering: w3, w7" (the first few named: the fix is on those hosts)."""
-    names = ", ".join(workers[:shown]) + (f" and {len(workers) - shown} more" if len(workers) > shown else "")
-    return f"{len(workers)} not answering: {names}"
-
-
-def plan_summary(plan: Plan) -> str:
-    counts = plan.counts()
-    verbs = {"start": "to start", "restart": "to restart", "move": "to move", "stop": "to stop",
-             "pause": "to pause", "resume": "to resume"}
-    parts = [f"{counts[k]} {v}" for k, v in verbs.items() if counts[k]]
-    extra = []
-    if plan.queued:
-        extra.append(f"{len(plan.queued)} queued")
-    if plan.waiting:
-        extra.append(f"{len(plan.waiting)} waiting")
-    held = sum(len(b.actions) for b in plan.blocked)
-    if held:
-        extra.append(f"{held} blocked")
-    if plan.notes:
-        extra.append(f"{len(plan.notes)} note{'s' if len(plan.notes) != 1 else ''}")
-    head = "Plan: " + ", ".join(parts) + "." if parts else "No changes."
-    return head + (" " + ", ".join(extra) + "." if extra else "")
-
-
 def plan_lines(plan: Plan, header: str | None = None) -> list[str]:
     """The plan as Terraform-like lines: one per action with its reason, then what cannot happen yet."""
     names = [a.strategy for a in plan.actions] + [q.strategy for q in plan.queued] + \
@@ -118,14 +93,14 @@ def plan_lines(plan: Plan, header: str | None = None) -> list[str]:
         lines.append(f"  [yellow]note     [/] [bold]{_col(n.strategy, width)}[/]{escape(where)}: {escape(n.note)}")
     if lines and lines[-1] != "":
         lines.append("")
-    lines.append(f"[bold]{escape(plan_summary(plan))}[/]")
+    lines.append(f"[bold]{escape(plan.summary())}[/]")
     return lines
 
 
 # --- status --------------------------------------------------------------------------------------
 
 def _age(ms: int | None) -> str:
-    from .health import format_duration
+    from quantlab.core.health import format_duration
     return "—" if ms is None else format_duration(ms / 1000)
 
 

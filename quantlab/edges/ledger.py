@@ -15,7 +15,7 @@ import threading
 from typing import Callable, Iterator
 
 from .clock import Clock
-from .memory import Memory
+from quantlab.core.memory import Memory
 from .statebackend import StatePort
 from .store import StateConflict, StateError
 

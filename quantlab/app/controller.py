@@ -23,28 +23,28 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterator
 
-from . import health
-from .clock import Clock
-from .follow import load_working_tree
-from .execute import Executor, Outcome, Progress, Recorder, outcome_notices
-from .checkpoints import copy_round, wanted as checkpoints_wanted
-from .gather import Gathered, Prober, gather, remember_into, renewals
-from .hosts import AgentError, Hosts
-from .transport.base import TransportError
-from .leadership import inherited_leases_end_at, next_term
-from .ledger import Ledger
-from .observed import ObservedState
-from .memory import Memory, address_key
-from .notify import Notifier
-from .plan import Action, Plan
-from .planner import PlanOptions, UnknownTarget, plan as make_plan
-from . import snapshot
-from .snapshot import Counters, SnapshotWriter
-from .spec import Fleet, FleetInvalid, FleetSettings, Location, WorkerSpec
-from .status import fleet_status
-from .statebackend import CheckpointsPort, EventsPort, SnapshotsPort, StateBackend, StatePort, open_backend
-from .store import StateError
-from .vcs import tracked_by_git
+from quantlab.core import health
+from quantlab.edges.clock import Clock
+from quantlab.edges.follow import load_working_tree
+from quantlab.edges.execute import Executor, Outcome, Progress, Recorder, outcome_notices
+from quantlab.edges.checkpoints import copy_round, wanted as checkpoints_wanted
+from quantlab.edges.gather import Gathered, Prober, gather, remember_into, renewals
+from quantlab.edges.hosts import AgentError, Hosts
+from quantlab.edges.transport.base import TransportError
+from quantlab.core.leadership import inherited_leases_end_at, next_term
+from quantlab.edges.ledger import Ledger
+from quantlab.core.observed import ObservedState
+from quantlab.core.memory import Memory, address_key
+from quantlab.edges.notify import Notifier
+from quantlab.core.plan import Action, Plan
+from quantlab.core.planner import PlanOptions, UnknownTarget, plan as make_plan
+from quantlab.edges import snapshot
+from quantlab.edges.snapshot import Counters, SnapshotWriter
+from quantlab.core.spec import Fleet, FleetInvalid, FleetSettings, Location, WorkerSpec
+from quantlab.core.status import fleet_status
+from quantlab.edges.statebackend import CheckpointsPort, EventsPort, SnapshotsPort, StateBackend, StatePort, open_backend
+from quantlab.edges.store import StateError
+from quantlab.edges.vcs import tracked_by_git
 
 
 # How long the checkpoint of a strategy removed from the fleet is kept, in case it is added back.
@@ -863,7 +863,7 @@ class Controller:
         """Into the events log; a log that cannot be written is said once, and stops nothing. What
         hosts and strategies said (an error naming the proxy it trades through) goes in without
         credentials."""
-        from .redact import redact_json
+        from quantlab.core.redact import redact_json
 
         if not self.events.append(redact_json(event)) and self.events.failure != self._events_failure_said:
             self.log(f"warning: {self.events.failure}; history is not recorded until it is fixed")

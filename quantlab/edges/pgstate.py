@@ -22,9 +22,9 @@ import uuid
 from dataclasses import replace
 from typing import Any, Iterator
 
-from .leadership import LeaseRow
+from quantlab.core.leadership import LeaseRow
 from .snapshot import FORMAT as SNAPSHOT_FORMAT
-from .memory import Memory, MemoryFormatError
+from quantlab.core.memory import Memory, MemoryFormatError
 from .store import LockHeld, StateConflict, StateError, event_problem
 
 SCHEMA_VERSION = 3

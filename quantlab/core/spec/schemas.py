@@ -19,7 +19,7 @@ SCHEMA_FILES = ("strategy.schema.json", "worker.schema.json", "fleet.schema.json
 def schema_folder() -> Any:
     # A source checkout (and an editable install) reads the top-level schemas/ folder; a wheel
     # carries the same files as the package data `quantlab.schemas`.
-    checkout = Path(__file__).resolve().parents[2] / "schemas"
+    checkout = Path(__file__).resolve().parents[3] / "schemas"
     return checkout if checkout.is_dir() else resources.files("quantlab.schemas")
 
 

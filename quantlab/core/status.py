@@ -14,6 +14,12 @@ _STATUS_OF = {"running": "running", "paused": "paused", "starting": "pending", "
               "stopping": "running", "orphaned": "running", "error": "error", "stopped": "stopped"}
 
 
+def not_answering(workers: list[str], shown: int = 5) -> str:
+    """"2 not answering: w3, w7" (the first few named: the fix is on those hosts)."""
+    names = ", ".join(workers[:shown]) + (f" and {len(workers) - shown} more" if len(workers) > shown else "")
+    return f"{len(workers)} not answering: {names}"
+
+
 def _instance(observed: ObservedState, worker: str | None, sid: str) -> Instance | None:
     state = observed.worker(worker) if worker else None
     if state is None or not state.reachable:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import SplitResult, unquote, urlsplit
 
-from .redact import redact_json
-from .spec import NotifySettings
+from quantlab.core.redact import redact_json
+from quantlab.core.spec import NotifySettings
 
 # Kinds that are alerts (told once when raised, once when they clear): kept when a queue overflows.
 # (A failover brake is told as a guard-blocked alert.)

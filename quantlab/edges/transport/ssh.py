@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import paramiko
 
-from ..spec import SshSettings
+from quantlab.core.spec import SshSettings
 from .base import Completed, TransportError
 
 KEEPALIVE_S = 15

@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .clock import Clock
-from .leadership import Watch, may_take_over, next_term, observe, still_leads
-from .pgstate import Leadership
-from .spec.models import LEADER_WATCH_S
-from .store import StateError
+from quantlab.edges.clock import Clock
+from quantlab.core.leadership import Watch, may_take_over, next_term, observe, still_leads
+from quantlab.edges.pgstate import Leadership
+from quantlab.core.spec.models import LEADER_WATCH_S
+from quantlab.edges.store import StateError
 
 try:
     import psycopg

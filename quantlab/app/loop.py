@@ -38,19 +38,19 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 from .controller import Controller, quiet_scheduler_logs
-from .execute import Outcome
-from .follow import Follower, source_change
-from .gather import Gathered
-from .gitsource import GitError
+from quantlab.edges.execute import Outcome
+from quantlab.edges.follow import Follower, source_change
+from quantlab.edges.gather import Gathered
+from quantlab.edges.gitsource import GitError
 from .handover import serve_handed_plans
 from .leader import Change, Leader, describe_db_error
-from .plan import SOURCE_CHANGE, Plan
-from .planner import PlanOptions
-from .render import not_answering, plan_summary
-from .memory import Memory
-from .spec import Fleet, FleetInvalid, FleetSettings
-from .spec.models import LEADER_WATCH_S
-from .store import LockHeld, StateError
+from quantlab.core.status import not_answering
+from quantlab.core.plan import SOURCE_CHANGE, Plan
+from quantlab.core.planner import PlanOptions
+from quantlab.core.memory import Memory
+from quantlab.core.spec import Fleet, FleetInvalid, FleetSettings
+from quantlab.core.spec.models import LEADER_WATCH_S
+from quantlab.edges.store import LockHeld, StateError
 
 
 @dataclass
@@ -301,7 +301,7 @@ class ReconcileLoop:
                                      for n in plan.notes) or None)
         unrecorded = self.ctl.events.failure
         message = (f"probed {len(gathered.observed.workers)} workers in {gathered.seconds:.2f}s"
-                   f"{f' ({not_answering(down)})' if down else ''}; {plan_summary(plan)}"
+                   f"{f' ({not_answering(down)})' if down else ''}; {plan.summary()}"
                    f"{f' {len(failed)} failed.' if failed else ''}{f' {unrecorded}.' if unrecorded else ''}")
         return self._done(started, not failed and not plan.refused and not unrecorded, message, outcomes)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .atomicfile import atomic_write
-from .memory import Memory
-from .plan import Plan
+from quantlab.core.memory import Memory
+from quantlab.core.plan import Plan
 
 if TYPE_CHECKING:
     from .execute import Outcome

@@ -15,15 +15,15 @@ from typing import Any, Callable, Literal
 
 from .clock import Clock
 from .gather import not_after
-from .health import lease_surely_expired_at
-from .host.agent.qlagent.protocol import instance_key
+from quantlab.core.health import lease_surely_expired_at
+from quantlab.host.agent.qlagent.protocol import instance_key
 from .hosts import RUNNER_PATH, AgentError, HostKey, Hosts, host_key, strategy_remote_path
 from .ledger import Ledger
-from .memory import Launched, Memory, Placement, launch_salt
-from .observed import ObservedState
-from .plan import Action, Plan
-from .redact import fleet_secrets, redact_json, redact_text, seal_launch
-from .spec import Fleet, StrategySpec, WorkerSpec, worker_launch
+from quantlab.core.memory import Launched, Memory, Placement, launch_salt
+from quantlab.core.observed import ObservedState
+from quantlab.core.plan import Action, Plan
+from quantlab.core.redact import fleet_secrets, redact_json, redact_text, seal_launch
+from quantlab.core.spec import Fleet, StrategySpec, WorkerSpec, worker_launch
 from .statebackend import CheckpointsPort, EventsPort
 from .store import StateError, checked_checkpoint
 from .transport.base import TransportError

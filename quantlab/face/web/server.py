@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from ..atomicfile import MiB, NotARegularFile, describe_kind, read_regular
-from ..planner import UnknownTarget
-from ..store import event_problem
+from quantlab.edges.atomicfile import MiB, NotARegularFile, describe_kind, read_regular
+from quantlab.core.planner import UnknownTarget
+from quantlab.edges.store import event_problem
 from . import metrics
 
 STATIC = {"/": ("page.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -202,7 +202,7 @@ class Handler(BaseHTTPRequestHandler):
         path, query = url.path, parse_qs(url.query)
         if path in STATIC:
             name, kind = STATIC[path]
-            self._send(HTTPStatus.OK, resources.files("quantlab.web").joinpath("static", name).read_bytes(), kind)
+            self._send(HTTPStatus.OK, resources.files("quantlab.face.web").joinpath("static", name).read_bytes(), kind)
             return
         if path == "/healthz":
             self._send(HTTPStatus.OK, b"ok\n", "text/plain")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .spec.schemas import SCHEMA_FILES, schema_folder
+from quantlab.core.spec.schemas import SCHEMA_FILES, schema_folder
 
 
 class FleetExists(Exception):

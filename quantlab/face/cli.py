@@ -16,19 +16,19 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import render
-from .atomicfile import NotARegularFile, atomic_write, check_replaceable
-from .controller import Controller, default_fleet_dir, default_state_path
-from .execute import Outcome
-from .explain import outcome, verdicts
-from .hosts import AgentError
-from .plan import Action, Plan
-from .planner import PlanOptions, UnknownTarget
-from .redact import fleet_secrets, redact_json, redact_lines, redact_url
-from .spec import Fleet, FleetInvalid, FleetSettings
-from .status import fleet_status, unhealthy
-from .statebackend import NotShared
-from .store import LockHeld, StateError, event_problem, read_plan, write_plan
-from .transport.base import TransportError
+from quantlab.edges.atomicfile import NotARegularFile, atomic_write, check_replaceable
+from quantlab.app.controller import Controller, default_fleet_dir, default_state_path
+from quantlab.edges.execute import Outcome
+from quantlab.core.explain import outcome, verdicts
+from quantlab.edges.hosts import AgentError
+from quantlab.core.plan import Action, Plan
+from quantlab.core.planner import PlanOptions, UnknownTarget
+from quantlab.core.redact import fleet_secrets, redact_json, redact_lines, redact_url
+from quantlab.core.spec import Fleet, FleetInvalid, FleetSettings
+from quantlab.core.status import fleet_status, not_answering, unhealthy
+from quantlab.edges.statebackend import NotShared
+from quantlab.edges.store import LockHeld, StateError, event_problem, read_plan, write_plan
+from quantlab.edges.transport.base import TransportError
 
 app = typer.Typer(
     name="quantlab",
@@ -196,7 +196,7 @@ def _header(ctl: Controller, fleet: Fleet, plan: Plan, observed: Any, memory: An
     if loop is not None:       # what goes live is what the loop applies, not this working tree
         at += f" · the loop applies {loop.get('ref')} at {loop.get('revision')}"
     down = sorted(wid for wid, s in observed.workers.items() if not s.reachable)
-    workers = f"{len(fleet.workers)} workers" + (f" ({render.not_answering(down)})" if down else "")
+    workers = f"{len(fleet.workers)} workers" + (f" ({not_answering(down)})" if down else "")
     header = (f"Fleet {escape(str(ctl.fleet_dir))}/ {at} · {workers} · {len(fleet.strategies)} strategies · "
               f"state serial {serial}")
     # Say why each silent worker did not answer (refused, timed out, host key...): the plan's
@@ -476,9 +476,9 @@ def reconcile(
     allow_host: AllowHostOpt = None,
 ) -> None:
     """Gather, plan and apply: once, or every reconcile.intervalSeconds until SIGINT/SIGTERM."""
-    from .follow import Follower
-    from .gitsource import GitError
-    from .loop import ReconcileLoop
+    from quantlab.edges.follow import Follower
+    from quantlab.edges.gitsource import GitError
+    from quantlab.app.loop import ReconcileLoop
     from .web.server import ServeRefused, parse_listen
 
     if serve_at is not None:
@@ -597,8 +597,8 @@ def serve(
 def _leader_for_loop(ctl: Controller, follower: Any) -> Any:
     """With PostgreSQL, a daemon leads only while it holds the leadership row: this process's side
     of it. The fleet's lease must then also cover a takeover (see `validate`)."""
-    from .gitsource import GitError
-    from .leader import Leader
+    from quantlab.edges.gitsource import GitError
+    from quantlab.app.leader import Leader
 
     try:
         settings = follower.load().settings
@@ -815,7 +815,7 @@ app.add_typer(leader_app, name="leader")
 
 
 def _leadership(ctl: Controller, command: str) -> Any:
-    from .leader import Leader
+    from quantlab.app.leader import Leader
     try:
         return ctl.backend.leadership(Leader.name(command))
     except NotShared as exc:

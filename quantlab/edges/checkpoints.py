@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .hosts import AgentError, HostKey, Hosts
-from .memory import Memory
-from .spec import Fleet, WorkerSpec
+from quantlab.core.memory import Memory
+from quantlab.core.spec import Fleet, WorkerSpec
 from .statebackend import CheckpointsPort
 from .store import checked_checkpoint
 from .transport.base import TransportError

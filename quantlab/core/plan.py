@@ -240,6 +240,25 @@ class Plan:
             out[a.action] += 1
         return out
 
+    def summary(self) -> str:
+        """"Plan: 1 to start, 2 to stop. 1 queued." or "No changes." (the one-line form of the plan)."""
+        counts = self.counts()
+        verbs = {"start": "to start", "restart": "to restart", "move": "to move", "stop": "to stop",
+                 "pause": "to pause", "resume": "to resume"}
+        parts = [f"{counts[k]} {v}" for k, v in verbs.items() if counts[k]]
+        extra = []
+        if self.queued:
+            extra.append(f"{len(self.queued)} queued")
+        if self.waiting:
+            extra.append(f"{len(self.waiting)} waiting")
+        held = sum(len(b.actions) for b in self.blocked)
+        if held:
+            extra.append(f"{held} blocked")
+        if self.notes:
+            extra.append(f"{len(self.notes)} note{'s' if len(self.notes) != 1 else ''}")
+        head = "Plan: " + ", ".join(parts) + "." if parts else "No changes."
+        return head + (" " + ", ".join(extra) + "." if extra else "")
+
     def with_provenance(self, **fields: Any) -> "Plan":
         return replace(self, **fields)
 

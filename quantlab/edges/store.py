@@ -27,8 +27,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from .atomicfile import MiB, NotARegularFile, atomic_write, describe_kind, fsync_dir, read_regular
-from .memory import Memory, MemoryFormatError
-from .plan import Plan
+from quantlab.core.memory import Memory, MemoryFormatError
+from quantlab.core.plan import Plan
 
 STATE_CAP_BYTES = 256 * MiB     # ~10,000 placements take a few MiB
 WRITE_WAIT_S = 10.0             # a write lock is held for milliseconds; longer means a stuck process

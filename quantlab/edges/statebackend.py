@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ContextManager, Iterator, Protocol
 
-from .memory import Memory
+from quantlab.core.memory import Memory
 from .snapshot import SnapshotFile
 from .store import CheckpointStore, EventLog, StateError, StateStore
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .gitsource import GitError, Mirror, Pulled, Repo, Checkouts
 from .fleetfiles import load_fleet
-from .spec import Fleet, FleetInvalid
+from quantlab.core.spec import Fleet, FleetInvalid
 from .vcs import fleet_revision
 
 
