@@ -18,8 +18,11 @@ from quantlab.core.planner import PlanOptions
 from quantlab.core.spec import Fleet
 from quantlab.edges.store import StateError
 
+from .applying import ApplyResult, PlanChanged
+from .leader import LeadHeld
+
 if TYPE_CHECKING:
-    from .controller import ApplyResult, Controller
+    from .controller import Controller
 
 POLL_S = 0.25
 
@@ -35,8 +38,7 @@ def _options(raw: dict[str, Any]) -> PlanOptions:
 
 
 def _keys(plan: Plan) -> Any:
-    from .controller import _action_keys
-    return json.loads(json.dumps(_action_keys(plan)))
+    return json.loads(json.dumps(plan.decision_keys()))     # as they come back from the database
 
 
 def wait_seconds(fleet: Fleet, plan: Plan) -> float:
@@ -46,11 +48,27 @@ def wait_seconds(fleet: Fleet, plan: Plan) -> float:
     return 2 * settings.reconcile_interval_s + settings.probe_deadline_s + 10.0 + per_action * len(plan.actions)
 
 
+def apply_or_hand_over(ctl: "Controller", options: PlanOptions, *, saved: Plan | None = None,
+                       shown: Callable[[Fleet, Plan, Gathered], None] | None = None,
+                       confirm: Callable[[Plan], bool] | None = None, progress: Progress | None = None,
+                       lock_timeout: float = 0.0) -> ApplyResult:
+    """A person's `apply`: carried out here, or — when a reconcile daemon leads a PostgreSQL state —
+    made and confirmed here and handed to the leader to carry out."""
+    fleet = ctl.load_fleet()
+    try:
+        return ctl.apply(options, fleet=fleet, saved=saved, shown=shown, confirm=confirm, progress=progress,
+                         lock_timeout=lock_timeout)
+    except LeadHeld as held:
+        if saved is not None:
+            raise StateError(f"{held}: a saved plan cannot be handed to it (the state changes every "
+                             "round). Run `quantlab apply` without a plan file, or `quantlab leader "
+                             "step-down` first") from None
+        return apply_through_leader(ctl, options, fleet, str(held), shown, confirm, progress)
+
+
 def apply_through_leader(ctl: "Controller", options: PlanOptions, fleet: Fleet, held: str,
                          shown: Callable[[Fleet, Plan, Gathered], None] | None,
-                         confirm: Callable[[Plan], bool] | None, progress: Progress | None) -> "ApplyResult":
-    from .controller import ApplyResult, PlanChanged, _basis
-
+                         confirm: Callable[[Plan], bool] | None, progress: Progress | None) -> ApplyResult:
     memory = ctl.read_memory(fleet)
     fleet = ctl.with_leaving(fleet, memory)
     gathered = ctl.observe(fleet, memory)
@@ -65,7 +83,7 @@ def apply_through_leader(ctl: "Controller", options: PlanOptions, fleet: Fleet, 
         return ApplyResult(fleet, plan, gathered, cancelled=True)
     wait_s = wait_seconds(fleet, plan)
     requests = ctl.backend.plan_requests()
-    body = {"plan": plan.to_json(), "options": _options_json(options), "basis": _basis(memory),
+    body = {"plan": plan.to_json(), "options": _options_json(options), "basis": memory.placement_basis(),
             "fleetHash": fleet.fleet_hash, "keys": _keys(plan), "waitSeconds": wait_s}
     request = requests.submit(ctl.actor("apply"), body)
     deadline = time.monotonic() + wait_s
@@ -101,14 +119,12 @@ def apply_through_leader(ctl: "Controller", options: PlanOptions, fleet: Fleet, 
 def serve_handed_plans(ctl: "Controller", fleet: Fleet, gathered: Gathered, lock_timeout: float) -> int:
     """The leader's side, at the start of an act round: carry out each plan handed over, if it is
     not stale, and answer with the outcomes (or why not). How many were carried out."""
-    from .controller import _basis
-
     requests = ctl.backend.plan_requests()
     carried = 0
     while (taken := requests.take()) is not None:
         request, by, body = taken
         try:
-            answer = _carry_out(ctl, fleet, gathered, by, body, lock_timeout, _basis)
+            answer = _carry_out(ctl, fleet, gathered, by, body, lock_timeout)
         except StateError as exc:
             answer = {"refused": str(exc)}
         except (KeyError, TypeError, ValueError) as exc:
@@ -121,14 +137,14 @@ def serve_handed_plans(ctl: "Controller", fleet: Fleet, gathered: Gathered, lock
 
 
 def _carry_out(ctl: "Controller", fleet: Fleet, gathered: Gathered, by: str, body: dict[str, Any],
-               lock_timeout: float, basis: Callable[[Any], str]) -> dict[str, Any]:
+               lock_timeout: float) -> dict[str, Any]:
     if body["fleetHash"] != fleet.fleet_hash:
         return {"refused": f"the plan was made from other fleet files than the leader applies "
                            f"({fleet.revision or 'its working tree'}): commit and push for the loop to apply them"}
     ttl = fleet.settings.monitor.lease_ttl_s
     with ctl.ledger.hold(ttl, lock_timeout, f"quantlab apply (handed over by {by})"):
         memory = ctl.ledger.memory
-        if basis(memory) != body["basis"]:
+        if memory.placement_basis() != body["basis"]:
             return {"refused": "another run placed, moved or stopped strategies since the plan was made"}
         leaving = ctl.with_leaving(fleet, memory)
         fresh = ctl.plan(leaving, memory, gathered, _options(body["options"]))

@@ -15,7 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import contextlib
+from typing import Any, Iterator
+
+from quantlab.core.spec import Fleet, FleetSettings
+from quantlab.core.leadership import inherited_leases_end_at
+from quantlab.edges.gather import Gathered
 from quantlab.edges.clock import Clock
+from .timers import every
 from quantlab.core.leadership import Watch, may_take_over, next_term, observe, still_leads
 from quantlab.edges.pgstate import Leadership
 from quantlab.core.spec.models import LEADER_WATCH_S
@@ -187,3 +194,134 @@ class LeaseRowSeen:
 
     def words(self) -> str:
         return f"{self.holder} leads (term {self.term}) and renews its lead"
+
+
+class LeadHeld(StateError):
+    """Another process leads this PostgreSQL state: an `apply` hands its plan to it when it is a
+    reconcile daemon, and refuses otherwise (another `apply` leads for its run)."""
+
+    def __init__(self, message: str, daemon: bool):
+        super().__init__(message)
+        self.daemon = daemon
+
+
+class Leading:
+    """The controller's side of the leadership: the fencing token it sends, whether it may act, a
+    run that leads for its duration, and what a new term inherits."""
+
+    def defers_writes(self) -> bool:
+        """A PostgreSQL leader whose database is away keeps renewing from what it holds, for as long
+        as it may lead (its leadership lease): whatever lease it grants meanwhile ends before a standby
+        can start anything elsewhere (see took_over). Acting waits for the database."""
+        return self.backend.shared and self.leader is not None and self.leader.leading()
+
+    def fence(self) -> dict[str, Any] | None:
+        """The fencing token the commands to the hosts carry: this state's lineage and the term this
+        process acts in — the file's, or the PostgreSQL leader's (none while it does not lead: then
+        its probes only ask, and its other commands are not checked, like an emergency stop-all)."""
+        memory = self.ledger.known
+        lineage = memory.lineage if memory is not None else self._lineage
+        if lineage is None:
+            return None
+        if not self.backend.shared:
+            term: int | None = memory.term if memory is not None else None
+        else:
+            # A deposed leader still carries its last term: the hosts a newer one reached refuse it.
+            term = self.leader.last_term if self.leader is not None else None
+        return {"lineage": lineage, "term": term}
+
+    def may_act(self) -> str | None:
+        """Why this process must not start, stop or move anything now, or None (checked before each
+        action: a leader that lost its lead mid-plan stops there)."""
+        if self.leader is None or self.leader.leading():
+            return None
+        return "not done: this controller does not lead any more (its leadership lease ran out or another took over)"
+
+    def follow_host_terms(self, gathered: Gathered) -> None:
+        """A host that has seen a term of this state above ours refuses us. With the file, that is a
+        state restored from a backup or left behind by `state push` (which then refuses to be read
+        again): the file goes on in a term above. A PostgreSQL leader does the same in its row."""
+        seen = sorted(set(gathered.fences.values()))
+        if not seen:
+            return
+        if not self.backend.shared:
+            if seen[-1] > self.ledger.memory.term:
+                new = next_term(self.ledger.memory.term, seen)
+                self.ledger.update(lambda m: setattr(m, "term", max(m.term, new)))
+                self.log(f"controller term is now {new}: a host had seen term {seen[-1]} of this state "
+                         f"(restored from a backup, or pushed elsewhere and back)")
+            return
+        if self.leader is not None:
+            change = self.leader.raise_term(seen)
+            if change is not None:
+                self.leader_changed(change)
+
+    def leader_changed(self, change: Any) -> None:
+        """Say and record a change of this process's lead (leader.Change)."""
+        words = {"took": "took the lead", "deposed": "lost the lead", "stepped-down": "stepped down",
+                 "raised": "leads on"}[change.kind]
+        self.log(f"{words} in term {change.term}: {change.detail}")
+        if change.kind in ("took", "raised"):
+            self.ledger.update(lambda m: setattr(m, "term", max(m.term, change.term)))
+        self.record_event({"t": self.clock.wall(), "event": "leader", "change": change.kind, "term": change.term,
+                           "actor": self.leader.table.name if self.leader is not None else self.actor("reconcile"),
+                           "detail": f"{words} in term {change.term}: {change.detail}"})
+
+    def took_over(self, change: Any, settings: FleetSettings) -> None:
+        """A new term. The previous leader's sessions lose the state locks (it does not lead any more,
+        whatever its connection still holds). Every lease the previous term may have granted counts as
+        running until leadership.inherited_leases_end_at: nothing starts elsewhere before those are
+        surely over."""
+        ended = self.backend.break_locks()
+        if ended:
+            self.log(f"ended {ended} session(s) of the previous leader that still held the state's locks")
+        memory = self.ledger.refresh(settings.monitor.lease_ttl_s)
+        until = inherited_leases_end_at(self.clock.mono(), settings.monitor.lease_ttl_s, settings.probe_deadline_s,
+                                        settings.ssh.connect_timeout_s)
+        workers = set(memory.leases) | {p.worker for p in memory.placements.values()}
+        self.ledger.extend_leases({w: until for w in workers})
+        self.leader_changed(change)
+
+    @contextlib.contextmanager
+    def lead_for_run(self, fleet: Fleet, command: str) -> Iterator[None]:
+        """With PostgreSQL, `apply` leads for its run (see Leader.take_for_run), renewing the lead on
+        a timer of its own, also while a person confirms; LeadHeld when a daemon leads. The file's
+        state lock is all the file needs."""
+        if not self.backend.shared or self.leader is not None:
+            yield
+            return
+        leader = Leader(self.backend.leadership(Leader.name(f"quantlab {command}")), self.clock,
+                        fleet.settings.leader_lease)
+        looked = self.observe(fleet, self.read_memory(fleet))
+        taken = leader.take_for_run(lambda: self.read_memory(None).term, list(looked.fences.values()))
+        if not isinstance(taken, Change):
+            raise LeadHeld(taken.words(), taken.daemon)
+        self.leader = leader
+        try:
+            self.took_over(taken, fleet.settings)
+            with self.keep_lead(fleet, renew_leases=True):
+                yield
+        finally:
+            change = leader.step_down()
+            self.leader = None
+            if change is not None:
+                self.log(f"stepped down from term {change.term}")
+
+    @contextlib.contextmanager
+    def keep_lead(self, fleet: Fleet, renew_leases: bool) -> Iterator[None]:
+        """While a run that leads (`apply`, `reconcile --once`) works or waits for a person: its own
+        timer renews the lead every interval, and with `renew_leases` the strategies' leases too (no
+        daemon does meanwhile: they stand by)."""
+        leader = self.leader
+
+        def job() -> None:
+            try:
+                change = leader.renew()
+                if change is not None:
+                    self.leader_changed(change)
+                if renew_leases and leader.leading():
+                    self.renew(fleet)
+            except Exception as exc:  # noqa: BLE001 - the database is away; leading() runs out on its own
+                self.log(f"renewing the lead failed: {describe_db_error(exc)}")
+        with every(fleet.settings.reconcile_interval_s, job, name="lead"):
+            yield

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
-from .controller import Controller, quiet_scheduler_logs
+from .controller import Controller
+from .timers import quiet_scheduler_logs
 from quantlab.edges.execute import Outcome
 from quantlab.edges.follow import Follower, source_change
 from quantlab.edges.gather import Gathered

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from .redact import seal_launch
+from .spec.models import Location, WorkerSpec
 
 FORMAT_VERSION = 2
 # Written instead of 2 while something is suspended: the previous release reads version 2 and would
@@ -302,6 +304,13 @@ class Memory:
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise MemoryFormatError(f"malformed state: {exc!r}") from exc
 
+    def placement_basis(self) -> str:
+        """What a plan's actions depend on in the state: where each copy is meant to run, and the
+        epochs and cursor the plan moves forward. Renewals and answers do not change it (a plan a
+        person confirmed is carried out only if this is still the same)."""
+        return json.dumps([self.lineage, {s: p.to_json() for s, p in self.placements.items()},
+                           self.next_epoch, self.rr_cursor], sort_keys=True)
+
     def foreign_to(self, name: str | None, strategies: set[str], workers: set[str],
                    addresses: set[tuple[Any, ...]]) -> str | None:
         """Why this state belongs to another fleet than the one named `name`, with these strategy and
@@ -347,6 +356,14 @@ class Memory:
         m.clock_boot = boot_id
         m.saved_at = now_ms
         return m
+
+
+def remembered_worker(wid: str, address: dict[str, Any], leaving: bool = False) -> WorkerSpec:
+    """A worker as the state remembers it (how to reach it, nothing it may run)."""
+    return WorkerSpec(id=wid, host=address["host"], port=address.get("port"), user=address.get("user"),
+                      workdir=address.get("workdir"), runner=(address.get("program") or "node",),
+                      max_strategies=0, supported_apis=frozenset(), source=Location("state", 0),
+                      cordoned=leaving, drain=leaving, leaving=leaving)
 
 
 def _sealed(placements: dict[str, Placement], lineage: str | None) -> dict[str, Placement]:

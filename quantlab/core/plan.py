@@ -240,6 +240,13 @@ class Plan:
             out[a.action] += 1
         return out
 
+    def decision_keys(self) -> list[tuple[Any, ...]]:
+        """The plan's decisions without their words (reasons carry durations that change by the
+        second): two plans with the same keys do the same."""
+        keys: list[tuple[Any, ...]] = [(a.action, a.strategy, a.workers, a.cause, a.epoch, a.spec_hash, a.paused)
+                                       for a in self.actions]
+        return keys + [(b.guard, tuple(a.strategy for a in b.actions)) for b in self.blocked]
+
     def summary(self) -> str:
         """"Plan: 1 to start, 2 to stop. 1 queued." or "No changes." (the one-line form of the plan)."""
         counts = self.counts()

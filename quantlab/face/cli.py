@@ -18,6 +18,7 @@ from rich.markup import escape
 from . import render
 from quantlab.edges.atomicfile import NotARegularFile, atomic_write, check_replaceable
 from quantlab.app.controller import Controller, default_fleet_dir, default_state_path
+from quantlab.app.handover import apply_or_hand_over
 from quantlab.edges.execute import Outcome
 from quantlab.core.explain import outcome, verdicts
 from quantlab.edges.hosts import AgentError
@@ -364,8 +365,8 @@ def apply(
             progress = _ApplyProgress(len(planned[-1].actions) if planned else 0, quiet)
         progress(stage, action, outcome)
     try:
-        done = ctl.apply(options, saved=saved, shown=shown, confirm=None if yes else confirm, progress=report,
-                         lock_timeout=lock_timeout)
+        done = apply_or_hand_over(ctl, options, saved=saved, shown=shown, confirm=None if yes else confirm,
+                                  progress=report, lock_timeout=lock_timeout)
     finally:
         if progress is not None:
             progress.close()

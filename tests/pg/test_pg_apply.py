@@ -44,7 +44,8 @@ def test_apply_while_a_daemon_leads_hands_its_plan_to_the_leader(daemon_fleet, p
 
 def test_a_stale_handed_plan_is_refused_and_nothing_is_done(daemon_fleet, pg_dsn, tmp_path):
     leading_with_room_to_rebalance(daemon_fleet, pg_dsn, tmp_path)
-    from quantlab.app.controller import Controller, PlanChanged, default_state_path
+    from quantlab.app.applying import PlanChanged
+    from quantlab.app.controller import Controller, default_state_path
     from quantlab.core.planner import PlanOptions
     ctl = Controller(daemon_fleet.root, default_state_path(daemon_fleet.root), state_dsn=pg_dsn)
     asked = []

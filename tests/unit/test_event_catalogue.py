@@ -37,7 +37,7 @@ DOC = ROOT / "docs" / "events.md"
 # Where an event name is not a literal: the wrappers every producer goes through (their callers are
 # read instead), and the executor, which records each action under its name (plan.ACTIONS).
 DYNAMIC_EVENTS: dict[tuple[str, str], frozenset[str]] = {
-    ("app/controller.py", "Controller._hold_event"): frozenset(),        # _hold_event("suspended", ...)
+    ("app/holds.py", "Holds._hold_event"): frozenset(),        # _hold_event("suspended", ...)
     ("edges/execute.py", "Executor.finished"): frozenset(ACTIONS),          # rec.event(event=a.action, ...)
     ("host/agent/qlagent/procs.py", "log_event"): frozenset(),       # log_event(idir, "start", ...)
     ("host/agent/qlagent/supervisor.py", "Supervisor.event"): frozenset(),   # self.event("restart", ...)
@@ -46,7 +46,7 @@ DYNAMIC_EVENTS: dict[tuple[str, str], frozenset[str]] = {
 # Where a notice kind is not a literal: the Monitor's kinds for host events (the values of the mapping
 # it looks them up in), raise_alert (its callers are read), and the loop's own alerts (read from its
 # `self._alerts[KIND] = ...`).
-DYNAMIC_NOTICES = {("core/health.py", "watch"), ("app/controller.py", "Controller.raise_alert"),
+DYNAMIC_NOTICES = {("core/health.py", "watch"), ("app/rounds.py", "Rounds.raise_alert"),
                    ("app/loop.py", "ReconcileLoop.act_round")}
 
 
