@@ -19,11 +19,11 @@ import contextlib
 from typing import Any, Iterator
 
 from quantlab.core.spec import Fleet, FleetSettings
-from quantlab.core.leadership import inherited_leases_end_at
 from quantlab.edges.gather import Gathered
 from quantlab.edges.clock import Clock
 from .timers import every
-from quantlab.core.leadership import Watch, may_take_over, next_term, observe, still_leads
+from quantlab.core.leadership import (LeaderKind, Watch, inherited_leases_end_at, may_take_over, next_term,
+                                      observe, still_leads)
 from quantlab.edges.pgstate import Leadership
 from quantlab.core.spec.models import LEADER_WATCH_S
 from quantlab.edges.store import StateError
@@ -109,9 +109,10 @@ class Leader:
         row = self.table.read()
         with self._lock:
             self._watch = observe(self._watch, row, self.clock.mono())
-            return LeaseRowSeen(self._watch.row.holder if self._watch.row else None,
-                                self._watch.row.term if self._watch.row else 0,
-                                may_take_over(self._watch, self.clock.mono()), self._watch.since_ms)
+            row = self._watch.row
+            return LeaseRowSeen(row.holder if row else None, row.term if row else 0,
+                                may_take_over(self._watch, self.clock.mono()), self._watch.since_ms,
+                                row.kind if row else None)
 
     def take(self, state_term: int, host_terms: list[int]) -> Change | None:
         """Take the lead if the row allows it now; the Change when taken. Not for a lease after this
@@ -186,11 +187,12 @@ class LeaseRowSeen:
     term: int
     may_take: bool
     since_ms: int | None          # since when the row has been as it is (changes when it changes)
+    kind: LeaderKind | None = None
 
     @property
     def daemon(self) -> bool:
         """Whether a reconcile daemon holds it (one that carries out plans handed to it)."""
-        return (self.holder or "").startswith("reconcile ")
+        return self.kind == "daemon"
 
     def words(self) -> str:
         return f"{self.holder} leads (term {self.term}) and renews its lead"
@@ -290,7 +292,7 @@ class Leading:
         if not self.backend.shared or self.leader is not None:
             yield
             return
-        leader = Leader(self.backend.leadership(Leader.name(f"quantlab {command}")), self.clock,
+        leader = Leader(self.backend.leadership(Leader.name(f"quantlab {command}"), kind="run"), self.clock,
                         fleet.settings.leader_lease)
         looked = self.observe(fleet, self.read_memory(fleet))
         taken = leader.take_for_run(lambda: self.read_memory(None).term, list(looked.fences.values()))

@@ -10,17 +10,36 @@ the time as an argument.
 - A leader considers itself deposed at the lease duration after the *send* time of its last
   successful renewal, minus a margin (its renewal may have reached the database late, and clocks
   run at slightly different rates).
+- The row says what kind of controller holds it: a reconcile daemon (which carries out the plans an
+  interactive `apply` hands to it) or a run that leads for its duration (`apply`, `reconcile
+  --once`), which an `apply` waits for instead.
 - Each term is a fencing token: a new term is above the row's and above every term a host has
   reported, so a database restored from a backup cannot hand out a term the hosts already refuse.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from .spec.models import LEADER_DEPOSE_MARGIN_S
 
 # A leader gives up this much before its lease could have run out on the database's side.
 DEPOSE_MARGIN_MS = int(LEADER_DEPOSE_MARGIN_S * 1000)
+
+
+LeaderKind = Literal["daemon", "run"]
+LEADER_KINDS: tuple[LeaderKind, ...] = get_args(LeaderKind)
+
+
+def leader_kind(holder: str | None, recorded: str | None) -> LeaderKind | None:
+    """What holds the row (None: nobody). As its holder recorded it; a row taken by an earlier
+    release records no kind, and its holder's label tells it (its daemons were "reconcile pid …")."""
+    if holder is None:
+        return None
+    for kind in LEADER_KINDS:
+        if recorded == kind:
+            return kind
+    return "daemon" if holder.startswith("reconcile ") else "run"
 
 
 @dataclass(frozen=True)
@@ -35,6 +54,8 @@ class LeaseRow:
     # Since the last renewal, on the database's clock, when a renewal of this release set it (None:
     # unknown). Not part of what "unchanged" means: it grows between two reads of the same row.
     age_ms: int | None = field(default=None, compare=False)
+    # Who holds it: see leader_kind (it changes only with the holder).
+    kind: LeaderKind | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,16 @@ def is_cause(value: object) -> TypeGuard[Cause]:
     return isinstance(value, str) and value in CAUSES
 
 
+def is_guard(value: object) -> TypeGuard[Guard]:
+    return isinstance(value, str) and value in GUARDS
+
+
+def _guard(name: str) -> Guard:
+    if not is_guard(name):                                          # a plan file names no guard of its own
+        raise ValueError(f"unknown guard {name!r}")
+    return name
+
+
 @dataclass(frozen=True)
 class Action:
     action: ActionName
@@ -159,9 +169,18 @@ class Waiting:
         return {"strategy": self.strategy, "worker": self.worker, "reason": self.reason, "secondsLeft": left}
 
 
-# The guard name of actions held by `quantlab suspend`: held on purpose, so not a refusal.
-SUSPENDED = "suspended"
-SOURCE_CHANGE = "source-change"
+# What holds planned actions back (Blocked.guard), closed like the actions and causes.
+Guard = Literal[
+    "mass-stop",        # more of the fleet would stop at once than the fleet allows: --allow-mass-stop
+    "failover-brake",   # more failovers at once than the fleet allows (a split network looks like dead hosts)
+    "source-change",    # the loop would apply another source than the last one: --allow-source-change
+    "suspended",        # `quantlab suspend` holds them on purpose (not a refusal): `quantlab resume`
+]
+GUARDS: frozenset[str] = frozenset(get_args(Guard))
+MASS_STOP: Guard = "mass-stop"
+FAILOVER_BRAKE: Guard = "failover-brake"
+SOURCE_CHANGE: Guard = "source-change"
+SUSPENDED: Guard = "suspended"
 # Causes that come from what the fleet files say (not from a fault): the source-change guard holds them.
 DESIRED_CAUSES: frozenset[Cause] = frozenset({
     "removed", "desired-stopped", "spec-changed", "worker-changed", "lease-changed", "worker-removed",
@@ -172,7 +191,7 @@ DESIRED_CAUSES: frozenset[Cause] = frozenset({
 class Blocked:
     """A guard refused these actions; they run only when the guard is lifted (e.g. --allow-mass-stop)."""
 
-    guard: str
+    guard: Guard
     reason: str
     actions: tuple[Action, ...] = ()
 
@@ -307,7 +326,7 @@ class Plan:
             waiting=tuple(Waiting(w.get("strategy", str), w.get("worker", str), w.get("reason", str),
                                   w.get("secondsLeft", (int, float), optional=True))
                           for w in plan.objects("waiting")),
-            blocked=tuple(Blocked(b.get("guard", str), b.get("reason", str),
+            blocked=tuple(Blocked(_guard(b.get("guard", str)), b.get("reason", str),
                                   tuple(Action.from_json(a) for a in b.objects("actions")))
                           for b in plan.objects("blocked")),
             notes=tuple(Note(n.get("strategy", str), n.get("worker", str, optional=True), n.get("note", str))

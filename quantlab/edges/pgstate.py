@@ -22,7 +22,7 @@ import uuid
 from dataclasses import replace
 from typing import Any, Iterator
 
-from quantlab.core.leadership import LeaseRow
+from quantlab.core.leadership import LeaderKind, LeaseRow, leader_kind
 from .snapshot import FORMAT as SNAPSHOT_FORMAT
 from quantlab.core.memory import Memory, MemoryFormatError
 from .store import LockHeld, StateConflict, StateError, event_problem
@@ -162,6 +162,11 @@ class PgState:
             # one of them renewed last has renewed_count ≠ renewals, so its age is not trusted.
             conn.execute("ALTER TABLE quantlab_leader ADD COLUMN IF NOT EXISTS renewed_at timestamptz, "
                          "ADD COLUMN IF NOT EXISTS renewed_count bigint")
+            # What kind of controller holds the row (leadership.LeaderKind), and in which term it said
+            # so: an earlier release takes the row in a new term without writing these, so a kind
+            # whose kind_term is not the row's term is not trusted (leadership.leader_kind).
+            conn.execute("ALTER TABLE quantlab_leader ADD COLUMN IF NOT EXISTS holder_kind text, "
+                         "ADD COLUMN IF NOT EXISTS kind_term bigint")
             return SCHEMA_VERSION
 
     # --- the state -----------------------------------------------------------------------------
@@ -441,16 +446,19 @@ class Leadership:
     it and renewing it are compare-and-swaps on what the caller last saw, so two controllers can
     never both believe they took or renewed the same term."""
 
-    def __init__(self, db: PgState, name: str):
-        self.db, self.name = db, name
+    def __init__(self, db: PgState, name: str, kind: LeaderKind = "run"):
+        self.db, self.name, self.kind = db, name, kind
 
     def read(self) -> LeaseRow | None:
         with self.db.session(probe=True) as conn:
             row = conn.execute("SELECT holder, term, renewals, duration_ms, CASE WHEN renewed_count = renewals THEN "
-                               "(extract(epoch FROM clock_timestamp() - renewed_at) * 1000)::bigint END "
+                               "(extract(epoch FROM clock_timestamp() - renewed_at) * 1000)::bigint END, "
+                               "CASE WHEN kind_term = term THEN holder_kind END "
                                "FROM quantlab_leader WHERE id = 1").fetchone()
-        return LeaseRow(row[0], int(row[1]), int(row[2]), int(row[3]),
-                        int(row[4]) if row[4] is not None else None) if row else None
+        if row is None:
+            return None
+        return LeaseRow(row[0], int(row[1]), int(row[2]), int(row[3]), int(row[4]) if row[4] is not None else None,
+                        leader_kind(row[0], row[5]))
 
     def describe(self) -> dict[str, Any] | None:
         """The row for people (`status`): who leads, in which term, since when (epoch ms)."""
@@ -467,13 +475,16 @@ class Leadership:
         with self.db.session(probe=True) as conn:
             if seen is None:
                 done = conn.execute("INSERT INTO quantlab_leader (id, holder, term, renewals, duration_ms, "
-                                    "renewed_at, renewed_count) VALUES (1, %s, %s, 0, %s, now(), 0) "
-                                    "ON CONFLICT (id) DO NOTHING", (self.name, term, duration_ms))
+                                    "renewed_at, renewed_count, holder_kind, kind_term) VALUES "
+                                    "(1, %s, %s, 0, %s, now(), 0, %s, %s) ON CONFLICT (id) DO NOTHING",
+                                    (self.name, term, duration_ms, self.kind, term))
             else:
                 done = conn.execute("UPDATE quantlab_leader SET holder = %s, term = %s, renewals = renewals + 1, "
-                                    f"{_RENEWED}, duration_ms = %s, handover = false, since = now() WHERE id = 1 AND term = %s "
+                                    f"{_RENEWED}, duration_ms = %s, handover = false, since = now(), "
+                                    "holder_kind = %s, kind_term = %s WHERE id = 1 AND term = %s "
                                     "AND renewals = %s AND holder IS NOT DISTINCT FROM %s",
-                                    (self.name, term, duration_ms, seen.term, seen.renewals, seen.holder))
+                                    (self.name, term, duration_ms, self.kind, term, seen.term, seen.renewals,
+                                     seen.holder))
             return done.rowcount == 1
 
     def renew(self, term: int) -> tuple[bool, bool]:
@@ -487,8 +498,9 @@ class Leadership:
     def raise_term(self, term: int, new_term: int) -> bool:
         """Go on leading in a higher term (a host had seen one above ours: a restored database)."""
         with self.db.session(probe=True) as conn:
-            done = conn.execute(f"UPDATE quantlab_leader SET term = %s, renewals = renewals + 1, {_RENEWED} WHERE "
-                                "id = 1 AND holder = %s AND term = %s", (new_term, self.name, term))
+            done = conn.execute(f"UPDATE quantlab_leader SET term = %s, renewals = renewals + 1, {_RENEWED}, "
+                                "kind_term = %s WHERE id = 1 AND holder = %s AND term = %s",
+                                (new_term, new_term, self.name, term))
             return done.rowcount == 1
 
     def step_down(self, term: int) -> bool:
@@ -593,8 +605,8 @@ class PgBackend:
     def snapshots(self) -> PgSnapshot:
         return PgSnapshot(self.db)
 
-    def leadership(self, holder: str) -> "Leadership":
-        return Leadership(self.db, holder)
+    def leadership(self, holder: str, kind: LeaderKind = "run") -> "Leadership":
+        return Leadership(self.db, holder, kind)
 
     def plan_requests(self) -> "PlanRequests":
         return PlanRequests(self.db)

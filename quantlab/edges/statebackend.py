@@ -12,6 +12,7 @@ from typing import Any, ContextManager, Iterator, Protocol
 
 from quantlab.core.memory import Memory
 from .snapshot import SnapshotFile
+from quantlab.core.leadership import LeaderKind
 from .store import CheckpointStore, EventLog, StateError, StateStore
 
 
@@ -76,8 +77,9 @@ class StateBackend(Protocol):
         """Where the snapshot of the last writing round is kept, for the fleet page."""
         ...
 
-    def leadership(self, holder: str) -> Any:
-        """The leadership row, seen by `holder` (pgstate.Leadership); NotShared for the file."""
+    def leadership(self, holder: str, kind: LeaderKind = "run") -> Any:
+        """The leadership row, seen by `holder`, which takes it as `kind` (pgstate.Leadership);
+        NotShared for the file."""
         ...
 
     def plan_requests(self) -> Any:
@@ -103,7 +105,7 @@ class FileBackend:
     def snapshots(self) -> SnapshotsPort:
         return SnapshotFile(self.state_path.with_name("snapshot.json"))
 
-    def leadership(self, holder: str) -> Any:
+    def leadership(self, holder: str, kind: LeaderKind = "run") -> Any:
         raise NotShared("leadership needs a PostgreSQL state (--state postgresql://… or QUANTLAB_STATE): with the "
                         "state file, the one reconcile loop that holds its lock leads")
 

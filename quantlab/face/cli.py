@@ -498,7 +498,7 @@ def reconcile(
     except GitError as exc:
         raise _fail(str(exc)) from None
     ctl.log = log                      # the controller's own notes (leadership, warnings) with a time too
-    leader = _leader_for_loop(ctl, follower) if ctl.backend.shared else None
+    leader = _leader_for_loop(ctl, follower, once) if ctl.backend.shared else None
     loop = ReconcileLoop(ctl, log, lock_timeout, follower, allow_source_change, leader)
     if once:
         try:
@@ -595,7 +595,7 @@ def serve(
         ctl.close()
 
 
-def _leader_for_loop(ctl: Controller, follower: Any) -> Any:
+def _leader_for_loop(ctl: Controller, follower: Any, once: bool) -> Any:
     """With PostgreSQL, a daemon leads only while it holds the leadership row: this process's side
     of it. The fleet's lease must then also cover a takeover (see `validate`)."""
     from quantlab.edges.gitsource import GitError
@@ -610,7 +610,9 @@ def _leader_for_loop(ctl: Controller, follower: Any) -> Any:
         where = f"{settings.source}: " if settings.source is not None else ""
         raise _fail(f"{where}{broken} (with a PostgreSQL state a standby controller may take over, and the "
                     "strategies' lease must outlast that); nothing was started", 2)
-    return Leader(ctl.backend.leadership(Leader.name("reconcile")), ctl.clock, settings.leader_lease)
+    # A daemon carries out the plans an `apply` hands to it; a `--once` run leads only for its run.
+    table = ctl.backend.leadership(Leader.name("reconcile"), kind="run" if once else "daemon")
+    return Leader(table, ctl.clock, settings.leader_lease)
 
 
 @app.command()

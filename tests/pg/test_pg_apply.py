@@ -46,6 +46,7 @@ def test_a_stale_handed_plan_is_refused_and_nothing_is_done(daemon_fleet, pg_dsn
     leading_with_room_to_rebalance(daemon_fleet, pg_dsn, tmp_path)
     from quantlab.app.applying import PlanChanged
     from quantlab.app.controller import Controller, default_state_path
+    from quantlab.app.handover import apply_or_hand_over
     from quantlab.core.planner import PlanOptions
     ctl = Controller(daemon_fleet.root, default_state_path(daemon_fleet.root), state_dsn=pg_dsn)
     asked = []
@@ -56,7 +57,7 @@ def test_a_stale_handed_plan_is_refused_and_nothing_is_done(daemon_fleet, pg_dsn
         return True
     try:
         with pytest.raises(PlanChanged, match="another run placed, moved or stopped strategies"):
-            ctl.apply(PlanOptions(rebalance=True), confirm=confirm)
+            apply_or_hand_over(ctl, PlanOptions(rebalance=True), confirm=confirm)
     finally:
         ctl.close()
     assert asked == [["move"]]

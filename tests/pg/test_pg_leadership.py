@@ -36,12 +36,12 @@ def test_a_standby_takes_over_a_row_that_stood_still_and_the_old_leader_is_refus
     assert b.step_down(4) and b.read().holder is None
 
 
-def test_the_rows_age_is_the_databases_and_only_a_renewal_of_this_release_sets_it(pg_dsn):
+def test_the_rows_age_is_the_databases_and_only_a_renewal_of_this_release_sets_it(pg_empty_dsn):
     """A standby started after the leader died reads how long the row has stood still (on the
     database's clock); a renewal by an earlier release (renewals bumped, nothing else) leaves no age."""
     import time
 
-    db = PgState(pg_dsn)
+    db = PgState(pg_empty_dsn)
     db.migrate()
     db.migrate()                                             # twice: the added columns are there once
     a = Leadership(db, "ctl-a")
@@ -85,3 +85,22 @@ def test_after_a_failed_connection_calls_fail_at_once_until_the_lead_renewal_get
     assert time.monotonic() - began < 0.5, "no connect timeout waited on the renewal path"
     assert Leadership(db, "a").read() is None, "the lead's own calls still try, and close the breaker"
     assert db.load().serial == 0
+
+
+def test_the_row_says_what_kind_of_controller_holds_it_and_an_earlier_releases_take_is_not_misread(pg_dsn):
+    """A daemon's row reads as a daemon's whatever its label; when an earlier release (which writes
+    no kind) takes the row in a new term, the kind left from the term before is not trusted."""
+    db = PgState(pg_dsn)
+    db.migrate()
+    daemon = Leadership(db, "ctl-a", kind="daemon")
+    assert daemon.take(None, term=1, duration_ms=15_000)
+    assert daemon.read().kind == "daemon"
+    assert daemon.raise_term(1, 5) and daemon.read().kind == "daemon", "a raised term keeps the kind"
+    seen = daemon.read()
+    with db.session() as conn:                              # an earlier release's `apply` takes it over
+        conn.execute("UPDATE quantlab_leader SET holder = 'quantlab apply pid 9 on h', term = 6, "
+                     "renewals = renewals + 1 WHERE id = 1 AND renewals = %s", (seen.renewals,))
+    assert (daemon.read().holder, daemon.read().kind) == ("quantlab apply pid 9 on h", "run")
+    run = Leadership(db, "reconcile pid 3 on h", kind="run")     # `reconcile --once`, by its label a daemon
+    assert run.take(daemon.read(), term=7, duration_ms=15_000)
+    assert run.read().kind == "run"

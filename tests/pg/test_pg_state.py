@@ -16,8 +16,8 @@ def placed(serial_hint: int = 1) -> Memory:
                   leases={"w1": 1_000}, next_epoch=serial_hint + 1)
 
 
-def test_a_state_round_trips_and_its_serial_grows_only_on_change(pg_dsn):
-    db = PgState(pg_dsn)
+def test_a_state_round_trips_and_its_serial_grows_only_on_change(pg_empty_dsn):
+    db = PgState(pg_empty_dsn)
     assert db.migrate() == SCHEMA_VERSION and db.migrate() == SCHEMA_VERSION      # idempotent
     assert db.load() == Memory()
     first = db.save(placed(), expected_serial=0)

@@ -52,3 +52,15 @@ def test_a_row_that_stood_still_for_a_lease_on_the_databases_clock_may_be_taken_
     # A row renewed last by an earlier release has no age it can trust: a whole lease of watching.
     unknown = observe(Watch(), LeaseRow("ctl-a", 3, 41, 15_000, age_ms=None), now_ms=0)
     assert not may_take_over(unknown, 14_999) and may_take_over(unknown, 15_000)
+
+
+def test_the_leaders_kind_is_what_it_recorded_and_an_earlier_releases_row_is_read_by_its_label():
+    from quantlab.core.leadership import leader_kind
+
+    assert leader_kind(None, "daemon") is None                                  # nobody leads
+    assert leader_kind("quantlab apply pid 7 on h", "daemon") == "daemon"       # the record decides, not the label
+    assert leader_kind("reconcile pid 7 on h", "run") == "run"                  # e.g. `reconcile --once`
+    # A row an earlier release took records no kind (or one from a term before): its label says.
+    assert leader_kind("reconcile pid 7 on h", None) == "daemon"
+    assert leader_kind("quantlab apply pid 7 on h", None) == "run"
+    assert leader_kind("reconcile pid 7 on h", "leader") == "daemon"           # not a kind: not trusted

@@ -55,6 +55,6 @@ def pytest_collection_modifyitems(config, items):
     here = Path(__file__).resolve().parent
     for item in items:
         if here in Path(str(item.path)).resolve().parents:
-            # In the SSH tests' worker, one after the other: a burst of CPU (a server's initdb, a
-            # browser, a fresh clone's pip install) must not land on their handshakes and timing bounds.
-            item.add_marker(pytest.mark.xdist_group("ssh"))
+            # One after the other in one worker (one browser per run), beside the SSH tests'
+            # worker: none of these times anything over SSH.
+            item.add_marker(pytest.mark.xdist_group("web"))

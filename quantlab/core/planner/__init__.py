@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from ..memory import Memory
 from ..observed import ObservedState
-from ..plan import Action, Blocked, Plan
+from ..plan import FAILOVER_BRAKE, Action, Blocked, Plan
 from ..redact import redact_url
 from ..spec import Fleet
 from .classify import Verdict, classify
@@ -98,7 +98,7 @@ def finish(ctx: Context, located: Located, verdicts: list[Verdict], placed: Plac
     actions, refused = hold_mass_stop(ctx, located, actions)
     blocked = changed + suspended + refused
     if braked and any(ctx.targeted(sid) for sid in braked):
-        blocked.append(Blocked("failover-brake", f"{ctx.brake}; held: {', '.join(sorted(braked))}"))
+        blocked.append(Blocked(FAILOVER_BRAKE, f"{ctx.brake}; held: {', '.join(sorted(braked))}"))
     return without_credentials(Plan(
         actions=tuple(actions), queued=tuple(sorted(queued, key=lambda q: q.strategy)),
         waiting=tuple(sorted(waiting, key=lambda w: w.strategy)), blocked=tuple(blocked),

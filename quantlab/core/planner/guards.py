@@ -3,7 +3,7 @@
 mass-stop guard (until --allow-mass-stop)."""
 from __future__ import annotations
 
-from ..plan import DESIRED_CAUSES, SOURCE_CHANGE, SUSPENDED, Action, Blocked
+from ..plan import DESIRED_CAUSES, MASS_STOP, SOURCE_CHANGE, SUSPENDED, Action, Blocked
 from .context import Context
 from .locate import Located
 
@@ -70,4 +70,4 @@ def hold_mass_stop(ctx: Context, located: Located, actions: list[Action]) -> tup
     held = set(map(id, stops))
     reason = (f"would stop {len(stops)} of {running} running strategies; check the fleet directory, "
               "then pass --allow-mass-stop")
-    return [a for a in actions if id(a) not in held], [Blocked("mass-stop", reason, tuple(stops))]
+    return [a for a in actions if id(a) not in held], [Blocked(MASS_STOP, reason, tuple(stops))]
