@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from quantlab.core.spec import Fleet, FleetInvalid, Problem
-from quantlab.core.spec.loader import (
+from quantlab.core.spec.inputs import (
     LFS_MESSAGE,
     MAX_FILE_BYTES,
     YAML_SUFFIXES,
     FleetFile,
     StrategyFile,
-    build_fleet,
     file_problem,
-    parse_fleet,
 )
+from quantlab.core.spec.loader import build_fleet, parse_fleet
 
 
 def _yaml_paths(root: Path, unreadable: Callable[[OSError], None]) -> Iterator[Path]:

@@ -23,7 +23,11 @@ import yaml
 
 from quantlab.edges.fleetfiles import load_fleet
 from quantlab.core.spec import Fleet, FleetInvalid, Problem
-from quantlab.core.spec import loader
+from quantlab.core.spec import loader, yamldocs
+from quantlab.core.spec.documents import schema_message
+from quantlab.core.spec.inputs import FleetFile, StrategyFile
+from quantlab.core.spec.parsing import ParsedFleet
+from quantlab.core.spec.problems import MAX_MESSAGE
 
 WORKERS = """\
 apiVersion: quantlab/v1
@@ -406,11 +410,11 @@ def test_the_adapter_reads_the_strategy_files_of_documents_with_errors(tmp_path:
              STRATEGY.replace("id: s1", "id: S3").replace("strategies/grid.js", "c.py"),
              STRATEGY.replace("id: s1", "id: s4").replace("strategies/grid.js", "/abs/d.js"),
              STRATEGY.replace("strategyFile: strategies/grid.js", "strategyFile: [e.js]")]
-    files = [loader.FleetFile(f"{i}.yaml", f"{i}.yaml", data=t.encode()) for i, t in enumerate(texts)]
+    files = [FleetFile(f"{i}.yaml", f"{i}.yaml", data=t.encode()) for i, t in enumerate(texts)]
     parsed = loader.parse_fleet(tmp_path, files, [])
     assert parsed.strategy_files() == ["b.js", "c.py", "strategies/grid.js"]
     # Each one the adapter found is taken as read (none "was not read"); still no model is built.
-    found = {w: loader.StrategyFile(path=tmp_path / w, rel=w, sha256="0" * 64) for w in parsed.strategy_files()}
+    found = {w: StrategyFile(path=tmp_path / w, rel=w, sha256="0" * 64) for w in parsed.strategy_files()}
     with pytest.raises(FleetInvalid) as info:
         loader.build_fleet(parsed, found)
     problems = info.value.problems
@@ -471,7 +475,7 @@ def test_a_pattern_without_words_is_still_not_shown() -> None:
     schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$",
                                                          "description": "three capital letters"}}}
     (error,) = jsonschema.Draft202012Validator(schema).iter_errors({"code": "eu"})
-    path, message = loader._schema_message(error, schema)
+    path, message = schema_message(error, schema)
     assert path == ["code"]
     assert message == "code: 'eu' is not in the form this field takes (three capital letters)"
 
@@ -516,7 +520,7 @@ def test_the_value_budget_counts_every_use_of_an_alias(tmp_path: Path) -> None:
 
 def test_deep_nesting_without_libyaml_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # PyYAML's pure-Python parser (used when libyaml is missing) recurses once per level.
-    monkeypatch.setattr(loader, "_FleetLoader", yaml.SafeLoader)
+    monkeypatch.setattr(yamldocs, "FleetLoader", yaml.SafeLoader)
     root = make_fleet(tmp_path / "fleet", _strategy_with("params: {a: " + "[" * 1500 + "]" * 1500 + "}\n"))
     with pytest.raises(FleetInvalid) as info:
         load_fleet(root)
@@ -562,10 +566,10 @@ def test_long_values_are_clipped_in_messages(tmp_path: Path, edit: Callable[[str
 
 
 def test_a_message_is_clipped_as_a_whole() -> None:
-    reader = loader.ParsedFleet(Path("."))
+    reader = ParsedFleet(Path("."))
     reader.problem(("a.yaml", 1), "y" * 50_000)
     (problem,) = reader.problems
-    assert problem.message == "y" * loader.MAX_MESSAGE + "… (50000 characters)"
+    assert problem.message == "y" * MAX_MESSAGE + "… (50000 characters)"
 
 
 def _sparse_file(path: Path, size: int) -> None:

@@ -1,6 +1,5 @@
 """The desired state: fleet YAML validated against `schemas/` and turned into frozen models. Pure:
-quantlab/fleetfiles.py reads the files (`load_fleet`)."""
-from .loader import FleetInvalid, Problem
+quantlab/edges/fleetfiles.py reads the files (`load_fleet`)."""
 from .models import (
     LOCAL_HOST,
     Fleet,
@@ -16,6 +15,7 @@ from .models import (
     canonical_json,
     worker_launch,
 )
+from .problems import FleetInvalid, Problem
 
 __all__ = [
     "LOCAL_HOST", "Fleet", "FleetInvalid", "FleetSettings", "Location", "MonitorSettings",
