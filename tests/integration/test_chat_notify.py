@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from quantlab.edges.notify import ChatGate, Notifier
+from quantlab.edges.notify import Notifier
+from quantlab.edges.notify.chats import ChatGate
 from quantlab.core.spec.models import ChatSink, NotifySettings
 from tests.support import wait_for
 

@@ -425,7 +425,7 @@ def test_the_reference_lists_exactly_the_catalogue():
 
 
 def test_every_alert_kind_is_a_notice_kind_and_every_told_once_alert_survives_a_full_queue():
-    from quantlab.edges.notify import ALERT_KINDS
+    from quantlab.edges.notify.delivery import ALERT_KINDS
     assert ALERT_KINDS <= set(NOTICE_KINDS), sorted(ALERT_KINDS - set(NOTICE_KINDS))
     # Raised once and cleared later (a `resolved` follows): never dropped as routine when a queue is full.
     assert {"foreign-state", "worker-offline", "fleet-invalid", "disk-full"} <= ALERT_KINDS

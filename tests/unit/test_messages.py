@@ -3,7 +3,7 @@ not answer."""
 from __future__ import annotations
 
 from quantlab.host.agent.qlagent.supervisor import exit_words
-from quantlab.edges.notify import chat_text
+from quantlab.edges.notify.chats import chat_text
 from quantlab.core.status import not_answering
 from quantlab.core.plan import Note, Plan
 from quantlab.face.web.metrics import _number

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from quantlab.edges.notify import ALERT_KINDS, Notifier
+from quantlab.edges.notify import Notifier
+from quantlab.edges.notify.delivery import ALERT_KINDS
 from quantlab.core.spec import NotifySettings
 from tests.support import free_port
 
