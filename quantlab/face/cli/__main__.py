@@ -1,0 +1,4 @@
+"""`python -m quantlab.face.cli`, as `quantlab`."""
+from . import main
+
+main()
