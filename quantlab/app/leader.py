@@ -1,4 +1,4 @@
-"""One controller's side of the leadership of a PostgreSQL state: the row (pgstate.Leadership), the
+"""One controller's side of the leadership of a PostgreSQL state: the row (pgleader.Leadership), the
 judgement (leadership.py) and this process's monotonic clock, put together.
 
 A leader renews the row once per round interval, and acts only while `leading()`: its
@@ -24,7 +24,7 @@ from quantlab.edges.clock import Clock
 from .timers import every
 from quantlab.core.leadership import (LeaderKind, Watch, inherited_leases_end_at, may_take_over, next_term,
                                       observe, still_leads)
-from quantlab.edges.pgstate import Leadership
+from quantlab.edges.pgleader import Leadership
 from quantlab.core.spec.models import LEADER_WATCH_S
 from quantlab.edges.store import StateError
 

@@ -17,7 +17,7 @@ from .hosts import AgentError, HostKey, Hosts
 from quantlab.core.memory import Memory
 from quantlab.core.spec import Fleet, WorkerSpec
 from .statebackend import CheckpointsPort
-from .store import checked_checkpoint
+from .checkpointstore import checked_checkpoint
 from .transport.base import TransportError
 
 

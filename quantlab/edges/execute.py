@@ -25,7 +25,8 @@ from quantlab.core.plan import Action, Plan
 from quantlab.core.redact import fleet_secrets, redact_json, redact_text, seal_launch
 from quantlab.core.spec import Fleet, StrategySpec, WorkerSpec, worker_launch
 from .statebackend import CheckpointsPort, EventsPort
-from .store import StateError, checked_checkpoint
+from .store import StateError
+from .checkpointstore import checked_checkpoint
 from .transport.base import TransportError
 
 # A move off one of these is not preceded by a stop: the planner moves only once the old copy's lease

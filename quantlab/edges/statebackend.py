@@ -13,7 +13,11 @@ from typing import Any, ContextManager, Iterator, Protocol
 from quantlab.core.memory import Memory
 from .snapshot import SnapshotFile
 from quantlab.core.leadership import LeaderKind
-from .store import CheckpointStore, EventLog, StateError, StateStore
+from .checkpointstore import CheckpointStore
+from .eventlog import EventLog
+from .store import StateError, StateStore
+from .pgleader import Leadership, PlanRequests
+from .pgstate import PgCheckpointStore, PgEventLog, PgSnapshot, PgStore
 
 
 class StatePort(Protocol):
@@ -78,12 +82,12 @@ class StateBackend(Protocol):
         ...
 
     def leadership(self, holder: str, kind: LeaderKind = "run") -> Any:
-        """The leadership row, seen by `holder`, which takes it as `kind` (pgstate.Leadership);
+        """The leadership row, seen by `holder`, which takes it as `kind` (pgleader.Leadership);
         NotShared for the file."""
         ...
 
     def plan_requests(self) -> Any:
-        """Plans handed to the leading daemon (pgstate.PlanRequests); NotShared for the file."""
+        """Plans handed to the leading daemon (pgleader.PlanRequests); NotShared for the file."""
         ...
 
     def break_locks(self) -> int:
@@ -120,5 +124,29 @@ def open_backend(state_path: Path, dsn: str | None) -> StateBackend:
     """The backend of `dsn` (postgresql://…) when given, else of the state file `state_path`."""
     if dsn is None:
         return FileBackend(state_path)
-    from .pgstate import PgBackend
     return PgBackend(dsn)
+
+
+class PgBackend:
+    """The state port on PostgreSQL (pgstate.py, pgleader.py): the state, events, checkpoint
+    copies, snapshot, leadership row and handed plans, all in one database."""
+
+    shared = True
+
+    def __init__(self, dsn: str):
+        self.store = PgStore(dsn)
+        self.db = self.store.db
+        self.events = PgEventLog(self.db)
+        self.checkpoints = PgCheckpointStore(self.db)
+
+    def snapshots(self) -> PgSnapshot:
+        return PgSnapshot(self.db)
+
+    def leadership(self, holder: str, kind: LeaderKind = "run") -> Leadership:
+        return Leadership(self.db, holder, kind)
+
+    def plan_requests(self) -> PlanRequests:
+        return PlanRequests(self.db)
+
+    def break_locks(self) -> int:
+        return self.store.break_locks()

@@ -25,7 +25,10 @@ from quantlab.face.render import parse_since
 from quantlab.core.spec import Fleet, FleetInvalid
 from quantlab.core.spec.inputs import FleetFile, StrategyFile
 from quantlab.core.spec.loader import build_fleet, parse_fleet
-from quantlab.edges.store import EventLog, StateError, StateStore, checked_checkpoint, event_problem, read_plan
+from quantlab.edges.eventlog import EventLog, event_problem
+from quantlab.edges.store import StateError, StateStore
+from quantlab.edges.checkpointstore import checked_checkpoint
+from quantlab.edges.planfile import read_plan
 from quantlab.face.web.server import ServeRefused, parse_listen
 from tests.corpus.kit import FLEET_YAML, STRATEGIES_YAML, WORKERS_YAML
 

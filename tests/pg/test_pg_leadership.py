@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from quantlab.core.leadership import Watch, may_take_over, next_term, observe
-from quantlab.edges.pgstate import Leadership, PgState
+from quantlab.edges.pgleader import Leadership
+from quantlab.edges.pgstate import PgState
 
 
 def test_two_controllers_never_hold_one_term(pg_dsn):

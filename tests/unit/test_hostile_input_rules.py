@@ -21,7 +21,8 @@ from quantlab.edges.fleetfiles import load_fleet
 from quantlab.core.plan import Plan
 from quantlab.face.render import escape, event_line, one_line, status_tables, terminal_safe
 from quantlab.core.spec import FleetInvalid, FleetSettings
-from quantlab.edges.store import EventLog, event_problem, write_plan
+from quantlab.edges.eventlog import EventLog, event_problem
+from quantlab.edges.planfile import write_plan
 from quantlab.face.web.server import ServeRefused, parse_listen
 
 ESC = "\x1b"

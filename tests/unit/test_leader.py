@@ -12,7 +12,7 @@ from quantlab.edges.store import StateError
 
 
 class FakeRow:
-    """The leadership row with the compare-and-swaps of pgstate.Leadership; `down` fails every call."""
+    """The leadership row with the compare-and-swaps of pgleader.Leadership; `down` fails every call."""
 
     def __init__(self, name: str, shared: dict):
         self.name, self.shared, self.down = name, shared, False

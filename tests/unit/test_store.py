@@ -30,7 +30,10 @@ import pytest
 
 from quantlab.core.memory import HostClock, Launched, Memory, Placement
 from quantlab.core.plan import ACTIONS, Action, Adopt, Blocked, Note, Plan, Queued, Waiting
-from quantlab.edges.store import CheckpointStore, EventLog, LockHeld, StateError, StateStore, read_plan, write_plan
+from quantlab.edges.checkpointstore import CheckpointStore
+from quantlab.edges.eventlog import EventLog
+from quantlab.edges.store import LockHeld, StateError, StateStore
+from quantlab.edges.planfile import read_plan, write_plan
 
 HELPER_PATH = Path(__file__).resolve().parents[1] / "helpers" / "state_child.py"
 _spec = importlib.util.spec_from_file_location("quantlab_test_state_child", HELPER_PATH)
@@ -782,7 +785,7 @@ def test_a_checkpoint_from_a_host_is_checked_before_it_is_kept():
     import base64
     import zlib
 
-    from quantlab.edges.store import CHECKPOINT_EXPANDED_CAP, checked_checkpoint
+    from quantlab.edges.checkpointstore import CHECKPOINT_EXPANDED_CAP, checked_checkpoint
 
     def packed(files: dict[str, bytes], **extra) -> dict:
         return {"files": {k: base64.b64encode(zlib.compress(v)).decode() for k, v in files.items()}, "t": 1, **extra}
@@ -810,7 +813,8 @@ def test_a_plan_file_with_an_unknown_cause_is_refused(tmp_path):
     """Causes are a closed set: execute and the guards decide by them, so a plan file naming one this
     release does not know is refused, never carried out by guesswork (as Terraform's planfile decoder)."""
     from quantlab.core.plan import Action, Plan
-    from quantlab.edges.store import StateError, read_plan, write_plan
+    from quantlab.edges.store import StateError
+    from quantlab.edges.planfile import read_plan, write_plan
 
     path = tmp_path / "next.plan.json"
     write_plan(path, Plan(actions=(Action("stop", "a", "removed", "removed", worker="w", epoch=1),)))

@@ -17,7 +17,7 @@ from quantlab.core.plan import Action, Plan
 from quantlab.core.planner import PlanOptions
 from quantlab.core.spec import Fleet
 from quantlab.core.status import not_answering
-from quantlab.edges.store import read_plan, write_plan
+from quantlab.edges.planfile import read_plan, write_plan
 from .common import (DetailedOpt, FleetOpt, HostKeysOpt, LockOpt, Output, OutputOpt, StateOpt, TargetOpt,
                      check_out, controller_for, err, fail, handled, look, out, out_refused)
 

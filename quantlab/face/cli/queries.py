@@ -16,7 +16,7 @@ from quantlab.core.planner import PlanOptions
 from quantlab.core.redact import fleet_secrets, redact_json, redact_lines
 from quantlab.core.spec import FleetInvalid
 from quantlab.core.status import fleet_status, unhealthy
-from quantlab.edges.store import event_problem
+from quantlab.edges.eventlog import event_problem
 from .common import (FleetOpt, HostKeysOpt, Output, OutputOpt, StateOpt, controller_for, err, fail, handled,
                      leadership, look, out)
 

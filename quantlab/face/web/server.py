@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from quantlab.edges.atomicfile import MiB, NotARegularFile, describe_kind, read_regular
 from quantlab.core.planner import UnknownTarget
-from quantlab.edges.store import event_problem
+from quantlab.edges.eventlog import event_problem
 from . import metrics
 
 STATIC = {"/": ("page.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
