@@ -327,3 +327,90 @@ class Leading:
                 self.log(f"renewing the lead failed: {describe_db_error(exc)}")
         with every(fleet.settings.reconcile_interval_s, job, name="lead"):
             yield
+
+
+class LoopLeading:
+    """The reconcile loop's side of the leadership (a mixin of loop.ReconcileLoop): a standby looks
+    at the hosts and watches the row; the leader renews it once per interval on the `lead` job;
+    `--once` leads for its run; a new term begins with a fresh look and renewals at once."""
+
+    def _lead_once(self) -> str | None:
+        """`--once` with PostgreSQL leads for its run (see Leader.take_for_run): None once it leads,
+        else who does, and this run does nothing."""
+        assert self.leader is not None
+        self._load(read_only=True)
+        self._standby_round()
+        assert self._looked is not None
+        taken = self.leader.take_for_run(lambda: self.ctl.read_memory(None).term, list(self._looked.fences.values()))
+        if not isinstance(taken, Change):
+            return f"{taken.words()}: this run does nothing"
+        self._took_over(taken, renew=False)
+        return None
+
+    def leads(self) -> bool:
+        return self.leader is None or self.leader.leading()
+
+    def _standby_round(self) -> None:
+        """A standby looks at every host (read only), ready to take over with the hosts' terms."""
+        memory = self.ctl.read_memory(self._fleet)
+        fleet = self._fleet if self._fleet is not None else self.ctl.fallback_fleet(memory)
+        self._looked = self.ctl.observe(fleet, memory)
+        who = self.leader.watch() if self.leader is not None else None
+        others = who is not None and who.holder is not None and who.holder != self.leader.table.name
+        self._say("standby", f"standing by: {who.holder} leads (term {who.term}); looking at the hosts, "
+                             "renewing nothing" if others else None)
+
+    def _lead_job(self) -> None:
+        """Every LEADER_WATCH_S: the leader renews its row once per interval; a standby watches it
+        and takes over once it has seen it unchanged for a whole lease (after one look at the hosts,
+        so that its term is above every term they have seen)."""
+        leader = self.leader
+        assert leader is not None
+        try:
+            if leader.term is not None:
+                now = self.ctl.clock.mono()
+                every = self._settings().reconcile_interval_s * 1000
+                if self._renewed_lead_at is None or now - self._renewed_lead_at >= every - 500:
+                    self._renewed_lead_at = now
+                    change = leader.renew()
+                    if change is not None:
+                        self.ctl.leader_changed(change)
+                if leader.term is not None and not leader.leading():
+                    self._say("lead", "the leadership row could not be renewed for a whole lease: acting "
+                                      "stops until this daemon leads again")
+                return
+            seen = leader.watch()
+            if not seen.may_take or self._looked is None:
+                return
+            change = leader.take(self.ctl.read_memory(None).term, list(self._looked.fences.values()))
+            if change is None:
+                return
+            self._renewed_lead_at = self.ctl.clock.mono()
+            self._took_over(change)
+        except Exception as exc:               # noqa: BLE001 - the database is away: said once, tried again
+            self._say("lead", f"leadership: {describe_db_error(exc)}")
+            return
+        self._say("lead", None)
+
+    def _took_over(self, change: Any, renew: bool = True) -> None:
+        """A new term begins: if it cannot begin properly (the database went away meanwhile), the lead
+        is handed back rather than held half-taken."""
+        try:
+            self.ctl.took_over(change, self._settings())
+        except StateError:
+            self.step_down()
+            raise
+        with self._rounds:                    # nothing observed before this term is planned from
+            self._latest = None
+            self._acted_at = self.ctl.clock.mono()
+        self._say("standby", None)
+        if renew:
+            # The renewals go out at once, on a thread of their own: a cold round may wait for a hung
+            # host longer than the lead may go unrenewed, and the lead job renews it.
+            threading.Thread(target=self._renew_job, name="takeover-renewal", daemon=True).start()
+
+    def step_down(self) -> None:
+        if self.leader is not None:
+            change = self.leader.step_down()
+            if change is not None:
+                self.ctl.leader_changed(change)

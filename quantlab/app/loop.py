@@ -17,7 +17,7 @@ and skips; renewals go on with the last valid fleet (or, at start, the workers t
 remembers).
 SIGINT/SIGTERM let the running rounds finish, then the daemon exits 0.
 
-With a PostgreSQL state several daemons may run; one leads (see leader.py). A `lead` job every
+With a PostgreSQL state several daemons may run; one leads (leader.py: LoopLeading). A `lead` job every
 second renews the leadership row once per interval while this daemon leads, or watches it while it
 stands by. A standby's renewal rounds only look (read only: nothing renewed, nothing written), and
 it does not act; once it takes over, it runs a renewal round at once, and counts every lease the
@@ -44,7 +44,7 @@ from quantlab.edges.follow import Follower, source_change
 from quantlab.edges.gather import Gathered
 from quantlab.edges.gitsource import GitError
 from .handover import serve_handed_plans
-from .leader import Change, Leader, describe_db_error
+from .leader import Leader, LoopLeading
 from quantlab.core.status import not_answering
 from quantlab.core.plan import SOURCE_CHANGE, Plan
 from quantlab.core.planner import PlanOptions
@@ -86,7 +86,7 @@ def not_deployed(fleet: Fleet, memory: Memory, plan: Plan) -> str | None:
             f"the fleet's can be placed nowhere: {'; '.join(stale)}")
 
 
-class ReconcileLoop:
+class ReconcileLoop(LoopLeading):
     def __init__(self, controller: Controller, log: Callable[[str], None], lock_timeout: float = 0.0,
                  follower: Follower | None = None, allow_source_change: bool = False, leader: Leader | None = None):
         self.ctl = controller
@@ -338,19 +338,6 @@ class ReconcileLoop:
         finally:
             self.step_down()
 
-    def _lead_once(self) -> str | None:
-        """`--once` with PostgreSQL leads for its run (see Leader.take_for_run): None once it leads,
-        else who does, and this run does nothing."""
-        assert self.leader is not None
-        self._load(read_only=True)
-        self._standby_round()
-        assert self._looked is not None
-        taken = self.leader.take_for_run(lambda: self.ctl.read_memory(None).term, list(self._looked.fences.values()))
-        if not isinstance(taken, Change):
-            return f"{taken.words()}: this run does nothing"
-        self._took_over(taken, renew=False)
-        return None
-
     def _tick(self, started: float) -> Tick:
         mirror = self.follower.mirror
         try:
@@ -377,19 +364,6 @@ class ReconcileLoop:
             return self._done(started, False, f"error: {exc}")
 
     # --- daemon ---------------------------------------------------------------------------------
-
-    def leads(self) -> bool:
-        return self.leader is None or self.leader.leading()
-
-    def _standby_round(self) -> None:
-        """A standby looks at every host (read only), ready to take over with the hosts' terms."""
-        memory = self.ctl.read_memory(self._fleet)
-        fleet = self._fleet if self._fleet is not None else self.ctl.fallback_fleet(memory)
-        self._looked = self.ctl.observe(fleet, memory)
-        who = self.leader.watch() if self.leader is not None else None
-        others = who is not None and who.holder is not None and who.holder != self.leader.table.name
-        self._say("standby", f"standing by: {who.holder} leads (term {who.term}); looking at the hosts, "
-                             "renewing nothing" if others else None)
 
     def _renew_job(self) -> None:
         try:
@@ -433,61 +407,6 @@ class ReconcileLoop:
             self.log("act round failed unexpectedly:\n" + traceback.format_exc())
         finally:
             self._acted_at = self.ctl.clock.mono()
-
-    def _lead_job(self) -> None:
-        """Every LEADER_WATCH_S: the leader renews its row once per interval; a standby watches it
-        and takes over once it has seen it unchanged for a whole lease (after one look at the hosts,
-        so that its term is above every term they have seen)."""
-        leader = self.leader
-        assert leader is not None
-        try:
-            if leader.term is not None:
-                now = self.ctl.clock.mono()
-                every = self._settings().reconcile_interval_s * 1000
-                if self._renewed_lead_at is None or now - self._renewed_lead_at >= every - 500:
-                    self._renewed_lead_at = now
-                    change = leader.renew()
-                    if change is not None:
-                        self.ctl.leader_changed(change)
-                if leader.term is not None and not leader.leading():
-                    self._say("lead", "the leadership row could not be renewed for a whole lease: acting "
-                                      "stops until this daemon leads again")
-                return
-            seen = leader.watch()
-            if not seen.may_take or self._looked is None:
-                return
-            change = leader.take(self.ctl.read_memory(None).term, list(self._looked.fences.values()))
-            if change is None:
-                return
-            self._renewed_lead_at = self.ctl.clock.mono()
-            self._took_over(change)
-        except Exception as exc:               # noqa: BLE001 - the database is away: said once, tried again
-            self._say("lead", f"leadership: {describe_db_error(exc)}")
-            return
-        self._say("lead", None)
-
-    def _took_over(self, change: Any, renew: bool = True) -> None:
-        """A new term begins: if it cannot begin properly (the database went away meanwhile), the lead
-        is handed back rather than held half-taken."""
-        try:
-            self.ctl.took_over(change, self._settings())
-        except StateError:
-            self.step_down()
-            raise
-        with self._rounds:                    # nothing observed before this term is planned from
-            self._latest = None
-            self._acted_at = self.ctl.clock.mono()
-        self._say("standby", None)
-        if renew:
-            # The renewals go out at once, on a thread of their own: a cold round may wait for a hung
-            # host longer than the lead may go unrenewed, and the lead job renews it.
-            threading.Thread(target=self._renew_job, name="takeover-renewal", daemon=True).start()
-
-    def step_down(self) -> None:
-        if self.leader is not None:
-            change = self.leader.step_down()
-            if change is not None:
-                self.ctl.leader_changed(change)
 
     def _follow_interval(self, scheduler: Any, current: float) -> float:
         """Reschedule both jobs when the fleet's interval changed. Called from the main thread only:

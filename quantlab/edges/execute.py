@@ -333,7 +333,7 @@ class Executor:
         outcome.seconds = time.monotonic() - started
         return outcome
 
-    def _by_host(self, items: list[tuple[str, Action]]) -> dict[HostKey, list[Action]]:
+    def _by_host(self, items: list[tuple[str | None, Action]]) -> dict[HostKey, list[Action]]:
         out: dict[HostKey, list[Action]] = {}
         for worker_id, a in items:
             worker = self.fleet.workers.get(worker_id)
@@ -384,7 +384,7 @@ class Executor:
         self.rec.update(reserve)
         stops = [(a.worker, a) for a in plan.actions if a.action == "stop"]
         stops += [(a.source, a) for a in plan.actions if a.action == "move" and a.cause not in UNREACHABLE_SOURCE]
-        outcomes = self._run(self._by_host(stops), self.stop_phase)  # type: ignore[arg-type]
+        outcomes = self._run(self._by_host(stops), self.stop_phase)
         # A copy that did not confirm it stopped blocks every start of that strategy in this run.
         unconfirmed = {o.action.strategy: o for o in outcomes if not o.ok}
         failed_moves = [o for o in outcomes if o.action.action == "move" and not o.ok]
@@ -399,7 +399,7 @@ class Executor:
         for o in held:
             self.finished(o)
         outcomes = [o for o in outcomes if o.action.action == "stop"] + failed_moves + held
-        outcomes += self._run(self._by_host(rest), self.run_phase)  # type: ignore[arg-type]
+        outcomes += self._run(self._by_host(rest), self.run_phase)
         return outcomes
 
 

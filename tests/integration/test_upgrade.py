@@ -306,3 +306,49 @@ def test_running_fleet_upgrades_in_place(fleet, previous_release, tmp_path):
     assert_nothing_to_do(fleet)
     assert daemon.poll() is None, daemon_log.read_text()
     assert_accepted(daemon_log.read_text(), "quantlab reconcile")
+
+
+def test_what_the_previous_release_s_agent_answers_the_controller_understands(previous_release, tmp_path):
+    """The answers of the previous release's agent, recorded live (its own file, its own request
+    shape, a real supervisor): every result it gives is one the current controller's decoder accepts
+    for that command, so a host still running the old agent is never taken to have done what it
+    did not (protocol.answer_problem)."""
+    from tests.support import kill_all
+
+    from quantlab.host.agent.qlagent.protocol import answer_problem
+
+    old_agent = previous_release / "quantlab" / "host" / "agent.py"
+    workdir = tmp_path / "old-host"
+    workdir.mkdir()
+    (workdir / "s.js").write_text("// never run: the runner below is /bin/sleep\n")
+    start = {"workdir": str(workdir), "strategy": "s1", "worker": "w1", "epoch": 3, "specHash": "sha256:aa",
+             "file": "s.js", "runner": ["/bin/sleep", "60"], "runnerFile": "r.mjs", "params": {},
+             "scheduling": {"stopTimeoutSeconds": 2}, "leaseTtlSeconds": 0, "heartbeatMs": 60_000}
+    same = {"workdir": str(workdir), "strategy": "s1", "epoch": 3}
+
+    def ask(command: str, request: dict[str, Any]) -> dict[str, Any]:
+        done = subprocess.run([sys.executable, "-I", "-S", str(old_agent), command], input=json.dumps(request),
+                              capture_output=True, text=True, timeout=30)
+        assert done.stdout, f"{command}: no answer (exit {done.returncode}): {done.stderr}"
+        return json.loads(done.stdout)
+
+    try:
+        recorded = [
+            ("stop", ask("stop", same)),                                      # nothing there yet
+            ("pause", ask("pause", same)),
+            ("start", ask("start", {**start, "file": "gone.js"})),            # its file is missing
+            ("start", ask("start", start)),
+            ("start", ask("start", start)),                                   # the same copy again
+            ("pause", ask("pause", same)),
+            ("resume", ask("resume", same)),
+            ("stop", ask("stop", {**same, "epoch": 2})),                      # an older copy's stop
+            ("stop", ask("stop", {**same, "stopTimeoutSeconds": 2})),
+        ]
+    finally:
+        kill_all(str(workdir))
+    results = [(command, answer["result"]) for command, answer in recorded]
+    assert results == [("stop", "not-running"), ("pause", "not-running"), ("start", "missing"),
+                       ("start", "started"), ("start", "already-running"), ("pause", "paused"),
+                       ("resume", "running"), ("stop", "epoch-mismatch"), ("stop", "stopped")], results
+    for command, answer in recorded:
+        assert answer_problem(command, answer) is None, (command, answer)

@@ -106,3 +106,78 @@ def test_the_rule_catches_an_outward_import(tmp_path):
         "edges/bad.py (edges) imports quantlab.app (app)",
         "edges/bad.py (edges) imports quantlab.face.cli (face)",
     ]
+
+
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = list(path.relative_to(package.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def load_time_imports(path: Path, package: Path = PACKAGE) -> set[str]:
+    """What importing `path` imports of the package: its module-level imports, not those inside a
+    function or under `if TYPE_CHECKING:` (which run later, or never)."""
+    parent = module_name(path, package).split(".") if path.name == "__init__.py" else \
+        module_name(path, package).split(".")[:-1]
+    found = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, (ast.If, ast.Try)):
+                visit(node.body)
+                visit(getattr(node, "orelse", []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = parent[:len(parent) - (node.level - 1)] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                found.add(module)
+                found.update(f"{module}.{alias.name}" for alias in node.names)    # `from pkg import mod`
+    visit(ast.parse(path.read_text()).body)
+    return found
+
+
+def import_cycles(package: Path = PACKAGE) -> list[list[str]]:
+    """The cycles among the package's modules at import time (each as the modules in order)."""
+    modules = {module_name(p, package): p for p in package.rglob("*.py") if "host" not in p.relative_to(package).parts}
+    # A module's own packages are imported before it anyway (`from . import filters` names its
+    # package, but depends on filters).
+    graph = {m: sorted(n for n in load_time_imports(p, package) if n in modules and not (m + ".").startswith(n + "."))
+             for m, p in modules.items()}
+    cycles, state, stack = [], {}, []
+
+    def walk(m: str) -> None:
+        state[m] = "open"
+        stack.append(m)
+        for n in graph[m]:
+            if state.get(n) == "open":
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                walk(n)
+        stack.pop()
+        state[m] = "done"
+    for m in sorted(graph):
+        if m not in state:
+            walk(m)
+    return cycles
+
+
+def test_no_module_imports_itself_back_at_import_time():
+    """A cycle makes the import order matter and the layers meaningless; the controller's use cases
+    and the hand-over to a leader used to import each other."""
+    assert import_cycles() == []
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path):
+    package = tmp_path / "quantlab"
+    (package / "app").mkdir(parents=True)
+    (package / "app" / "__init__.py").write_text("")
+    (package / "app" / "a.py").write_text("from .b import B\n")
+    (package / "app" / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .c import C\n"
+                                          "from . import a\n")
+    (package / "app" / "c.py").write_text("def f():\n    from .a import A\n")     # at call time: no cycle
+    assert import_cycles(package) == [["quantlab.app.a", "quantlab.app.b", "quantlab.app.a"]]

@@ -65,10 +65,10 @@ def slots_taken(ctx: Context, located: Located, verdicts: list[Verdict], acted: 
         if v.stays:
             staying.setdefault(located.current[v.strategy].worker, []).append(v.strategy)
     for a in refused_stops(ctx, located, [a for a in acted if ctx.targeted(a.strategy, *a.workers)]):
-        staying.setdefault(a.worker, []).append(a.strategy)   # type: ignore[arg-type]
+        staying.setdefault(a.workers[0], []).append(a.strategy)          # a stop: on its one worker
     for a in acted:
-        if a.action == "stop" and suspended_by(ctx, a) and a.strategy not in staying.get(a.worker, []):  # type: ignore[arg-type]
-            staying.setdefault(a.worker, []).append(a.strategy)   # type: ignore[arg-type]
+        if a.action == "stop" and suspended_by(ctx, a) and a.strategy not in staying.get(a.workers[0], []):
+            staying.setdefault(a.workers[0], []).append(a.strategy)
     return staying
 
 

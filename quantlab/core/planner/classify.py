@@ -152,7 +152,7 @@ def unaccounted(ctx: Context, spec: StrategySpec) -> Waiting | None:
                                        f"{format_duration(left)}", left)
 
 
-def lost(ctx: Context, spec: StrategySpec, cur: Current, cause: str, what: str) -> Verdict:
+def lost(ctx: Context, spec: StrategySpec, cur: Current, cause: Cause, what: str) -> Verdict:
     """A strategy whose worker is gone: wait while a copy may still run there, then fail over."""
     sid = spec.id
     left = ctx.seconds_until_movable(spec, cur)

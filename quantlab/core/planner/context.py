@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .. import health
 from ..health import WorkerLiveness, format_duration
 from ..memory import Launched, Memory
+from ..plan import Cause
 from ..observed import Instance, ObservedState
 from ..scheduling import WorkerView, filters
 from ..spec import Fleet, StrategySpec, WorkerSpec
@@ -44,7 +45,7 @@ class ToPlace:
     spec: StrategySpec
     # new | worker-offline | worker-removed (not reachable) | worker-leaving (removed, reachable) | worker-unfit |
     # requirements | drain | rebalance
-    cause: str
+    cause: Cause
     reason: str                     # why it needs a (new) worker
     current: Current | None = None
 

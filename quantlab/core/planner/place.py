@@ -100,7 +100,7 @@ class _Placement:
             self.staying[cur.worker].remove(spec.id)
             if cur.worker in self.pool:
                 self.pool.release(cur.worker)
-        self.out.actions.append(Action("move", spec.id, f"{item.reason}; to {decision.reason}", item.cause,  # type: ignore[arg-type]
+        self.out.actions.append(Action("move", spec.id, f"{item.reason}; to {decision.reason}", item.cause,
                                        source=cur.worker, target=decision.worker, epoch=epoch,
                                        spec_hash=spec.spec_hash, paused=paused))
 
