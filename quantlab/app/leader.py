@@ -28,11 +28,14 @@ from quantlab.edges.pgleader import Leadership
 from quantlab.core.spec.models import LEADER_WATCH_S
 from quantlab.edges.store import StateError
 
-try:
-    import psycopg
-    DB_ERRORS: tuple[type[BaseException], ...] = (StateError, psycopg.Error)
-except ImportError:                        # the postgres extra is not installed: no leader is made
-    DB_ERRORS = (StateError,)
+def db_errors() -> tuple[type[BaseException], ...]:
+    """The faults of a database that is away. psycopg is imported only when a leader needs it (it
+    costs every command's start a tenth of a second), and may be missing without the postgres extra."""
+    try:
+        import psycopg
+    except ImportError:
+        return (StateError,)
+    return (StateError, psycopg.Error)
 
 
 def describe_db_error(exc: BaseException) -> str:
@@ -91,7 +94,7 @@ class Leader:
         sent = self.clock.mono()
         try:
             renewed, handover = self.table.renew(term)
-        except DB_ERRORS:
+        except db_errors():
             return None
         with self._lock:
             if self.term != term:
@@ -176,7 +179,7 @@ class Leader:
             return None
         try:
             self.table.step_down(term)
-        except DB_ERRORS:
+        except db_errors():
             pass                                   # the row runs out on its own
         return Change("stepped-down", term, "handed the lead over")
 

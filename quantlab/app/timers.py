@@ -6,9 +6,6 @@ import logging
 from datetime import timezone
 from typing import Callable, Iterator
 
-from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.interval import IntervalTrigger
-
 
 def quiet_scheduler_logs() -> None:
     """A round still running when its next run is due is skipped by design (an act round that acts
@@ -22,6 +19,10 @@ def every(seconds: float, job: Callable[[], None], *, name: str, overlapping: in
     """Run `job` every `seconds` while the block runs, the first time one interval from now
     (`overlapping`: how many runs may be under way at once), and wait for a run under way when the
     block ends."""
+    # Imported here: most commands never start a timer, and APScheduler costs each start ~35 ms.
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.triggers.interval import IntervalTrigger
+
     quiet_scheduler_logs()
     scheduler = BackgroundScheduler(timezone=timezone.utc)
     scheduler.add_job(job, IntervalTrigger(seconds=seconds), id=name, max_instances=overlapping, coalesce=True,

@@ -15,9 +15,12 @@ import threading
 import time
 import zipfile
 from dataclasses import dataclass
+import functools
+import importlib.util
 from importlib import resources
+from importlib._bootstrap_external import _code_to_hash_pyc  # type: ignore[attr-defined]   # what py_compile uses
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 from .atomicfile import MiB, read_regular
 from quantlab.host.agent.qlagent.protocol import EXIT_MISSING, FENCED_COMMANDS, answer_problem
@@ -32,9 +35,8 @@ def _shipped(name: str) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()[:16]
 
 
-def _zipapp(folder: str) -> tuple[bytes, str]:
-    """The agent's folder as one zip application (runnable as `python3 agent.pyz`), built the same
-    byte for byte from the same sources, so that its content hash names it."""
+def _agent_sources(folder: str) -> tuple[tuple[str, bytes], ...]:
+    """The agent's source files (path in the zip, bytes), sorted."""
     root = resources.files("quantlab.host").joinpath(folder)
     found: list[tuple[str, bytes]] = []
     pending = [(root, "")]
@@ -45,17 +47,43 @@ def _zipapp(folder: str) -> tuple[bytes, str]:
                 pending.append((entry, f"{prefix}{entry.name}/"))
             elif entry.name.endswith(".py"):
                 found.append((prefix + entry.name, entry.read_bytes()))
+    return tuple(sorted(found))
+
+
+def _zip(files: Iterable[tuple[str, bytes]]) -> bytes:
+    """A zip application (runnable as `python3 agent.pyz`), the same byte for byte from the same files."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for name, data in sorted(found):
+        for name, data in sorted(files):
             info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             archive.writestr(info, data)
-    data = buffer.getvalue()
-    return data, hashlib.sha256(data).hexdigest()[:16]
+    return buffer.getvalue()
 
 
-AGENT_SOURCE, AGENT_HASH = _zipapp("agent")
+AGENT_SOURCES = _agent_sources("agent")
+# The agent is named by its sources: every controller of this release ships it under one name.
+AGENT_HASH = hashlib.sha256(_zip(AGENT_SOURCES)).hexdigest()[:16]
+
+
+@functools.cache
+def agent_zipapp() -> bytes:
+    """What is shipped as AGENT_PATH: the sources, and beside each its bytecode for this
+    controller's Python. zipimport never caches bytecode, so without it every call (a probe of
+    every host, every round) compiles the agent again; a host whose Python has another magic number
+    takes the source instead. The bytecode is unchecked-hash based: nothing in it depends on a clock
+    or on the zip's timestamps. Built on the first upload, not at every command's start."""
+    files = list(AGENT_SOURCES)
+    for name, source in AGENT_SOURCES:
+        try:
+            code = compile(source, name, "exec", dont_inherit=True)
+            pyc = _code_to_hash_pyc(code, importlib.util.source_hash(source), checked=False)
+        except (AttributeError, SyntaxError):       # an interpreter without it: the sources alone
+            continue
+        files.append((name + "c", bytes(pyc)))
+    return _zip(files)
+
+
 RUNNER_SOURCE, RUNNER_HASH = _shipped("runner.mjs")
 AGENT_PATH = f"agent/agent-{AGENT_HASH}.pyz"
 RUNNER_PATH = f"agent/runner-{RUNNER_HASH}.mjs"
@@ -138,7 +166,7 @@ class Agent:
         return done.returncode == 2 and b"can't open file" in done.stderr and AGENT_PATH.encode() in done.stderr
 
     def ship(self) -> None:
-        self.transport.put_file(AGENT_SOURCE, f"{self.home}/{AGENT_PATH}", 0o755)
+        self.transport.put_file(agent_zipapp(), f"{self.home}/{AGENT_PATH}", 0o755)
 
     def call(self, command: str, request: dict[str, Any], timeout: float, args: tuple[str, ...] = ()) -> dict[str, Any]:
         done = self.run(command, request, timeout, args)

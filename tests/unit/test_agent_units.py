@@ -102,12 +102,47 @@ def test_the_agent_answers_on_a_python_without_ctypes_or_zlib(tmp_path):
     containment, no checkpoint copies) instead of failing every command at import."""
     import subprocess
 
-    from quantlab.edges.hosts import AGENT_SOURCE
+    from quantlab.edges.hosts import agent_zipapp
 
     app = tmp_path / "agent.pyz"
-    app.write_bytes(AGENT_SOURCE)
+    app.write_bytes(agent_zipapp())
     run = ("import runpy, sys; sys.modules['ctypes'] = None; sys.modules['zlib'] = None; "
            f"sys.argv = [{str(app)!r}, 'probe']; runpy.run_path({str(app)!r}, run_name='__main__')")
     done = subprocess.run([sys.executable, "-I", "-S", "-c", run], input=b"{}", capture_output=True, timeout=30)
     assert done.returncode == 0, done.stderr.decode()
     assert json.loads(done.stdout)["host"]["cpus"] >= 1
+
+
+def test_the_shipped_agent_brings_its_bytecode_and_a_probe_loads_only_what_it_needs(tmp_path):
+    """zipimport never writes bytecode, so without the .pyc files in the zip a host would compile
+    the agent on every call; and a probe (every host, every round) imports no supervisor, log reader
+    or start and stop code. The agent is still named by its sources alone."""
+    import hashlib
+    import subprocess
+    import textwrap
+    import zipfile
+
+    from quantlab.edges.hosts import AGENT_HASH, AGENT_SOURCES, _zip, agent_zipapp
+
+    app = tmp_path / "agent.pyz"
+    app.write_bytes(agent_zipapp())
+    names = zipfile.ZipFile(app).namelist()
+    assert {n + "c" for n, _ in AGENT_SOURCES} <= set(names), names
+    assert AGENT_HASH == hashlib.sha256(_zip(AGENT_SOURCES)).hexdigest()[:16]
+    script = textwrap.dedent(f"""
+        import json, runpy, sys
+        sys.argv = [{str(app)!r}, "probe"]
+        try:
+            runpy.run_path({str(app)!r}, run_name="__main__")
+        except SystemExit:
+            pass
+        probe = sys.modules["qlagent.probe"]
+        print(json.dumps({{"modules": sorted(m for m in sys.modules if m.startswith("qlagent")),
+                           "compiled_as": probe.probe.__code__.co_filename}}), file=sys.stderr)
+    """)
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", script], input=b"{}", capture_output=True, timeout=30)
+    assert json.loads(done.stdout)["host"]["cpus"] >= 1, done.stderr.decode()
+    seen = json.loads(done.stderr.decode().strip().splitlines()[-1])
+    # Loaded from the shipped bytecode (compiled as "qlagent/probe.py"), not compiled from the zip's source.
+    assert seen["compiled_as"] == "qlagent/probe.py", seen
+    assert not {"qlagent.supervisor", "qlagent.control", "qlagent.logs", "qlagent.output"} & set(seen["modules"]), seen

@@ -4,23 +4,56 @@ import os
 import sys
 
 from .protocol import EXIT_BAD_REQUEST, FENCED_COMMANDS, request_problem
-from .probe import copy_checkpoints, probe
-from .control import set_paused, start, stop
-from .fence import admit
-from .logs import logs
-from .procs import keep_secrets
-from .supervisor import supervise
 
 # --- entry point ------------------------------------------------------------------------------------
 
+# Each command imports only the modules it needs, when it runs: a probe (every host, every round)
+# then never loads the supervisor, the log reader or the start and stop code.
+
+
+def _probe(request, args):
+    from .probe import probe
+    return probe(request, args)
+
+
+def _checkpoints(request, args):
+    from .probe import copy_checkpoints
+    return copy_checkpoints(request, args)
+
+
+def _start(request, args):
+    from .control import start
+    return start(request, args)
+
+
+def _stop(request, args):
+    from .control import stop
+    return stop(request, args)
+
+
+def _pause(request, args):
+    from .control import set_paused
+    return set_paused(request, True)
+
+
+def _resume(request, args):
+    from .control import set_paused
+    return set_paused(request, False)
+
+
+def _logs(request, args):
+    from .logs import logs
+    return logs(request, args)
+
+
 COMMANDS = {
-    "probe": probe,
-    "start": start,
-    "stop": stop,
-    "pause": lambda request, args: set_paused(request, True),
-    "resume": lambda request, args: set_paused(request, False),
-    "logs": logs,
-    "checkpoints": copy_checkpoints,
+    "probe": _probe,
+    "start": _start,
+    "stop": _stop,
+    "pause": _pause,
+    "resume": _resume,
+    "logs": _logs,
+    "checkpoints": _checkpoints,
 }
 
 
@@ -30,6 +63,7 @@ def main(argv):
         return EXIT_BAD_REQUEST
     command, args = argv[1], argv[2:]
     if command == "supervise":
+        from .supervisor import supervise
         return supervise(args)
     if command not in COMMANDS:
         sys.stderr.write("unknown command %r\n" % command)
@@ -51,12 +85,14 @@ def main(argv):
         sys.stderr.write("request is not JSON: %s\n" % exc)
         return EXIT_BAD_REQUEST
     if isinstance(request, dict) and "leaseKey" in request:
+        from .procs import keep_secrets
         keep_secrets()                 # a copy's lease key is in this process's memory now
     problem = request_problem(command, request)
     if problem is not None:
         sys.stderr.write("bad %s request: %s; nothing was done\n" % (command, problem))
         return EXIT_BAD_REQUEST
     if command in FENCED_COMMANDS:
+        from .fence import admit
         workdir = os.path.abspath(os.path.expanduser(request["workdir"]))
         refused, highest = admit(workdir, request)
         if refused is not None:
