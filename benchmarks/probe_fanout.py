@@ -5,13 +5,17 @@ three workers with running instances on each (a shell stub runner that honours t
 stands in for node, to fit 2 cores), and measures, median of --repeat runs:
 
 - quantlab cold: a fresh controller probes every host (new connections: TCP, key exchange, auth);
-- quantlab warm: the same controller probes again over its kept connections;
+- quantlab warm: the same controller probes again over its kept connections, through its own Prober
+  (the one the daemon keeps across rounds, which knows which hosts are warm);
 - floor: the same probe command over already-open paramiko connections from a thread pool, with no
   quantlab logic at all;
 - ansible: `ansible all -m command -a '<same probe>' -f N` over the same hosts, host key checking on.
 
 Controller CPU per tick is the benchmark process's CPU time for quantlab and the floor, and the
-children's CPU time for ansible. Run it in its own environment (ansible-core and matplotlib are not
+children's CPU time for ansible. Host CPU per tick is reported apart: the CPU of every sshd process
+of the hosts and of what they ran and reaped (the agent's calls, their interpreters) — the cost a
+probe puts on a trading host. Every instance started is stopped at the end; the run fails if a
+process it started is left. Run it in its own environment (ansible-core and matplotlib are not
 quantlab dependencies):
 
     python3 -m venv benchmarks/.venv && benchmarks/.venv/bin/pip install ansible-core matplotlib -e .
@@ -40,9 +44,9 @@ sys.path.insert(0, str(REPO))
 import paramiko  # noqa: E402
 
 from quantlab.app.controller import Controller  # noqa: E402
-from quantlab.edges.gather import gather  # noqa: E402
 from quantlab.edges.hosts import AGENT_PATH, HostKey  # noqa: E402
-from tests.sshd_hosts import SshdCluster  # noqa: E402
+from tests.sshd_hosts import SshdCluster, _descendants  # noqa: E402
+from tests.support import kill_all, processes  # noqa: E402
 
 WORKERS_PER_HOST = 3
 STUB_RUNNER = (
@@ -83,6 +87,23 @@ def timed(fn, cpu=time.process_time):
     return time.perf_counter() - wall, cpu() - used
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def host_cpu(cluster: SshdCluster) -> float:
+    """CPU seconds the hosts' sshd daemons, their sessions and everything those ran and reaped have
+    used so far (a supervisor is not among them: it leaves its session at start)."""
+    total = 0
+    for h in cluster.hosts:
+        for pid in [h.pid, *_descendants(h.pid)] if h.pid else []:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            total += sum(int(x) for x in fields[11:15])        # utime stime cutime cstime
+    return total / CLOCK_TICKS
+
+
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -119,17 +140,21 @@ def measure(n: int, repeat: int, base: Path) -> dict:
         answered = {}
 
         def quantlab_tick(c: Controller):
-            g = gather(fleet, memory, c.hosts(fleet), c.clock)
+            # The daemon's own Prober, kept by the controller across rounds (not a throwaway one).
+            g = c.prober(fleet).round(fleet, memory, deadline_s=60.0)
             answered["n"] = sum(1 for s in g.observed.workers.values() if s.reachable)
 
-        cold, cold_cpu, warm, warm_cpu = [], [], [], []
+        cold, cold_cpu, warm, warm_cpu, warm_host = [], [], [], [], []
         for _ in range(repeat):
             c = Controller(fleet_dir, fleet_dir / ".quantlab" / "state.json")
             wall, cpu = timed(lambda: quantlab_tick(c))
             cold.append(wall), cold_cpu.append(cpu)
             assert answered["n"] == n * WORKERS_PER_HOST, answered
             for _ in range(repeat):
+                before = host_cpu(cluster)
                 wall, cpu = timed(lambda: quantlab_tick(c))
+                warm_host.append(host_cpu(cluster) - before)
+                assert answered["n"] == n * WORKERS_PER_HOST, answered
                 warm.append(wall), warm_cpu.append(cpu)
             c.close()
 
@@ -148,18 +173,33 @@ def measure(n: int, repeat: int, base: Path) -> dict:
             _, stdout, _ = clients[name].exec_command(command)
             json.loads(stdout.read())
 
-        floor, floor_cpu = [], []
+        def interpreter(name: str) -> None:
+            _, stdout, _ = clients[name].exec_command("python3 -I -S -c pass")
+            stdout.read()
+
+        floor, floor_cpu, interpreter_host = [], [], []
         with ThreadPoolExecutor(max_workers=n) as pool:
             for _ in range(repeat):
                 wall, cpu = timed(lambda: list(pool.map(bare, clients)))
                 floor.append(wall), floor_cpu.append(cpu)
+            # The host's floor for any call that starts an interpreter: a bare one, over the same sessions.
+            for _ in range(repeat):
+                before = host_cpu(cluster)
+                list(pool.map(interpreter, clients))
+                interpreter_host.append(host_cpu(cluster) - before)
         for client in clients.values():
             client.close()
 
         ansible = run_ansible(cluster, commands, n, repeat, base)
+        # Nothing this run started is left: the instances' supervisors (and their runners) are stopped.
+        left = kill_all(str(base))
+        if left or processes(str(base)):
+            sys.exit(f"processes left behind: {[p.argv for p in left]}")
         return {
             "n": n, "cold": statistics.median(cold), "cold_cpu": statistics.median(cold_cpu),
             "warm": statistics.median(warm), "warm_cpu": statistics.median(warm_cpu),
+            "host_cpu_per_probe": statistics.median(warm_host) / n,
+            "host_cpu_per_interpreter": statistics.median(interpreter_host) / n,
             "floor": statistics.median(floor), "floor_cpu": statistics.median(floor_cpu), **ansible,
         }
 
@@ -200,9 +240,9 @@ def run_ansible(cluster: SshdCluster, commands: dict, n: int, repeat: int, base:
 
 def write_report(rows: list[dict], out_dir: Path) -> None:
     header = ("| hosts (×3 workers) | quantlab cold | quantlab warm | floor (bare paramiko, open) | ansible "
-              "(median; first run) | warm vs ansible | warm vs floor | cold vs ansible | CPU per tick: cold / warm / "
-              "floor / ansible |")
-    lines = [header, "|" + " --- |" * 9]
+              "(median; first run) | warm vs ansible | warm vs floor | cold vs ansible | controller CPU per tick: "
+              "cold / warm / floor / ansible | host CPU per probe (warm) vs a bare interpreter |")
+    lines = [header, "|" + " --- |" * 10]
     for r in rows:
         a = r["ansible"]
         lines.append(
@@ -212,7 +252,9 @@ def write_report(rows: list[dict], out_dir: Path) -> None:
             + f"{r['warm'] / r['floor']:.2f}× | "
             + (f"{r['cold'] / a:.2f}×" if a else "n/a") + " | "
             + f"{r['cold_cpu']:.2f} / {r['warm_cpu']:.3f} / {r['floor_cpu']:.3f} / "
-            + (f"{r['ansible_cpu']:.2f} s" if a else "n/a") + " |")
+            + (f"{r['ansible_cpu']:.2f} s" if a else "n/a") + " | "
+            + f"{1000 * r['host_cpu_per_probe']:.1f} ms vs {1000 * r['host_cpu_per_interpreter']:.1f} ms "
+            + f"({r['host_cpu_per_probe'] / r['host_cpu_per_interpreter']:.1f}×) |")
     table = "\n".join(lines)
     print(table)
     try:
