@@ -41,7 +41,7 @@ from quantlab.app.controller import Controller  # noqa: E402
 from quantlab.app.loop import ReconcileLoop  # noqa: E402
 from tests.sshd_hosts import SshdCluster  # noqa: E402
 from benchmarks.readme_block import write_block  # noqa: E402
-from tests.support import kill_all  # noqa: E402
+from tests.support import kill_all, processes  # noqa: E402
 
 STUB_RUNNER = (
     "trap 'exit 0' TERM; while :; do "
@@ -285,6 +285,11 @@ def main() -> None:
                 if not args.no_baseline and n == sizes[0]:
                     baseline = run_case(cluster, Case(n, 1, OLD), base)     # one host
                     print("old defaults:", row(baseline), flush=True)
+        # Every case stopped what it started: a process still running from this run is a failure.
+        left = processes(str(base))
+        kill_all(str(base))
+        if left:
+            sys.exit(f"{len(left)} processes were left behind (now killed): {[p.argv for p in left][:5]}")
     report(results, baseline)
 
 
