@@ -104,6 +104,13 @@ def host_cpu(cluster: SshdCluster) -> float:
     return total / CLOCK_TICKS
 
 
+def idle_cpu_per_connection(n: int, seconds: float = 5.0) -> float:
+    """This process's CPU per second per kept connection while nothing is asked of them."""
+    used = time.process_time()
+    time.sleep(seconds)
+    return (time.process_time() - used) / seconds / n
+
+
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -144,7 +151,7 @@ def measure(n: int, repeat: int, base: Path) -> dict:
             g = c.prober(fleet).round(fleet, memory, deadline_s=60.0)
             answered["n"] = sum(1 for s in g.observed.workers.values() if s.reachable)
 
-        cold, cold_cpu, warm, warm_cpu, warm_host = [], [], [], [], []
+        cold, cold_cpu, warm, warm_cpu, warm_host, idle_cpu = [], [], [], [], [], []
         for _ in range(repeat):
             c = Controller(fleet_dir, fleet_dir / ".quantlab" / "state.json")
             wall, cpu = timed(lambda: quantlab_tick(c))
@@ -156,6 +163,7 @@ def measure(n: int, repeat: int, base: Path) -> dict:
                 warm_host.append(host_cpu(cluster) - before)
                 assert answered["n"] == n * WORKERS_PER_HOST, answered
                 warm.append(wall), warm_cpu.append(cpu)
+            idle_cpu.append(idle_cpu_per_connection(n))      # the kept connections, doing nothing
             c.close()
 
         # The floor: bare paramiko, connections already open, one exec per host from a thread pool.
@@ -177,6 +185,7 @@ def measure(n: int, repeat: int, base: Path) -> dict:
             _, stdout, _ = clients[name].exec_command("python3 -I -S -c pass")
             stdout.read()
 
+        floor_idle = idle_cpu_per_connection(n)     # plain paramiko clients, kept open the same way
         floor, floor_cpu, interpreter_host = [], [], []
         with ThreadPoolExecutor(max_workers=n) as pool:
             for _ in range(repeat):
@@ -200,6 +209,7 @@ def measure(n: int, repeat: int, base: Path) -> dict:
             "warm": statistics.median(warm), "warm_cpu": statistics.median(warm_cpu),
             "host_cpu_per_probe": statistics.median(warm_host) / n,
             "host_cpu_per_interpreter": statistics.median(interpreter_host) / n,
+            "idle_cpu_per_connection": statistics.median(idle_cpu), "floor_idle_cpu_per_connection": floor_idle,
             "floor": statistics.median(floor), "floor_cpu": statistics.median(floor_cpu), **ansible,
         }
 
@@ -241,8 +251,9 @@ def run_ansible(cluster: SshdCluster, commands: dict, n: int, repeat: int, base:
 def write_report(rows: list[dict], out_dir: Path) -> None:
     header = ("| hosts (×3 workers) | quantlab cold | quantlab warm | floor (bare paramiko, open) | ansible "
               "(median; first run) | warm vs ansible | warm vs floor | cold vs ansible | controller CPU per tick: "
-              "cold / warm / floor / ansible | host CPU per probe (warm) vs a bare interpreter |")
-    lines = [header, "|" + " --- |" * 10]
+              "cold / warm / floor / ansible | host CPU per probe (warm) vs a bare interpreter | idle controller CPU per "
+              "kept connection vs plain paramiko |")
+    lines = [header, "|" + " --- |" * 11]
     for r in rows:
         a = r["ansible"]
         lines.append(
@@ -254,7 +265,8 @@ def write_report(rows: list[dict], out_dir: Path) -> None:
             + f"{r['cold_cpu']:.2f} / {r['warm_cpu']:.3f} / {r['floor_cpu']:.3f} / "
             + (f"{r['ansible_cpu']:.2f} s" if a else "n/a") + " | "
             + f"{1000 * r['host_cpu_per_probe']:.1f} ms vs {1000 * r['host_cpu_per_interpreter']:.1f} ms "
-            + f"({r['host_cpu_per_probe'] / r['host_cpu_per_interpreter']:.1f}×) |")
+            + f"({r['host_cpu_per_probe'] / r['host_cpu_per_interpreter']:.1f}×) | "
+            + f"{1000 * r['idle_cpu_per_connection']:.3f} vs {1000 * r['floor_idle_cpu_per_connection']:.3f} ms/s |")
     table = "\n".join(lines)
     print(table)
     try:
