@@ -137,7 +137,7 @@ def test_the_shipped_agent_brings_its_bytecode_and_a_probe_loads_only_what_it_ne
         except SystemExit:
             pass
         probe = sys.modules["qlagent.probe"]
-        print(json.dumps({{"modules": sorted(m for m in sys.modules if m.startswith("qlagent")),
+        print(json.dumps({{"modules": sorted(m for m in sys.modules if m.startswith("qlagent") or m == "subprocess"),
                            "compiled_as": probe.probe.__code__.co_filename}}), file=sys.stderr)
     """)
     done = subprocess.run([sys.executable, "-I", "-S", "-c", script], input=b"{}", capture_output=True, timeout=30)
@@ -146,3 +146,4 @@ def test_the_shipped_agent_brings_its_bytecode_and_a_probe_loads_only_what_it_ne
     # Loaded from the shipped bytecode (compiled as "qlagent/probe.py"), not compiled from the zip's source.
     assert seen["compiled_as"] == "qlagent/probe.py", seen
     assert not {"qlagent.supervisor", "qlagent.control", "qlagent.logs", "qlagent.output"} & set(seen["modules"]), seen
+    assert "subprocess" not in seen["modules"], "a probe that needs no program's version imports no subprocess"

@@ -1,12 +1,10 @@
 """`probe` and `checkpoints`: what runs in each instance folder (status, heartbeat, lease, events),
 lease renewals, and the checkpoint folders the controller copies."""
-import base64
 import hashlib
 import json
 import os
 import shutil
 import stat
-import subprocess
 import sys
 import time
 
@@ -88,6 +86,7 @@ def program_version(program, cache_path):
     if not isinstance(cache, dict):
         cache = {}
     if key not in cache:
+        import subprocess              # here: most probes find the version cached, and start nothing
         try:
             done = subprocess.run([path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                   timeout=10, stdin=subprocess.DEVNULL)
@@ -288,6 +287,7 @@ def checkpoint_hash(files):
 def pack_checkpoint(idir, files=None):
     """The instance's checkpoint folder as {"files": {relative path: base64 of zlib}, "hash", "t"},
     or None when it cannot be copied (not a plain folder, or larger than the cap compressed)."""
+    import base64                      # here: only a checkpoint copy or a stop needs it
     try:
         files = checkpoint_files(idir) if files is None else files
     except CheckpointTooLarge:
@@ -344,6 +344,7 @@ def checkpoint_of(idir, want):
 
 def unpack_checkpoint(idir, checkpoint):
     """Put a checkpoint back into the instance's state folder; paths stay inside it."""
+    import base64
     root = os.path.join(idir, "state")
     # The checkpoint replaces whatever an earlier placement left here (and any symlink in it).
     shutil.rmtree(root, ignore_errors=True)
