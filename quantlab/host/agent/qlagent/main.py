@@ -1,4 +1,5 @@
 """The entry point: `python3 agent.pyz COMMAND` with the request as JSON on stdin."""
+import importlib
 import json
 import os
 import sys
@@ -7,53 +8,25 @@ from .protocol import EXIT_BAD_REQUEST, FENCED_COMMANDS, request_problem
 
 # --- entry point ------------------------------------------------------------------------------------
 
-# Each command imports only the modules it needs, when it runs: a probe (every host, every round)
+# Each command imports only the module it needs, when it runs: a probe (every host, every round)
 # then never loads the supervisor, the log reader or the start and stop code.
 
-
-def _probe(request, args):
-    from .probe import probe
-    return probe(request, args)
-
-
-def _checkpoints(request, args):
-    from .probe import copy_checkpoints
-    return copy_checkpoints(request, args)
-
-
-def _start(request, args):
-    from .control import start
-    return start(request, args)
-
-
-def _stop(request, args):
-    from .control import stop
-    return stop(request, args)
-
-
-def _pause(request, args):
-    from .control import set_paused
-    return set_paused(request, True)
-
-
-def _resume(request, args):
-    from .control import set_paused
-    return set_paused(request, False)
-
-
-def _logs(request, args):
-    from .logs import logs
-    return logs(request, args)
+def _lazy(module, function, *fixed):
+    """The command that calls `module.function(request, args)` (or with `fixed` instead of args)."""
+    def run(request, args):
+        call = getattr(importlib.import_module("." + module, __package__), function)
+        return call(request, *fixed) if fixed else call(request, args)
+    return run
 
 
 COMMANDS = {
-    "probe": _probe,
-    "start": _start,
-    "stop": _stop,
-    "pause": _pause,
-    "resume": _resume,
-    "logs": _logs,
-    "checkpoints": _checkpoints,
+    "probe": _lazy("probe", "probe"),
+    "start": _lazy("control", "start"),
+    "stop": _lazy("control", "stop"),
+    "pause": _lazy("control", "set_paused", True),
+    "resume": _lazy("control", "set_paused", False),
+    "logs": _lazy("logs", "logs"),
+    "checkpoints": _lazy("probe", "copy_checkpoints"),
 }
 
 
