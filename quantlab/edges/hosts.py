@@ -3,6 +3,12 @@
 The agent and the reference runner are shipped by content hash. Calls are optimistic: the agent is
 run where it should be, and uploaded only when the host answers that the file is not there, so a
 warm probe costs exactly one round trip.
+
+Calls go to a kept agent (`agent.pyz serve`, one per connection lane and agent copy: Serving and
+session.py), which answers each in a child forked from an interpreter that has everything imported
+already; a call of its own (`agent.pyz COMMAND`, an interpreter started for it) is the fallback for
+a transport without channels and for a host where `serve` does not start, and is what
+QUANTLAB_AGENT_SERVE=0 asks for.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 from .atomicfile import MiB, read_regular
 from quantlab.host.agent.qlagent.protocol import EXIT_MISSING, FENCED_COMMANDS, answer_problem
 from quantlab.core.spec import Fleet, StrategySpec, WorkerSpec
+from .session import AgentSession, SessionClosed, SessionRefused
 from .transport.base import Completed, Transport, TransportError
 
 STRATEGY_FILE_CAP = 16 * MiB   # the loader refuses larger strategy files
@@ -137,14 +144,16 @@ def no_fence() -> None:
 class Agent:
     """The agent on one host, reached through its transport."""
 
-    def __init__(self, transport: Transport, home_workdir: str, python: str, label: str, fence: Fence = no_fence):
+    def __init__(self, transport: Transport, home_workdir: str, python: str, label: str, fence: Fence = no_fence,
+                 serving: "Serving | None" = None):
         self.transport = transport
         self.home = home_workdir          # the workdir whose agent/ copy runs the calls for this host
         self.python = python
         self.label = label
         self.fence = fence                # {"lineage", "term"} of the controller, as of each call
+        self.serving = serving            # the kept agents; None: every call is one of its own
 
-    def _argv(self, command: str, args: tuple[str, ...]) -> list[str]:
+    def argv(self, command: str, args: tuple[str, ...] = ()) -> list[str]:
         # -I -S: no site-packages, user site or PYTHON* variables of the host; the agent needs none,
         # and every probe starts a little faster.
         return [self.python, "-I", "-S", f"{self.home}/{AGENT_PATH}", command, *args]
@@ -153,16 +162,18 @@ class Agent:
         fence = self.fence() if command in FENCED_COMMANDS and "fence" not in request else None
         payload = json.dumps({**request, "fence": fence} if fence is not None else request).encode()
         deadline = time.monotonic() + timeout
-        done = self.transport.run(self._argv(command, args), payload, timeout)
-        if self._agent_missing(done):
-            self.ship()             # then the same call again, within what is left of its time
-            done = self.transport.run(self._argv(command, args), payload, max(0.1, deadline - time.monotonic()))
+        done = self.serving.call(self, command, args, payload, deadline) if self.serving is not None else None
+        if done is None:
+            done = self.transport.run(self.argv(command, args), payload, max(0.1, deadline - time.monotonic()))
+            if self.agent_missing(done):
+                self.ship()             # then the same call again, within what is left of its time
+                done = self.transport.run(self.argv(command, args), payload, max(0.1, deadline - time.monotonic()))
         if done.returncode in (126, 127) or (done.returncode != 0 and b"python3: not found" in done.stderr):
             raise AgentError(self.label, f"cannot run {self.python} on the host (exit {done.returncode}); "
                                          "install Python 3.8+ there", maybe_ran=False)
         return done
 
-    def _agent_missing(self, done: Completed) -> bool:
+    def agent_missing(self, done: Completed) -> bool:
         return done.returncode == 2 and b"can't open file" in done.stderr and AGENT_PATH.encode() in done.stderr
 
     def ship(self) -> None:
@@ -190,7 +201,95 @@ class Agent:
         return answer
 
     def stream(self, command: str, request: dict[str, Any]) -> Iterator[bytes]:
-        return self.transport.stream(self._argv(command, ()), json.dumps(request).encode())
+        return self.transport.stream(self.argv(command), json.dumps(request).encode())
+
+
+SERVE_RETRY_S = 300.0      # after `serve` would not start on a host, its calls are their own for this long
+
+
+class Serving:
+    """The kept agents of a fleet's hosts: one AgentSession per transport (a host's lane) and agent
+    copy, opened on its first call and kept until it ends (its connection dropped, a call timed out:
+    the next call opens another) or the hosts are closed."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[int, str, str], tuple[Transport, AgentSession]] = {}
+        self._opening: dict[tuple[int, str, str], threading.Lock] = {}
+        self._refused: dict[tuple[int, str, str], float] = {}     # -> when to try `serve` again
+        self._lock = threading.Lock()
+
+    def call(self, agent: Agent, command: str, args: tuple[str, ...], payload: bytes,
+             deadline: float) -> Completed | None:
+        """The call's answer from the host's kept agent; None when there is none (the caller makes
+        the call on its own)."""
+        for _ in range(2):
+            session = self._session(agent, deadline)
+            if session is None:
+                return None
+            try:
+                return session.call(command, args, payload, deadline)
+            except SessionClosed:               # it had ended before this call went out: open another
+                self._forget(agent, session)
+            except TransportError:
+                self._forget(agent, session)
+                raise
+        return None
+
+    @staticmethod
+    def _key(agent: Agent) -> tuple[int, str, str]:
+        return id(agent.transport), agent.home, agent.python
+
+    def _session(self, agent: Agent, deadline: float) -> AgentSession | None:
+        key = self._key(agent)
+        with self._lock:
+            found = self._sessions.get(key)
+            if found is not None and found[0] is agent.transport and not found[1].closed:
+                return found[1]
+            if self._refused.get(key, 0.0) > time.monotonic() or getattr(agent.transport, "open", None) is None:
+                return None
+            opening = self._opening.setdefault(key, threading.Lock())
+        # One opening per key at a time; the others wait for it (within their own deadline).
+        if not opening.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TransportError(agent.label, "the agent did not start within the call's deadline; the host may be "
+                                              "overloaded or frozen")
+        try:
+            with self._lock:
+                found = self._sessions.get(key)
+                if found is not None and found[0] is agent.transport and not found[1].closed:
+                    return found[1]
+            session = self._open(agent, deadline)
+            with self._lock:
+                if session is None:
+                    self._refused[key] = time.monotonic() + SERVE_RETRY_S
+                else:
+                    self._sessions[key] = (agent.transport, session)
+            return session
+        finally:
+            opening.release()
+
+    def _open(self, agent: Agent, deadline: float) -> AgentSession | None:
+        for attempt in (1, 2):
+            pipe = agent.transport.open(agent.argv("serve"), deadline)
+            try:
+                return AgentSession(pipe, agent.label, deadline)
+            except SessionRefused as refused:
+                if attempt == 1 and agent.agent_missing(refused.ended):
+                    agent.ship()
+                    continue
+                return None       # calls of their own then say what is wrong there (no Python, say)
+        return None
+
+    def _forget(self, agent: Agent, session: AgentSession) -> None:
+        with self._lock:
+            key = self._key(agent)
+            if key in self._sessions and self._sessions[key][1] is session:
+                del self._sessions[key]
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = [s for _, s in self._sessions.values()], {}
+        for session in sessions:
+            session.close()
 
 
 # Each host is reached on two lanes, each with its own connection: probes (and with them every lease
@@ -202,8 +301,12 @@ Lane = Literal["probe", "act"]
 class Hosts:
     """Transports and agents for every host of a fleet, opened lazily and kept for reuse."""
 
-    def __init__(self, fleet: Fleet, transport_factory: Any = None, accept_new_host_keys: bool = False):
+    def __init__(self, fleet: Fleet, transport_factory: Any = None, accept_new_host_keys: bool = False,
+                 serve: bool | None = None):
         self.fleet = fleet
+        if serve is None:
+            serve = os.environ.get("QUANTLAB_AGENT_SERVE", "1") != "0"
+        self.serving = Serving() if serve else None
         self.accept_new_host_keys = accept_new_host_keys
         self._factory = transport_factory or self._default_transport
         self._transports: dict[tuple[HostKey, Lane], Transport] = {}
@@ -262,7 +365,7 @@ class Hosts:
     def agent(self, key: HostKey, workers: list[WorkerSpec], lane: Lane = "act") -> Agent:
         home = self.workdir(sorted(workers, key=lambda w: w.id)[0])
         python = sys.executable if key.host == "local" else "python3"
-        return Agent(self.transport(key, lane), home, python, str(key), lambda: self.fence())
+        return Agent(self.transport(key, lane), home, python, str(key), lambda: self.fence(), self.serving)
 
     def agent_for(self, worker: WorkerSpec, lane: Lane = "act") -> Agent:
         return self.agent(host_key(worker), [worker], lane)
@@ -282,6 +385,8 @@ class Hosts:
         self.transport(host_key(worker)).put_file(RUNNER_SOURCE, f"{self.workdir(worker)}/{RUNNER_PATH}")
 
     def close(self) -> None:
+        if self.serving is not None:
+            self.serving.close()          # before their connections: each `serve` then ends on its own
         with self._lock:
             transports, self._transports = list(self._transports.values()), {}
         for t in transports:

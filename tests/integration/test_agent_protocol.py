@@ -47,9 +47,13 @@ def test_a_malformed_request_is_refused_in_one_line_and_touches_nothing(agent_ho
 
 
 # An agent of another release, as far as stops go: it answers them with a result this controller
-# never heard of, and hands every other command to the real agent.
+# never heard of, and hands every other command to the real agent. Like a release before kept agents,
+# it does not know `serve`: the controller falls back to calls of their own.
 SKEWED = """
 import os, sys
+if sys.argv[1] == "serve":
+    sys.stderr.write("unknown command 'serve'\\n")
+    sys.exit(4)
 if sys.argv[1] == "stop":
     sys.stdin.read()
     sys.stdout.write('{"result": "retired", "note": "from a later release"}')

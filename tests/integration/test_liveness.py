@@ -107,6 +107,9 @@ class Silent(LocalTransport):
     def run(self, argv, stdin=b"", timeout=30.0):
         raise TransportError(self.name, "connection refused (test)")
 
+    def open(self, argv, deadline):
+        raise TransportError(self.name, "connection refused (test)")
+
 
 def test_a_wall_clock_step_forward_fails_nothing_over_early(fleet):
     """The controller's wall clock jumps an hour ahead while a worker is silent: its strategy waits

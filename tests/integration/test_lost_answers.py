@@ -30,7 +30,8 @@ class LosesAnswers(LocalTransport):
 
 def controller(fleet_dir, transport: LosesAnswers) -> Controller:
     ctl = Controller(fleet_dir.root, default_state_path(fleet_dir.root))
-    ctl._hosts = Hosts(ctl.load_fleet(), transport_factory=lambda key: transport)
+    # Calls of their own: this transport loses the answers of `run`, which kept agents do not use.
+    ctl._hosts = Hosts(ctl.load_fleet(), transport_factory=lambda key: transport, serve=False)
     return ctl
 
 

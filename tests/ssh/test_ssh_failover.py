@@ -118,7 +118,7 @@ def test_a_start_whose_answer_was_lost_then_its_host_went_dark_never_runs_twice(
     fl.write()
     ctl = Controller(fl.dir, default_state_path(fl.dir))
     factory = LosesStartAnswers(ctl.load_fleet())
-    ctl._hosts = Hosts(ctl.load_fleet(), transport_factory=factory)
+    ctl._hosts = Hosts(ctl.load_fleet(), transport_factory=factory, serve=False)   # Losing loses `run`'s answers
     loop = ReconcileLoop(ctl, log=lambda line: None)
     assert all(o.ok for o in loop.tick().outcomes)          # ships agent, runner and file everywhere
 

@@ -172,7 +172,7 @@ def test_host_freezing_between_channel_open_and_command_is_bounded(ssh_fleet):
         made[key.host] = FreezeAfterChannelOpen.for_host(key.host, key.port, key.user, fleet.settings.ssh)
         made[key.host].host = fl.hosts[key.host]
         return made[key.host]
-    hosts = Hosts(fleet, factory)
+    hosts = Hosts(fleet, factory, serve=False)     # calls of their own: each opens a channel
     try:
         assert all(s.reachable for s in gather(fleet, memory, hosts, ctl.clock).observed.workers.values())
         made["host-02"].armed = True

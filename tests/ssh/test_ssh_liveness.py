@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -138,6 +139,20 @@ def test_a_frozen_host_delays_no_renewal_and_its_strategies_move_within_the_boun
     print(f"\n[timing] failover {took:.2f}s after the freeze (bound {FAILOVER_BOUND:.1f}s)")
 
 
+def probe_or_not(info) -> bool | None:
+    """A call of its own (`agent.pyz probe`) or a kept agent's child answering a probe (its comm is
+    ql-probe); None for a kept agent's process not named yet (a child names itself right after the fork)."""
+    if "probe" in info.argv:
+        return True
+    if "serve" not in info.argv:
+        return False
+    try:
+        comm = Path(f"/proc/{info.pid}/comm").read_text().strip()
+    except OSError:
+        return False
+    return comm == "ql-probe" if comm.startswith("ql-") else None
+
+
 def catch_a_renewal(fl, host: str, timeout: float = 30.0) -> int:
     """The pid of an agent `probe` on `host`, caught as it starts (the daemon renews every interval).
     Only new pids are looked at, so a poll takes about a millisecond."""
@@ -148,10 +163,12 @@ def catch_a_renewal(fl, host: str, timeout: float = 30.0) -> int:
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) in seen:
                 continue
-            seen.add(int(entry))
             info = proc_info(int(entry))
-            if info is not None and root in info.cmdline and "probe" in info.argv:
+            verdict = probe_or_not(info) if info is not None and root in info.cmdline else False
+            if verdict:
                 return info.pid
+            if verdict is not None:
+                seen.add(int(entry))
     raise AssertionError(f"no probe of {host} seen within {timeout:g}s")
 
 

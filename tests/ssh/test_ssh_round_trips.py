@@ -1,11 +1,13 @@
 """What a tick costs on the wire: the agent is uploaded once (not on every gather), strategy files
 and the runner only when a host lacks them, and a probe is one command per host however many
-workers and instances live there, on a connection kept across gathers.
+workers and instances live there, on a connection kept across gathers, to an agent kept running.
 
 The counting happens in `CountingSsh`, a subclass of the real paramiko transport handed to
-quantlab.edges.hosts.Hosts through its transport_factory: every call still goes to the real sshd."""
+quantlab.edges.hosts.Hosts through its transport_factory: every call still goes to the real sshd.
+A command is a call of its own or a request to a kept agent; `opens` counts the kept agents started."""
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 from pathlib import Path
@@ -26,6 +28,7 @@ class CountingSsh(SshTransport):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.runs: list[list[str]] = []
+        self.opens = 0
         self.puts: list[str] = []
         self.connects = 0
         self._count_lock = threading.Lock()
@@ -34,6 +37,20 @@ class CountingSsh(SshTransport):
         with self._count_lock:
             self.runs.append(list(argv))
         return super().run(argv, stdin, timeout)
+
+    def open(self, argv, deadline):
+        with self._count_lock:
+            self.opens += 1
+        pipe = super().open(argv, deadline)
+        send = pipe.send
+
+        def counted(data, until):
+            header = json.loads(data[:data.index(b"\n")])
+            with self._count_lock:
+                self.runs.append(argv[:-1] + [header["command"]])
+            return send(data, until)
+        pipe.send = counted
+        return pipe
 
     def put_file(self, data, path, mode=0o644):
         with self._count_lock:
@@ -64,6 +81,9 @@ class Counting:
 
     def puts(self) -> dict[str, list[str]]:
         return {host: [p for t in ts for p in t.puts] for host, ts in sorted(self.made.items())}
+
+    def opens(self) -> dict[str, int]:
+        return {host: sum(t.opens for t in ts) for host, ts in sorted(self.made.items())}
 
     def connects(self) -> dict[str, int]:
         return {host: sum(t.connects for t in ts) for host, ts in sorted(self.made.items())}
@@ -99,21 +119,24 @@ def test_agent_is_uploaded_once_not_on_every_gather(ssh_fleet):
     agents = {w: fl.workdir(w) / AGENT_PATH for w in ("jp-1", "jp-2", "us-1")}
     all_hosts = ["host-01", "host-02", "host-03"]
     try:
-        # Cold: each host says the agent is missing, gets it once, and answers the retried probe.
+        # Cold: each host says the agent is missing (its kept agent does not start), gets it once,
+        # starts it, and answers the probe.
         cold = gather(fleet, memory, hosts, ctl.clock)
         assert all(s.reachable for s in cold.observed.workers.values()), cold.observed.workers
-        assert counting.runs() == {h: 2 for h in all_hosts}
+        assert counting.runs() == {h: 1 for h in all_hosts}
+        assert counting.opens() == {h: 2 for h in all_hosts}
         assert counting.puts() == {"host-01": [str(agents["jp-1"])], "host-02": [str(agents["jp-2"])],
                                    "host-03": [str(agents["us-1"])]}
         shipped = {w: identity(p) for w, p in agents.items()}
 
-        # Warm, several times: one command per host each, no upload, the same connection.
+        # Warm, several times: one command per host each, no upload, the same connection and agent.
         warm_times = []
         for i in range(1, 5):
             warm = gather(fleet, memory, hosts, ctl.clock)
             warm_times.append(warm.seconds)
             assert all(s.reachable for s in warm.observed.workers.values())
-            assert counting.runs() == {h: 2 + i for h in all_hosts}
+            assert counting.runs() == {h: 1 + i for h in all_hosts}
+        assert counting.opens() == {h: 2 for h in all_hosts}
         assert counting.puts() == {h: [p] for h, p in zip(all_hosts, map(str, agents.values()))}
         assert counting.connects() == {h: 1 for h in all_hosts}
         assert {w: identity(p) for w, p in agents.items()} == shipped
@@ -126,6 +149,7 @@ def test_agent_is_uploaded_once_not_on_every_gather(ssh_fleet):
         try:
             assert all(s.reachable for s in gather(fleet, memory, fresh_hosts, ctl.clock).observed.workers.values())
             assert fresh.runs() == {h: 1 for h in all_hosts} and fresh.puts() == {h: [] for h in all_hosts}
+            assert fresh.opens() == {h: 1 for h in all_hosts}
         finally:
             fresh_hosts.close()
 

@@ -27,6 +27,25 @@ class TransportError(Exception):
         super().__init__(f"{host}: {message}")
 
 
+class Pipe(Protocol):
+    """A command kept running on a host, its stdin and stdout held open (see session.py)."""
+
+    def send(self, data: bytes, deadline: float) -> None:
+        """Write all of `data` to its stdin by `deadline` (monotonic), or raise TransportError."""
+
+    def recv(self) -> bytes:
+        """The next bytes of its stdout, waiting for them; b"" once it has ended."""
+
+    def ended(self) -> Completed:
+        """Once recv gave b"": its exit code (-1 when unknown) and what it wrote on stderr."""
+
+    def close(self) -> None:
+        """End its stdin (the command ends when it has read everything)."""
+
+    def abandon(self) -> None:
+        """The host stopped answering: drop what carries the command."""
+
+
 class Transport(Protocol):
     name: str
 
@@ -38,6 +57,9 @@ class Transport(Protocol):
 
     def put_file(self, data: bytes, path: str, mode: int = 0o644) -> None:
         """Create or replace `path` atomically, creating its folders."""
+
+    def open(self, argv: list[str], deadline: float) -> Pipe:
+        """Start argv (never through a shell on our side) and keep its stdin and stdout open."""
 
     def close(self) -> None:
         ...

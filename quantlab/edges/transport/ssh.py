@@ -355,7 +355,7 @@ class SshTransport:
                                       f"within {_seconds(timeout)}s; the host may be overloaded or frozen")
 
     def _start(self, channel: paramiko.Channel, argv: list[str], stdin: bytes, deadline: float,
-               timeout: float) -> None:
+               timeout: float, close_stdin: bool = True) -> None:
         """Send the command and its stdin, by the deadline. paramiko waits for the server's answer to
         an exec request without any timeout, and sendall waits for window space: a host that stops
         answering right after the channel opened would hang here for ever. A watchdog closes the
@@ -375,7 +375,8 @@ class SshTransport:
             channel.exec_command(shlex.join(argv))     # each word quoted: nothing is parsed by the shell
             if stdin:
                 channel.sendall(stdin)
-            channel.shutdown_write()
+            if close_stdin:
+                channel.shutdown_write()
         except (paramiko.SSHException, OSError, EOFError):
             if expired.is_set() or time.monotonic() >= deadline:
                 self._abandon(channel)
@@ -392,6 +393,18 @@ class SshTransport:
         channel.close()
         with self._lock:
             self._drop()
+
+    def open(self, argv: list[str], deadline: float) -> "SshPipe":
+        channel = self._channel(deadline)
+        try:
+            self._start(channel, argv, b"", deadline, max(0.1, deadline - time.monotonic()), close_stdin=False)
+        except TransportError:
+            channel.close()
+            raise
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self._abandon(channel)
+            raise TransportError(self.name, f"connection lost while starting {argv[0]}: {exc}") from None
+        return SshPipe(self, channel)
 
     def stream(self, argv: list[str], stdin: bytes = b"") -> Iterator[bytes]:
         timeout = self.settings.command_timeout_s
@@ -485,3 +498,61 @@ class SshTransport:
             self._drop()
         if self._jump is not None:
             self._jump.close()
+
+
+class SshPipe:
+    """A command kept running on a host behind one channel of its transport's connection."""
+
+    SEND_STEP_S = 1.0         # how long one send may wait for window space before the deadline is checked
+
+    def __init__(self, transport: SshTransport, channel: paramiko.Channel):
+        self.transport, self.channel = transport, channel
+        channel.settimeout(self.SEND_STEP_S)
+
+    def send(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                if time.monotonic() >= deadline:
+                    raise TransportError(self.transport.name, "the agent took no more input within the deadline; "
+                                                              "the host may be overloaded or frozen", maybe_ran=True)
+                try:
+                    view = view[self.channel.send(view[:32768]):]
+                except socket.timeout:
+                    continue                   # no window space yet: the host has not read what it has
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise TransportError(self.transport.name, f"connection lost while sending to the agent: {exc}",
+                                 maybe_ran=True) from None
+
+    def recv(self) -> bytes:
+        # Only the session's reader calls this. select wakes on data, on the end and on a close, so
+        # recv then never waits (the channel's timeout is there for send).
+        while True:
+            try:
+                select.select([self.channel], [], [])
+                if self.channel.recv_ready() or self.channel.closed or self.channel.eof_received:
+                    return self.channel.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except (paramiko.SSHException, OSError, EOFError, ValueError):
+                return b""
+
+    def ended(self) -> Completed:
+        err = bytearray()
+        try:
+            while self.channel.recv_stderr_ready() and len(err) < 65536:
+                err += self.channel.recv_stderr(65536)
+            code = self.channel.recv_exit_status() if self.channel.exit_status_ready() else -1
+        except (paramiko.SSHException, OSError, EOFError):
+            code = -1
+        return Completed(code, b"", bytes(err))
+
+    def close(self) -> None:
+        try:
+            self.channel.shutdown_write()     # the agent's input ends: it finishes, then exits
+        except (paramiko.SSHException, OSError, EOFError):
+            pass
+        self.channel.close()
+
+    def abandon(self) -> None:
+        self.transport._abandon(self.channel)

@@ -24,6 +24,7 @@ MAX_PROBLEMS = 8
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4          # 0: no ptrace, no /proc/PID/mem or environ for others of the same uid
+PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
 

@@ -1,4 +1,5 @@
-"""The entry point: `python3 agent.pyz COMMAND` with the request as JSON on stdin."""
+"""The entry point: `python3 agent.pyz COMMAND` with the request as JSON on stdin, or `serve`, which
+answers many such calls over one channel (serve.py)."""
 import importlib
 import json
 import os
@@ -16,7 +17,13 @@ def _lazy(module, function, *fixed):
     def run(request, args):
         call = getattr(importlib.import_module("." + module, __package__), function)
         return call(request, *fixed) if fixed else call(request, args)
+    run.module = module
     return run
+
+
+def preload(command):
+    """Import what `command` needs ahead of its calls (`serve` does, once for all its children)."""
+    importlib.import_module("." + COMMANDS[command].module, __package__)
 
 
 COMMANDS = {
@@ -32,12 +39,15 @@ COMMANDS = {
 
 def main(argv):
     if len(argv) < 2:
-        sys.stderr.write("usage: agent.pyz probe|start|stop|pause|resume|logs|checkpoints|supervise ...\n")
+        sys.stderr.write("usage: agent.pyz probe|start|stop|pause|resume|logs|checkpoints|serve|supervise ...\n")
         return EXIT_BAD_REQUEST
     command, args = argv[1], argv[2:]
     if command == "supervise":
         from .supervisor import supervise
         return supervise(args)
+    if command == "serve":
+        from .serve import serve
+        return serve(args)
     if command not in COMMANDS:
         sys.stderr.write("unknown command %r\n" % command)
         return EXIT_BAD_REQUEST

@@ -17,6 +17,7 @@ from .base import (
     PR_GET_CHILD_SUBREAPER,
     PR_SET_CHILD_SUBREAPER,
     PR_SET_DUMPABLE,
+    PR_SET_NAME,
     PR_SET_PDEATHSIG,
     _is_number,
     append_line,
@@ -263,6 +264,15 @@ def keep_secrets():
     """This process holds a lease key: a strategy of the same uid must not read it from our memory
     (ptrace, /proc/PID/mem). False where prctl is not available."""
     return prctl(PR_SET_DUMPABLE, 0)
+
+
+def set_name(name):
+    """This process's name as `ps -o comm` and top show it (15 bytes at most). /proc/self/comm would
+    do, but an undumpable process may not write its own /proc files."""
+    function = prctl_function()
+    if function is not None:
+        function(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name.encode()[:15]), ctypes.c_ulong(0),
+                 ctypes.c_ulong(0), ctypes.c_ulong(0))
 
 
 def die_with_parent(parent, signum):

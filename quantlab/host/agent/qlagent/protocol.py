@@ -25,6 +25,7 @@ logs         {"workdir", "strategy", "lines", "follow", "since"?, "grep"?, "cpuS
 checkpoints  {"workers": {worker: {"workdir", "instances": {strategy: {"epoch", "have"}}}}}
           -> {"workers": {worker: {strategy: {"result": CHECKPOINT_RESULTS, "checkpoint"?, ...}}}}
 supervise    INSTANCE_DIR (started by `start`, never by the controller)
+serve        answers many of the calls above over one channel, each framed (see serve.py)
 
 probe, start, stop, pause and resume may carry "fence": {"lineage", "term"}, the sending controller's
 leadership term of its state (see fence.py): a term below the highest the workdir has seen for that
@@ -51,7 +52,7 @@ MAX_TERM = 2 ** 53 - 1
 FOLLOWED_TERM = 2 ** 31 - 1
 EXIT_BAD_REQUEST = 4
 
-COMMANDS = ("probe", "start", "stop", "pause", "resume", "logs", "checkpoints", "supervise")
+COMMANDS = ("probe", "start", "stop", "pause", "resume", "logs", "checkpoints", "serve", "supervise")
 # Commands that change something on the host carry the controller's term and are checked against it
 # (see fence.py); a probe carries one too, checked per worker before its renewals.
 FENCED_COMMANDS = ("start", "stop", "pause", "resume")
