@@ -209,3 +209,19 @@ def test_kept_connection_to_a_restarted_sshd_is_remade_transparently(ssh_fleet):
         assert all(s.reachable for s in back.observed.workers.values()), back.observed.workers
     finally:
         ctl.close()
+
+
+def test_a_command_that_ends_before_reading_its_input_is_answered_not_lost(ssh_fleet):
+    """A cold host: python3 cannot open an agent not uploaded yet and exits before it reads the
+    request, and sshd closes the channel while the request is still being sent. That is an answer
+    (its exit code and stderr: the caller uploads the agent), not a lost connection."""
+    fl = three_workers(ssh_fleet)
+    fleet = fl.controller().load_fleet()
+    transport = SshTransport.for_host("host-01", None, None, fleet.settings.ssh)
+    try:
+        # More than the channel's window: sending blocks until the channel is closed under it.
+        done = transport.run(["sh", "-c", "echo gone >&2; exit 3"], stdin=b"x" * (8 << 20), timeout=30)
+        assert done.returncode == 3 and done.stderr == b"gone\n", done
+        assert transport.run(["echo", "again"], timeout=30).stdout == b"again\n"
+    finally:
+        transport.close()

@@ -373,10 +373,16 @@ class SshTransport:
         try:
             channel.settimeout(max(0.1, deadline - time.monotonic()))
             channel.exec_command(shlex.join(argv))     # each word quoted: nothing is parsed by the shell
-            if stdin:
-                channel.sendall(stdin)
-            if close_stdin:
-                channel.shutdown_write()
+            try:
+                if stdin:
+                    channel.sendall(stdin)
+                if close_stdin:
+                    channel.shutdown_write()
+            except OSError:
+                # A command that ended before it read its input (an agent not uploaded yet: python3
+                # cannot open the file) closes the channel under us: its exit status says why.
+                if not channel.exit_status_ready():
+                    raise
         except (paramiko.SSHException, OSError, EOFError):
             if expired.is_set() or time.monotonic() >= deadline:
                 self._abandon(channel)
