@@ -307,6 +307,7 @@ class Hosts:
         if serve is None:
             serve = os.environ.get("QUANTLAB_AGENT_SERVE", "1") != "0"
         self.serving = Serving() if serve else None
+        self._first: tuple[Fleet, dict[HostKey, WorkerSpec]] | None = None
         self.accept_new_host_keys = accept_new_host_keys
         self._factory = transport_factory or self._default_transport
         self._transports: dict[tuple[HostKey, Lane], Transport] = {}
@@ -333,6 +334,15 @@ class Hosts:
         if changed:
             self._handshakes = threading.BoundedSemaphore(fleet.settings.ssh.parallelism)
             self.close()
+
+    def _first_workers(self) -> dict[HostKey, WorkerSpec]:
+        fleet = self.fleet
+        if self._first is None or self._first[0] is not fleet:
+            first: dict[HostKey, WorkerSpec] = {}
+            for w in sorted(fleet.workers.values(), key=lambda w: w.id):
+                first.setdefault(host_key(w), w)
+            self._first = (fleet, first)
+        return self._first[1]
 
     def workdir(self, worker: WorkerSpec) -> str:
         if worker.is_local:
@@ -363,7 +373,11 @@ class Hosts:
         return out
 
     def agent(self, key: HostKey, workers: list[WorkerSpec], lane: Lane = "act") -> Agent:
-        home = self.workdir(sorted(workers, key=lambda w: w.id)[0])
+        """The agent of host `key` (for `workers` there): run from the agent copy of the host's first
+        worker in the fleet, whatever the call, so that a host has one kept agent per lane (a
+        supervisor runs from its own workdir's copy all the same: see the agent's control.py)."""
+        first = self._first_workers().get(key) or min(workers, key=lambda w: w.id)
+        home = self.workdir(first)
         python = sys.executable if key.host == "local" else "python3"
         return Agent(self.transport(key, lane), home, python, str(key), lambda: self.fence(), self.serving)
 

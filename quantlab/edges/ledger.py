@@ -82,9 +82,13 @@ class Ledger:
         self._exit: contextlib.ExitStack | None = None
         self._hold_lock = threading.Lock()       # taking and giving back the state lock
         self._update_lock = threading.RLock()    # one change to the memory at a time
-        # Lease bookings saved together: threads that book while a save is under way wait for the next.
-        self._booked = 0
-        self._saved_through = 0
+        # Group commit: changes queued while a save is under way are saved together by the next one
+        # (each caller still returns only once its change is on disk), so a hundred starts or hosts
+        # at once cost a few saves of the whole state, not a hundred.
+        self._queue: list[Callable[[Memory], None] | None] = []
+        self._queued = 0                         # changes ever queued (each caller's number)
+        self._done_through = 0                   # changes saved (or failed) through this number
+        self._failed: dict[int, BaseException] = {}   # a failed group's error, for each of its callers
         self._commit_lock = threading.Lock()
         # Whether a change may stay in this process's memory while the store cannot be written (a
         # PostgreSQL leader while the database is away: its renewals go on, see Controller.defer_writes).
@@ -172,48 +176,64 @@ class Ledger:
 
     def update(self, change: Callable[[Memory], None] | None = None) -> Memory:
         """Apply `change` to a copy of the newest memory (the file read again if another process
-        wrote it) and save it, with the leases as the book has them now."""
+        wrote it) and save it, with the leases as the book has them now. Changes that threads queue
+        while another saves go into one save together (see _queue); each returns once its own is on
+        disk, or raises what that save raised."""
+        with self._commit_lock:
+            self._queued += 1
+            mine = self._queued
+            self._queue.append(change)
         with self._update_lock:
+            with self._commit_lock:
+                failure = self._failed.pop(mine, None)
+                if self._done_through >= mine:
+                    if failure is not None:
+                        raise failure
+                    return self.memory
+                group, self._queue = self._queue, []
+                first, covers = self._done_through + 1, self._queued
             try:
-                with self.store.writing():
-                    self._read()
-                    self._memory = self.store.save(self._changed(change))
-                self.deferred = None
-            except StateError as exc:
-                if self._memory is None or not self.may_defer() or isinstance(exc, StateConflict):
-                    raise
-                # Kept here and saved with the next update that gets through: the bounds of the leases
-                # this leader grants meanwhile are covered by a takeover's wait (see Controller.took_over).
-                self._memory = self._changed(change)
-                self.deferred = str(exc)
-            return self._memory
+                self._save_group(group)
+            except BaseException as exc:
+                with self._commit_lock:
+                    self._failed.update({n: exc for n in range(first, covers + 1) if n != mine})
+                    self._done_through = covers
+                raise
+            with self._commit_lock:
+                self._done_through = covers
+            return self.memory
 
-    def _changed(self, change: Callable[[Memory], None] | None) -> Memory:
+    def _save_group(self, changes: list[Callable[[Memory], None] | None]) -> None:
+        try:
+            with self.store.writing():
+                self._read()
+                self._memory = self.store.save(self._changed(changes))
+            self.deferred = None
+        except StateError as exc:
+            if self._memory is None or not self.may_defer() or isinstance(exc, StateConflict):
+                raise
+            # Kept here and saved with the next update that gets through: the bounds of the leases
+            # this leader grants meanwhile are covered by a takeover's wait (see Controller.took_over).
+            self._memory = self._changed(changes)
+            self.deferred = str(exc)
+
+    def _changed(self, changes: list[Callable[[Memory], None] | None]) -> Memory:
         memory = self.memory.copy()
-        if change is not None:
-            change(memory)
+        for change in changes:
+            if change is not None:
+                change(memory)
         memory.leases = self.leases.leases()
         memory.saved_at = self.clock.mono()
         return memory
 
     def request_leases(self, bounds: dict[str, int], change: Callable[[Memory], None] | None = None) -> int:
         """Book requests that may grant these leases (worker -> bound) and save them (with `change`)
-        before they are sent. Returns the booking, to settle each worker with `settle_lease`. Several
-        threads booking at once share one save: each waits until a save made after its booking is on
-        disk, so a hundred hosts coming back at once cost a few saves, not a hundred."""
+        before they are sent. Returns the booking, to settle each worker with `settle_lease`. Threads
+        booking at once share one save (update's group commit): a hundred hosts coming back at once
+        cost a few saves, not a hundred."""
         with self._commit_lock:
             booking = self.leases.requested(bounds)
-            self._booked += 1
-            mine = self._booked
-        if change is not None:
-            self.update(change)
-            return booking
-        with self._update_lock:                 # one saver at a time; the others find their booking saved
-            if self._saved_through < mine:
-                with self._commit_lock:
-                    covers = self._booked
-                self.update()
-                self._saved_through = max(self._saved_through, covers)
+        self.update(change)
         return booking
 
     def settle_lease(self, booking: int, worker: str, until: int | None) -> None:

@@ -22,6 +22,7 @@ from .base import (
     now_ms,
     open_append,
     remove_entry,
+    write_atomic,
     write_json,
 )
 from .protocol import EXIT_MISSING, FINAL_STATES
@@ -57,6 +58,23 @@ def launched_as_asked(idir, request):
     except ValueError:
         return False
     return all(running.get(name) == request.get(name) for name in LAUNCH_FIELDS)
+
+
+def supervisor_app(workdir):
+    """The agent copy a supervisor runs from: the one in its own workdir, so that nothing of another
+    workdir (which may be removed with its worker) is needed by the copies of this one. The calls of a
+    host go to one agent copy (the first worker's): it puts itself there when that one is missing."""
+    own = os.path.join(workdir, "agent", os.path.basename(APP))
+    if not os.path.isfile(APP) or os.path.abspath(own) == APP or os.path.isfile(own):
+        return own if os.path.isfile(own) else APP       # (APP is a folder when run from the sources)
+    try:
+        with open(APP, "rb") as handle:
+            data = handle.read()
+        os.makedirs(os.path.dirname(own), mode=0o700, exist_ok=True)
+        write_atomic(own, data, 0o755)
+        return own
+    except OSError:
+        return APP                    # a full disk, say: this copy will do
 
 
 def start(request, args):
@@ -120,7 +138,7 @@ def start(request, args):
             "stopTimeoutSeconds": request["scheduling"]["stopTimeoutSeconds"]})
         log = open_append(os.path.join(idir, "supervisor.log"))
         try:
-            child = subprocess.Popen([sys.executable, "-I", "-S", APP, "supervise", idir],
+            child = subprocess.Popen([sys.executable, "-I", "-S", supervisor_app(request["workdir"]), "supervise", idir],
                                      stdin=subprocess.PIPE if key else subprocess.DEVNULL, stdout=log, stderr=log,
                                      close_fds=True, start_new_session=True, cwd=idir)
         finally:
