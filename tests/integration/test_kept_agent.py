@@ -21,7 +21,7 @@ from quantlab.edges.hosts import AGENT_PATH, Agent, Serving, agent_zipapp
 from quantlab.edges.transport.base import TransportError
 from quantlab.edges.transport.local import LocalTransport
 from quantlab.host.agent.qlagent.protocol import EXIT_BAD_REQUEST
-from tests.support import alive, hold_for, processes
+from tests.support import alive, processes
 
 
 @pytest.fixture
@@ -154,13 +154,16 @@ def test_a_kept_agent_ends_with_its_channel_once_its_calls_are_done(home, servin
     kept.call("probe", probe_request(home), 30)
     [pid] = kept_agents(home)
     lock = held_lock(home)
-    caller = threading.Thread(target=lambda: kept.run("stop", {**waiting_stop(1.5), "workdir": str(home)}, 30))
+    answers: list[dict] = []
+    caller = threading.Thread(target=lambda: answers.append(
+        kept.call("stop", {**waiting_stop(1.5), "workdir": str(home)}, 30)))
     caller.start()
     wait_for(lambda: any("ql-stop" in Path(f"/proc/{p.pid}/comm").read_text() for p in processes(str(home))), 10,
              what="the stop to wait for the instance lock")
-    serving.close()                         # the channel closes: the call in flight finishes on the host
-    hold_for(0.5, lambda: alive(pid), "the kept agent running until its call is done")
+    serving.close()          # the channel closes (a local one waits a moment for the agent to end)
     caller.join(10)
+    # The call in flight was finished and answered (the lock was still held: busy) before it ended.
+    assert [a["result"] for a in answers] == ["busy"], answers
     wait_for(lambda: not alive(pid), 10, what="the kept agent to end once its call was done")
     assert not processes(str(home))
     os.close(lock)

@@ -50,14 +50,20 @@ class LocalPipe:
         self._drain.join(1)
         return Completed(code, b"", bytes(self._stderr))
 
+    CLOSE_WAIT_S = 2.0
+
     def close(self) -> None:
         try:
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
         except OSError:
             pass
-        # Reaped in the background once it has finished what it was asked (it may take a stop's grace).
-        threading.Thread(target=self.proc.wait, daemon=True, name="local reap").start()
+        # Its input ended: it exits once it has answered what it was asked — at once when nothing is
+        # in flight, as at the end of a command, which then leaves no process behind it.
+        try:
+            self.proc.wait(self.CLOSE_WAIT_S)
+        except subprocess.TimeoutExpired:      # still finishing a call (a stop's grace): reaped later
+            threading.Thread(target=self.proc.wait, daemon=True, name="local reap").start()
 
     def abandon(self) -> None:
         self.close()
