@@ -107,6 +107,46 @@ def fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
+class KnownHostsUnreadable(Exception):
+    def __init__(self, path: str, reason: Exception):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}")
+
+
+_KNOWN_HOSTS: dict[tuple[str, ...], tuple[tuple[Any, ...], paramiko.HostKeys]] = {}
+_KNOWN_HOSTS_LOCK = threading.Lock()
+
+
+def known_hosts(paths: tuple[str, ...]) -> paramiko.HostKeys:
+    """The known_hosts files, parsed once for as long as they are unchanged (inode, size, mtime) and
+    shared by every connection, which only looks keys up in them: each connection parsing the whole
+    file made a cold round over N hosts cost N² lines parsed (12 ms of a 21 ms handshake at 250)."""
+    signature: list[Any] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            signature.append(None)
+            continue
+        except OSError as exc:
+            raise KnownHostsUnreadable(path, exc) from None
+        signature.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    with _KNOWN_HOSTS_LOCK:
+        cached = _KNOWN_HOSTS.get(paths)
+    if cached is not None and cached[0] == tuple(signature):
+        return cached[1]
+    keys = paramiko.HostKeys()
+    for path, seen in zip(paths, signature):
+        if seen is not None:
+            try:
+                keys.load(path)
+            except (OSError, paramiko.SSHException) as exc:
+                raise KnownHostsUnreadable(path, exc) from None
+    with _KNOWN_HOSTS_LOCK:
+        _KNOWN_HOSTS[paths] = (tuple(signature), keys)
+    return keys
+
+
 class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
     """Unknown host keys: refused, or with accept_new recorded (OpenSSH StrictHostKeyChecking=accept-new)."""
 
@@ -234,13 +274,11 @@ class SshTransport:
         deadline = time.monotonic() + ep.connect_timeout
         sock = self._open_socket(deadline)
         client = paramiko.SSHClient()
-        for path in ep.known_hosts:
-            if os.path.exists(path):
-                try:
-                    client.load_system_host_keys(path)
-                except (OSError, paramiko.SSHException) as exc:
-                    sock.close()
-                    raise self._error(f"cannot read known_hosts {path}: {exc}") from None
+        try:
+            client._system_host_keys = known_hosts(ep.known_hosts)     # what load_system_host_keys fills
+        except KnownHostsUnreadable as exc:
+            sock.close()
+            raise self._error(f"cannot read known_hosts {exc.path}: {exc.reason}") from None
         policy = _HostKeyPolicy(ep, self.accept_new, ep.known_hosts[0])
         client.set_missing_host_key_policy(policy)
         # A watchdog closes everything when the deadline passes, so no handshake step can hang.
