@@ -261,8 +261,13 @@ class Serving:
             with self._lock:
                 if session is None:
                     self._refused[key] = time.monotonic() + SERVE_RETRY_S
-                else:
-                    self._sessions[key] = (agent.transport, session)
+                    return None
+                self._sessions[key] = (agent.transport, session)
+                # The host's first worker changed (another copy is home now): its earlier agent ends.
+                replaced = [k for k, (t, _) in self._sessions.items() if t is agent.transport and k != key]
+                old = [self._sessions.pop(k)[1] for k in replaced]
+            for earlier in old:
+                earlier.close()
             return session
         finally:
             opening.release()

@@ -198,3 +198,17 @@ def test_a_kept_agent_runs_only_the_calls_a_controller_makes(home, command):
     assert answer == {"id": 7, "code": EXIT_BAD_REQUEST, "out": 0, "err": len(lines[2]) + 1}, done.stdout
     assert lines[2] == f"unknown command {command!r}".encode()
     assert not processes(str(home))
+
+
+def test_a_host_whose_first_worker_changed_keeps_one_agent(home, serving, tmp_path):
+    """The agent copy a host's calls run from is its first worker's: when a worker that sorts first is
+    added there, its copy takes over, and the kept agent of the earlier one ends."""
+    transport = LocalTransport()
+    (tmp_path / "w0").mkdir()
+    before = Agent(transport, str(home), sys.executable, "local", serving=serving)
+    after = Agent(transport, str(tmp_path / "w0"), sys.executable, "local", serving=serving)
+    before.call("probe", probe_request(home), 30)
+    [earlier] = kept_agents(home)
+    after.call("probe", probe_request(home), 30)
+    wait_for(lambda: not alive(earlier), 10, what="the earlier kept agent to end")
+    assert len(kept_agents(tmp_path / "w0")) == 1

@@ -581,9 +581,12 @@ class SshPipe:
             except (paramiko.SSHException, OSError, EOFError, ValueError):
                 return b""
 
+    ENDED_WAIT_S = 2.0        # the exit status may come a moment after the end of stdout
+
     def ended(self) -> Completed:
         err = bytearray()
         try:
+            self.channel.status_event.wait(self.ENDED_WAIT_S)      # set by the exit status (or a close)
             while self.channel.recv_stderr_ready() and len(err) < 65536:
                 err += self.channel.recv_stderr(65536)
             code = self.channel.recv_exit_status() if self.channel.exit_status_ready() else -1
