@@ -4,11 +4,13 @@ For each N (default 10, 30, 60) this starts N OpenSSH daemons on loopback with t
 three workers with running instances on each (a shell stub runner that honours the heartbeat file
 stands in for node, to fit 2 cores), and measures, median of --repeat runs:
 
-- quantlab cold: a fresh controller probes every host (new connections: TCP, key exchange, auth);
+- quantlab cold: a fresh controller probes every host (new connections: TCP, key exchange, auth,
+  the agent shipped and its kept agent started);
 - quantlab warm: the same controller probes again over its kept connections, through its own Prober
-  (the one the daemon keeps across rounds, which knows which hosts are warm);
-- floor: the same probe command over already-open paramiko connections from a thread pool, with no
-  quantlab logic at all;
+  (the one the daemon keeps across rounds, which knows which hosts are warm) and kept agents;
+- floor: the same probe as a call of its own (`python3 agent.pyz probe`, an interpreter per call)
+  over already-open paramiko connections from a thread pool, with no quantlab logic at all — what
+  quantlab did before it kept an agent on each host;
 - ansible: `ansible all -m command -a '<same probe>' -f N` over the same hosts, host key checking on.
 
 Controller CPU per tick is the benchmark process's CPU time for quantlab and the floor, and the
@@ -249,7 +251,7 @@ def run_ansible(cluster: SshdCluster, commands: dict, n: int, repeat: int, base:
 
 
 def write_report(rows: list[dict], out_dir: Path) -> None:
-    header = ("| hosts (×3 workers) | quantlab cold | quantlab warm | floor (bare paramiko, open) | ansible "
+    header = ("| hosts (×3 workers) | quantlab cold | quantlab warm | floor (a call of its own, bare paramiko, open) | ansible "
               "(median; first run) | warm vs ansible | warm vs floor | cold vs ansible | controller CPU per tick: "
               "cold / warm / floor / ansible | host CPU per probe (warm) vs a bare interpreter | idle controller CPU per "
               "kept connection vs plain paramiko |")

@@ -144,7 +144,9 @@ def test_controller_killed_mid_apply_then_reconcile_converges_without_duplicates
 
     apply = fleet.spawn("apply", "--yes", log=tmp_path / "apply.log")
     wait_for(lambda: fleet.lines("s3", "exit-begin.log"), 15, what="the restart of s3 to begin")
-    assert fleet.runner_pid("s1") and fleet.runner_pid("s2")
+    # Their starts were answered before it began; their runners come a moment later (the supervisor
+    # writes runner.pid once it has spawned one), well within s3's 3 s st_exit.
+    wait_for(lambda: fleet.runner_pid("s1") and fleet.runner_pid("s2"), 2, what="the runners of s1 and s2")
     assert not fleet.instance_dirs("s4") and not fleet.instance_dirs("s5")
     if kill == "controller":
         os.kill(apply.pid, signal.SIGKILL)          # the agent it was talking to finishes on its own
