@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from probe_fanout import WORKERS_PER_HOST, write_fleet  # noqa: E402
+from probe_fanout import write_fleet  # noqa: E402
 from readme_block import write_block  # noqa: E402
 from tests.sshd_hosts import SshdCluster  # noqa: E402
 from tests.support import kill_all, processes  # noqa: E402

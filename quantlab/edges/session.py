@@ -74,13 +74,21 @@ class AgentSession:
             rid = next(self._ids)
             self._pending[rid] = slot
         header = json.dumps({"id": rid, "command": command, "args": list(args), "size": len(payload)}).encode()
+        # Another call's request may still be going out (a large one, a slow host): wait for it only
+        # within this call's own deadline.
+        if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise TransportError(self.label, f"agent {command} could not be sent within {round(budget, 1):g}s; the "
+                                             "host may be overloaded or frozen", maybe_ran=False)
         try:
-            with self._send_lock:
-                self.pipe.send(header + b"\n" + payload, deadline)
+            self.pipe.send(header + b"\n" + payload, deadline)
         except TransportError as exc:
             self.abandon()
             exc.maybe_ran = True               # part of it may have gone out, and be run
             raise
+        finally:
+            self._send_lock.release()
         if not slot.done.wait(max(0.0, deadline - time.monotonic())):
             # Like a call of its own that hangs: the connection cannot be trusted any more.
             self.abandon()

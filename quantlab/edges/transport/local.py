@@ -66,8 +66,13 @@ class LocalPipe:
             threading.Thread(target=self.proc.wait, daemon=True, name="local reap").start()
 
     def abandon(self) -> None:
-        self.close()
         self.proc.kill()
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        threading.Thread(target=self.proc.wait, daemon=True, name="local reap").start()
 
 
 class LocalTransport:
