@@ -18,10 +18,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from quantlab.host.agent.qlagent.protocol import SERVE_MAX_HEADER, SERVE_VERSION
 from .transport.base import Completed, Pipe, TransportError
 
-SERVE_VERSION = 1           # the hello a `serve` of this release writes first (qlagent/serve.py)
-MAX_HEADER = 4096
 
 
 class SessionClosed(Exception):
@@ -119,7 +118,7 @@ class AgentSession:
         while True:
             newline = self._buffer.find(b"\n")
             if newline < 0:
-                return len(self._buffer) <= MAX_HEADER
+                return len(self._buffer) <= SERVE_MAX_HEADER
             try:
                 header = json.loads(self._buffer[:newline])
                 if self.pid is None:                      # the hello comes first

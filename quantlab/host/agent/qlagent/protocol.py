@@ -52,6 +52,11 @@ MAX_TERM = 2 ** 53 - 1
 FOLLOWED_TERM = 2 ** 31 - 1
 EXIT_BAD_REQUEST = 4
 
+# `serve` (serve.py): the hello it writes first names this version; a header line (request or
+# answer) longer than SERVE_MAX_HEADER means the stream is not framed as ours.
+SERVE_VERSION = 1
+SERVE_MAX_HEADER = 4096
+
 COMMANDS = ("probe", "start", "stop", "pause", "resume", "logs", "checkpoints", "serve", "supervise")
 # Commands that change something on the host carry the controller's term and are checked against it
 # (see fence.py); a probe carries one too, checked per worker before its renewals.

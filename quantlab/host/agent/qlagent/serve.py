@@ -30,10 +30,8 @@ import signal
 import sys
 
 from .procs import keep_secrets, set_name
-from .protocol import EXIT_BAD_REQUEST
+from .protocol import EXIT_BAD_REQUEST, SERVE_MAX_HEADER, SERVE_VERSION
 
-SERVE_VERSION = 1
-MAX_HEADER = 4096                # a header line longer than this is not ours: the stream is broken
 MAX_REQUEST = 64 * 1024 * 1024   # the largest request body (a start with a checkpoint is the largest)
 
 
@@ -90,8 +88,8 @@ class _Loop:
         while self.open:
             newline = self.pending.find(b"\n")
             if newline < 0:
-                if len(self.pending) > MAX_HEADER:
-                    self._broken("a request header longer than %d bytes" % MAX_HEADER)
+                if len(self.pending) > SERVE_MAX_HEADER:
+                    self._broken("a request header longer than %d bytes" % SERVE_MAX_HEADER)
                 return
             try:
                 header = json.loads(self.pending[:newline])
