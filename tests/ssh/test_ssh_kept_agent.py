@@ -59,3 +59,36 @@ def test_a_killed_daemon_leaves_only_the_supervisors_behind(ssh_fleet, tmp_path)
              "the kept agents to end with their connections")
     assert all(alive(pid) for pid in runners.values()), "a strategy ended with the daemon's kept agents"
     assert {sid: p.pid for sid, p in fl.wait_runners(placed).items()} == runners
+
+
+def test_hosts_are_held_past_descriptor_1023(ssh_fleet):
+    """A controller holding hundreds of hosts has descriptors past 1023, which select() refuses: each
+    wait on a channel must still work there (a kept agent's session once took that for its end)."""
+    from quantlab.edges.gather import gather
+    from quantlab.edges.transport.base import raise_open_file_limit
+
+    raise_open_file_limit()
+    import resource
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1400:
+        pytest.skip("this machine allows fewer than 1400 open files")
+    fl = ssh_fleet(2)
+    fl.worker("w-1", "host-01").worker("w-2", "host-02").write()
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    ctl = fl.controller()
+    try:
+        assert min(filler) < 1024 <= max(filler)
+        fleet = ctl.load_fleet()
+        memory = ctl.read_memory(None)
+        hosts = ctl.hosts(fleet)
+        for _ in range(3):
+            rounds = gather(fleet, memory, hosts, ctl.clock).observed.workers
+            assert all(w.reachable for w in rounds.values()), {k: w.error for k, w in rounds.items()}
+        kept = kept_agents(fl)
+        assert len(kept) == 2, "each host answered by its kept agent, not calls of their own"
+        probe = os.open(os.devnull, os.O_RDONLY)
+        os.close(probe)
+        assert probe > 1023, "the channels were not past descriptor 1023"
+    finally:
+        ctl.close()
+        for fd in filler:
+            os.close(fd)

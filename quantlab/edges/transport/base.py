@@ -63,3 +63,17 @@ class Transport(Protocol):
 
     def close(self) -> None:
         ...
+
+
+def raise_open_file_limit() -> None:
+    """Lift this process's soft limit on open files to its hard limit. Each host held costs
+    descriptors (a socket, and a pipe per channel waited on), and the usual soft limit of 1024 is
+    spent at a few hundred hosts; the hard limit is the operator's (many servers do the same)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard     # the kernel's usual nr_open
+        if soft != resource.RLIM_INFINITY and wanted > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ImportError, ValueError, OSError):
+        pass                       # not raised: hosts past the limit then fail with "too many open files"

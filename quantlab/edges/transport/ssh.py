@@ -97,6 +97,14 @@ def resolve(alias: str, port: int | None, user: str | None, settings: SshSetting
     )
 
 
+def wait_readable(channel: paramiko.Channel, timeout: float | None) -> None:
+    """Until the channel has data, has ended or closed, or `timeout` seconds pass. poll, not select:
+    select refuses descriptors past 1023, and a controller holding hundreds of hosts has more."""
+    poller = select.poll()
+    poller.register(channel.fileno(), select.POLLIN)
+    poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+
+
 def _seconds(value: float) -> str:
     """A time budget for people: what is left of a deadline is 1.997 s, but the deadline said 2."""
     return f"{round(value, 1):g}"
@@ -377,7 +385,7 @@ class SshTransport:
                 if left <= 0:
                     self._abandon(channel)
                     raise self._timed_out(argv, timeout)
-                select.select([channel], [], [], min(left, 1.0))
+                wait_readable(channel, min(left, 1.0))
             return Completed(channel.recv_exit_status(), bytes(out), bytes(err))
         except TransportError as exc:
             exc.maybe_ran = True                   # the exec request went out: it may run there
@@ -569,11 +577,11 @@ class SshPipe:
                                  maybe_ran=True) from None
 
     def recv(self) -> bytes:
-        # Only the session's reader calls this. select wakes on data, on the end and on a close, so
+        # Only the session's reader calls this. poll wakes on data, on the end and on a close, so
         # recv then never waits (the channel's timeout is there for send).
         while True:
             try:
-                select.select([self.channel], [], [])
+                wait_readable(self.channel, None)
                 if self.channel.recv_ready() or self.channel.closed or self.channel.eof_received:
                     return self.channel.recv(1 << 20)
             except socket.timeout:

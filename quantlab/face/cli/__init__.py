@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from . import applying, backend, daemons, holds, queries, scaffolding
+from ...edges.transport.base import raise_open_file_limit
 from .common import app, err
 
 __all__ = ["app", "main"]
@@ -34,6 +35,7 @@ app.add_typer(backend.leader_app, name="leader")
 
 
 def main() -> None:
+    raise_open_file_limit()
     try:
         app()
     except KeyboardInterrupt:
