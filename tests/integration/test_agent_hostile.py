@@ -374,6 +374,36 @@ def test_supervisor_puts_back_the_files_it_owns(agent_host):
     assert answer["result"] == "stopped" and not alive(supervisor), answer
 
 
+def test_a_stopped_folder_is_kept_while_a_stray_of_its_copy_runs(agent_host):
+    """A start in a folder it made itself skips the scan for strays of an earlier copy (a scan reads
+    every process's environment), so prune never removes a folder whose strays still run."""
+    host = agent_host
+    workdir = host.workdir("wa")
+    quiet = "export function st_init() {}\nexport function st_heartbeat() {}\nexport function st_exit() {}\n"
+    for sid in ("gone", "now"):
+        host.start(workdir, sid, quiet)
+        answer, _ = host.stop(workdir, sid)
+        assert answer["result"] == "stopped", answer
+    # What a copy killed with its supervisor and keeper together leaves: a process with its mark.
+    env = dict(os.environ, QUANTLAB_HEARTBEAT_FILE=str(host.folder(workdir, "gone") / "heartbeat.json"))
+    stray = subprocess.Popen(["sleep", "60"], env=env)
+    try:
+        answer, _ = host.call("stop", {"workdir": str(workdir), "strategy": "now", "stopTimeoutSeconds": 1,
+                                       "keep": [], "keepStopped": 0})
+        assert answer["pruned"] == [], answer
+        assert host.folder(workdir, "gone").is_dir()
+
+        host.start(workdir, "gone", quiet)              # the folder is there: its strays are ended
+        assert stray.wait(10) == -9
+        answer, _ = host.stop(workdir, "gone")
+        answer, _ = host.call("stop", {"workdir": str(workdir), "strategy": "now", "stopTimeoutSeconds": 1,
+                                       "keep": [], "keepStopped": 0})
+        assert answer["pruned"] == ["gone"], answer
+    finally:
+        stray.kill()
+        stray.wait()
+
+
 def test_a_stop_removes_the_oldest_stopped_instance_folders_and_nothing_placed_or_running(agent_host):
     host = agent_host
     workdir = host.workdir("wa")

@@ -1,5 +1,5 @@
-"""known_hosts files are parsed once while unchanged and shared by every connection (a cold round
-over N hosts parsed N lines N times); a changed file is read again."""
+"""known_hosts and ssh_config files are parsed once while unchanged and shared by every connection
+(a cold round over N hosts parsed N lines N times); a changed file is read again."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,8 @@ import os
 import paramiko
 import pytest
 
-from quantlab.edges.transport.ssh import KnownHostsUnreadable, known_hosts
+from quantlab.core.spec import SshSettings
+from quantlab.edges.transport.ssh import KnownHostsUnreadable, known_hosts, load_ssh_config, resolve
 
 
 def line(name: str, key: paramiko.PKey) -> str:
@@ -38,3 +39,22 @@ def test_an_unreadable_known_hosts_names_its_file(tmp_path):
         known_hosts((str(path),))
     assert raised.value.path == str(path)
     os.rmdir(path)
+
+
+def test_ssh_config_is_parsed_and_looked_up_once_while_unchanged(tmp_path, monkeypatch):
+    path = tmp_path / "ssh_config"
+    path.write_text("".join(f"Host host-{n:02d}\n  HostName 127.0.0.{n}\n  Port {2200 + n}\n" for n in range(1, 40)))
+    settings = SshSettings(config=str(path))
+    config = load_ssh_config(str(path))
+    assert load_ssh_config(str(path)) is config
+    looked = []
+    real = paramiko.SSHConfig.lookup
+    monkeypatch.setattr(paramiko.SSHConfig, "lookup", lambda self, alias: looked.append(alias) or real(self, alias))
+    for _ in range(3):
+        endpoint = resolve("host-07", None, None, settings, load_ssh_config(str(path)))
+        assert (endpoint.hostname, endpoint.port) == ("127.0.0.7", 2207)
+    assert looked == ["host-07"]
+
+    path.write_text("Host host-07\n  HostName 127.0.1.7\n  Port 2299\n")     # edited: read again
+    endpoint = resolve("host-07", None, None, settings, load_ssh_config(str(path)))
+    assert (endpoint.hostname, endpoint.port) == ("127.0.1.7", 2299)

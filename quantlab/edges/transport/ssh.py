@@ -19,6 +19,7 @@ import shlex
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -65,17 +66,45 @@ class Endpoint:
         return f"{who}{self.alias}" + (f":{self.port}" if self.port != 22 else "")
 
 
+_SSH_CONFIGS: dict[str, tuple[Any, paramiko.SSHConfig]] = {}
+_LOOKUPS: "weakref.WeakKeyDictionary[paramiko.SSHConfig, dict[str, Any]]" = weakref.WeakKeyDictionary()
+_CONFIG_LOCK = threading.Lock()
+
+
 def load_ssh_config(path: str) -> paramiko.SSHConfig:
+    """The ssh_config file, parsed once for as long as it is unchanged (inode, size, mtime) and shared
+    by every host: a file naming N hosts parsed for each of them is N² lines for a cold round."""
     expanded = os.path.expanduser(path)
-    if not os.path.exists(expanded):
+    try:
+        st = os.stat(expanded)
+    except FileNotFoundError:
         return paramiko.SSHConfig()
-    return paramiko.SSHConfig.from_path(expanded)
+    signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+    with _CONFIG_LOCK:
+        cached = _SSH_CONFIGS.get(expanded)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    config = paramiko.SSHConfig.from_path(expanded)
+    with _CONFIG_LOCK:
+        _SSH_CONFIGS[expanded] = (signature, config)
+    return config
+
+
+def lookup(config: paramiko.SSHConfig, alias: str) -> dict[str, Any]:
+    """A host's settings, looked up once per parsed file (each lookup matches every Host pattern)."""
+    with _CONFIG_LOCK:
+        found = _LOOKUPS.setdefault(config, {}).get(alias)
+    if found is None:
+        found = dict(config.lookup(alias))
+        with _CONFIG_LOCK:
+            _LOOKUPS.setdefault(config, {})[alias] = found
+    return found
 
 
 def resolve(alias: str, port: int | None, user: str | None, settings: SshSettings,
             config: paramiko.SSHConfig | None = None) -> Endpoint:
     config = config or load_ssh_config(settings.config)
-    found = config.lookup(alias)
+    found = lookup(config, alias)
     timeout = settings.connect_timeout_s
     if "connecttimeout" in found:
         # A host's own ConnectTimeout may only shorten the fleet's bound.

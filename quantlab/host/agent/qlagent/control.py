@@ -37,6 +37,7 @@ from .procs import (
     log_event,
     process_table,
     signal_group,
+    strays,
     write_pid,
 )
 from .probe import instance_names, load_spec, pack_checkpoint, read_status, unpack_checkpoint, write_lease
@@ -98,6 +99,8 @@ def start(request, args):
         return {"result": "refused", "reason": "the disk of %s is full (%d KB free): free space there"
                                                % (request["workdir"], free // 1024)}, 0
     idir = instance_dir(request["workdir"], request["strategy"])
+    # A folder made by this start has no earlier copy (prune keeps a folder while strays of it live).
+    fresh = not os.path.lexists(idir)
     lock, held = lock_instance(idir, lock_budget(request))
     if lock is None:
         return busy(held)
@@ -111,7 +114,10 @@ def start(request, args):
     if supervisor is not None or live_pid(os.path.join(idir, "runner.pid")) is not None:
         why = "replaced by a new start (epoch %s)" % request["epoch"]
         stop_instance(idir, why, float(status.get("stopTimeoutSeconds") or 30), problems)
-    end_strays(idir)                  # nothing of an earlier copy may run beside the new one
+    if not fresh:
+        # Nothing of an earlier copy may run beside the new one. (A scan reads every process's
+        # environment: on a host of thousands of processes it is most of a start's work.)
+        end_strays(idir)
     keep_restarts = status.get("epoch") == request["epoch"] and status.get("specHash") == request["specHash"]
     try:
         if os.path.islink(os.path.join(idir, "state")):
@@ -284,7 +290,8 @@ KEEP_STOPPED = 20
 
 def prune_instances(workdir, keep, retain):
     """Remove the folders of stopped instances beyond the newest `retain`: never one in `keep`,
-    never one with a live supervisor or runner, never one whose lock is held. The names removed."""
+    never one with a live supervisor, runner or stray process, never one whose lock is held. The
+    names removed."""
     root = os.path.join(os.path.abspath(workdir), "instances")
     stopped = []
     for name in instance_names(workdir):
@@ -295,6 +302,8 @@ def prune_instances(workdir, keep, retain):
         except OSError:
             continue
         if live_pid(os.path.join(idir, "supervisor.pid")) or live_pid(os.path.join(idir, "runner.pid")):
+            continue
+        if strays(idir):                       # the folder marks them: a start here ends them first
             continue
         status, _ = read_status(idir, [])
         stopped_at = status.get("stoppedAt")
