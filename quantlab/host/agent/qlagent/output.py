@@ -5,6 +5,10 @@ import time
 
 from .base import LOG_CAP_BYTES, open_append, remove_entry
 
+# After the runner's output ends, how long until its exit is looked at again: a runner that closed
+# its stdout and runs on must not make its supervisor spin.
+EOF_WAIT_S = 0.2
+
 
 class OutputLog(object):
     """The runner's stdout and stderr, relayed into output.log and rotated at a size cap. A full disk
@@ -41,17 +45,20 @@ class OutputLog(object):
         self.fd = open_append(self.path)
         self.size = os.fstat(self.fd).st_size
 
-    def pump(self, pipe, timeout):
+    def pump(self, pipe, timeout, wake=None):
+        """Relay what the runner wrote, waiting up to `timeout` seconds for it, or less when `wake`
+        (a descriptor: the supervisor's signal wake-up pipe) becomes readable."""
         try:
-            ready, _, _ = select.select([pipe], [], [], timeout)
+            ready, _, _ = select.select([pipe] + ([wake] if wake is not None else []), [], [], timeout)
         except (OSError, ValueError, InterruptedError):
             return
-        if ready:
+        if pipe in ready:
             data = os.read(pipe.fileno(), 65536)
             if data:
                 self.write(data)
-            else:
-                time.sleep(timeout)              # EOF: the runner closed its output
+            elif wake is None or wake not in ready:
+                # EOF: the runner closed its output, and most likely ended (its exit is seen then).
+                time.sleep(min(timeout, EOF_WAIT_S))
 
     def drain(self, pipe):
         while True:

@@ -52,6 +52,7 @@ from .probe import load_spec, read_status
 # --- supervisor ------------------------------------------------------------------------------------
 
 FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")    # the keeper passes these on
+IDLE_POLL_S = 2.0                      # the longest the supervisor's loop sleeps (a quarter heartbeat else)
 SUPERVISOR_SIGNALS = FORWARDED_SIGNALS + ("SIGHUP",)
 MAX_NOTED_PROBLEMS = 20                # per supervisor: a strategy writing ever-new garbage cannot flood
 
@@ -75,7 +76,11 @@ class Supervisor(object):
         self.status, _ = read_status(idir, [])
         self.sched = self.spec["scheduling"]
         self.heartbeat_s = self.spec["heartbeatMs"] / 1000.0
-        self.poll = max(0.02, min(0.5, self.heartbeat_s / 4))
+        # How often the loop looks when nothing wakes it: signals (stop, pause) wake it at once through
+        # the wake-up pipe, and a running lease's end too (see wait_s), so this only paces the health
+        # watch and the upkeep of files; it is most of an idle supervisor's CPU.
+        self.poll = max(0.02, min(IDLE_POLL_S, self.heartbeat_s / 4))
+        self.wake = None
         self.ttl = float(self.spec.get("leaseTtlSeconds") or 0)
         self.paused = bool(self.spec.get("paused"))
         self.stop_reason = None
@@ -163,6 +168,7 @@ class Supervisor(object):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, self.on_pause)
         signal.signal(signal.SIGUSR2, self.on_resume)
+        self.wake = wake_up_pipe()
         # The keeper blocked these across its fork, so none could arrive before the handlers above.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signal_numbers(SUPERVISOR_SIGNALS))
         self.log = OutputLog(self.path("output.log"))
@@ -211,8 +217,28 @@ class Supervisor(object):
             self.apply_pause()
             reap_children()
             self.tend_files()
-            time.sleep(self.poll)
+            self.sleep(min(self.wait_s(), deadline - time.monotonic()))
         return True
+
+    def wait_s(self):
+        """How long the loop may sleep: a poll, or less when the lease it knows ends sooner."""
+        if self.ttl <= 0 or self.lease_deadline is None:
+            return self.poll
+        return max(0.0, min(self.poll, self.lease_deadline - boottime() + 0.005))
+
+    def sleep(self, seconds):
+        """Up to `seconds`, or until a signal arrives (its handler wrote to the wake-up pipe)."""
+        if seconds <= 0:
+            return
+        if self.wake is None:
+            time.sleep(seconds)
+            return
+        try:
+            ready, _, _ = select.select([self.wake], [], [], seconds)
+        except (OSError, ValueError, InterruptedError):
+            return
+        if ready:
+            drain(self.wake)
 
     def finish(self, reason, exit_code=None, event="stopped"):
         """The supervisor's end: `event` is "lease-expired" when its lease ran out, else "stopped"."""
@@ -374,7 +400,8 @@ class Supervisor(object):
                          runnerPid=self.proc.pid, reason=None, exitCode=None)
         watch = HealthWatch(self, started, restarts)
         while True:
-            self.log.pump(self.proc.stdout, self.poll)
+            self.log.pump(self.proc.stdout, self.wait_s(), self.wake)
+            drain(self.wake)
             self.apply_pause()
             reap_children(spare=self.proc.pid)
             self.tend_files()
@@ -517,6 +544,31 @@ class Keeper(object):
                 os.close(lock)
         except OSError:
             pass
+
+
+def wake_up_pipe():
+    """A pipe the signal handlers write to (signal.set_wakeup_fd), so that a stop or a pause wakes
+    the loop at once from its select; its read end, or None where that cannot be had."""
+    try:
+        read_end, write_end = os.pipe()
+        for fd in (read_end, write_end):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        return read_end
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def drain(fd):
+    """Empty the wake-up pipe (it holds a byte per signal received)."""
+    if fd is None:
+        return
+    try:
+        while os.read(fd, 512):
+            pass
+    except OSError:
+        pass
 
 
 def read_secrets(path):
