@@ -130,6 +130,20 @@ def supervise_processes(fleet: FleetDir, sid: str) -> list[Proc]:
     return [p for p in processes(fleet.marker) if "supervise" in p.argv and idir in p.argv]
 
 
+def kept_agents(fleet: FleetDir) -> list[int]:
+    """The kept agents of the new release (`agent-<hash>.pyz serve`; their children name themselves
+    ql-COMMAND, so they are told apart by their name)."""
+    out = []
+    for p in processes(fleet.marker):
+        if p.argv[-1:] == ("serve",) and any(part.endswith(NEW_AGENT) for part in p.argv):
+            try:
+                if not Path(f"/proc/{p.pid}/comm").read_text().startswith("ql-"):
+                    out.append(p.pid)
+            except OSError:
+                continue
+    return out
+
+
 def supervisor_agent(fleet: FleetDir, sid: str) -> set[str]:
     """The names of the agent files the instance's supervise processes run (agent-<content hash>.py
     of the previous release, .pyz since the agent is a zip application)."""
@@ -258,6 +272,11 @@ def test_running_fleet_upgrades_in_place(fleet, previous_release, tmp_path):
     beats_before = {sid: fleet.heartbeat(sid)["beats"] for sid in STRATEGIES}
     hold_for(1.25 * LEASE_TTL_S, lambda: daemon.poll() is None and undisturbed(fleet, before),
              "the old supervisors running undisturbed under the new reconcile loop", interval=0.2)
+    # The previous release made a call of its own for everything; the new loop asks through kept
+    # agents (`serve`, of the new agent), which keep answering round after round.
+    served = kept_agents(fleet)
+    assert served, "the new loop does not ask the hosts through a kept agent"
+    hold_for(2.0, lambda: set(served) <= set(kept_agents(fleet)), "the same kept agents across rounds")
     for sid in STRATEGIES:
         renewed = lease(fleet, sid)
         assert renewed["epoch"] == before[sid]["epoch"], (sid, renewed)
