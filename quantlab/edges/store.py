@@ -55,21 +55,45 @@ class LockHeld(StateError):
 _ENTRY_ENCODER = json.JSONEncoder(sort_keys=True)
 
 
-def state_text(doc: dict[str, Any]) -> bytes:
+def state_text(doc: dict[str, Any], encoded: dict[str, dict[str, str]] | None = None) -> bytes:
     """The state file's text: a field per line and, in the maps (placements, leases, ...), an entry
     per line, so that it reads and diffs well. Each entry is written by json's C encoder: an indented
     dump takes the pure-Python one, most of a save's CPU with hundreds of strategies (and every
-    start saves)."""
+    start saves). `encoded`: maps whose entries are already JSON text (see EncodedRecords)."""
     one = _ENTRY_ENCODER.encode
+    encoded = encoded or {}
     lines = []
     for key in sorted(doc):
         value = doc[key]
         if isinstance(value, dict) and value:
-            entries = ",\n".join(f"  {one(k)}: {one(v)}" for k, v in sorted(value.items()))
+            texts = encoded.get(key)
+            entries = ",\n".join(f"  {one(k)}: {texts[k] if texts is not None else one(v)}"
+                                  for k, v in sorted(value.items()))
             lines.append(f" {one(key)}: {{\n{entries}\n }}")
         else:
             lines.append(f" {one(key)}: {one(value)}")
     return ("{\n" + ",\n".join(lines) + "\n}\n").encode()
+
+
+class EncodedRecords:
+    """The JSON text of frozen records (placements, host clocks), kept by identity from one save to
+    the next: a memory copied for a change shares every record it did not replace, so a save of
+    hundreds of placements encodes only those that changed."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[Any, str]] = {}
+
+    def texts(self, records: dict[str, Any]) -> dict[str, str]:
+        kept: dict[int, tuple[Any, str]] = {}
+        out = {}
+        for key, record in records.items():
+            hit = self._by_id.get(id(record))
+            if hit is None or hit[0] is not record:         # (an id is only reused once freed)
+                hit = (record, _ENTRY_ENCODER.encode(record.to_json()))
+            kept[id(record)] = hit
+            out[key] = hit[1]
+        self._by_id = kept
+        return out
 
 
 class StateStore:
@@ -85,6 +109,7 @@ class StateStore:
         self._saved: dict[str, Any] | None = None   # content as last read or written
         self._serial = 0
         self._saved_bytes: bytes | None = None      # the file's bytes as last read or written (None: no file)
+        self._placements, self._host_clocks = EncodedRecords(), EncodedRecords()
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -175,7 +200,9 @@ class StateStore:
             return replace(memory, serial=self._serial)
         self._check_unchanged_on_disk()
         memory = replace(memory, serial=self._serial + 1)
-        data = state_text({**content, "serial": memory.serial})
+        data = state_text({**content, "serial": memory.serial},
+                          {"placements": self._placements.texts(memory.placements),
+                           "hostClocks": self._host_clocks.texts(memory.host_clocks)})
         try:
             atomic_write(self.path, data)
         except OSError as exc:

@@ -834,3 +834,32 @@ def test_what_a_placement_was_launched_with_is_read_tolerantly():
     assert launched.stop_timeout_s == 0.0 and Launched.from_json("garbage") is None
     assert Launched(scheduling={"stopTimeoutSeconds": 12}).stop_timeout_s == 12.0
     assert Launched.from_json(launched.to_json()) == launched
+
+
+def test_a_save_writes_each_placement_as_it_is_now_while_unchanged_ones_are_encoded_once(tmp_path, monkeypatch):
+    """The file's text is an entry per line, each placement's JSON kept from the save before when the
+    placement is the same record (a memory copied for a change shares those it did not replace)."""
+    from quantlab.core.memory import Memory, Placement
+    from quantlab.edges import store as store_module
+    from quantlab.edges.store import StateStore
+
+    store = StateStore(tmp_path / "state.json")
+    memory = Memory()
+    for n in range(3):
+        memory.placements[f"s{n}"] = Placement(f"s{n}", f"w{n}", n + 1, "sha256:" + "0" * 64)
+    with store.lock():
+        memory = store.save(memory)
+    encoded = []
+    real = store_module._ENTRY_ENCODER.encode
+    monkeypatch.setattr(store_module, "_ENTRY_ENCODER",
+                        type("Spy", (), {"encode": staticmethod(lambda v: encoded.append(v) or real(v))})())
+    changed = memory.copy()
+    changed.placements["s1"] = dataclasses.replace(changed.placements["s1"], worker="w9", epoch=7)
+    with store.lock():
+        store.save(changed)
+    on_disk = json.loads((tmp_path / "state.json").read_text())
+    assert on_disk["placements"]["s1"]["worker"] == "w9" and on_disk["placements"]["s1"]["epoch"] == 7
+    assert on_disk["placements"]["s0"]["worker"] == "w0"
+    assert on_disk == {**changed.content_json(), "serial": 2}
+    assert [v for v in encoded if isinstance(v, dict) and "specHash" in v] == [changed.placements["s1"].to_json()]
+    assert (tmp_path / "state.json").read_text().count("\n") > 10, "not an entry per line"
