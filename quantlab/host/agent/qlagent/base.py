@@ -3,7 +3,6 @@ without following links or blocking, read only when regular and under a cap, eve
 import json
 import math
 import os
-import shutil
 import stat
 import time
 
@@ -241,6 +240,7 @@ def remove_entry(path):
     """Remove whatever is at `path` (a file, a link, a FIFO, a directory a strategy made there)."""
     try:
         if stat.S_ISDIR(os.lstat(path).st_mode):
+            import shutil                 # here: a supervisor or a probe seldom needs it (startup time)
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.unlink(path)

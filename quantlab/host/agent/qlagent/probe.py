@@ -3,7 +3,6 @@ lease renewals, and the checkpoint folders the controller copies."""
 import hashlib
 import json
 import os
-import shutil
 import stat
 import sys
 import time
@@ -345,6 +344,7 @@ def checkpoint_of(idir, want):
 def unpack_checkpoint(idir, checkpoint):
     """Put a checkpoint back into the instance's state folder; paths stay inside it."""
     import base64
+    import shutil
     root = os.path.join(idir, "state")
     # The checkpoint replaces whatever an earlier placement left here (and any symlink in it).
     shutil.rmtree(root, ignore_errors=True)

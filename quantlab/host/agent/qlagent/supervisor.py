@@ -2,14 +2,12 @@
 watch of heartbeats, the output log, and the lease that fences the strategy."""
 import json
 import os
-import random
 import select
 import signal
 import stat
 import subprocess
 import sys
 import time
-import traceback
 
 from .base import (
     CONTROL_FIELDS,
@@ -201,7 +199,7 @@ class Supervisor(object):
                 return
 
     def backoff(self, restarts):
-        return restart_delay(self.sched, restarts, random.uniform(0.5, 1.5))
+        return restart_delay(self.sched, restarts, random_jitter())
 
     def wait(self, seconds):
         """Sleep between restarts, still honouring stop and the lease. False when it must end."""
@@ -305,7 +303,7 @@ class Supervisor(object):
         return "%s; %s" % (why, detail) if detail else why
 
     def tend_files(self):
-        """Once a second: put back the files this supervisor owns (status.json, the pid files the
+        """At most once a second: put back the files this supervisor owns (status.json, the pid files the
         probe and `stop` rely on) when something else replaced them."""
         now = time.monotonic()
         if now < self.next_tend:
@@ -663,7 +661,7 @@ def run_supervisor(sup):
     try:
         sup.run()
     except Exception as exc:              # noqa: BLE001 - record why, never leave a silent corpse
-        traceback.print_exc()
+        print_exc()
         try:
             sup.stop_runner()
             sup.end_strategy_processes()
@@ -675,8 +673,13 @@ def run_supervisor(sup):
     return 0
 
 
-def record_failure(idir, why):
+def print_exc():
+    import traceback                      # only when something failed: not worth its import at start
     traceback.print_exc()
+
+
+def record_failure(idir, why):
+    print_exc()
     try:
         status, _ = read_status(idir, [])
         status.update(state="error", reason=clip(why), stoppedAt=now_ms())
@@ -695,6 +698,11 @@ def exit_words(code):
         except ValueError:
             return "runner was killed by signal %d" % -code
     return "runner exited with code %d" % code
+
+
+def random_jitter():
+    """0.5 to 1.5, at random (os.urandom: the random module is not worth its import here)."""
+    return 0.5 + int.from_bytes(os.urandom(4), "big") / float(1 << 32)
 
 
 def restart_delay(sched, restarts, jitter):
