@@ -66,12 +66,20 @@ def launch_salt(lineage: str | None) -> str:
     return lineage or "quantlab"
 
 
+_CONTAINERS = (dict, list, set)
+
+
 def _copied(value: Any) -> Any:
-    """Containers copied all the way down; anything else (numbers, strings, frozen records) shared."""
+    """Containers copied all the way down; anything else (numbers, strings, frozen records) shared.
+    Most maps hold only numbers or records: copied in C, then only their containers again."""
     if isinstance(value, dict):
-        return {k: _copied(v) for k, v in value.items()}
+        out = dict(value)
+        for k, v in out.items():
+            if isinstance(v, _CONTAINERS):
+                out[k] = _copied(v)
+        return out
     if isinstance(value, list):
-        return [_copied(v) for v in value]
+        return [_copied(v) if isinstance(v, _CONTAINERS) else v for v in value]
     if isinstance(value, set):
         return set(value)
     return value

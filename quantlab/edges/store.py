@@ -67,7 +67,7 @@ def state_text(doc: dict[str, Any], encoded: dict[str, dict[str, str]] | None = 
         value = doc[key]
         if isinstance(value, dict) and value:
             texts = encoded.get(key)
-            entries = ",\n".join(f"  {one(k)}: {texts[k] if texts is not None else one(v)}"
+            entries = ",\n".join(f"  {one(k)}: {texts[k] if texts is not None else v if type(v) is int else one(v)}"
                                   for k, v in sorted(value.items()))
             lines.append(f" {one(key)}: {{\n{entries}\n }}")
         else:
