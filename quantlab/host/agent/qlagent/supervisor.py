@@ -99,6 +99,7 @@ class Supervisor(object):
         self.containment = "process-group"
         self.noted = set()
         self.status_identity = None
+        self.pid_files_seen = {}           # pid file -> what it was when last found right (tend_pid_file)
         self.next_tend = time.monotonic()      # the first upkeep at once: supervisor.pid may be missing
 
     def path(self, name):
@@ -320,10 +321,16 @@ class Supervisor(object):
     def tend_pid_file(self, name, pid):
         """Both files of a pid: its identity (what the agent trusts) and the plain number people
         read and signal, which must never name another process."""
+        # Read again only when either file changed since it was last found right: ctime changes with
+        # any write or utime, and no process can set it back.
+        seen = (pid, unchanged_since(self.path(name)), unchanged_since(self.path(name) + PID_IDENTITY))
+        if self.pid_files_seen.get(name) == seen:
+            return
         problems = []
         ident = plain_pid(self.path(name) + PID_IDENTITY, name + PID_IDENTITY, problems)
         if live_pid(self.path(name), problems) == pid and plain_pid(self.path(name), name, problems) == pid \
                 and ident == pid:
+            self.pid_files_seen[name] = seen
             return
         if problems or file_identity(self.path(name)) is not None:
             self.note_problem((problems or ["%s: names another process" % name])[0] + "; rewritten")
@@ -542,6 +549,15 @@ class Keeper(object):
                 os.close(lock)
         except OSError:
             pass
+
+
+def unchanged_since(path):
+    """What changes whenever anything writes, replaces or touches `path`, or None when it is gone."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mode, st.st_mtime_ns, st.st_ctime_ns
 
 
 def wake_up_pipe():
