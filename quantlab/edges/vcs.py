@@ -1,6 +1,7 @@
 """Which git commit the fleet directory is at, so plans and events can say what they were made from."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,22 @@ class Revision:
     dirty: bool = False
 
 
+# check-ignore only feeds a warning: a person's `status` never waits long for it.
+WARNING_GIT_DEADLINE_S = 2.0
+
+
+def inside_git(root: str | Path) -> bool:
+    """Whether `root` or a folder above it holds `.git` (or GIT_DIR points somewhere): git is not
+    asked about a fleet outside any repository (each question is a process a command waits for)."""
+    if os.environ.get("GIT_DIR"):
+        return True
+    here = Path(root).resolve()
+    return any((folder / ".git").exists() for folder in (here, *here.parents))
+
+
 def _git(root: Path, *args: str) -> str | None:
+    if not inside_git(root):
+        return None
     try:
         done = run_git(["-C", str(root), *args], root, check=False)     # what git starts ends with it
     except GitError:
@@ -33,8 +49,11 @@ def fleet_revision(root: str | Path) -> Revision:
 def tracked_by_git(root: str | Path, path: str | Path) -> bool:
     """Whether `path` lies in the git work tree of `root` without being ignored there (so a `git add`
     would take it). False outside git, and when git cannot tell."""
+    if not inside_git(root):
+        return False
     try:
-        done = run_git(["-C", str(root), "check-ignore", "-q", "--", str(Path(path).resolve())], root, check=False)
+        done = run_git(["-C", str(root), "check-ignore", "-q", "--", str(Path(path).resolve())], root, check=False,
+                       timeout=WARNING_GIT_DEADLINE_S)
     except GitError:
         return False
     return done.returncode == 1          # 0: ignored; 128: not in a work tree, or outside it
