@@ -303,14 +303,14 @@ def prune_instances(workdir, keep, retain):
             continue
         if live_pid(os.path.join(idir, "supervisor.pid")) or live_pid(os.path.join(idir, "runner.pid")):
             continue
-        if strays(idir):                       # the folder marks them: a start here ends them first
-            continue
         status, _ = read_status(idir, [])
         stopped_at = status.get("stoppedAt")
         stopped.append((stopped_at if isinstance(stopped_at, (int, float)) else 0, name))
     removed = []
     for _, name in sorted(stopped, reverse=True)[max(0, int(retain)):]:
         idir = os.path.join(root, name)
+        if strays(idir):                       # the folder marks them: a start here ends them first
+            continue
         lock, _ = lock_instance(idir, 0)
         if lock is None:
             continue

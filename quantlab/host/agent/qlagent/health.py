@@ -6,12 +6,13 @@ from .base import DISK_LOW_BYTES, HEARTBEAT_FIELDS, disk_free_bytes, load_checke
 
 
 def file_identity(path):
-    """What changes whenever something replaces or rewrites `path` (never opened)."""
+    """What changes whenever something replaces, rewrites or touches `path` (never opened): ctime
+    changes with any write, chmod or utime, and no process can set it back."""
     try:
         st = os.lstat(path)
     except OSError:
         return None
-    return st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_mode
 
 
 class HealthWatch(object):

@@ -321,9 +321,8 @@ class Supervisor(object):
     def tend_pid_file(self, name, pid):
         """Both files of a pid: its identity (what the agent trusts) and the plain number people
         read and signal, which must never name another process."""
-        # Read again only when either file changed since it was last found right: ctime changes with
-        # any write or utime, and no process can set it back.
-        seen = (pid, unchanged_since(self.path(name)), unchanged_since(self.path(name) + PID_IDENTITY))
+        # Read again only when either file changed since it was last found right.
+        seen = (pid, file_identity(self.path(name)), file_identity(self.path(name) + PID_IDENTITY))
         if self.pid_files_seen.get(name) == seen:
             return
         problems = []
@@ -549,15 +548,6 @@ class Keeper(object):
                 os.close(lock)
         except OSError:
             pass
-
-
-def unchanged_since(path):
-    """What changes whenever anything writes, replaces or touches `path`, or None when it is gone."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mode, st.st_mtime_ns, st.st_ctime_ns
 
 
 def wake_up_pipe():
